@@ -1,0 +1,43 @@
+# kdist: the two commands of the README, and a few helpers around CMake.
+#   make demo   install dependencies, build, run the demo
+#   make test   install dependencies, build, run the whole test suite
+BUILD      ?= build
+JOBS       ?= $(shell nproc)
+BUILD_TYPE ?= Release
+KD_WERROR  ?= OFF
+CMAKE_ARGS ?=
+
+.PHONY: all deps build test demo bench format format-check asan-test clean
+
+all: build
+
+deps:
+	@scripts/install-deps.sh
+
+build: deps
+	@cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=$(BUILD_TYPE) -DKD_WERROR=$(KD_WERROR) $(CMAKE_ARGS) >/dev/null
+	@cmake --build $(BUILD) -j $(JOBS) -- --no-print-directory
+
+test: build format-check
+	@cd $(BUILD) && ctest --output-on-failure --timeout 600 -j 2
+
+demo: build
+	@scripts/demo.sh $(BUILD)
+
+bench: build
+	@$(BUILD)/bin/kd_bench_step
+
+# Unit tests once more under AddressSanitizer + UndefinedBehaviorSanitizer.
+asan-test: deps
+	@cmake -S . -B $(BUILD)-asan -DCMAKE_BUILD_TYPE=Debug -DKD_SANITIZER=address,undefined -DKD_WERROR=$(KD_WERROR) >/dev/null
+	@cmake --build $(BUILD)-asan -j $(JOBS) -- --no-print-directory
+	@cd $(BUILD)-asan && ctest --output-on-failure -L unit -j 2
+
+format:
+	@git ls-files '*.c' '*.h' | xargs clang-format -i
+
+format-check:
+	@git ls-files '*.c' '*.h' | xargs -r clang-format --dry-run --Werror
+
+clean:
+	rm -rf $(BUILD) $(BUILD)-asan

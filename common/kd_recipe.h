@@ -1,0 +1,117 @@
+/* kd_recipe: one YAML file holds every setting of a run (DESIGN §6). Loaded with libyaml into
+ * a typed struct, validated against one schema table (name, type, bounds, default), with
+ * `section.key=value` overrides, errors as `file:line:col: message` with a did-you-mean, and the
+ * resolved recipe written back as YAML. A recipe is plain data (no heap): copy it freely. */
+#ifndef KD_RECIPE_H
+#define KD_RECIPE_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "kd_loss.h"
+#include "kd_model.h"
+#include "kd_optim.h"
+#include "kd_util.h"
+
+#define KD_NAME_MAX 128
+
+typedef enum { KD_CONSISTENCY_SYNC = 0, KD_CONSISTENCY_ASYNC, KD_CONSISTENCY_SSP } kd_consistency_t;
+
+typedef struct {
+    char name[KD_NAME_MAX]; /* run name: runs/<name>/ */
+    long seed;
+
+    struct {
+        char dir[KD_PATH_MAX]; /* file names below are relative to dir unless absolute */
+        char train_images[KD_PATH_MAX], train_labels[KD_PATH_MAX];
+        char test_images[KD_PATH_MAX], test_labels[KD_PATH_MAX];
+        long val_size;      /* samples held out of the training file for validation */
+        long train_subset;  /* use only the first N training samples (0 = all): short runs */
+        long test_subset;   /* likewise for the test set */
+    } data;
+
+    struct {
+        int n_layers;
+        kd_layer_spec_t layers[KD_MAX_LAYERS];
+    } student;
+
+    struct {
+        char checkpoint[KD_PATH_MAX]; /* safetensors; empty = none */
+        int n_layers;
+        kd_layer_spec_t layers[KD_MAX_LAYERS];
+        long batch_size;
+    } teacher;
+
+    struct {
+        kd_loss_config_t loss; /* loss.divergence from `loss`, temperature, alpha */
+    } distill;
+
+    struct {
+        kd_optim_config_t cfg; /* kind from `name` */
+    } optim;
+
+    struct {
+        kd_schedule_config_t cfg; /* kind from `name`; lr from optim.lr; total_steps derived */
+    } schedule;
+
+    struct {
+        long epochs;
+        long batch_size;
+        long max_steps; /* stop after this many optimizer steps (0 = no limit) */
+        long threads;   /* OpenBLAS threads per process (0 = library default) */
+    } train;
+
+    struct {
+        long every_steps; /* 0 = at the end of each epoch only */
+        long batch_size;
+        long patience;    /* evaluations without improvement before stopping (0 = never) */
+    } eval;
+
+    struct {
+        long every_steps; /* 0 = only at the end */
+        long keep;        /* how many periodic checkpoints to keep */
+    } checkpoint;
+
+    struct {
+        long workers;
+        long teachers;
+        kd_consistency_t consistency;
+        long staleness;           /* ssp bound */
+        long heartbeat_ms;
+        long heartbeat_timeout_ms;
+    } cluster;
+
+    struct {
+        char runs_dir[KD_PATH_MAX];
+        char level[16]; /* debug | info | warn | error */
+    } logging;
+} kd_recipe_t;
+
+/* Defaults for every key (the schema's), with empty layer lists. */
+void kd_recipe_defaults(kd_recipe_t *r);
+
+/* Loads path over the defaults, then applies overrides ("section.key=value", n_overrides of
+ * them), then validates: unknown keys, wrong types, out-of-range values and missing required
+ * keys are errors as "file:line:col: message" (overrides: "override 'k=v': message"), with a
+ * "did you mean" for misspelt keys. */
+int kd_recipe_load(const char *path, const char *const *overrides, int n_overrides,
+                   kd_recipe_t *out, char *err, size_t errlen);
+/* The same from an in-memory document; `name` stands for the file in messages. */
+int kd_recipe_parse(const char *name, const char *text, size_t len, const char *const *overrides,
+                    int n_overrides, kd_recipe_t *out, char *err, size_t errlen);
+
+/* One override "section.key=value" onto a loaded recipe (validated like the file). */
+int kd_recipe_set(kd_recipe_t *r, const char *assignment, char *err, size_t errlen);
+
+/* The resolved recipe as YAML that kd_recipe_load reads back to the same struct. Returns a
+ * malloc'd string; caller frees. */
+char *kd_recipe_to_yaml(const kd_recipe_t *r);
+int kd_recipe_write(const kd_recipe_t *r, const char *path, char *err, size_t errlen);
+
+/* data.dir joined with a file name (absolute names pass through). */
+void kd_recipe_data_path(const kd_recipe_t *r, const char *file, char *out, size_t outlen);
+
+const char *kd_consistency_name(kd_consistency_t c);
+int kd_consistency_parse(const char *name, kd_consistency_t *out);
+
+#endif
