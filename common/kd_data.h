@@ -8,12 +8,12 @@
 #include <stdint.h>
 
 typedef struct {
-    size_t n;                       /* samples */
-    int channels, height, width;    /* per-sample shape (1, 28, 28 for Fashion-MNIST) */
-    size_t sample_dim;              /* channels * height * width */
-    int num_classes;                /* max label + 1, at least 2 */
-    uint8_t *pixels;                /* (n, sample_dim), raw bytes; scaled to [0,1] on gather */
-    int32_t *labels;                /* (n) */
+    size_t n;                    /* samples */
+    int channels, height, width; /* per-sample shape (1, 28, 28 for Fashion-MNIST) */
+    size_t sample_dim;           /* channels * height * width */
+    int num_classes;             /* max label + 1, at least 2 */
+    uint8_t *pixels;             /* (n, sample_dim), raw bytes; scaled to [0,1] on gather */
+    int32_t *labels;             /* (n) */
 } kd_dataset_t;
 
 /* Loads an IDX image file (magic 0x00000803, u8, 3 dims) and its IDX label file (0x00000801,

@@ -58,9 +58,9 @@ void kd_log_write(kd_log_level_t level, const char *id, const char *fmt, ...) {
     gmtime_r(&tv.tv_sec, &tm);
     char prefix[256];
     int n = snprintf(prefix, sizeof prefix, "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ %s%s%s %-5s %s ",
-                     tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min,
-                     tm.tm_sec, (int)(tv.tv_usec / 1000), log_role, log_node[0] ? "-" : "",
-                     log_node, level_names[level], id);
+                     tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec,
+                     (int)(tv.tv_usec / 1000), log_role, log_node[0] ? "-" : "", log_node,
+                     level_names[level], id);
     char text[2048];
     va_list ap;
     va_start(ap, fmt);

@@ -5,7 +5,13 @@
 
 #include <stdio.h>
 
-typedef enum { KD_LOG_DEBUG = 0, KD_LOG_INFO, KD_LOG_WARN, KD_LOG_ERROR, KD_LOG_OFF } kd_log_level_t;
+typedef enum {
+    KD_LOG_DEBUG = 0,
+    KD_LOG_INFO,
+    KD_LOG_WARN,
+    KD_LOG_ERROR,
+    KD_LOG_OFF
+} kd_log_level_t;
 
 extern kd_log_level_t kd_log_threshold;
 

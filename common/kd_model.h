@@ -43,7 +43,9 @@ typedef struct {
     int c, h, w;
 } kd_shape_t;
 
-static inline size_t kd_shape_size(kd_shape_t s) { return (size_t)s.c * s.h * s.w; }
+static inline size_t kd_shape_size(kd_shape_t s) {
+    return (size_t)s.c * s.h * s.w;
+}
 
 /* One resolved layer: shapes and where its parameters sit in the flat buffers. */
 typedef struct {

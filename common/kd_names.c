@@ -29,19 +29,20 @@ static int parse_name(const char *const *names, int count, const char *name, int
     return -1;
 }
 
-#define NAME_TABLE(type, fn_name, fn_parse, table, count)                                         \
-    const char *fn_name(type v) { return name_of(table, count, (int)v); }                        \
-    int fn_parse(const char *name, type *out) {                                                   \
-        int v;                                                                                    \
-        if (parse_name(table, count, name, &v) != 0) return -1;                                   \
-        *out = (type)v;                                                                           \
-        return 0;                                                                                 \
+#define NAME_TABLE(type, fn_name, fn_parse, table, count)                                          \
+    const char *fn_name(type v) {                                                                  \
+        return name_of(table, count, (int)v);                                                      \
+    }                                                                                              \
+    int fn_parse(const char *name, type *out) {                                                    \
+        int v;                                                                                     \
+        if (parse_name(table, count, name, &v) != 0) return -1;                                    \
+        *out = (type)v;                                                                            \
+        return 0;                                                                                  \
     }
 
 NAME_TABLE(kd_layer_kind_t, kd_layer_kind_name, kd_layer_kind_parse, layer_kind_names,
            KD_LAYER_KIND_COUNT)
-NAME_TABLE(kd_divergence_t, kd_divergence_name, kd_divergence_parse, divergence_names,
-           KD_DIV_COUNT)
+NAME_TABLE(kd_divergence_t, kd_divergence_name, kd_divergence_parse, divergence_names, KD_DIV_COUNT)
 NAME_TABLE(kd_opt_kind_t, kd_opt_kind_name, kd_opt_kind_parse, opt_kind_names, KD_OPT_COUNT)
 NAME_TABLE(kd_sched_kind_t, kd_sched_kind_name, kd_sched_kind_parse, sched_kind_names,
            KD_SCHED_COUNT)

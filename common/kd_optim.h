@@ -19,23 +19,23 @@ typedef enum {
 
 typedef struct {
     kd_opt_kind_t kind;
-    float momentum;     /* SGD */
-    bool nesterov;      /* SGD */
-    float weight_decay; /* SGD: added to the gradient (torch.optim.SGD); AdamW: decoupled */
+    float momentum;          /* SGD */
+    bool nesterov;           /* SGD */
+    float weight_decay;      /* SGD: added to the gradient (torch.optim.SGD); AdamW: decoupled */
     float beta1, beta2, eps; /* AdamW */
-    float clip_norm;    /* global L2 norm bound on the gradient; 0 = no clipping */
+    float clip_norm;         /* global L2 norm bound on the gradient; 0 = no clipping */
 } kd_optim_config_t;
 
 typedef struct {
     kd_sched_kind_t kind;
-    float lr;            /* base (constant, step, cosine) or peak (onecycle) learning rate */
-    long total_steps;    /* cosine and onecycle horizon */
-    long warmup_steps;   /* linear warm-up from 0 (constant, step, cosine) */
-    long step_size;      /* step: multiply by gamma every step_size steps */
+    float lr;          /* base (constant, step, cosine) or peak (onecycle) learning rate */
+    long total_steps;  /* cosine and onecycle horizon */
+    long warmup_steps; /* linear warm-up from 0 (constant, step, cosine) */
+    long step_size;    /* step: multiply by gamma every step_size steps */
     float gamma;
-    float min_lr;        /* cosine floor */
-    float pct_start;     /* onecycle: fraction of steps rising (torch default 0.3) */
-    float div_factor;    /* onecycle: initial lr = lr / div_factor (torch default 25) */
+    float min_lr;           /* cosine floor */
+    float pct_start;        /* onecycle: fraction of steps rising (torch default 0.3) */
+    float div_factor;       /* onecycle: initial lr = lr / div_factor (torch default 25) */
     float final_div_factor; /* onecycle: final lr = initial / final_div_factor (torch 1e4) */
 } kd_schedule_config_t;
 

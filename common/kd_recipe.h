@@ -7,6 +7,7 @@
 
 #include <stdbool.h>
 #include <stdint.h>
+#include <stdio.h>
 
 #include "kd_loss.h"
 #include "kd_model.h"
@@ -25,9 +26,9 @@ typedef struct {
         char dir[KD_PATH_MAX]; /* file names below are relative to dir unless absolute */
         char train_images[KD_PATH_MAX], train_labels[KD_PATH_MAX];
         char test_images[KD_PATH_MAX], test_labels[KD_PATH_MAX];
-        long val_size;      /* samples held out of the training file for validation */
-        long train_subset;  /* use only the first N training samples (0 = all): short runs */
-        long test_subset;   /* likewise for the test set */
+        long val_size;     /* samples held out of the training file for validation */
+        long train_subset; /* use only the first N training samples (0 = all): short runs */
+        long test_subset;  /* likewise for the test set */
     } data;
 
     struct {
@@ -64,7 +65,7 @@ typedef struct {
     struct {
         long every_steps; /* 0 = at the end of each epoch only */
         long batch_size;
-        long patience;    /* evaluations without improvement before stopping (0 = never) */
+        long patience; /* evaluations without improvement before stopping (0 = never) */
     } eval;
 
     struct {
@@ -76,7 +77,7 @@ typedef struct {
         long workers;
         long teachers;
         kd_consistency_t consistency;
-        long staleness;           /* ssp bound */
+        long staleness; /* ssp bound */
         long heartbeat_ms;
         long heartbeat_timeout_ms;
     } cluster;
@@ -110,6 +111,10 @@ int kd_recipe_write(const kd_recipe_t *r, const char *path, char *err, size_t er
 
 /* data.dir joined with a file name (absolute names pass through). */
 void kd_recipe_data_path(const kd_recipe_t *r, const char *file, char *out, size_t outlen);
+
+/* The reference of every recipe key (key, type, default, range or choices, description) and of
+ * every layer type, as markdown tables generated from the schema (docs/recipe.md). */
+void kd_recipe_print_reference(FILE *out);
 
 const char *kd_consistency_name(kd_consistency_t c);
 int kd_consistency_parse(const char *name, kd_consistency_t *out);

@@ -14,7 +14,9 @@ uint64_t kd_rng_key(uint64_t seed, uint64_t a, uint64_t b) {
     return kd_rng_mix(kd_rng_mix(kd_rng_mix(seed) ^ a) ^ b);
 }
 
-void kd_rng_init(kd_rng_t *rng, uint64_t key) { rng->state = key; }
+void kd_rng_init(kd_rng_t *rng, uint64_t key) {
+    rng->state = key;
+}
 
 uint64_t kd_rng_next(kd_rng_t *rng) {
     rng->state += 0x9e3779b97f4a7c15ULL;

@@ -18,7 +18,7 @@ typedef struct {
 
 void kd_rng_init(kd_rng_t *rng, uint64_t key);
 uint64_t kd_rng_next(kd_rng_t *rng);
-float kd_rng_uniform(kd_rng_t *rng); /* [0, 1) */
+float kd_rng_uniform(kd_rng_t *rng);              /* [0, 1) */
 uint32_t kd_rng_below(kd_rng_t *rng, uint32_t n); /* [0, n), unbiased */
 float kd_rng_normal(kd_rng_t *rng);
 

@@ -1,9 +1,11 @@
 /* kd_util: allocation, errors, files and clocks (see kd_util.h). */
 #include "kd_util.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -89,9 +91,12 @@ static int fsync_parent_dir(const char *path) {
     char dir[KD_PATH_MAX];
     snprintf(dir, sizeof dir, "%s", path);
     char *slash = strrchr(dir, '/');
-    if (slash == dir) slash[1] = 0;
-    else if (slash) *slash = 0;
-    else snprintf(dir, sizeof dir, ".");
+    if (slash == dir)
+        slash[1] = 0;
+    else if (slash)
+        *slash = 0;
+    else
+        snprintf(dir, sizeof dir, ".");
     int fd = open(dir, O_RDONLY | O_DIRECTORY);
     if (fd < 0) return -1;
     int rc = fsync(fd);
@@ -99,11 +104,14 @@ static int fsync_parent_dir(const char *path) {
     return rc;
 }
 
-int kd_write_file_atomic(const char *path, const void *data, size_t len, char *err,
-                         size_t errlen) {
-    char tmp[KD_PATH_MAX + 32];
-    snprintf(tmp, sizeof tmp, "%s.tmp.%ld", path, (long)getpid());
-    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+int kd_write_file_atomic(const char *path, const void *data, size_t len, char *err, size_t errlen) {
+    /* A unique temp name per call, so threads and processes writing one path never share it. */
+    static _Atomic unsigned long counter = 0;
+    char tmp[KD_PATH_MAX + 64];
+    if (snprintf(tmp, sizeof tmp, "%s.tmp.%ld.%lu", path, (long)getpid(), counter++) >=
+        (int)sizeof tmp)
+        return kd_err(err, errlen, "%s: path too long", path);
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
     if (fd < 0) return kd_err(err, errlen, "%s: cannot create: %s", tmp, strerror(errno));
     const uint8_t *p = data;
     size_t left = len;
@@ -131,7 +139,19 @@ int kd_write_file_atomic(const char *path, const void *data, size_t len, char *e
         unlink(tmp);
         return kd_err(err, errlen, "%s: rename failed: %s", path, strerror(e));
     }
-    fsync_parent_dir(path);
+    if (fsync_parent_dir(path) != 0)
+        return kd_err(err, errlen, "%s: fsync of its directory failed: %s", path, strerror(errno));
+    return 0;
+}
+
+/* mkdir that accepts an existing directory, and only a directory. */
+static int make_dir(const char *path, char *err, size_t errlen) {
+    if (mkdir(path, 0755) == 0) return 0;
+    if (errno != EEXIST)
+        return kd_err(err, errlen, "%s: cannot create directory: %s", path, strerror(errno));
+    struct stat st;
+    if (stat(path, &st) != 0 || !S_ISDIR(st.st_mode))
+        return kd_err(err, errlen, "%s: exists and is not a directory", path);
     return 0;
 }
 
@@ -142,13 +162,10 @@ int kd_mkdirs(const char *path, char *err, size_t errlen) {
     for (char *p = buf + 1; *p; p++) {
         if (*p != '/') continue;
         *p = 0;
-        if (mkdir(buf, 0755) != 0 && errno != EEXIST)
-            return kd_err(err, errlen, "%s: cannot create directory: %s", buf, strerror(errno));
+        if (make_dir(buf, err, errlen) != 0) return -1;
         *p = '/';
     }
-    if (mkdir(buf, 0755) != 0 && errno != EEXIST)
-        return kd_err(err, errlen, "%s: cannot create directory: %s", buf, strerror(errno));
-    return 0;
+    return make_dir(buf, err, errlen);
 }
 
 bool kd_file_exists(const char *path) {
@@ -169,7 +186,7 @@ double kd_wall_time(void) {
 }
 
 int kd_parse_long(const char *s, long *out) {
-    if (!s || !*s) return -1;
+    if (!s || !*s || isspace((unsigned char)*s)) return -1;
     char *end;
     errno = 0;
     long v = strtol(s, &end, 10);
@@ -179,11 +196,12 @@ int kd_parse_long(const char *s, long *out) {
 }
 
 int kd_parse_double(const char *s, double *out) {
-    if (!s || !*s) return -1;
+    if (!s || !*s || isspace((unsigned char)*s)) return -1;
     char *end;
     errno = 0;
     double v = strtod(s, &end);
-    if (errno || *end || v != v) return -1;
+    /* Finite values only (overflow gives inf); an underflow (ERANGE) is still a number. */
+    if (*end || !isfinite(v)) return -1;
     *out = v;
     return 0;
 }

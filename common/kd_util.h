@@ -40,7 +40,7 @@ int kd_write_file_atomic(const char *path, const void *data, size_t len, char *e
 int kd_mkdirs(const char *path, char *err, size_t errlen);
 bool kd_file_exists(const char *path);
 
-double kd_now(void);      /* monotonic seconds */
+double kd_now(void);       /* monotonic seconds */
 double kd_wall_time(void); /* seconds since the epoch */
 
 /* Strict number parsing: the whole string must be consumed. 0 on success. */

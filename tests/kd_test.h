@@ -17,7 +17,7 @@ static int kd_test_checks = 0;
         kd_test_checks++;                                                                          \
         if (!(cond)) {                                                                             \
             kd_test_failures++;                                                                    \
-            fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond);              \
+            fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond);               \
         }                                                                                          \
     } while (0)
 
@@ -27,10 +27,10 @@ static int kd_test_checks = 0;
         double ka_ = (double)(a), kb_ = (double)(b);                                               \
         double ks_ = fmax(1.0, fmax(fabs(ka_), fabs(kb_)));                                        \
         kd_test_checks++;                                                                          \
-        if (!(fabs(ka_ - kb_) <= (tol) * ks_)) {                                                   \
+        if (!(fabs(ka_ - kb_) <= (tol)*ks_)) {                                                     \
             kd_test_failures++;                                                                    \
-            fprintf(stderr, "%s:%d: CHECK_CLOSE failed: %s = %.9g, %s = %.9g (tol %g)\n",         \
-                    __FILE__, __LINE__, #a, ka_, #b, kb_, (double)(tol));                         \
+            fprintf(stderr, "%s:%d: CHECK_CLOSE failed: %s = %.9g, %s = %.9g (tol %g)\n",          \
+                    __FILE__, __LINE__, #a, ka_, #b, kb_, (double)(tol));                          \
         }                                                                                          \
     } while (0)
 
@@ -40,7 +40,7 @@ static int kd_test_checks = 0;
         kd_test_checks++;                                                                          \
         if (!strstr((err), (needle))) {                                                            \
             kd_test_failures++;                                                                    \
-            fprintf(stderr, "%s:%d: error message \"%s\" lacks \"%s\"\n", __FILE__, __LINE__,     \
+            fprintf(stderr, "%s:%d: error message \"%s\" lacks \"%s\"\n", __FILE__, __LINE__,      \
                     (err), (needle));                                                              \
         }                                                                                          \
     } while (0)

@@ -1,0 +1,214 @@
+/* kd_train: the in-process training loop (see kd_train.h). */
+#include "kd_train.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kd_log.h"
+#include "kd_rng.h"
+
+int kd_splits_load(const kd_recipe_t *r, kd_splits_t *out, char *err, size_t errlen) {
+    memset(out, 0, sizeof *out);
+    char images[KD_PATH_MAX], labels[KD_PATH_MAX];
+    kd_dataset_t *full = NULL, *test = NULL;
+
+    kd_recipe_data_path(r, r->data.train_images, images, sizeof images);
+    kd_recipe_data_path(r, r->data.train_labels, labels, sizeof labels);
+    if (kd_idx_load(images, labels, &full, err, errlen) != 0) goto fail;
+    if (r->data.train_subset > 0 && (size_t)r->data.train_subset < full->n)
+        full->n = (size_t)r->data.train_subset; /* a prefix: the buffers stay valid */
+    if (kd_dataset_split(full, (size_t)r->data.val_size, (uint64_t)r->seed, &out->train, &out->val,
+                         err, errlen) != 0)
+        goto fail;
+    kd_dataset_destroy(&full);
+
+    kd_recipe_data_path(r, r->data.test_images, images, sizeof images);
+    kd_recipe_data_path(r, r->data.test_labels, labels, sizeof labels);
+    if (kd_idx_load(images, labels, &test, err, errlen) != 0) goto fail;
+    if (r->data.test_subset > 0 && (size_t)r->data.test_subset < test->n)
+        test->n = (size_t)r->data.test_subset;
+    out->test = test;
+    return 0;
+fail:
+    kd_dataset_destroy(&full);
+    kd_splits_destroy(out);
+    return -1;
+}
+
+void kd_splits_destroy(kd_splits_t *s) {
+    kd_dataset_destroy(&s->train);
+    kd_dataset_destroy(&s->val);
+    kd_dataset_destroy(&s->test);
+}
+
+int kd_model_from_recipe(const kd_recipe_t *r, bool teacher, const kd_dataset_t *shape_from,
+                         kd_model_t **out, char *err, size_t errlen) {
+    const kd_layer_spec_t *layers = teacher ? r->teacher.layers : r->student.layers;
+    int n = teacher ? r->teacher.n_layers : r->student.n_layers;
+    const char *which = teacher ? "teacher" : "student";
+    *out = NULL;
+    if (n == 0) return kd_err(err, errlen, "recipe has no %s.layers", which);
+    kd_shape_t input = {shape_from->channels, shape_from->height, shape_from->width};
+    char why[KD_ERR_LEN];
+    kd_model_t *m = NULL;
+    if (kd_model_new(layers, n, input, &m, why, sizeof why) != 0)
+        return kd_err(err, errlen, "%s.layers: %s", which, why);
+    if (m->num_classes != shape_from->num_classes) {
+        kd_err(err, errlen,
+               "%s.layers: the last layer gives %d outputs but the data has %d classes", which,
+               m->num_classes, shape_from->num_classes);
+        kd_model_destroy(&m);
+        return -1;
+    }
+    kd_model_init_params(m, kd_rng_key((uint64_t)r->seed, teacher ? 2 : 1, 0x696e6974ULL));
+    *out = m;
+    return 0;
+}
+
+void kd_evaluate(kd_model_t *m, const kd_dataset_t *ds, int batch_size, kd_eval_t *out,
+                 float *logits) {
+    const int C = m->num_classes;
+    if (batch_size < 1) batch_size = 256;
+    float *x = kd_alloc_floats((size_t)batch_size * ds->sample_dim);
+    int32_t *y = kd_xmalloc((size_t)batch_size * sizeof *y);
+    uint32_t *ids = kd_xmalloc((size_t)batch_size * sizeof *ids);
+    kd_loss_config_t ce = {.divergence = KD_DIV_FORWARD_KL, .temperature = 1.0f, .alpha = 0.0f};
+    kd_loss_stats_t stats = {0};
+    for (size_t start = 0; start < ds->n; start += (size_t)batch_size) {
+        int B = (int)((ds->n - start < (size_t)batch_size) ? ds->n - start : (size_t)batch_size);
+        for (int i = 0; i < B; i++) ids[i] = (uint32_t)(start + (size_t)i);
+        kd_dataset_gather(ds, ids, (size_t)B, x, y);
+        const float *out_logits = kd_model_forward(m, x, B, false, 0);
+        kd_loss(&ce, out_logits, NULL, y, B, C, NULL, &stats);
+        if (logits) memcpy(logits + start * (size_t)C, out_logits, (size_t)B * C * sizeof(float));
+    }
+    out->count = (size_t)stats.count;
+    out->loss = stats.count ? stats.loss_sum / stats.count : 0.0;
+    out->accuracy = stats.count ? (double)stats.correct / stats.count : 0.0;
+    free(x);
+    free(y);
+    free(ids);
+}
+
+long kd_train_total_steps(const kd_recipe_t *r, size_t n_train) {
+    long steps = r->train.epochs * (long)kd_epoch_count(n_train, (size_t)r->train.batch_size);
+    if (r->train.max_steps > 0 && r->train.max_steps < steps) steps = r->train.max_steps;
+    return steps;
+}
+
+uint64_t kd_batch_key(uint64_t seed, uint32_t epoch, uint32_t batch_id) {
+    return kd_rng_key(seed, epoch, batch_id);
+}
+
+float kd_train_gradient(kd_model_t *m, const kd_loss_config_t *loss, const float *x,
+                        const int32_t *labels, const float *teacher, int B, uint64_t batch_key,
+                        float *dlogits, kd_loss_stats_t *stats) {
+    const float *logits = kd_model_forward(m, x, B, true, batch_key);
+    float value = kd_loss(loss, logits, teacher, labels, B, m->num_classes, dlogits, stats);
+    kd_model_backward(m, dlogits);
+    return value;
+}
+
+/* The run's schedule with its horizon filled in. */
+static kd_schedule_config_t schedule_for(const kd_recipe_t *r, long total_steps) {
+    kd_schedule_config_t s = r->schedule.cfg;
+    s.total_steps = total_steps;
+    return s;
+}
+
+int kd_train_local(const kd_recipe_t *r, kd_model_t *m, kd_model_t *teacher, const kd_splits_t *d,
+                   kd_train_progress_fn progress, void *user, kd_train_result_t *res, char *err,
+                   size_t errlen) {
+    memset(res, 0, sizeof *res);
+    const kd_loss_config_t *loss = &r->distill.loss;
+    if (loss->alpha > 0 && !teacher)
+        return kd_err(err, errlen, "distill.alpha is %g but no teacher model was given",
+                      (double)loss->alpha);
+    if (d->train->n == 0) return kd_err(err, errlen, "the training split is empty");
+
+    const size_t B_max = (size_t)r->train.batch_size, D = d->train->sample_dim;
+    const int C = m->num_classes;
+    const long total_steps = kd_train_total_steps(r, d->train->n);
+    const kd_schedule_config_t sched = schedule_for(r, total_steps);
+    kd_optim_t *opt = kd_optim_new(&r->optim.cfg, m->n_params);
+    float *x = kd_alloc_floats(B_max * D);
+    int32_t *y = kd_xmalloc(B_max * sizeof *y);
+    float *teacher_logits = teacher ? kd_alloc_floats(B_max * (size_t)C) : NULL;
+    float *dlogits = kd_alloc_floats(B_max * (size_t)C);
+
+    const double t0 = kd_now();
+    double last_report = t0;
+    long step = 0, samples = 0, window_samples = 0;
+    kd_loss_stats_t window = {0};
+    int epoch = 0;
+    for (; epoch < r->train.epochs && step < total_steps; epoch++) {
+        kd_epoch_t *ep = kd_epoch_new((uint64_t)r->seed, (uint32_t)epoch, d->train->n, B_max);
+        kd_loss_stats_t epoch_stats = {0};
+        for (size_t b = 0; b < ep->n_batches && step < total_steps; b++) {
+            const uint32_t *ids;
+            int B = (int)kd_epoch_batch(ep, b, &ids);
+            kd_dataset_gather(d->train, ids, (size_t)B, x, y);
+            if (teacher)
+                memcpy(teacher_logits, kd_model_forward(teacher, x, B, false, 0),
+                       (size_t)B * C * sizeof(float));
+            uint64_t key = kd_batch_key((uint64_t)r->seed, (uint32_t)epoch, (uint32_t)b);
+            kd_loss_stats_t batch_stats = {0};
+            kd_train_gradient(m, loss, x, y, teacher_logits, B, key, dlogits, &batch_stats);
+            kd_optim_step(opt, m->params, m->grads, kd_schedule_lr(&sched, step));
+            step++;
+            samples += B;
+            window_samples += B;
+            window.loss_sum += batch_stats.loss_sum;
+            window.correct += batch_stats.correct;
+            window.count += batch_stats.count;
+            epoch_stats.loss_sum += batch_stats.loss_sum;
+            epoch_stats.count += batch_stats.count;
+
+            double now = kd_now();
+            if (progress && now - last_report >= 1.0) {
+                kd_train_progress_t p = {
+                    .epoch = epoch,
+                    .step = step,
+                    .total_steps = total_steps,
+                    .loss = window.loss_sum / window.count,
+                    .train_accuracy = (double)window.correct / window.count,
+                    .lr = kd_schedule_lr(&sched, step),
+                    .samples_per_sec = window_samples / (now - last_report),
+                    .elapsed = now - t0,
+                };
+                progress(&p, user);
+                last_report = now;
+                window_samples = 0;
+                memset(&window, 0, sizeof window);
+            }
+        }
+        kd_epoch_destroy(&ep);
+        res->train_loss = epoch_stats.count ? epoch_stats.loss_sum / epoch_stats.count : 0.0;
+        if (progress) {
+            kd_train_progress_t p = {.epoch = epoch,
+                                     .step = step,
+                                     .total_steps = total_steps,
+                                     .loss = res->train_loss,
+                                     .lr = kd_schedule_lr(&sched, step),
+                                     .samples_per_sec = samples / (kd_now() - t0),
+                                     .elapsed = kd_now() - t0,
+                                     .epoch_end = true};
+            if (d->val && d->val->n) kd_evaluate(m, d->val, (int)r->eval.batch_size, &p.val, NULL);
+            progress(&p, user);
+        }
+    }
+    res->seconds = kd_now() - t0;
+    res->steps = step;
+    res->epochs = epoch;
+    res->samples_per_sec = res->seconds > 0 ? samples / res->seconds : 0.0;
+    if (d->val && d->val->n) kd_evaluate(m, d->val, (int)r->eval.batch_size, &res->val, NULL);
+    if (d->test && d->test->n) kd_evaluate(m, d->test, (int)r->eval.batch_size, &res->test, NULL);
+
+    kd_optim_destroy(&opt);
+    free(x);
+    free(y);
+    free(teacher_logits);
+    free(dlogits);
+    return 0;
+}

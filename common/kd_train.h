@@ -1,0 +1,89 @@
+/* kd_train: the in-process training loop over the numerical core — the reference that the
+ * distributed engine must reproduce, and what the benchmarks time. One step is split exactly
+ * as the cluster splits it: a worker's gradient (kd_train_gradient) and the server-side update
+ * (kd_optim_step at kd_schedule_lr), so a sync run with one worker computes the same numbers.
+ * Not thread-safe: a trainer owns its model, optimizer and scratch. */
+#ifndef KD_TRAIN_H
+#define KD_TRAIN_H
+
+#include <stdbool.h>
+#include <stdio.h>
+
+#include "kd_data.h"
+#include "kd_loss.h"
+#include "kd_model.h"
+#include "kd_optim.h"
+#include "kd_recipe.h"
+
+/* The recipe's data: training file minus the validation hold-out, validation, test. */
+typedef struct {
+    kd_dataset_t *train, *val, *test;
+} kd_splits_t;
+
+/* Loads and splits as the recipe says (data.*: files, val_size, train_subset, test_subset;
+ * the validation split is keyed by the recipe seed). Errors name the file. */
+int kd_splits_load(const kd_recipe_t *r, kd_splits_t *out, char *err, size_t errlen);
+void kd_splits_destroy(kd_splits_t *s);
+
+/* Builds the recipe's student (or teacher) model for the dataset's sample shape and class
+ * count, and checks the last layer emits num_classes logits. Params are initialised from seed.
+ * Caller owns *out. */
+int kd_model_from_recipe(const kd_recipe_t *r, bool teacher, const kd_dataset_t *shape_from,
+                         kd_model_t **out, char *err, size_t errlen);
+
+typedef struct {
+    double loss;     /* mean cross-entropy */
+    double accuracy; /* fraction correct */
+    size_t count;
+} kd_eval_t;
+
+/* Evaluates m (dropout off) on every sample of ds in batches. logits (ds->n, C) is filled
+ * when not NULL. */
+void kd_evaluate(kd_model_t *m, const kd_dataset_t *ds, int batch_size, kd_eval_t *out,
+                 float *logits);
+
+/* Optimizer steps of a whole run: epochs x batches per epoch, capped by train.max_steps. */
+long kd_train_total_steps(const kd_recipe_t *r, size_t n_train);
+
+/* Randomness of one batch (dropout masks) depends only on (seed, epoch, batch_id). */
+uint64_t kd_batch_key(uint64_t seed, uint32_t epoch, uint32_t batch_id);
+
+/* Worker half of a step: forward, loss, backward on one batch. x (B, D), labels (B), teacher
+ * logits (B, C) or NULL, dlogits (B, C) caller's scratch. Leaves the gradient of the mean loss
+ * in m->grads; returns the loss. */
+float kd_train_gradient(kd_model_t *m, const kd_loss_config_t *loss, const float *x,
+                        const int32_t *labels, const float *teacher, int B, uint64_t batch_key,
+                        float *dlogits, kd_loss_stats_t *stats);
+
+typedef struct {
+    int epoch; /* 0-based */
+    long step; /* optimizer steps taken */
+    long total_steps;
+    double loss; /* mean training loss over the last reporting window */
+    double train_accuracy;
+    double lr;
+    double samples_per_sec;
+    double elapsed; /* seconds since the start */
+    bool epoch_end; /* val is valid */
+    kd_eval_t val;
+} kd_train_progress_t;
+
+typedef void (*kd_train_progress_fn)(const kd_train_progress_t *p, void *user);
+
+typedef struct {
+    long steps;
+    int epochs;
+    double seconds;
+    double samples_per_sec;
+    double train_loss; /* last epoch's mean */
+    kd_eval_t val, test;
+} kd_train_result_t;
+
+/* Trains m in this process as the recipe says: per-epoch batches (kd_epoch_t), the recipe's
+ * loss, optimizer and schedule. teacher (may be NULL) supplies logits when distill.alpha > 0.
+ * progress (may be NULL) is called about once a second and at every epoch end. */
+int kd_train_local(const kd_recipe_t *r, kd_model_t *m, kd_model_t *teacher, const kd_splits_t *d,
+                   kd_train_progress_fn progress, void *user, kd_train_result_t *res, char *err,
+                   size_t errlen);
+
+#endif

@@ -1,0 +1,311 @@
+/* Tests of the small shared utilities: kd_util (files, parsing, allocation, errors) and kd_rng
+ * (reference values, permutations, range and uniformity of the samplers). */
+#include "kd_rng.h"
+#include "kd_util.h"
+
+#include "kd_test.h"
+
+#include <dirent.h>
+#include <stdint.h>
+#include <sys/stat.h>
+
+static char tmp[1024];
+
+/* Number of entries in dir whose name contains needle. */
+static int count_entries(const char *dir, const char *needle) {
+    DIR *d = opendir(dir);
+    if (!d) return -1;
+    int n = 0;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL)
+        if (strstr(e->d_name, needle)) n++;
+    closedir(d);
+    return n;
+}
+
+static void test_files(void) {
+    char p[1200], err[KD_ERR_LEN] = "";
+    snprintf(p, sizeof p, "%s/atomic.bin", tmp);
+    uint8_t data[3000];
+    for (size_t i = 0; i < sizeof data; i++) data[i] = (uint8_t)(i * 31 + 7);
+    CHECK(kd_write_file_atomic(p, data, sizeof data, err, sizeof err) == 0);
+    CHECK(kd_file_exists(p));
+    uint8_t *back = NULL;
+    size_t len = 0;
+    CHECK(kd_read_file(p, &back, &len, err, sizeof err) == 0);
+    CHECK(len == sizeof data && back && memcmp(back, data, len) == 0);
+    CHECK(back && back[len] == 0); /* NUL one past the end */
+    free(back);
+    /* Overwrite with shorter content: the old bytes are gone, not just overwritten in place. */
+    CHECK(kd_write_file_atomic(p, "hello", 5, err, sizeof err) == 0);
+    CHECK(kd_read_file(p, &back, &len, err, sizeof err) == 0);
+    CHECK(len == 5 && back && memcmp(back, "hello", 6) == 0);
+    free(back);
+    /* Empty file. */
+    snprintf(p, sizeof p, "%s/empty.bin", tmp);
+    CHECK(kd_write_file_atomic(p, "", 0, err, sizeof err) == 0);
+    CHECK(kd_read_file(p, &back, &len, err, sizeof err) == 0);
+    CHECK(len == 0 && back && back[0] == 0);
+    free(back);
+    /* No temporary file left behind. */
+    CHECK(count_entries(tmp, ".tmp") == 0);
+    CHECK(count_entries(tmp, "atomic.bin") == 1);
+
+    /* Unwritable destinations: a missing directory, and a regular file used as a directory
+     * (root may write anywhere, so permission bits cannot be relied on here). */
+    snprintf(p, sizeof p, "%s/no/such/dir/out.bin", tmp);
+    err[0] = 0;
+    CHECK(kd_write_file_atomic(p, data, 10, err, sizeof err) == -1);
+    CHECK_ERR_HAS(err, p);
+    snprintf(p, sizeof p, "%s/atomic.bin/out.bin", tmp);
+    err[0] = 0;
+    CHECK(kd_write_file_atomic(p, data, 10, err, sizeof err) == -1);
+    CHECK_ERR_HAS(err, p);
+    CHECK_ERR_HAS(err, "Not a directory");
+
+    /* kd_read_file errors name the path; *data is reset. */
+    snprintf(p, sizeof p, "%s/missing.bin", tmp);
+    back = (uint8_t *)p;
+    err[0] = 0;
+    CHECK(kd_read_file(p, &back, &len, err, sizeof err) == -1);
+    CHECK(back == NULL && len == 0);
+    CHECK_ERR_HAS(err, p);
+    CHECK_ERR_HAS(err, "cannot open");
+    err[0] = 0;
+    CHECK(kd_read_file(tmp, &back, &len, err, sizeof err) == -1);
+    CHECK_ERR_HAS(err, tmp);
+    CHECK_ERR_HAS(err, "not a regular file");
+    CHECK(!kd_file_exists(p));
+}
+
+static void test_mkdirs(void) {
+    char p[1200], err[KD_ERR_LEN] = "";
+    struct stat st;
+    snprintf(p, sizeof p, "%s/a/b/c", tmp);
+    CHECK(kd_mkdirs(p, err, sizeof err) == 0);
+    CHECK(stat(p, &st) == 0 && S_ISDIR(st.st_mode));
+    CHECK(kd_mkdirs(p, err, sizeof err) == 0); /* already there */
+    snprintf(p, sizeof p, "%s/a/d/e/", tmp);   /* trailing slash */
+    CHECK(kd_mkdirs(p, err, sizeof err) == 0);
+    CHECK(stat(p, &st) == 0 && S_ISDIR(st.st_mode));
+    /* A regular file in the way of an intermediate component. */
+    snprintf(p, sizeof p, "%s/a/file", tmp);
+    CHECK(kd_write_file_atomic(p, "x", 1, err, sizeof err) == 0);
+    snprintf(p, sizeof p, "%s/a/file/sub/dir", tmp);
+    err[0] = 0;
+    CHECK(kd_mkdirs(p, err, sizeof err) == -1);
+    CHECK_ERR_HAS(err, "/a/file");
+    CHECK_ERR_HAS(err, "is not a directory");
+    /* The path itself is an existing regular file. */
+    snprintf(p, sizeof p, "%s/a/file", tmp);
+    err[0] = 0;
+    CHECK(kd_mkdirs(p, err, sizeof err) == -1);
+    CHECK_ERR_HAS(err, "exists and is not a directory");
+    /* Too long. */
+    char longp[KD_PATH_MAX + 100];
+    memset(longp, 'x', sizeof longp - 1);
+    longp[0] = '/';
+    longp[sizeof longp - 1] = 0;
+    char big_err[2 * KD_PATH_MAX]; /* the message quotes the whole path first */
+    CHECK(kd_mkdirs(longp, big_err, sizeof big_err) == -1);
+    CHECK_ERR_HAS(big_err, "path too long");
+}
+
+static void test_parse(void) {
+    long l = 123;
+    CHECK(kd_parse_long("42", &l) == 0 && l == 42);
+    CHECK(kd_parse_long("-7", &l) == 0 && l == -7);
+    CHECK(kd_parse_long("+3", &l) == 0 && l == 3);
+    CHECK(kd_parse_long("0", &l) == 0 && l == 0);
+    l = 99;
+    CHECK(kd_parse_long("", &l) == -1);
+    CHECK(kd_parse_long(NULL, &l) == -1);
+    CHECK(kd_parse_long("12abc", &l) == -1);
+    CHECK(kd_parse_long("12 ", &l) == -1);
+    CHECK(kd_parse_long(" 12", &l) == -1);
+    CHECK(kd_parse_long("1.5", &l) == -1);
+    CHECK(kd_parse_long("0x10", &l) == -1);
+    CHECK(kd_parse_long("abc", &l) == -1);
+    CHECK(kd_parse_long("-", &l) == -1);
+    CHECK(kd_parse_long("99999999999999999999999", &l) == -1);
+    CHECK(l == 99); /* untouched on failure */
+
+    double d = 0.25;
+    CHECK(kd_parse_double("1.5", &d) == 0 && d == 1.5);
+    CHECK(kd_parse_double("-2e-3", &d) == 0 && d == -2e-3);
+    CHECK(kd_parse_double("7", &d) == 0 && d == 7.0);
+    CHECK(kd_parse_double(".5", &d) == 0 && d == 0.5);
+    d = 0.25;
+    CHECK(kd_parse_double("", &d) == -1);
+    CHECK(kd_parse_double(NULL, &d) == -1);
+    CHECK(kd_parse_double("1.5x", &d) == -1);
+    CHECK(kd_parse_double("1.5 ", &d) == -1);
+    CHECK(kd_parse_double("x", &d) == -1);
+    CHECK(kd_parse_double("nan", &d) == -1);
+    CHECK(kd_parse_double("1e999", &d) == -1); /* overflow */
+    CHECK(kd_parse_double("inf", &d) == -1);
+    CHECK(kd_parse_double(" 1", &d) == -1);
+    CHECK(d == 0.25);
+    CHECK(kd_parse_double("1e-310", &d) == 0 && d > 0 && d < 1e-300); /* subnormal */
+}
+
+static void test_misc(void) {
+    char small[8];
+    CHECK(kd_err(small, sizeof small, "%s:%d", "abcdefgh", 12) == -1);
+    CHECK(strcmp(small, "abcdefg") == 0); /* truncated, terminated */
+    CHECK(kd_err(NULL, 0, "x") == -1);
+    char *s = kd_xstrdup("kdist");
+    CHECK(strcmp(s, "kdist") == 0);
+    free(s);
+    float *f = kd_alloc_floats(1000);
+    CHECK(((uintptr_t)f % 64) == 0);
+    int zero = 1;
+    for (int i = 0; i < 1000; i++)
+        if (f[i] != 0.0f) zero = 0;
+    CHECK(zero);
+    free(f);
+    double t0 = kd_now(), t1 = kd_now();
+    CHECK(t1 >= t0);
+    CHECK(kd_wall_time() > 1.5e9); /* after 2017 */
+}
+
+static void test_rng_reference(void) {
+    /* Published splitmix64 outputs for state 0 (Vigna's splitmix64.c). */
+    kd_rng_t r;
+    kd_rng_init(&r, 0);
+    CHECK(kd_rng_next(&r) == 0xe220a8397b1dcdafULL);
+    CHECK(kd_rng_next(&r) == 0x6e789e6aa1b965f4ULL);
+    CHECK(kd_rng_next(&r) == 0x06c45d188009454fULL);
+    CHECK(kd_rng_mix(0) == 0xe220a8397b1dcdafULL);
+    /* Keys separate streams. */
+    CHECK(kd_rng_key(1, 2, 3) == kd_rng_key(1, 2, 3));
+    CHECK(kd_rng_key(1, 2, 3) != kd_rng_key(1, 3, 2));
+    CHECK(kd_rng_key(1, 2, 3) != kd_rng_key(2, 2, 3));
+}
+
+static void test_permutation(void) {
+    size_t sizes[] = {0, 1, 2, 3, 17, 1000};
+    for (size_t k = 0; k < sizeof sizes / sizeof sizes[0]; k++) {
+        size_t n = sizes[k];
+        uint32_t *p = malloc((n ? n : 1) * sizeof(uint32_t));
+        uint32_t *q = malloc((n ? n : 1) * sizeof(uint32_t));
+        uint8_t *seen = calloc(n ? n : 1, 1);
+        kd_rng_permutation(5, 9, p, n);
+        int ok = 1;
+        for (size_t i = 0; i < n; i++) {
+            if (p[i] >= n || seen[p[i]])
+                ok = 0;
+            else
+                seen[p[i]] = 1;
+        }
+        CHECK(ok);
+        kd_rng_permutation(5, 9, q, n);
+        CHECK(n == 0 || memcmp(p, q, n * sizeof(uint32_t)) == 0);
+        if (n >= 17) {
+            kd_rng_permutation(5, 10, q, n);
+            CHECK(memcmp(p, q, n * sizeof(uint32_t)) != 0);
+            kd_rng_permutation(6, 9, q, n);
+            CHECK(memcmp(p, q, n * sizeof(uint32_t)) != 0);
+        }
+        free(p);
+        free(q);
+        free(seen);
+    }
+    /* Fisher-Yates must make every permutation of 3 equally likely: chi-square, 5 dof. The
+     * bound 40 is far beyond p = 1e-6 (about 35.9), yet a biased shuffle (e.g. j drawn from
+     * [0, n) each step) gives thousands. */
+    enum { TRIALS = 60000 };
+    int counts[6] = {0};
+    for (uint64_t t = 0; t < TRIALS; t++) {
+        uint32_t p[3];
+        kd_rng_permutation(77, t, p, 3);
+        int code = (int)(p[0] * 3 + p[1]); /* (p0,p1) identifies the permutation */
+        static const int index_of[9] = {-1, 0, 1, 2, -1, 3, 4, 5, -1};
+        if (code < 9 && index_of[code] >= 0) counts[index_of[code]]++;
+    }
+    double chi = 0, e = TRIALS / 6.0;
+    for (int i = 0; i < 6; i++) chi += (counts[i] - e) * (counts[i] - e) / e;
+    CHECK(chi < 40.0);
+}
+
+static void test_samplers(void) {
+    kd_rng_t r;
+    kd_rng_init(&r, kd_rng_key(2024, 1, 2));
+    /* Range, including the edges. */
+    uint32_t ns[] = {1, 2, 3, 7, 1000, 0x80000001u, 0xFFFFFFFFu};
+    int in_range = 1;
+    for (size_t k = 0; k < sizeof ns / sizeof ns[0]; k++)
+        for (int i = 0; i < 10000; i++)
+            if (kd_rng_below(&r, ns[k]) >= ns[k]) in_range = 0;
+    CHECK(in_range);
+    CHECK(kd_rng_below(&r, 0) == 0);
+
+    /* Chi-square over 10 bins, 9 dof: p = 1e-6 is about 45; 60 is generous. */
+    enum { DRAWS = 200000 };
+    int bins[10] = {0};
+    for (int i = 0; i < DRAWS; i++) bins[kd_rng_below(&r, 10)]++;
+    double chi = 0, e = DRAWS / 10.0;
+    for (int i = 0; i < 10; i++) chi += (bins[i] - e) * (bins[i] - e) / e;
+    CHECK(chi < 60.0);
+    /* A large non-power-of-two n where modulo reduction would be visibly biased: with
+     * n = 3 * 2^30, values below 2^31 must be 2/3 of the draws (x % n on 32 bits gives 3/4). */
+    int low = 0;
+    for (int i = 0; i < DRAWS; i++) low += kd_rng_below(&r, 3u << 30) < (1u << 31);
+    CHECK(fabs((double)low / DRAWS - 2.0 / 3.0) < 0.01);
+
+    /* Uniform floats in [0, 1) with mean 1/2 and variance 1/12. */
+    double sum = 0, sum2 = 0, mn = 1, mx = 0;
+    for (int i = 0; i < DRAWS; i++) {
+        double u = kd_rng_uniform(&r);
+        sum += u;
+        sum2 += u * u;
+        if (u < mn) mn = u;
+        if (u > mx) mx = u;
+    }
+    CHECK(mn >= 0.0 && mx < 1.0);
+    CHECK(mn < 0.001 && mx > 0.999);
+    double mean = sum / DRAWS, var = sum2 / DRAWS - mean * mean;
+    CHECK(fabs(mean - 0.5) < 0.005);
+    CHECK(fabs(var - 1.0 / 12.0) < 0.002);
+    /* The largest value it can return is still below 1. */
+    kd_rng_t hi = {0};
+    int below_one = 1;
+    for (int i = 0; i < 1000; i++)
+        if (kd_rng_uniform(&hi) >= 1.0f) below_one = 0;
+    CHECK(below_one);
+
+    /* Normals: mean 0, variance 1, finite. */
+    sum = sum2 = 0;
+    int finite = 1;
+    for (int i = 0; i < DRAWS; i++) {
+        double z = kd_rng_normal(&r);
+        if (!isfinite(z)) finite = 0;
+        sum += z;
+        sum2 += z * z;
+    }
+    CHECK(finite);
+    mean = sum / DRAWS;
+    CHECK(fabs(mean) < 0.015);
+    CHECK(fabs(sum2 / DRAWS - mean * mean - 1.0) < 0.02);
+
+    /* Same key, same stream. */
+    kd_rng_t a, b;
+    kd_rng_init(&a, 123);
+    kd_rng_init(&b, 123);
+    int same = 1;
+    for (int i = 0; i < 100; i++)
+        if (kd_rng_next(&a) != kd_rng_next(&b)) same = 0;
+    CHECK(same);
+}
+
+int main(void) {
+    snprintf(tmp, sizeof tmp, "%s", kd_test_tmpdir("test_util"));
+    test_files();
+    test_mkdirs();
+    test_parse();
+    test_misc();
+    test_rng_reference();
+    test_permutation();
+    test_samplers();
+    return kd_test_done("test_util");
+}
