@@ -15,7 +15,7 @@
 #include "kd_train.h"
 
 #define BATCH     128
-#define MAX_TRACE 256
+#define MAX_TRACE 8192
 
 typedef struct {
     const char *recipe;
@@ -101,12 +101,16 @@ static int bench_one(const bench_case_t *bc, double seconds, int threads, int *b
     for (int i = 0; i < BATCH; i++) s.y[i] = (int32_t)kd_rng_below(&rng, 10);
 
     /* The GEMM shapes of one step. */
-    kd_sgemm_call_t calls[MAX_TRACE];
+    static kd_sgemm_call_t calls[MAX_TRACE];
     train_step(&s);
     kd_sgemm_trace_begin(calls, MAX_TRACE);
     train_step(&s);
     int n_calls = kd_sgemm_trace_end();
-    if (n_calls > MAX_TRACE) n_calls = MAX_TRACE;
+    if (n_calls > MAX_TRACE) {
+        fprintf(stderr, "kd_bench_step: %s: %d GEMMs in one step, more than the trace holds (%d)\n",
+                r.name, n_calls, MAX_TRACE);
+        return -1;
+    }
     size_t max_a = 1, max_b = 1, max_c = 1;
     double flops = 0;
     for (int i = 0; i < n_calls; i++) {

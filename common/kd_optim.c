@@ -92,8 +92,14 @@ void kd_optim_destroy(kd_optim_t **self_p) {
 }
 
 float kd_l2_norm(const float *x, size_t n) {
-    double sum = 0.0;
-    for (size_t i = 0; i < n; i++) sum += (double)x[i] * (double)x[i];
+    /* Eight independent double lanes: no loop-carried dependency, so the loop vectorises
+     * (a single running sum costs milliseconds per step on a million parameters). */
+    double lane[8] = {0}, sum = 0.0;
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++) lane[j] += (double)x[i + j] * (double)x[i + j];
+    for (; i < n; i++) sum += (double)x[i] * (double)x[i];
+    for (int j = 0; j < 8; j++) sum += lane[j];
     return (float)sqrt(sum);
 }
 
@@ -103,9 +109,7 @@ float kd_optim_step(kd_optim_t *opt, float *params, float *grads, float lr) {
     const kd_optim_config_t *c = &opt->cfg;
     const size_t n = opt->n;
 
-    double sum = 0.0;
-    for (size_t i = 0; i < n; i++) sum += (double)grads[i] * (double)grads[i];
-    double norm = sqrt(sum);
+    const float norm = kd_l2_norm(grads, n);
     /* torch.nn.utils.clip_grad_norm_ */
     if (c->clip_norm > 0.0f) {
         double scale = (double)c->clip_norm / (norm + 1e-6);
@@ -120,13 +124,23 @@ float kd_optim_step(kd_optim_t *opt, float *params, float *grads, float lr) {
         /* torch.optim.SGD with dampening 0. torch starts the buffer as a copy of the first
          * gradient; a zeroed buffer gives the same mu * 0 + g. */
         const float mu = c->momentum;
-        for (size_t i = 0; i < n; i++) {
-            float g = grads[i] + wd * params[i];
-            if (mu != 0.0f) {
-                m[i] = mu * m[i] + g;
-                g = c->nesterov ? g + mu * m[i] : m[i];
+        /* Three branch-free loops, so each vectorises: this pass is memory-bound and runs on
+         * every step of the coordinator. */
+        if (mu == 0.0f) {
+            for (size_t i = 0; i < n; i++) params[i] -= lr * (grads[i] + wd * params[i]);
+        } else if (c->nesterov) {
+            for (size_t i = 0; i < n; i++) {
+                float g = grads[i] + wd * params[i];
+                float buf = mu * m[i] + g;
+                m[i] = buf;
+                params[i] -= lr * (g + mu * buf);
             }
-            params[i] -= lr * g;
+        } else {
+            for (size_t i = 0; i < n; i++) {
+                float buf = mu * m[i] + grads[i] + wd * params[i];
+                m[i] = buf;
+                params[i] -= lr * buf;
+            }
         }
     } else {
         /* torch.optim.AdamW (single-tensor path): decay, moments, bias-corrected step. */

@@ -1,0 +1,144 @@
+/* test_cli: the kdist command as a user runs it — `kdist eval` of PyTorch-written weights
+ * reproduces PyTorch's logits through --dump-logits; `kdist train` leaves recipe.yaml,
+ * student.safetensors and summary.json, and eval of those weights agrees with the summary;
+ * bad input gives a non-zero exit and a message naming the file and the problem. */
+#include <jansson.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+
+#include "kd_npy.h"
+#include "kd_safetensors.h"
+#include "kd_test.h"
+#include "kd_util.h"
+
+static char kdist[KD_PATH_MAX];
+static char out_buf[65536];
+
+/* Runs a shell command line, capturing stdout+stderr into out_buf; returns the exit code. */
+static int run(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static int run(const char *fmt, ...) {
+    char cmd[4096];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(cmd, sizeof cmd, fmt, ap);
+    va_end(ap);
+    strncat(cmd, " 2>&1", sizeof cmd - strlen(cmd) - 1);
+    FILE *p = popen(cmd, "r");
+    if (!p) return -1;
+    size_t n = fread(out_buf, 1, sizeof out_buf - 1, p);
+    out_buf[n] = 0;
+    int status = pclose(p);
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+static void write_text(const char *path, const char *text) {
+    char err[KD_ERR_LEN];
+    if (kd_write_file_atomic(path, text, strlen(text), err, sizeof err) != 0) {
+        fprintf(stderr, "%s\n", err);
+        exit(1);
+    }
+}
+
+static const char *mlp_small_recipe = "name: cli_mlp_small\n"
+                                      "student:\n"
+                                      "  layers:\n"
+                                      "    - {type: flatten}\n"
+                                      "    - {type: linear, out_features: 32}\n"
+                                      "    - {type: relu}\n"
+                                      "    - {type: linear, out_features: 10}\n";
+
+static void test_eval_matches_pytorch(const char *tmp) {
+    char recipe[KD_PATH_MAX], npy[KD_PATH_MAX];
+    snprintf(recipe, sizeof recipe, "%s/mlp_small.yaml", tmp);
+    snprintf(npy, sizeof npy, "%s/logits.npy", tmp);
+    write_text(recipe, mlp_small_recipe);
+    int rc = run("%s eval data/mlp_small.safetensors --recipe %s --split test --dump-logits %s "
+                 "data.test_subset=8",
+                 kdist, recipe, npy);
+    CHECK(rc == 0);
+    CHECK_ERR_HAS(out_buf, "(8 samples)");
+
+    char err[KD_ERR_LEN];
+    float *logits = NULL;
+    size_t rows = 0, cols = 0;
+    CHECK(kd_npy_read_f32(npy, &logits, &rows, &cols, err, sizeof err) == 0);
+    CHECK(rows == 8 && cols == 10);
+    kd_safetensors_t *io = NULL;
+    CHECK(kd_st_open("data/mlp_small_io.safetensors", &io, err, sizeof err) == 0);
+    const kd_st_tensor_t *t = io ? kd_st_find(io, "logits") : NULL;
+    CHECK(t && t->nbytes == 80 * sizeof(float));
+    if (logits && t && rows == 8 && cols == 10) {
+        float want[80];
+        memcpy(want, kd_st_data(io, t), sizeof want);
+        for (int i = 0; i < 80; i++) CHECK_CLOSE(logits[i], want[i], 1e-4);
+    }
+    free(logits);
+    kd_st_close(&io);
+}
+
+static void test_eval_errors(const char *tmp) {
+    char recipe[KD_PATH_MAX], bad[KD_PATH_MAX];
+    snprintf(recipe, sizeof recipe, "%s/mlp_small.yaml", tmp);
+    snprintf(bad, sizeof bad, "%s/typo.yaml", tmp);
+
+    CHECK(run("%s eval %s/missing.safetensors --recipe %s", kdist, tmp, recipe) == 1);
+    CHECK_ERR_HAS(out_buf, "missing.safetensors");
+
+    /* Weights of another architecture: the message names the tensor. */
+    CHECK(run("%s eval data/cnn_small.safetensors --recipe %s", kdist, recipe) == 1);
+    CHECK_ERR_HAS(out_buf, "layers.");
+
+    write_text(bad, "name: x\nstudent:\n  layers:\n    - {type: flatten}\n"
+                    "distill:\n  temprature: 3\n");
+    CHECK(run("%s eval data/mlp_small.safetensors --recipe %s", kdist, bad) == 1);
+    CHECK_ERR_HAS(out_buf, "typo.yaml:6:3:");
+    CHECK_ERR_HAS(out_buf, "did you mean 'temperature'");
+
+    CHECK(run("%s eval data/mlp_small.safetensors --recipe %s --split nope", kdist, recipe) == 1);
+    CHECK_ERR_HAS(out_buf, "--split");
+    CHECK(run("%s eval", kdist) == 2);
+    CHECK(run("%s frobnicate", kdist) == 2);
+    CHECK_ERR_HAS(out_buf, "unknown command 'frobnicate'");
+}
+
+static void test_train_then_eval(const char *tmp) {
+    int rc = run("%s train ../recipes/fashion_mlp_student.yaml name=cli_train logging.runs_dir=%s "
+                 "train.epochs=1 data.train_subset=3000 data.val_size=500 data.test_subset=1000",
+                 kdist, tmp);
+    CHECK(rc == 0);
+    if (rc != 0) fprintf(stderr, "%s\n", out_buf);
+    char path[KD_PATH_MAX];
+    const char *files[] = {"recipe.yaml", "student.safetensors", "summary.json"};
+    for (int i = 0; i < 3; i++) {
+        snprintf(path, sizeof path, "%s/cli_train/%s", tmp, files[i]);
+        CHECK(kd_file_exists(path));
+    }
+    snprintf(path, sizeof path, "%s/cli_train/summary.json", tmp);
+    json_error_t jerr;
+    json_t *summary = json_load_file(path, 0, &jerr);
+    CHECK(summary != NULL);
+    double acc = json_real_value(json_object_get(summary, "test_accuracy"));
+    CHECK(acc > 0.5 && acc <= 1.0); /* 2500 samples, one epoch: well above chance (0.1) */
+    CHECK(strcmp(json_string_value(json_object_get(summary, "status")), "completed") == 0);
+    json_decref(summary);
+
+    /* The saved recipe and weights reproduce the summary's test accuracy. */
+    rc = run("%s eval %s/cli_train/student.safetensors --recipe %s/cli_train/recipe.yaml", kdist,
+             tmp, tmp);
+    CHECK(rc == 0);
+    char want[64];
+    snprintf(want, sizeof want, "accuracy %.2f%%", 100.0 * acc);
+    CHECK_ERR_HAS(out_buf, want);
+}
+
+int main(void) {
+    const char *bin = getenv("KD_BIN_DIR");
+    snprintf(kdist, sizeof kdist, "%s/kdist", bin ? bin : "../build/bin");
+    const char *tmp = kd_test_tmpdir("test_cli");
+    test_eval_matches_pytorch(tmp);
+    test_eval_errors(tmp);
+    test_train_then_eval(tmp);
+    return kd_test_done("test_cli");
+}
