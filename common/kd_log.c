@@ -75,3 +75,15 @@ void kd_log_write(kd_log_level_t level, const char *id, const char *fmt, ...) {
     }
     pthread_mutex_unlock(&log_lock);
 }
+
+bool kd_log_allow(kd_log_limit_t *limit, double interval) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    double now = (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+    if (limit->last != 0.0 && now - limit->last < interval) {
+        limit->suppressed++;
+        return false;
+    }
+    limit->last = now;
+    return true;
+}

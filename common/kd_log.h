@@ -3,6 +3,7 @@
 #ifndef KD_LOG_H
 #define KD_LOG_H
 
+#include <stdbool.h>
 #include <stdio.h>
 
 typedef enum {
@@ -27,5 +28,13 @@ int kd_log_level_parse(const char *name, kd_log_level_t *out);
     } while (0)
 void kd_log_write(kd_log_level_t level, const char *id, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
+
+/* Rate limiting for hot loops and hostile peers: kd_log_allow returns true at most once per
+ * `interval` seconds per limiter; suppressed counts what was skipped since the last line. */
+typedef struct {
+    double last;
+    long suppressed;
+} kd_log_limit_t;
+bool kd_log_allow(kd_log_limit_t *limit, double interval);
 
 #endif

@@ -208,7 +208,7 @@ static const row_t schema[] = {
 
     LONG("train.epochs", train.epochs, BTW, 1, 100000, "15", "passes over the training set"),
     LONG("train.batch_size", train.batch_size, BTW, 1, 65536, "128",
-         "samples per optimizer step (over all workers)"),
+         "samples per batch (one worker's gradient; a sync step averages one batch per worker)"),
     LONG("train.max_steps", train.max_steps, GE, 0, 0, "0",
          "stop after this many optimizer steps (0 = no limit)"),
     LONG("train.threads", train.threads, BTW, 0, 256, "0",
@@ -234,8 +234,16 @@ static const row_t schema[] = {
          "heartbeat interval"),
     LONG("cluster.heartbeat_timeout_ms", cluster.heartbeat_timeout_ms, BTW, 1, 86400000, "10000",
          "a node silent this long is declared dead"),
+    LONG("cluster.restream_timeout_ms", cluster.restream_timeout_ms, BTW, 1, 86400000, "10000",
+         "when no batch is applied for this long, unapplied batches are streamed again"),
+    LONG("cluster.stream_hwm", cluster.stream_hwm, BTW, 1, 1000, "2",
+         "batches queued per teacher-to-worker pipe (back-pressure)"),
+    STR("cluster.bind", cluster.bind, 0, NULL, "tcp://127.0.0.1:*",
+        "coordinator endpoint to bind; port * picks a free one"),
 
     STR("logging.runs_dir", logging.runs_dir, 0, NULL, "runs", "directory holding run outputs"),
+    LONG("logging.every_steps", logging.every_steps, BTW, 1, 1000000, "10",
+         "write metrics every N optimizer steps"),
     ENUM("logging.level", logging.level, level_ops, "info", "log level"),
 };
 #define N_ROWS ((int)(sizeof schema / sizeof schema[0]))

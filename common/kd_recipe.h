@@ -80,10 +80,14 @@ typedef struct {
         long staleness; /* ssp bound */
         long heartbeat_ms;
         long heartbeat_timeout_ms;
+        long restream_timeout_ms; /* re-request batches streamed but not pushed back after this */
+        long stream_hwm;          /* batches queued per teacher->worker pipe (back-pressure) */
+        char bind[KD_PATH_MAX];   /* coordinator endpoint; a '*' port picks a free one */
     } cluster;
 
     struct {
         char runs_dir[KD_PATH_MAX];
+        long every_steps; /* metrics (TensorBoard, metrics.jsonl) every N optimizer steps */
         char level[16]; /* debug | info | warn | error */
     } logging;
 } kd_recipe_t;

@@ -1,0 +1,389 @@
+/* kd_wire: kdist messages on ZeroMQ sockets (see kd_wire.h). */
+#include "kd_wire.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/time.h>
+
+#include "kd_util.h"
+
+/* kd_dtype_t <-> wire DType; only the types the protocol carries. */
+static int dtype_to_wire(kd_dtype_t d) {
+    switch (d) {
+    case KD_DTYPE_F32: return KDIST__DTYPE__F32;
+    case KD_DTYPE_F16: return KDIST__DTYPE__F16;
+    case KD_DTYPE_I32: return KDIST__DTYPE__I32;
+    case KD_DTYPE_U8: return KDIST__DTYPE__U8;
+    case KD_DTYPE_I8: return KDIST__DTYPE__I8;
+    default: return KDIST__DTYPE__DTYPE_UNSPECIFIED;
+    }
+}
+
+static int dtype_from_wire(int w, kd_dtype_t *out) {
+    switch (w) {
+    case KDIST__DTYPE__F32: *out = KD_DTYPE_F32; return 0;
+    case KDIST__DTYPE__F16: *out = KD_DTYPE_F16; return 0;
+    case KDIST__DTYPE__I32: *out = KD_DTYPE_I32; return 0;
+    case KDIST__DTYPE__U8: *out = KD_DTYPE_U8; return 0;
+    case KDIST__DTYPE__I8: *out = KD_DTYPE_I8; return 0;
+    default: return -1;
+    }
+}
+
+void kd_env_free(kd_env_t *env) {
+    if (env) kdist__envelope__free_unpacked(env, NULL);
+}
+
+int kd_wire_decode(const uint8_t *header, size_t header_len, const size_t *frame_lens,
+                   int n_frames, kd_env_t **env_out, char *err, size_t errlen) {
+    *env_out = NULL;
+    if (header_len > KD_WIRE_MAX_HEADER)
+        return kd_err(err, errlen, "header of %zu bytes exceeds the %d-byte limit", header_len,
+                      KD_WIRE_MAX_HEADER);
+    kd_env_t *env = kdist__envelope__unpack(NULL, header_len, header);
+    if (!env) return kd_err(err, errlen, "header is not a valid Envelope (%zu bytes)", header_len);
+    if (env->protocol_version != KD_PROTOCOL_VERSION) {
+        kd_err(err, errlen, "protocol version %u, expected %u", env->protocol_version,
+               KD_PROTOCOL_VERSION);
+        goto bad;
+    }
+    if (env->body_case == KDIST__ENVELOPE__BODY__NOT_SET) {
+        kd_err(err, errlen, "message has no body (unknown message type?)");
+        goto bad;
+    }
+    if ((int)env->n_tensors != n_frames || n_frames > KD_WIRE_MAX_TENSORS) {
+        kd_err(err, errlen, "header declares %zu tensors but %d payload frames came", env->n_tensors,
+               n_frames);
+        goto bad;
+    }
+    for (int i = 0; i < n_frames; i++) {
+        const Kdist__TensorDesc *t = env->tensors[i];
+        kd_dtype_t dt;
+        if (dtype_from_wire(t->dtype, &dt) != 0) {
+            kd_err(err, errlen, "tensor %d ('%s'): unknown dtype %d", i, t->name, t->dtype);
+            goto bad;
+        }
+        if (t->n_shape < 1 || t->n_shape > KD_WIRE_MAX_DIMS) {
+            kd_err(err, errlen, "tensor %d ('%s'): %zu dimensions (1..%d allowed)", i, t->name,
+                   t->n_shape, KD_WIRE_MAX_DIMS);
+            goto bad;
+        }
+        uint64_t bytes = kd_dtype_size(dt);
+        for (size_t d = 0; d < t->n_shape; d++) {
+            int64_t dim = t->shape[d];
+            if (dim < 0 || (dim > 0 && bytes > (uint64_t)KD_WIRE_MAX_MESSAGE / (uint64_t)dim)) {
+                kd_err(err, errlen, "tensor %d ('%s'): dimension %zu is %lld", i, t->name, d,
+                       (long long)dim);
+                goto bad;
+            }
+            bytes *= (uint64_t)dim;
+        }
+        if (bytes != t->nbytes || t->nbytes != frame_lens[i]) {
+            kd_err(err, errlen,
+                   "tensor %d ('%s'): shape gives %llu bytes, header says %llu, frame has %zu", i,
+                   t->name, (unsigned long long)bytes, (unsigned long long)t->nbytes,
+                   frame_lens[i]);
+            goto bad;
+        }
+    }
+    *env_out = env;
+    return 0;
+bad:
+    kd_env_free(env);
+    return -1;
+}
+
+static bool more_frames(void *sock) {
+    int more = 0;
+    size_t len = sizeof more;
+    zmq_getsockopt(sock, ZMQ_RCVMORE, &more, &len);
+    return more != 0;
+}
+
+/* Reads and discards the rest of a multipart message. */
+static void drain_rest(void *sock) {
+    while (more_frames(sock)) {
+        zmq_msg_t f;
+        zmq_msg_init(&f);
+        if (zmq_msg_recv(&f, sock, 0) < 0) {
+            zmq_msg_close(&f);
+            return;
+        }
+        zmq_msg_close(&f);
+    }
+}
+
+int kd_wire_recv(void *sock, bool router, int flags, kd_msg_t *msg, char *err, size_t errlen) {
+    memset(msg, 0, sizeof *msg);
+    zmq_msg_t first;
+    zmq_msg_init(&first);
+    if (zmq_msg_recv(&first, sock, flags) < 0) {
+        int e = errno;
+        zmq_msg_close(&first);
+        if (e == EAGAIN || e == EINTR) return KD_WIRE_NONE;
+        kd_err(err, errlen, "receive failed: %s", zmq_strerror(e));
+        return KD_WIRE_CLOSED;
+    }
+    zmq_msg_t header;
+    if (router) {
+        size_t n = zmq_msg_size(&first);
+        msg->peer_len = n < KD_WIRE_MAX_PEER ? n : KD_WIRE_MAX_PEER;
+        memcpy(msg->peer, zmq_msg_data(&first), msg->peer_len);
+        zmq_msg_close(&first);
+        if (!more_frames(sock)) return kd_err(err, errlen, "empty message"), KD_WIRE_BAD;
+        zmq_msg_init(&header);
+        if (zmq_msg_recv(&header, sock, 0) < 0) {
+            zmq_msg_close(&header);
+            kd_err(err, errlen, "receive failed: %s", zmq_strerror(errno));
+            return KD_WIRE_CLOSED;
+        }
+    } else {
+        header = first;
+    }
+
+    /* Collect the payload frames (at most KD_WIRE_MAX_TENSORS; more is malformed). */
+    size_t lens[KD_WIRE_MAX_TENSORS];
+    int n = 0;
+    int rc = KD_WIRE_BAD;
+    while (more_frames(sock)) {
+        if (n == KD_WIRE_MAX_TENSORS) {
+            drain_rest(sock);
+            kd_err(err, errlen, "more than %d payload frames", KD_WIRE_MAX_TENSORS);
+            goto fail;
+        }
+        zmq_msg_init(&msg->frames[n]);
+        if (zmq_msg_recv(&msg->frames[n], sock, 0) < 0) {
+            zmq_msg_close(&msg->frames[n]);
+            kd_err(err, errlen, "receive failed: %s", zmq_strerror(errno));
+            rc = KD_WIRE_CLOSED;
+            goto fail;
+        }
+        lens[n] = zmq_msg_size(&msg->frames[n]);
+        n++;
+    }
+    msg->n_tensors = n;
+    if (kd_wire_decode(zmq_msg_data(&header), zmq_msg_size(&header), lens, n, &msg->env, err,
+                       errlen) != 0)
+        goto fail;
+    zmq_msg_close(&header);
+    return KD_WIRE_OK;
+fail:
+    zmq_msg_close(&header);
+    for (int i = 0; i < n; i++) zmq_msg_close(&msg->frames[i]);
+    msg->n_tensors = 0;
+    msg->env = NULL;
+    return rc;
+}
+
+void kd_msg_close(kd_msg_t *msg) {
+    if (!msg) return;
+    for (int i = 0; i < msg->n_tensors; i++) zmq_msg_close(&msg->frames[i]);
+    msg->n_tensors = 0;
+    kd_env_free(msg->env);
+    msg->env = NULL;
+}
+
+const void *kd_msg_tensor(const kd_msg_t *m, int i, const char *name, kd_dtype_t dtype, int ndim,
+                          const int64_t *shape, char *err, size_t errlen) {
+    if (i < 0 || i >= m->n_tensors) {
+        kd_err(err, errlen, "missing tensor '%s' (message has %d)", name, m->n_tensors);
+        return NULL;
+    }
+    const Kdist__TensorDesc *t = m->env->tensors[i];
+    kd_dtype_t got;
+    if (strcmp(t->name, name) != 0 || dtype_from_wire(t->dtype, &got) != 0 || got != dtype ||
+        (int)t->n_shape != ndim) {
+        kd_err(err, errlen, "tensor %d is '%s' (%zu dims), expected '%s' %s with %d dims", i,
+               t->name, t->n_shape, name, kd_dtype_name(dtype), ndim);
+        return NULL;
+    }
+    for (int d = 0; d < ndim; d++) {
+        if (shape[d] >= 0 && t->shape[d] != shape[d]) {
+            kd_err(err, errlen, "tensor '%s': dimension %d is %lld, expected %lld", name, d,
+                   (long long)t->shape[d], (long long)shape[d]);
+            return NULL;
+        }
+    }
+    return zmq_msg_data((zmq_msg_t *)&m->frames[i]);
+}
+
+void kd_msg_peer_text(const kd_msg_t *m, char *out, size_t outlen) {
+    size_t o = 0;
+    for (size_t i = 0; i < m->peer_len && o + 5 < outlen; i++) {
+        uint8_t c = m->peer[i];
+        if (isprint(c) && c != '\\') out[o++] = (char)c;
+        else o += (size_t)snprintf(out + o, outlen - o, "\\x%02x", c);
+    }
+    if (outlen) out[o < outlen ? o : outlen - 1] = 0;
+}
+
+/* Builds the zmq message of one payload; on failure releases zero-copy data and leaves *out
+ * an empty (closable) message. */
+static int payload_msg(zmq_msg_t *out, const kd_wire_tensor_t *t) {
+    if (t->share) return zmq_msg_copy(out, t->share) == 0 ? 0 : (zmq_msg_init(out), -1);
+    if (t->free_fn) {
+        if (zmq_msg_init_data(out, (void *)t->data, t->nbytes, t->free_fn, t->hint) == 0) return 0;
+        t->free_fn((void *)t->data, t->hint);
+        zmq_msg_init(out);
+        return -1;
+    }
+    if (zmq_msg_init_size(out, t->nbytes) != 0) return zmq_msg_init(out), -1;
+    if (t->nbytes) memcpy(zmq_msg_data(out), t->data, t->nbytes);
+    return 0;
+}
+
+int kd_wire_send(void *sock, const uint8_t *peer, size_t peer_len, kd_env_t *env,
+                 const kd_wire_tensor_t *tensors, int n_tensors, int flags) {
+    KD_ASSERT(n_tensors >= 0 && n_tensors <= KD_WIRE_MAX_TENSORS);
+    Kdist__TensorDesc descs[KD_WIRE_MAX_TENSORS];
+    Kdist__TensorDesc *desc_ptrs[KD_WIRE_MAX_TENSORS];
+    for (int i = 0; i < n_tensors; i++) {
+        const kd_wire_tensor_t *t = &tensors[i];
+        kdist__tensor_desc__init(&descs[i]);
+        descs[i].name = (char *)t->name;
+        descs[i].dtype = dtype_to_wire(t->dtype);
+        descs[i].n_shape = (size_t)t->ndim;
+        descs[i].shape = (int64_t *)t->shape;
+        descs[i].nbytes = t->share ? zmq_msg_size(t->share) : t->nbytes;
+        desc_ptrs[i] = &descs[i];
+    }
+    env->protocol_version = KD_PROTOCOL_VERSION;
+    env->n_tensors = (size_t)n_tensors;
+    env->tensors = desc_ptrs;
+
+    /* Build every frame first, so a failure cannot leave half a message on the socket. */
+    zmq_msg_t payloads[KD_WIRE_MAX_TENSORS];
+    int built = 0, rc = -1, saved_errno = 0;
+    for (; built < n_tensors; built++)
+        if (payload_msg(&payloads[built], &tensors[built]) != 0) {
+            saved_errno = errno;
+            zmq_msg_close(&payloads[built]);
+            for (int j = built + 1; j < n_tensors; j++)
+                if (tensors[j].free_fn) tensors[j].free_fn((void *)tensors[j].data, tensors[j].hint);
+            goto out;
+        }
+    size_t hlen = kdist__envelope__get_packed_size(env);
+    zmq_msg_t header;
+    if (zmq_msg_init_size(&header, hlen) != 0) {
+        saved_errno = errno;
+        goto out;
+    }
+    kdist__envelope__pack(env, zmq_msg_data(&header));
+
+    int more = n_tensors ? ZMQ_SNDMORE : 0;
+    if (peer) {
+        zmq_msg_t id;
+        zmq_msg_init_size(&id, peer_len);
+        memcpy(zmq_msg_data(&id), peer, peer_len);
+        if (zmq_msg_send(&id, sock, ZMQ_SNDMORE | flags) < 0) {
+            saved_errno = errno;
+            zmq_msg_close(&id);
+            zmq_msg_close(&header);
+            goto out;
+        }
+    }
+    /* Once the first frame is queued, ZeroMQ delivers the message whole: no more failures. */
+    if (zmq_msg_send(&header, sock, more | (peer ? 0 : flags)) < 0) {
+        saved_errno = errno;
+        zmq_msg_close(&header);
+        goto out;
+    }
+    for (int i = 0; i < n_tensors; i++) {
+        zmq_msg_send(&payloads[i], sock, i + 1 < n_tensors ? ZMQ_SNDMORE : 0);
+        zmq_msg_close(&payloads[i]);
+    }
+    built = 0;
+    rc = 0;
+out:
+    for (int i = 0; i < built; i++) zmq_msg_close(&payloads[i]);
+    env->n_tensors = 0;
+    env->tensors = NULL;
+    if (rc) errno = saved_errno;
+    return rc;
+}
+
+static void set_common_options(void *s, int heartbeat_ms) {
+    int zero = 0;
+    zmq_setsockopt(s, ZMQ_LINGER, &zero, sizeof zero);
+    int64_t max = KD_WIRE_MAX_MESSAGE;
+    zmq_setsockopt(s, ZMQ_MAXMSGSIZE, &max, sizeof max);
+    if (heartbeat_ms > 0) {
+        int timeout = 3 * heartbeat_ms;
+        zmq_setsockopt(s, ZMQ_HEARTBEAT_IVL, &heartbeat_ms, sizeof heartbeat_ms);
+        zmq_setsockopt(s, ZMQ_HEARTBEAT_TIMEOUT, &timeout, sizeof timeout);
+        zmq_setsockopt(s, ZMQ_HEARTBEAT_TTL, &timeout, sizeof timeout);
+    }
+}
+
+int kd_socket_bind(void *sock, const char *endpoint, char *bound, size_t boundlen, char *err,
+                   size_t errlen) {
+    if (zmq_bind(sock, endpoint) != 0)
+        return kd_err(err, errlen, "cannot bind %s: %s", endpoint, zmq_strerror(errno));
+    if (bound) {
+        size_t len = boundlen;
+        if (zmq_getsockopt(sock, ZMQ_LAST_ENDPOINT, bound, &len) != 0)
+            snprintf(bound, boundlen, "%s", endpoint);
+    }
+    return 0;
+}
+
+void *kd_socket_dealer(void *ctx, const char *identity, const char *endpoint, int heartbeat_ms,
+                       char *err, size_t errlen) {
+    void *s = zmq_socket(ctx, ZMQ_DEALER);
+    if (!s) return kd_err(err, errlen, "cannot create socket: %s", zmq_strerror(errno)), NULL;
+    set_common_options(s, heartbeat_ms);
+    zmq_setsockopt(s, ZMQ_ROUTING_ID, identity, strlen(identity));
+    if (zmq_connect(s, endpoint) != 0) {
+        kd_err(err, errlen, "cannot connect to %s: %s", endpoint, zmq_strerror(errno));
+        zmq_close(s);
+        return NULL;
+    }
+    return s;
+}
+
+void *kd_socket_router(void *ctx, const char *endpoint, int heartbeat_ms, char *bound,
+                       size_t boundlen, char *err, size_t errlen) {
+    void *s = zmq_socket(ctx, ZMQ_ROUTER);
+    if (!s) return kd_err(err, errlen, "cannot create socket: %s", zmq_strerror(errno)), NULL;
+    set_common_options(s, heartbeat_ms);
+    int one = 1;
+    zmq_setsockopt(s, ZMQ_ROUTER_MANDATORY, &one, sizeof one);
+    /* A reconnecting node with the same routing id takes over the old pipe. */
+    zmq_setsockopt(s, ZMQ_ROUTER_HANDOVER, &one, sizeof one);
+    if (kd_socket_bind(s, endpoint, bound, boundlen, err, errlen) != 0) {
+        zmq_close(s);
+        return NULL;
+    }
+    return s;
+}
+
+void kd_wire_identity(char *out, size_t outlen, const char *role, const char *node_id,
+                      uint64_t incarnation) {
+    snprintf(out, outlen, "%s-%s-%llu", role, node_id, (unsigned long long)incarnation);
+}
+
+uint64_t kd_wire_new_incarnation(void) {
+    struct timeval tv;
+    gettimeofday(&tv, NULL);
+    return (uint64_t)tv.tv_sec * 1000000u + (uint64_t)tv.tv_usec;
+}
+
+const char *kd_wire_body_name(const kd_env_t *env) {
+    switch (env ? env->body_case : KDIST__ENVELOPE__BODY__NOT_SET) {
+    case KDIST__ENVELOPE__BODY_HELLO: return "hello";
+    case KDIST__ENVELOPE__BODY_WELCOME: return "welcome";
+    case KDIST__ENVELOPE__BODY_REFUSED: return "refused";
+    case KDIST__ENVELOPE__BODY_HEARTBEAT: return "heartbeat";
+    case KDIST__ENVELOPE__BODY_BATCH: return "batch";
+    case KDIST__ENVELOPE__BODY_PUSH: return "push";
+    case KDIST__ENVELOPE__BODY_WEIGHTS: return "weights";
+    case KDIST__ENVELOPE__BODY_ASSIGN: return "assign";
+    case KDIST__ENVELOPE__BODY_CONTROL: return "control";
+    case KDIST__ENVELOPE__BODY_GOODBYE: return "goodbye";
+    case KDIST__ENVELOPE__BODY_STATUS: return "status";
+    case KDIST__ENVELOPE__BODY_PEERS: return "peers";
+    default: return "unknown";
+    }
+}

@@ -1,0 +1,102 @@
+/* kd_wire: kdist messages on ZeroMQ sockets. Frame 0 is a protobuf-c Envelope whose tensor
+ * descriptors (dtype, shape, byte length) declare the raw payload frames that follow; both are
+ * validated before anything is used. Large payloads go out zero-copy. Peers are untrusted: a
+ * malformed message is consumed whole, reported and dropped, never trusted or fatal.
+ * Functions are thread-safe; a socket and a kd_msg_t belong to one thread. */
+#ifndef KD_WIRE_H
+#define KD_WIRE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <zmq.h>
+
+#include "kd_safetensors.h" /* kd_dtype_t */
+#include "kdist.pb-c.h"
+
+#define KD_PROTOCOL_VERSION  1
+#define KD_WIRE_MAX_TENSORS  8
+#define KD_WIRE_MAX_DIMS     8
+#define KD_WIRE_MAX_HEADER   (1 << 20) /* Welcome carries the recipe text */
+#define KD_WIRE_MAX_MESSAGE  ((int64_t)1 << 31) /* ZMQ_MAXMSGSIZE: any single frame */
+#define KD_WIRE_MAX_PEER     255
+
+typedef Kdist__Envelope kd_env_t;
+
+/* A received message: the unpacked envelope and its validated payload frames. */
+typedef struct {
+    kd_env_t *env; /* owned; NULL when empty */
+    int n_tensors;
+    zmq_msg_t frames[KD_WIRE_MAX_TENSORS];
+    uint8_t peer[KD_WIRE_MAX_PEER]; /* ROUTER sockets: the sender's routing id */
+    size_t peer_len;
+} kd_msg_t;
+
+/* Unpacks and validates a header against the byte lengths of the payload frames that came
+ * with it: protocol version, a body set, one descriptor per frame, known dtypes, 1..8 dims,
+ * no negative dims, element count x dtype size == declared nbytes == frame length (overflow
+ * checked). Pure function (the fuzz target). Caller frees *env with kd_env_free. */
+int kd_wire_decode(const uint8_t *header, size_t header_len, const size_t *frame_lens,
+                   int n_frames, kd_env_t **env, char *err, size_t errlen);
+void kd_env_free(kd_env_t *env);
+
+enum { KD_WIRE_OK = 0, KD_WIRE_NONE = 1, KD_WIRE_BAD = -1, KD_WIRE_CLOSED = -2 };
+
+/* Receives one whole message. router: the first frame is the peer's routing id.
+ * Returns KD_WIRE_OK; KD_WIRE_NONE when nothing is ready (flags has ZMQ_DONTWAIT) or a signal
+ * interrupted; KD_WIRE_BAD for a malformed message (all its frames consumed, err says why;
+ * msg->peer is still set so the caller can name the peer); KD_WIRE_CLOSED when the socket or
+ * context is gone. On KD_WIRE_OK the caller must kd_msg_close(msg). */
+int kd_wire_recv(void *sock, bool router, int flags, kd_msg_t *msg, char *err, size_t errlen);
+void kd_msg_close(kd_msg_t *msg);
+
+/* Payload i, checked: its name, dtype and shape (a negative expected dim matches any size).
+ * Returns the data (frame memory, valid until kd_msg_close) or NULL with err set. */
+const void *kd_msg_tensor(const kd_msg_t *m, int i, const char *name, kd_dtype_t dtype, int ndim,
+                          const int64_t *shape, char *err, size_t errlen);
+/* The peer's routing id as printable text (non-printables escaped). */
+void kd_msg_peer_text(const kd_msg_t *m, char *out, size_t outlen);
+
+/* One payload to send. Exactly one of: `share` (a zmq message whose buffer is shared through
+ * zmq_msg_copy — one weights snapshot for many replies), `free_fn` (zero-copy: ZeroMQ calls
+ * free_fn(data, hint) when done with data), or neither (data is copied now). */
+typedef struct {
+    const char *name;
+    kd_dtype_t dtype;
+    int ndim;
+    int64_t shape[KD_WIRE_MAX_DIMS];
+    const void *data;
+    size_t nbytes;
+    zmq_msg_t *share;
+    zmq_free_fn *free_fn;
+    void *hint;
+} kd_wire_tensor_t;
+
+/* Sends env (protocol_version and tensor descriptors are filled in here) and its payloads.
+ * peer != NULL on ROUTER sockets. flags: 0 or ZMQ_DONTWAIT. Returns 0, or -1 with errno
+ * (EHOSTUNREACH: unknown peer under ZMQ_ROUTER_MANDATORY; EAGAIN: high-water mark). If the
+ * send fails, payloads passed with free_fn are still released exactly once. */
+int kd_wire_send(void *sock, const uint8_t *peer, size_t peer_len, kd_env_t *env,
+                 const kd_wire_tensor_t *tensors, int n_tensors, int flags);
+
+/* Sockets with kdist's options: linger 0, ZMQ_MAXMSGSIZE, ZMTP heartbeats (heartbeat_ms,
+ * timeout 3x). dealer: routing id `identity`, connected to endpoint. router: bound to endpoint
+ * (a '*' port picks a free one; the actual endpoint goes to bound/boundlen), ROUTER_MANDATORY
+ * on. Return NULL with err set (naming the endpoint) on failure. */
+void *kd_socket_dealer(void *ctx, const char *identity, const char *endpoint, int heartbeat_ms,
+                       char *err, size_t errlen);
+void *kd_socket_router(void *ctx, const char *endpoint, int heartbeat_ms, char *bound,
+                       size_t boundlen, char *err, size_t errlen);
+/* Binds sock to endpoint, reporting the resolved endpoint (for '*' ports). */
+int kd_socket_bind(void *sock, const char *endpoint, char *bound, size_t boundlen, char *err,
+                   size_t errlen);
+
+/* "<role>-<id>-<incarnation>", the routing id every node uses. */
+void kd_wire_identity(char *out, size_t outlen, const char *role, const char *node_id,
+                      uint64_t incarnation);
+/* A fresh incarnation number: microseconds since the epoch (grows across restarts). */
+uint64_t kd_wire_new_incarnation(void);
+
+const char *kd_wire_body_name(const kd_env_t *env); /* "hello", "push", ... for logs */
+
+#endif
