@@ -1,7 +1,9 @@
 /* kdist: the user's front door. Subcommands:
  *   train RECIPE [section.key=value ...]   train in this process, write runs/<name>/
  *   eval MODEL --recipe RECIPE [...]       accuracy and loss of saved weights; dump logits
- *   recipe check RECIPE | recipe keys      validate a recipe; list every key */
+ *   recipe check RECIPE | recipe keys      validate a recipe; list every key
+ *   run RECIPE [...]                       a local cluster of processes (kd_run.c)
+ *   status [RUN_DIR|ENDPOINT]              ask a running coordinator (kd_status.c) */
 #include <errno.h>
 #include <jansson.h>
 #include <stdio.h>
@@ -10,6 +12,7 @@
 #include <unistd.h>
 
 #include "kd_checkpoint.h"
+#include "kd_cli.h"
 #include "kd_log.h"
 #include "kd_npy.h"
 #include "kd_recipe.h"
@@ -30,7 +33,12 @@ static void usage(FILE *out) {
         "        accuracy and mean loss of saved weights on a split; optionally write the\n"
         "        logits as a float32 (N, C) .npy\n"
         "  recipe check RECIPE [section.key=value ...]   validate and print the resolved recipe\n"
-        "  recipe keys                                    every recipe key, type and default\n");
+        "  recipe keys                                    every recipe key, type and default\n"
+        "  run RECIPE [section.key=value ...] [--run-dir DIR] [--resume]\n"
+        "        train on a local cluster: a coordinator, cluster.teachers teacher nodes and\n"
+        "        cluster.workers workers as processes; progress live, Ctrl-C stops cleanly\n"
+        "  status [RUN_DIR|ENDPOINT] [--json]\n"
+        "        progress, membership and recent events of a running coordinator\n");
 }
 
 static int fail(const char *msg) {
@@ -266,6 +274,8 @@ int main(int argc, char **argv) {
     if (strcmp(cmd, "train") == 0) return cmd_train(argc - 2, argv + 2);
     if (strcmp(cmd, "eval") == 0) return cmd_eval(argc - 2, argv + 2);
     if (strcmp(cmd, "recipe") == 0) return cmd_recipe(argc - 2, argv + 2);
+    if (strcmp(cmd, "run") == 0) return kd_cmd_run(argc - 2, argv + 2);
+    if (strcmp(cmd, "status") == 0) return kd_cmd_status(argc - 2, argv + 2);
     fprintf(stderr, "kdist: unknown command '%s'\n", cmd);
     usage(stderr);
     return 2;

@@ -314,6 +314,10 @@ void kd_dataset_destroy(kd_dataset_t **self_p) {
     *self_p = NULL;
 }
 
+void kd_pixels_to_float(const uint8_t *src, size_t n, float *dst) {
+    for (size_t j = 0; j < n; j++) dst[j] = (float)src[j] / 255.0f;
+}
+
 void kd_dataset_gather(const kd_dataset_t *ds, const uint32_t *ids, size_t n, float *x,
                        int32_t *y) {
     KD_ASSERT(ds && (n == 0 || (ids && x)));
@@ -322,7 +326,7 @@ void kd_dataset_gather(const kd_dataset_t *ds, const uint32_t *ids, size_t n, fl
         KD_ASSERT(ids[i] < ds->n);
         const uint8_t *src = ds->pixels + (size_t)ids[i] * dim;
         float *dst = x + i * dim; // x (n, sample_dim)
-        for (size_t j = 0; j < dim; j++) dst[j] = (float)src[j] / 255.0f;
+        kd_pixels_to_float(src, dim, dst);
         if (y) y[i] = ds->labels[ids[i]];
     }
 }

@@ -36,6 +36,9 @@ void kd_dataset_destroy(kd_dataset_t **self_p);
  * ids must be < ds->n (KD_ASSERT). */
 void kd_dataset_gather(const kd_dataset_t *ds, const uint32_t *ids, size_t n, float *x, int32_t *y);
 
+/* Pixel scaling to [0, 1], the one formula every process uses (inputs travel as raw bytes). */
+void kd_pixels_to_float(const uint8_t *src, size_t n, float *dst);
+
 /* One epoch's batching: a permutation of 0..n-1 keyed by (seed, epoch), cut into batches of
  * batch_size numbered 0..n_batches-1; the last one may be short (PyTorch's drop_last=False).
  * Any process computes the same batches from the same (seed, epoch, n, batch_size). */

@@ -43,4 +43,6 @@ int kd_backoff_next(kd_backoff_t *b) {
     return d;
 }
 
-void kd_backoff_reset(kd_backoff_t *b) { b->delay_ms = 0; }
+void kd_backoff_reset(kd_backoff_t *b) {
+    b->delay_ms = 0;
+}

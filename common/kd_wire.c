@@ -12,23 +12,40 @@
 /* kd_dtype_t <-> wire DType; only the types the protocol carries. */
 static int dtype_to_wire(kd_dtype_t d) {
     switch (d) {
-    case KD_DTYPE_F32: return KDIST__DTYPE__F32;
-    case KD_DTYPE_F16: return KDIST__DTYPE__F16;
-    case KD_DTYPE_I32: return KDIST__DTYPE__I32;
-    case KD_DTYPE_U8: return KDIST__DTYPE__U8;
-    case KD_DTYPE_I8: return KDIST__DTYPE__I8;
-    default: return KDIST__DTYPE__DTYPE_UNSPECIFIED;
+    case KD_DTYPE_F32:
+        return KDIST__DTYPE__F32;
+    case KD_DTYPE_F16:
+        return KDIST__DTYPE__F16;
+    case KD_DTYPE_I32:
+        return KDIST__DTYPE__I32;
+    case KD_DTYPE_U8:
+        return KDIST__DTYPE__U8;
+    case KD_DTYPE_I8:
+        return KDIST__DTYPE__I8;
+    default:
+        return KDIST__DTYPE__DTYPE_UNSPECIFIED;
     }
 }
 
 static int dtype_from_wire(int w, kd_dtype_t *out) {
     switch (w) {
-    case KDIST__DTYPE__F32: *out = KD_DTYPE_F32; return 0;
-    case KDIST__DTYPE__F16: *out = KD_DTYPE_F16; return 0;
-    case KDIST__DTYPE__I32: *out = KD_DTYPE_I32; return 0;
-    case KDIST__DTYPE__U8: *out = KD_DTYPE_U8; return 0;
-    case KDIST__DTYPE__I8: *out = KD_DTYPE_I8; return 0;
-    default: return -1;
+    case KDIST__DTYPE__F32:
+        *out = KD_DTYPE_F32;
+        return 0;
+    case KDIST__DTYPE__F16:
+        *out = KD_DTYPE_F16;
+        return 0;
+    case KDIST__DTYPE__I32:
+        *out = KD_DTYPE_I32;
+        return 0;
+    case KDIST__DTYPE__U8:
+        *out = KD_DTYPE_U8;
+        return 0;
+    case KDIST__DTYPE__I8:
+        *out = KD_DTYPE_I8;
+        return 0;
+    default:
+        return -1;
     }
 }
 
@@ -36,8 +53,8 @@ void kd_env_free(kd_env_t *env) {
     if (env) kdist__envelope__free_unpacked(env, NULL);
 }
 
-int kd_wire_decode(const uint8_t *header, size_t header_len, const size_t *frame_lens,
-                   int n_frames, kd_env_t **env_out, char *err, size_t errlen) {
+int kd_wire_decode(const uint8_t *header, size_t header_len, const size_t *frame_lens, int n_frames,
+                   kd_env_t **env_out, char *err, size_t errlen) {
     *env_out = NULL;
     if (header_len > KD_WIRE_MAX_HEADER)
         return kd_err(err, errlen, "header of %zu bytes exceeds the %d-byte limit", header_len,
@@ -54,8 +71,8 @@ int kd_wire_decode(const uint8_t *header, size_t header_len, const size_t *frame
         goto bad;
     }
     if ((int)env->n_tensors != n_frames || n_frames > KD_WIRE_MAX_TENSORS) {
-        kd_err(err, errlen, "header declares %zu tensors but %d payload frames came", env->n_tensors,
-               n_frames);
+        kd_err(err, errlen, "header declares %zu tensors but %d payload frames came",
+               env->n_tensors, n_frames);
         goto bad;
     }
     for (int i = 0; i < n_frames; i++) {
@@ -213,8 +230,10 @@ void kd_msg_peer_text(const kd_msg_t *m, char *out, size_t outlen) {
     size_t o = 0;
     for (size_t i = 0; i < m->peer_len && o + 5 < outlen; i++) {
         uint8_t c = m->peer[i];
-        if (isprint(c) && c != '\\') out[o++] = (char)c;
-        else o += (size_t)snprintf(out + o, outlen - o, "\\x%02x", c);
+        if (isprint(c) && c != '\\')
+            out[o++] = (char)c;
+        else
+            o += (size_t)snprintf(out + o, outlen - o, "\\x%02x", c);
     }
     if (outlen) out[o < outlen ? o : outlen - 1] = 0;
 }
@@ -222,7 +241,10 @@ void kd_msg_peer_text(const kd_msg_t *m, char *out, size_t outlen) {
 /* Builds the zmq message of one payload; on failure releases zero-copy data and leaves *out
  * an empty (closable) message. */
 static int payload_msg(zmq_msg_t *out, const kd_wire_tensor_t *t) {
-    if (t->share) return zmq_msg_copy(out, t->share) == 0 ? 0 : (zmq_msg_init(out), -1);
+    if (t->share) { /* zmq_msg_copy releases the destination first: it must be initialised */
+        zmq_msg_init(out);
+        return zmq_msg_copy(out, t->share);
+    }
     if (t->free_fn) {
         if (zmq_msg_init_data(out, (void *)t->data, t->nbytes, t->free_fn, t->hint) == 0) return 0;
         t->free_fn((void *)t->data, t->hint);
@@ -261,7 +283,8 @@ int kd_wire_send(void *sock, const uint8_t *peer, size_t peer_len, kd_env_t *env
             saved_errno = errno;
             zmq_msg_close(&payloads[built]);
             for (int j = built + 1; j < n_tensors; j++)
-                if (tensors[j].free_fn) tensors[j].free_fn((void *)tensors[j].data, tensors[j].hint);
+                if (tensors[j].free_fn)
+                    tensors[j].free_fn((void *)tensors[j].data, tensors[j].hint);
             goto out;
         }
     size_t hlen = kdist__envelope__get_packed_size(env);
@@ -372,18 +395,31 @@ uint64_t kd_wire_new_incarnation(void) {
 
 const char *kd_wire_body_name(const kd_env_t *env) {
     switch (env ? env->body_case : KDIST__ENVELOPE__BODY__NOT_SET) {
-    case KDIST__ENVELOPE__BODY_HELLO: return "hello";
-    case KDIST__ENVELOPE__BODY_WELCOME: return "welcome";
-    case KDIST__ENVELOPE__BODY_REFUSED: return "refused";
-    case KDIST__ENVELOPE__BODY_HEARTBEAT: return "heartbeat";
-    case KDIST__ENVELOPE__BODY_BATCH: return "batch";
-    case KDIST__ENVELOPE__BODY_PUSH: return "push";
-    case KDIST__ENVELOPE__BODY_WEIGHTS: return "weights";
-    case KDIST__ENVELOPE__BODY_ASSIGN: return "assign";
-    case KDIST__ENVELOPE__BODY_CONTROL: return "control";
-    case KDIST__ENVELOPE__BODY_GOODBYE: return "goodbye";
-    case KDIST__ENVELOPE__BODY_STATUS: return "status";
-    case KDIST__ENVELOPE__BODY_PEERS: return "peers";
-    default: return "unknown";
+    case KDIST__ENVELOPE__BODY_HELLO:
+        return "hello";
+    case KDIST__ENVELOPE__BODY_WELCOME:
+        return "welcome";
+    case KDIST__ENVELOPE__BODY_REFUSED:
+        return "refused";
+    case KDIST__ENVELOPE__BODY_HEARTBEAT:
+        return "heartbeat";
+    case KDIST__ENVELOPE__BODY_BATCH:
+        return "batch";
+    case KDIST__ENVELOPE__BODY_PUSH:
+        return "push";
+    case KDIST__ENVELOPE__BODY_WEIGHTS:
+        return "weights";
+    case KDIST__ENVELOPE__BODY_ASSIGN:
+        return "assign";
+    case KDIST__ENVELOPE__BODY_CONTROL:
+        return "control";
+    case KDIST__ENVELOPE__BODY_GOODBYE:
+        return "goodbye";
+    case KDIST__ENVELOPE__BODY_STATUS:
+        return "status";
+    case KDIST__ENVELOPE__BODY_PEERS:
+        return "peers";
+    default:
+        return "unknown";
     }
 }

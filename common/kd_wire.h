@@ -14,12 +14,12 @@
 #include "kd_safetensors.h" /* kd_dtype_t */
 #include "kdist.pb-c.h"
 
-#define KD_PROTOCOL_VERSION  1
-#define KD_WIRE_MAX_TENSORS  8
-#define KD_WIRE_MAX_DIMS     8
-#define KD_WIRE_MAX_HEADER   (1 << 20) /* Welcome carries the recipe text */
-#define KD_WIRE_MAX_MESSAGE  ((int64_t)1 << 31) /* ZMQ_MAXMSGSIZE: any single frame */
-#define KD_WIRE_MAX_PEER     255
+#define KD_PROTOCOL_VERSION 1
+#define KD_WIRE_MAX_TENSORS 8
+#define KD_WIRE_MAX_DIMS    8
+#define KD_WIRE_MAX_HEADER  (1 << 20)          /* Welcome carries the recipe text */
+#define KD_WIRE_MAX_MESSAGE ((int64_t)1 << 31) /* ZMQ_MAXMSGSIZE: any single frame */
+#define KD_WIRE_MAX_PEER    255
 
 typedef Kdist__Envelope kd_env_t;
 
@@ -36,8 +36,8 @@ typedef struct {
  * with it: protocol version, a body set, one descriptor per frame, known dtypes, 1..8 dims,
  * no negative dims, element count x dtype size == declared nbytes == frame length (overflow
  * checked). Pure function (the fuzz target). Caller frees *env with kd_env_free. */
-int kd_wire_decode(const uint8_t *header, size_t header_len, const size_t *frame_lens,
-                   int n_frames, kd_env_t **env, char *err, size_t errlen);
+int kd_wire_decode(const uint8_t *header, size_t header_len, const size_t *frame_lens, int n_frames,
+                   kd_env_t **env, char *err, size_t errlen);
 void kd_env_free(kd_env_t *env);
 
 enum { KD_WIRE_OK = 0, KD_WIRE_NONE = 1, KD_WIRE_BAD = -1, KD_WIRE_CLOSED = -2 };

@@ -1,0 +1,111 @@
+/* kd_bench_engine: training samples/s of `kdist run` (coordinator, teacher node and workers
+ * as separate processes on loopback) with 1 and 2 workers, against the in-process trainer on
+ * the same recipe, measured in the same run. Target: at one worker the distributed run loses
+ * at most 20% against the in-process trainer.
+ *   usage: kd_bench_engine [--epochs N] [--consistency sync|async|ssp] [RECIPE ...] */
+#include <jansson.h>
+#include <libgen.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "kd_recipe.h"
+#include "kd_train.h"
+
+static char bin_dir[1024];
+
+static double in_process_rate(const char *recipe, const char *epochs_arg) {
+    const char *overrides[] = {epochs_arg};
+    kd_recipe_t r;
+    char err[KD_ERR_LEN];
+    kd_splits_t d;
+    kd_model_t *m = NULL;
+    kd_train_result_t res;
+    if (kd_recipe_load(recipe, overrides, 1, &r, err, sizeof err) != 0 ||
+        kd_splits_load(&r, &d, err, sizeof err) != 0) {
+        fprintf(stderr, "kd_bench_engine: %s\n", err);
+        exit(1);
+    }
+    kd_set_threads((int)r.train.threads);
+    if (kd_model_from_recipe(&r, false, d.train, &m, err, sizeof err) != 0 ||
+        kd_train_local(&r, m, NULL, &d, NULL, NULL, &res, err, sizeof err) != 0) {
+        fprintf(stderr, "kd_bench_engine: %s\n", err);
+        exit(1);
+    }
+    kd_model_destroy(&m);
+    kd_splits_destroy(&d);
+    return res.samples_per_sec;
+}
+
+/* Runs `kdist run` and returns summary.json's training samples/s (0 on failure). */
+static double cluster_rate(const char *recipe, const char *epochs_arg, int workers,
+                           const char *consistency, const char *runs_dir) {
+    char cmd[4096], path[1200];
+    snprintf(
+        cmd, sizeof cmd,
+        "'%s/kdist' run '%s' %s cluster.workers=%d cluster.teachers=1 "
+        "cluster.consistency=%s name=bench_w%d logging.runs_dir='%s' > '%s/bench_w%d.out' 2>&1",
+        bin_dir, recipe, epochs_arg, workers, consistency, workers, runs_dir, runs_dir, workers);
+    if (system(cmd) != 0) {
+        fprintf(stderr, "kd_bench_engine: `kdist run` failed; see %s/bench_w%d.out\n", runs_dir,
+                workers);
+        return 0.0;
+    }
+    snprintf(path, sizeof path, "%s/bench_w%d/summary.json", runs_dir, workers);
+    json_error_t jerr;
+    json_t *j = json_load_file(path, 0, &jerr);
+    double rate = j ? json_real_value(json_object_get(j, "samples_per_sec")) : 0.0;
+    json_decref(j);
+    return rate;
+}
+
+int main(int argc, char **argv) {
+    int epochs = 1;
+    const char *consistency = "sync";
+    const char *recipes[8];
+    int n = 0;
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--epochs") == 0 && i + 1 < argc)
+            epochs = atoi(argv[++i]);
+        else if (strcmp(argv[i], "--consistency") == 0 && i + 1 < argc)
+            consistency = argv[++i];
+        else if (argv[i][0] != '-' && n < 8)
+            recipes[n++] = argv[i];
+        else {
+            fprintf(stderr, "usage: kd_bench_engine [--epochs N] [--consistency C] [RECIPE ...]\n");
+            return 2;
+        }
+    }
+    if (n == 0) {
+        recipes[n++] = "recipes/fashion_mlp_student.yaml";
+        recipes[n++] = "recipes/fashion_cnn_teacher.yaml";
+    }
+    char self[1024];
+    ssize_t len = readlink("/proc/self/exe", self, sizeof self - 1);
+    if (len <= 0) return 1;
+    self[len] = 0;
+    snprintf(bin_dir, sizeof bin_dir, "%s", dirname(self));
+    char runs_dir[] = "/tmp/kd_bench_engine.XXXXXX";
+    if (!mkdtemp(runs_dir)) return 1;
+    char epochs_arg[64];
+    snprintf(epochs_arg, sizeof epochs_arg, "train.epochs=%d", epochs);
+
+    printf("training samples/s, %d epoch(s), %s: kdist run vs the in-process trainer (same run)\n",
+           epochs, consistency);
+    printf("%-36s %12s %12s %12s %10s %10s\n", "recipe", "in-process", "1 worker", "2 workers",
+           "1w/inproc", "2w/inproc");
+    int below = 0;
+    for (int i = 0; i < n; i++) {
+        double local = in_process_rate(recipes[i], epochs_arg);
+        double w1 = cluster_rate(recipes[i], epochs_arg, 1, consistency, runs_dir);
+        double w2 = cluster_rate(recipes[i], epochs_arg, 2, consistency, runs_dir);
+        double r1 = local > 0 ? w1 / local : 0, r2 = local > 0 ? w2 / local : 0;
+        if (r1 < 0.8) below++;
+        printf("%-36s %12.0f %12.0f %12.0f %9.1f%% %9.1f%%  %s\n", recipes[i], local, w1, w2,
+               100 * r1, 100 * r2, r1 >= 0.8 ? "ok (1 worker loses <= 20%)" : "BELOW TARGET");
+    }
+    printf("%s\n",
+           below ? "some runs lose more than 20% at one worker" : "all runs meet the target");
+    return 0;
+}

@@ -1,0 +1,435 @@
+/* kdist status: asks a running coordinator for its StatusReply and prints progress, ledger,
+ * membership and recent events. Also home of what `kdist run` shares with it: the control
+ * client and the StatusReply.json parser (kd_cli.h). */
+#include <dirent.h>
+#include <errno.h>
+#include <jansson.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "kd_cli.h"
+#include "kd_node.h"
+#include "kd_util.h"
+
+#define STATUS_DEADLINE_MS 2000
+#define HELLO_INTERVAL     1.0 /* seconds between Hellos when the coordinator keeps refusing */
+
+/* ---- control client ---------------------------------------------------------------------- */
+
+struct cli_client {
+    void *ctx, *sock;
+    char endpoint[KD_PATH_MAX];
+    char node_id[32];
+    uint64_t incarnation;
+    bool have_last;
+    Kdist__Control__Kind last_kind;
+    char last_target[128];
+    double hello_time; /* kd_now() of the last Hello; 0 = never */
+};
+
+cli_client_t *cli_client_new(const char *endpoint, char *err, size_t errlen) {
+    cli_client_t *c = kd_xcalloc(1, sizeof *c);
+    snprintf(c->endpoint, sizeof c->endpoint, "%s", endpoint);
+    snprintf(c->node_id, sizeof c->node_id, "%d", (int)getpid());
+    c->incarnation = kd_wire_new_incarnation();
+    c->ctx = zmq_ctx_new();
+    if (!c->ctx) {
+        kd_err(err, errlen, "cannot create a ZeroMQ context: %s", zmq_strerror(errno));
+        cli_client_destroy(&c);
+        return NULL;
+    }
+    char identity[96];
+    kd_wire_identity(identity, sizeof identity, "client", c->node_id, c->incarnation);
+    c->sock = kd_socket_dealer(c->ctx, identity, endpoint, 0, err, errlen);
+    if (!c->sock) cli_client_destroy(&c);
+    return c;
+}
+
+void cli_client_destroy(cli_client_t **cp) {
+    if (!cp || !*cp) return;
+    cli_client_t *c = *cp;
+    if (c->sock) zmq_close(c->sock);
+    if (c->ctx) zmq_ctx_term(c->ctx);
+    free(c);
+    *cp = NULL;
+}
+
+void *cli_client_socket(cli_client_t *c) {
+    return c->sock;
+}
+
+static int client_send(cli_client_t *c, kd_env_t *env, char *err, size_t errlen) {
+    /* DONTWAIT: a coordinator that is not there yet must not block the launcher; the DEALER
+     * queues the message until it connects, and only a full queue fails. */
+    if (kd_wire_send(c->sock, NULL, 0, env, NULL, 0, ZMQ_DONTWAIT) != 0)
+        return kd_err(err, errlen, "cannot send to the coordinator at %s: %s", c->endpoint,
+                      zmq_strerror(errno));
+    return 0;
+}
+
+static int client_send_control(cli_client_t *c, char *err, size_t errlen) {
+    kd_env_t env = KDIST__ENVELOPE__INIT;
+    Kdist__Control ctl = KDIST__CONTROL__INIT;
+    ctl.kind = c->last_kind;
+    ctl.target = c->last_target;
+    env.body_case = KDIST__ENVELOPE__BODY_CONTROL;
+    env.control = &ctl;
+    return client_send(c, &env, err, errlen);
+}
+
+int cli_client_control(cli_client_t *c, Kdist__Control__Kind kind, const char *target, char *err,
+                       size_t errlen) {
+    c->have_last = true;
+    c->last_kind = kind;
+    snprintf(c->last_target, sizeof c->last_target, "%s", target ? target : "");
+    return client_send_control(c, err, errlen);
+}
+
+static int client_hello(cli_client_t *c, char *err, size_t errlen) {
+    char host[256];
+    kd_node_hostname(host, sizeof host);
+    kd_env_t env = KDIST__ENVELOPE__INIT;
+    Kdist__Hello hello = KDIST__HELLO__INIT;
+    hello.role = KDIST__ROLE__CLIENT;
+    hello.node_id = c->node_id;
+    hello.incarnation = c->incarnation;
+    hello.host = host;
+    hello.pid = (uint32_t)getpid();
+    env.body_case = KDIST__ENVELOPE__BODY_HELLO;
+    env.hello = &hello;
+    c->hello_time = kd_now();
+    return client_send(c, &env, err, errlen);
+}
+
+int cli_client_wait_status(cli_client_t *c, int timeout_ms, char **json, char *err, size_t errlen) {
+    *json = NULL;
+    double deadline = kd_now() + timeout_ms / 1000.0;
+    for (;;) {
+        kd_msg_t msg;
+        char werr[KD_ERR_LEN];
+        int rc = kd_wire_recv(c->sock, false, ZMQ_DONTWAIT, &msg, werr, sizeof werr);
+        if (rc == KD_WIRE_CLOSED)
+            return kd_err(err, errlen, "connection to %s closed", c->endpoint);
+        if (rc == KD_WIRE_OK) {
+            int result = 1;
+            if (msg.env->body_case == KDIST__ENVELOPE__BODY_STATUS && msg.env->status &&
+                msg.env->status->json) {
+                *json = kd_xstrdup(msg.env->status->json);
+                result = 0;
+            } else if (msg.env->body_case == KDIST__ENVELOPE__BODY_REFUSED) {
+                const char *reason = msg.env->refused && msg.env->refused->reason
+                                         ? msg.env->refused->reason
+                                         : "(no reason)";
+                /* The coordinator may want every routing id to introduce itself first. */
+                bool retry = strstr(reason, "hello") && c->have_last &&
+                             (c->hello_time == 0 || kd_now() - c->hello_time > HELLO_INTERVAL);
+                if (retry && client_hello(c, err, errlen) == 0 &&
+                    client_send_control(c, err, errlen) == 0) {
+                    result = 1;
+                } else {
+                    kd_err(err, errlen, "the coordinator at %s refused us: %s", c->endpoint,
+                           reason);
+                    result = -1;
+                }
+            }
+            kd_msg_close(&msg);
+            if (result != 1) return result;
+            continue;
+        }
+        /* KD_WIRE_BAD: a malformed reply is dropped, as from any peer. */
+        if (rc == KD_WIRE_BAD) continue;
+        int left = (int)((deadline - kd_now()) * 1000.0);
+        if (left <= 0) return 1;
+        zmq_pollitem_t item = {c->sock, 0, ZMQ_POLLIN, 0};
+        if (zmq_poll(&item, 1, left) < 0) {
+            if (errno == EINTR) return 1;
+            return kd_err(err, errlen, "polling %s: %s", c->endpoint, zmq_strerror(errno));
+        }
+    }
+}
+
+/* ---- StatusReply.json ---------------------------------------------------------------------- */
+
+static double json_num(const json_t *o, const char *key) {
+    const json_t *v = json_object_get(o, key);
+    return json_is_number(v) ? json_number_value(v) : NAN;
+}
+
+static long json_long(const json_t *o, const char *key) {
+    const json_t *v = json_object_get(o, key);
+    return json_is_number(v) ? (long)json_number_value(v) : -1;
+}
+
+static const char *json_str(const json_t *o, const char *key, const char *fallback) {
+    const char *s = json_string_value(json_object_get(o, key));
+    return s ? s : fallback;
+}
+
+int cli_progress_parse(const char *json, cli_progress_t *p, char *err, size_t errlen) {
+    json_error_t jerr;
+    json_t *root = json_loads(json, 0, &jerr);
+    if (!json_is_object(root)) {
+        json_decref(root);
+        return kd_err(err, errlen, "StatusReply.json is not a JSON object: %s", jerr.text);
+    }
+    snprintf(p->status, sizeof p->status, "%s", json_str(root, "status", "?"));
+    snprintf(p->name, sizeof p->name, "%s", json_str(root, "name", "?"));
+    p->epoch = json_long(root, "epoch");
+    p->epochs = json_long(root, "epochs");
+    p->step = json_long(root, "step");
+    p->total_steps = json_long(root, "total_steps");
+    p->batches_applied = json_long(root, "batches_applied");
+    p->batches_expected = json_long(root, "batches_expected");
+    p->duplicates_dropped = json_long(root, "duplicates_dropped");
+    p->restreamed = json_long(root, "restreamed");
+    p->loss = json_num(root, "loss");
+    p->lr = json_num(root, "lr");
+    p->train_accuracy = json_num(root, "train_accuracy");
+    p->val_accuracy = json_num(root, "val_accuracy");
+    p->test_accuracy = json_num(root, "test_accuracy");
+    p->samples_per_sec = json_num(root, "samples_per_sec");
+    p->elapsed = json_num(root, "elapsed");
+    p->eta = json_num(root, "eta");
+    p->workers_live = p->teachers_live = 0;
+    size_t i;
+    json_t *m;
+    json_array_foreach(json_object_get(root, "members"), i, m) {
+        const char *role = json_str(m, "role", "");
+        if (strcmp(role, "worker") == 0) p->workers_live++;
+        if (strcmp(role, "teacher") == 0) p->teachers_live++;
+    }
+    json_decref(root);
+    return 0;
+}
+
+void cli_format_duration(double s, char *out, size_t n) {
+    if (!isfinite(s) || s < 0) {
+        snprintf(out, n, "-");
+        return;
+    }
+    long t = (long)(s + 0.5);
+    if (t >= 3600)
+        snprintf(out, n, "%ldh%02ldm", t / 3600, (t / 60) % 60);
+    else if (t >= 60)
+        snprintf(out, n, "%ldm%02lds", t / 60, t % 60);
+    else
+        snprintf(out, n, "%lds", t);
+}
+
+/* "84.10%" or "-" */
+static void fmt_pct(double v, char *out, size_t n) {
+    if (isfinite(v))
+        snprintf(out, n, "%.2f%%", 100.0 * v);
+    else
+        snprintf(out, n, "-");
+}
+
+/* The reply counts epochs from 0 and reaches `epochs` once the last one is done; people count
+ * from 1 and never past the end. */
+static long display_epoch(const cli_progress_t *p) {
+    long e = p->epoch >= 0 ? p->epoch + 1 : 0;
+    return p->epochs > 0 && e > p->epochs ? p->epochs : e;
+}
+
+/* v with fmt (one double conversion), or "-" when unknown */
+static void fmt_num(double v, const char *fmt, char *out, size_t n) {
+    if (isfinite(v))
+        snprintf(out, n, fmt, v);
+    else
+        snprintf(out, n, "-");
+}
+
+void cli_progress_line(const cli_progress_t *p, char *out, size_t n) {
+    char eta[32], val[32], loss[32];
+    cli_format_duration(p->step > 0 ? p->eta : NAN, eta, sizeof eta); /* no rate yet */
+    fmt_pct(p->val_accuracy, val, sizeof val);
+    fmt_num(p->loss, "%.4f", loss, sizeof loss);
+    double pct = p->total_steps > 0 ? 100.0 * (double)p->step / (double)p->total_steps : 0.0;
+    snprintf(out, n,
+             "epoch %ld/%ld  step %ld/%ld (%.0f%%)  loss %s  val acc %s  %.0f samples/s  "
+             "%d worker%s  ETA %s",
+             display_epoch(p), p->epochs > 0 ? p->epochs : 0, p->step > 0 ? p->step : 0,
+             p->total_steps > 0 ? p->total_steps : 0, pct, loss, val,
+             isfinite(p->samples_per_sec) ? p->samples_per_sec : 0.0, p->workers_live,
+             p->workers_live == 1 ? "" : "s", eta);
+}
+
+/* ---- kdist status ------------------------------------------------------------------------ */
+
+static void status_usage(FILE *out) {
+    fprintf(out, "usage: kdist status [RUN_DIR|ENDPOINT] [--json]\n"
+                 "  default: the newest run under ./runs that has a coordinator.endpoint\n");
+}
+
+int cli_read_endpoint(const char *dir, char *out, size_t outlen, char *err, size_t errlen) {
+    char path[KD_PATH_MAX + 32];
+    snprintf(path, sizeof path, "%s/coordinator.endpoint", dir);
+    uint8_t *data = NULL;
+    size_t len = 0;
+    if (!kd_file_exists(path))
+        return kd_err(err, errlen,
+                      "%s does not exist: no coordinator is running for %s (or it has finished)",
+                      path, dir);
+    if (kd_read_file(path, &data, &len, err, errlen) != 0) return -1;
+    while (len > 0 && (data[len - 1] == '\n' || data[len - 1] == ' ' || data[len - 1] == '\r'))
+        data[--len] = 0;
+    if (len == 0 || len >= outlen) {
+        free(data);
+        return kd_err(err, errlen, "%s: expected one endpoint line", path);
+    }
+    snprintf(out, outlen, "%s", (const char *)data);
+    free(data);
+    return 0;
+}
+
+/* The run under runs_dir whose coordinator.endpoint is the newest. */
+static int newest_run(const char *runs_dir, char *out, size_t outlen, char *err, size_t errlen) {
+    DIR *d = opendir(runs_dir);
+    if (!d) return kd_err(err, errlen, "cannot open %s: %s", runs_dir, strerror(errno));
+    double best = -1;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        if (e->d_name[0] == '.') continue;
+        char path[KD_PATH_MAX + 300];
+        snprintf(path, sizeof path, "%s/%s/coordinator.endpoint", runs_dir, e->d_name);
+        struct stat st;
+        if (stat(path, &st) != 0) continue;
+        double t = (double)st.st_mtim.tv_sec + 1e-9 * (double)st.st_mtim.tv_nsec;
+        if (t > best) {
+            best = t;
+            snprintf(out, outlen, "%s/%s", runs_dir, e->d_name);
+        }
+    }
+    closedir(d);
+    if (best < 0)
+        return kd_err(err, errlen, "no run under %s has a coordinator.endpoint (none running?)",
+                      runs_dir);
+    return 0;
+}
+
+static void print_status(const char *endpoint, const char *json) {
+    json_t *root = json_loads(json, 0, NULL);
+    cli_progress_t p;
+    char err[KD_ERR_LEN];
+    if (!json_is_object(root) || cli_progress_parse(json, &p, err, sizeof err) != 0) {
+        printf("unreadable status from %s:\n%s\n", endpoint, json);
+        json_decref(root);
+        return;
+    }
+    char elapsed[32], eta[32], tr[32], val[32], test[32];
+    cli_format_duration(p.elapsed, elapsed, sizeof elapsed);
+    cli_format_duration(p.step > 0 ? p.eta : NAN, eta, sizeof eta);
+    fmt_pct(p.train_accuracy, tr, sizeof tr);
+    fmt_pct(p.val_accuracy, val, sizeof val);
+    fmt_pct(p.test_accuracy, test, sizeof test);
+    printf("%-10s %s (run id %s) at %s\n", "run", p.name, json_str(root, "run_id", "?"), endpoint);
+    printf("%-10s %s\n", "status", p.status);
+    printf("%-10s epoch %ld/%ld  step %ld/%ld (%.1f%%)  elapsed %s  ETA %s\n", "progress",
+           display_epoch(&p), p.epochs, p.step, p.total_steps,
+           p.total_steps > 0 ? 100.0 * (double)p.step / (double)p.total_steps : 0.0, elapsed, eta);
+    char loss[32], lr[32];
+    fmt_num(p.loss, "%.4f", loss, sizeof loss);
+    fmt_num(p.lr, "%.4g", lr, sizeof lr);
+    printf("%-10s loss %s  lr %s  train acc %s  val acc %s  test acc %s\n", "training", loss, lr,
+           tr, val, test);
+    printf("%-10s %.0f samples/s, %d worker%s, %d teacher%s\n", "speed",
+           isfinite(p.samples_per_sec) ? p.samples_per_sec : 0.0, p.workers_live,
+           p.workers_live == 1 ? "" : "s", p.teachers_live, p.teachers_live == 1 ? "" : "s");
+    printf("%-10s %ld/%ld batches applied this epoch, %ld duplicates dropped, %ld restreamed\n",
+           "ledger", p.batches_applied, p.batches_expected, p.duplicates_dropped, p.restreamed);
+
+    json_t *members = json_object_get(root, "members");
+    printf("\n%-8s %-6s %-20s %-8s %-10s %-10s %-8s %s\n", "ROLE", "ID", "HOST", "PID", "STATE",
+           "LAST SEEN", "STEPS", "SAMPLES/S");
+    size_t i;
+    json_t *m;
+    json_array_foreach(members, i, m) {
+        char seen[32], sps[32], steps[32];
+        double ls = json_num(m, "last_seen"), s = json_num(m, "samples_per_sec");
+        long st = json_long(m, "steps");
+        if (isfinite(ls))
+            snprintf(seen, sizeof seen, "%.1fs ago", ls);
+        else
+            snprintf(seen, sizeof seen, "-");
+        if (isfinite(s))
+            snprintf(sps, sizeof sps, "%.0f", s);
+        else
+            snprintf(sps, sizeof sps, "-");
+        if (st >= 0)
+            snprintf(steps, sizeof steps, "%ld", st);
+        else
+            snprintf(steps, sizeof steps, "-");
+        printf("%-8s %-6s %-20s %-8ld %-10s %-10s %-8s %s\n", json_str(m, "role", "?"),
+               json_str(m, "id", "?"), json_str(m, "host", "-"), json_long(m, "pid"),
+               json_str(m, "state", "-"), seen, steps, sps);
+    }
+    if (json_array_size(members) == 0) printf("(no members)\n");
+
+    json_t *events = json_object_get(root, "events");
+    size_t n = json_array_size(events), first = n > 15 ? n - 15 : 0;
+    printf("\nrecent events%s\n", n ? "" : ": none");
+    for (i = first; i < n; i++) {
+        json_t *e = json_array_get(events, i);
+        printf("  %8.1fs  %-8s %s %s\n", json_num(e, "time"), json_str(e, "event", "?"),
+               json_str(e, "role", "?"), json_str(e, "id", "?"));
+    }
+    json_decref(root);
+}
+
+int kd_cmd_status(int argc, char **argv) {
+    const char *target = NULL;
+    bool raw = false;
+    for (int i = 0; i < argc; i++) {
+        if (strcmp(argv[i], "--json") == 0)
+            raw = true;
+        else if (strcmp(argv[i], "-h") == 0 || strcmp(argv[i], "--help") == 0) {
+            status_usage(stdout);
+            return 0;
+        } else if (argv[i][0] == '-' || target) {
+            fprintf(stderr, "kdist status: unexpected argument '%s'\n", argv[i]);
+            status_usage(stderr);
+            return 2;
+        } else
+            target = argv[i];
+    }
+    char err[KD_ERR_LEN], dir[KD_PATH_MAX], endpoint[KD_PATH_MAX];
+    if (target && strstr(target, "://")) {
+        snprintf(endpoint, sizeof endpoint, "%s", target);
+    } else {
+        if (target)
+            snprintf(dir, sizeof dir, "%s", target);
+        else if (newest_run("runs", dir, sizeof dir, err, sizeof err) != 0) {
+            fprintf(stderr, "kdist status: %s\n", err);
+            return 1;
+        }
+        if (cli_read_endpoint(dir, endpoint, sizeof endpoint, err, sizeof err) != 0) {
+            fprintf(stderr, "kdist status: %s\n", err);
+            return 1;
+        }
+    }
+
+    int rc = 1;
+    char *json = NULL;
+    cli_client_t *c = cli_client_new(endpoint, err, sizeof err);
+    if (!c) goto out;
+    if (cli_client_control(c, KDIST__CONTROL__KIND__STATUS, NULL, err, sizeof err) != 0) goto out;
+    int got = cli_client_wait_status(c, STATUS_DEADLINE_MS, &json, err, sizeof err);
+    if (got == 1)
+        kd_err(err, sizeof err, "the coordinator at %s did not answer within %.1f s", endpoint,
+               STATUS_DEADLINE_MS / 1000.0);
+    if (got != 0) goto out;
+    if (raw)
+        printf("%s\n", json);
+    else
+        print_status(endpoint, json);
+    rc = 0;
+out:
+    if (rc) fprintf(stderr, "kdist status: %s\n", err);
+    free(json);
+    cli_client_destroy(&c);
+    return rc;
+}

@@ -1,0 +1,1171 @@
+/* kdist-coordinator: the parameter server and control plane (DESIGN §2-3). It owns the
+ * student's weights and optimizer, the membership, the per-epoch ledger of applied batches,
+ * the assignment of batches to teacher nodes, evaluation, checkpoints and the run's outputs.
+ * Message flow: docs/protocol.md. Single-threaded apart from the evaluator actor.
+ *   usage: kdist-coordinator --recipe RECIPE --run-dir DIR [--resume] [section.key=value ...] */
+#include <errno.h>
+#include <jansson.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "checkpoint.h"
+#include "coordinator.h"
+#include "kd_checkpoint.h"
+#include "kd_log.h"
+#include "kd_node.h"
+
+#define MAX_OVERRIDES 64
+
+typedef enum { RUN_RUNNING = 0, RUN_FINISHING } run_phase_t;
+
+typedef struct {
+    kd_recipe_t r;
+    char run_dir[KD_PATH_MAX];
+    char ckpt_dir[KD_PATH_MAX + 32];
+    char endpoint[256];
+    void *ctx, *router;
+    kd_splits_t data;
+    kd_model_t *model;
+    kd_optim_t *opt;
+    kd_schedule_config_t sched;
+    evaluator_t *eval;
+    kd_metrics_t *metrics;
+    coord_state_t s;
+    double t0;
+    run_phase_t phase;
+    const char *status; /* summary status once finishing */
+    double finish_deadline;
+
+    member_t members[COORD_MAX_MEMBERS];
+    int workers_max;
+    coord_event_t events[COORD_MAX_EVENTS];
+    int n_events;
+
+    /* the current epoch */
+    size_t n_batches, applied_count;
+    uint8_t *applied; /* (n_batches) 1 = applied this epoch */
+    uint8_t *in_step; /* (n_batches) 1 = collected in the open sync step */
+    bool assigned;    /* this epoch's batches went out */
+    double last_progress;
+
+    /* the open sync step: gradients held until it closes */
+    kd_msg_t step_msgs[COORD_MAX_MEMBERS];
+    int step_member[COORD_MAX_MEMBERS];
+    int step_count;
+    float *step_grad; /* (n_params) weighted average */
+
+    /* the weights of the current version, shared by every reply */
+    zmq_msg_t weights_msg;
+    bool weights_valid;
+
+    /* metrics window */
+    double win_loss, win_t0, win_staleness;
+    long win_samples, win_correct, win_pushes, win_steps;
+    double win_phase[4];
+    double *win_layer_fwd, *win_layer_bwd;
+    long messages_dropped;
+    kd_log_limit_t drop_limit;
+    eval_result_t last_eval;
+    bool have_eval;
+    long last_eval_step, last_ckpt_step;
+    /* training throughput: from the first gradient received to the last one applied */
+    double first_push, last_apply;
+    long samples_applied;
+} coord_t;
+
+static coord_t C;
+
+/* ---- helpers ----------------------------------------------------------------------------- */
+
+static double elapsed(void) {
+    return C.s.elapsed + (kd_now() - C.t0);
+}
+
+static const char *role_name(Kdist__Role role) {
+    switch (role) {
+    case KDIST__ROLE__TEACHER:
+        return "teacher";
+    case KDIST__ROLE__WORKER:
+        return "worker";
+    case KDIST__ROLE__CLIENT:
+        return "client";
+    default:
+        return "unknown";
+    }
+}
+
+static void add_event(const char *event, const member_t *m) {
+    if (C.n_events == COORD_MAX_EVENTS) {
+        memmove(C.events, C.events + 1, sizeof C.events[0] * (COORD_MAX_EVENTS - 1));
+        C.n_events--;
+    }
+    coord_event_t *e = &C.events[C.n_events++];
+    e->time = elapsed();
+    snprintf(e->event, sizeof e->event, "%s", event);
+    snprintf(e->role, sizeof e->role, "%s", role_name(m->role));
+    snprintf(e->id, sizeof e->id, "%s", m->node_id);
+}
+
+static void drop(const kd_msg_t *msg, const char *why) {
+    C.messages_dropped++;
+    if (kd_log_allow(&C.drop_limit, 1.0)) {
+        char peer[300];
+        kd_msg_peer_text(msg, peer, sizeof peer);
+        kd_log(KD_LOG_WARN, "KD-WIRE-DROP", "dropped a message from '%s': %s (%ld dropped so far)",
+               peer, why, C.messages_dropped);
+    }
+}
+
+static member_t *find_member(const uint8_t *rid, size_t len) {
+    for (int i = 0; i < COORD_MAX_MEMBERS; i++) {
+        member_t *m = &C.members[i];
+        if (m->used && m->rid_len == len && memcmp(m->rid, rid, len) == 0) return m;
+    }
+    return NULL;
+}
+
+static int live_count(Kdist__Role role) {
+    int n = 0;
+    for (int i = 0; i < COORD_MAX_MEMBERS; i++)
+        if (C.members[i].used && C.members[i].role == role) n++;
+    return n;
+}
+
+static int send_to(member_t *m, kd_env_t *env, const kd_wire_tensor_t *t, int n) {
+    int rc = kd_wire_send(C.router, m->rid, m->rid_len, env, t, n, ZMQ_DONTWAIT);
+    if (rc == 0)
+        m->last_sent = kd_now();
+    else if (kd_log_allow(&C.drop_limit, 1.0))
+        kd_log(KD_LOG_WARN, "COORD-SEND-FAIL", "cannot send %s to %s %s: %s",
+               kd_wire_body_name(env), role_name(m->role), m->node_id, zmq_strerror(errno));
+    return rc;
+}
+
+static void free_snapshot(void *data, void *hint) {
+    (void)hint;
+    free(data);
+}
+
+static void refresh_weights(void) {
+    if (C.weights_valid) return;
+    size_t bytes = C.model->n_params * sizeof(float);
+    float *snapshot = kd_xmalloc(bytes);
+    memcpy(snapshot, C.model->params, bytes);
+    zmq_msg_init_data(&C.weights_msg, snapshot, bytes, free_snapshot, NULL);
+    C.weights_valid = true;
+}
+
+static void invalidate_weights(void) {
+    if (C.weights_valid) zmq_msg_close(&C.weights_msg);
+    C.weights_valid = false;
+}
+
+static kd_wire_tensor_t weights_tensor(void) {
+    refresh_weights();
+    kd_wire_tensor_t t = {.name = "weights",
+                          .dtype = KD_DTYPE_F32,
+                          .ndim = 1,
+                          .shape = {(int64_t)C.model->n_params},
+                          .share = &C.weights_msg};
+    return t;
+}
+
+/* Weights {flags} to a worker, with the current weights unless wait/stop. */
+static void send_weights(member_t *m, bool wait, bool stop, bool redo, bool duplicate) {
+    Kdist__Weights w = KDIST__WEIGHTS__INIT;
+    w.version = C.s.version;
+    w.wait = wait;
+    w.stop = stop || m->drain;
+    w.redo = redo;
+    w.duplicate = duplicate;
+    kd_env_t env = KDIST__ENVELOPE__INIT;
+    env.body_case = KDIST__ENVELOPE__BODY_WEIGHTS;
+    env.weights = &w;
+    kd_wire_tensor_t t = weights_tensor();
+    bool with_weights = !w.wait && !w.stop;
+    send_to(m, &env, &t, with_weights ? 1 : 0);
+    m->state = w.wait ? WORKER_HELD : WORKER_COMPUTING;
+}
+
+static void send_refused(const uint8_t *rid, size_t len, const char *reason) {
+    Kdist__Refused ref = KDIST__REFUSED__INIT;
+    ref.reason = (char *)reason;
+    kd_env_t env = KDIST__ENVELOPE__INIT;
+    env.body_case = KDIST__ENVELOPE__BODY_REFUSED;
+    env.refused = &ref;
+    kd_wire_send(C.router, rid, len, &env, NULL, 0, ZMQ_DONTWAIT);
+}
+
+static void send_control(member_t *m, Kdist__Control__Kind kind) {
+    Kdist__Control c = KDIST__CONTROL__INIT;
+    c.kind = kind;
+    kd_env_t env = KDIST__ENVELOPE__INIT;
+    env.body_case = KDIST__ENVELOPE__BODY_CONTROL;
+    env.control = &c;
+    send_to(m, &env, NULL, 0);
+}
+
+/* ---- the epoch, the ledger and the assignment --------------------------------------------- */
+
+static int teacher_order(const void *a, const void *b) {
+    const member_t *x = *(member_t *const *)a, *y = *(member_t *const *)b;
+    return strcmp(x->node_id, y->node_id);
+}
+
+/* Sends every live teacher its share (b % T) of the given batches of the current epoch. */
+static void assign_batches(const uint32_t *ids, size_t n, bool restream) {
+    member_t *teachers[COORD_MAX_MEMBERS];
+    int T = 0;
+    for (int i = 0; i < COORD_MAX_MEMBERS; i++)
+        if (C.members[i].used && C.members[i].role == KDIST__ROLE__TEACHER)
+            teachers[T++] = &C.members[i];
+    if (T == 0 || n == 0) return;
+    qsort(teachers, (size_t)T, sizeof teachers[0], teacher_order);
+    uint32_t *share = kd_xmalloc(n * sizeof *share);
+    for (int t = 0; t < T; t++) {
+        size_t k = 0;
+        for (size_t i = 0; i < n; i++)
+            if ((int)(ids[i] % (uint32_t)T) == t) share[k++] = ids[i];
+        Kdist__Assign a = KDIST__ASSIGN__INIT;
+        a.epoch = C.s.epoch;
+        a.seed = (uint64_t)C.r.seed;
+        a.batch_size = (uint32_t)C.r.train.batch_size;
+        a.n_batch_ids = k;
+        a.batch_ids = share;
+        a.restream = restream;
+        kd_env_t env = KDIST__ENVELOPE__INIT;
+        env.body_case = KDIST__ENVELOPE__BODY_ASSIGN;
+        env.assign = &a;
+        if (k || !restream) send_to(teachers[t], &env, NULL, 0);
+    }
+    free(share);
+}
+
+/* The batches of this epoch that are neither applied nor collected in the open step. */
+static size_t unapplied_batches(uint32_t *out) {
+    size_t k = 0;
+    for (size_t b = 0; b < C.n_batches; b++)
+        if (!C.applied[b] && !C.in_step[b]) out[k++] = (uint32_t)b;
+    return k;
+}
+
+static void assign_epoch(void) {
+    if (live_count(KDIST__ROLE__TEACHER) == 0) return; /* the first teacher's Hello assigns */
+    uint32_t *ids = kd_xmalloc((C.n_batches ? C.n_batches : 1) * sizeof *ids);
+    size_t n = unapplied_batches(ids);
+    assign_batches(ids, n, false);
+    free(ids);
+    C.assigned = true;
+    C.last_progress = kd_now();
+    kd_log(KD_LOG_INFO, "COORD-EPOCH", "epoch %u: %zu batches to %d teacher node(s)", C.s.epoch, n,
+           live_count(KDIST__ROLE__TEACHER));
+}
+
+static void start_epoch(uint32_t epoch) {
+    C.s.epoch = epoch;
+    memset(C.applied, 0, C.n_batches);
+    memset(C.in_step, 0, C.n_batches);
+    C.applied_count = 0;
+    C.s.batches_expected += (long)C.n_batches;
+    C.assigned = false;
+    assign_epoch();
+}
+
+/* Streamed batches that never came back (their worker died): ask the teachers again. */
+static void restream_stalled(void) {
+    if (C.phase != RUN_RUNNING || !C.assigned) return;
+    if (kd_now() - C.last_progress < C.r.cluster.restream_timeout_ms / 1000.0) return;
+    uint32_t *ids = kd_xmalloc((C.n_batches ? C.n_batches : 1) * sizeof *ids);
+    size_t n = unapplied_batches(ids);
+    if (n) {
+        kd_log(KD_LOG_WARN, "COORD-RESTREAM",
+               "no batch applied for %.1f s: streaming %zu unapplied batch(es) of epoch %u again",
+               kd_now() - C.last_progress, n, C.s.epoch);
+        assign_batches(ids, n, true);
+        C.s.restreamed += (long)n;
+    }
+    free(ids);
+    C.last_progress = kd_now();
+}
+
+/* ---- evaluation, metrics, checkpoints ---------------------------------------------------- */
+
+static void flush_metrics(long step) {
+    char err[KD_ERR_LEN];
+    if (kd_metrics_flush(C.metrics, step, err, sizeof err) != 0)
+        kd_log(KD_LOG_ERROR, "COORD-METRICS", "%s", err);
+}
+
+static void request_eval(void) {
+    evaluator_request(C.eval, C.model->params, C.s.step);
+    C.last_eval_step = C.s.step;
+}
+
+static void handle_eval_result(const eval_result_t *res) {
+    C.last_eval = *res;
+    C.have_eval = true;
+    C.s.best_val_accuracy = res->best_val_accuracy;
+    C.s.best_step = res->best_step;
+    kd_metrics_scalar(C.metrics, "eval/val_accuracy", res->val.accuracy);
+    kd_metrics_scalar(C.metrics, "eval/val_loss", res->val.loss);
+    kd_metrics_scalar(C.metrics, "eval/test_accuracy", res->test.accuracy);
+    kd_metrics_scalar(C.metrics, "eval/test_loss", res->test.loss);
+    flush_metrics(res->step);
+    kd_log(KD_LOG_INFO, "COORD-EVAL", "step %ld: val accuracy %.4f (loss %.4f), test %.4f%s",
+           res->step, res->val.accuracy, res->val.loss, res->test.accuracy,
+           res->improved ? " (best)" : "");
+    if (C.phase == RUN_RUNNING && C.r.eval.patience > 0 &&
+        res->evals_since_best >= C.r.eval.patience) {
+        kd_log(KD_LOG_INFO, "COORD-EARLY-STOP",
+               "no validation improvement in %d evaluations: stopping (best step %ld)",
+               res->evals_since_best, res->best_step);
+        C.status = "early_stopped";
+        C.phase = RUN_FINISHING;
+    }
+}
+
+static void save_checkpoint(void) {
+    char err[KD_ERR_LEN];
+    C.s.elapsed = elapsed();
+    C.t0 = kd_now();
+    if (coord_checkpoint_save(C.ckpt_dir, &C.s, C.model, C.opt, C.applied, C.n_batches,
+                              C.r.checkpoint.keep, err, sizeof err) != 0)
+        kd_log(KD_LOG_ERROR, "COORD-CKPT-FAIL", "%s", err);
+    C.last_ckpt_step = C.s.step;
+}
+
+static void write_metrics(void) {
+    double now = kd_now(), dt = now - C.win_t0;
+    if (C.win_pushes == 0) return;
+    kd_metrics_scalar(C.metrics, "train/loss", C.win_loss / (double)C.win_samples);
+    kd_metrics_scalar(C.metrics, "train/accuracy", (double)C.win_correct / (double)C.win_samples);
+    kd_metrics_scalar(C.metrics, "train/lr", kd_schedule_lr(&C.sched, C.s.position));
+    kd_metrics_scalar(C.metrics, "train/samples_per_sec", dt > 0 ? C.win_samples / dt : 0.0);
+    kd_metrics_scalar(C.metrics, "cluster/workers", live_count(KDIST__ROLE__WORKER));
+    kd_metrics_scalar(C.metrics, "cluster/teachers", live_count(KDIST__ROLE__TEACHER));
+    kd_metrics_scalar(C.metrics, "cluster/staleness", C.win_staleness / (double)C.win_pushes);
+    kd_metrics_scalar(C.metrics, "ledger/duplicates_dropped", (double)C.s.duplicates);
+    kd_metrics_scalar(C.metrics, "ledger/restreamed", (double)C.s.restreamed);
+    kd_metrics_scalar(C.metrics, "ledger/messages_dropped", (double)C.messages_dropped);
+    kd_metrics_scalar(C.metrics, "memory/coordinator", (double)kd_node_rss_bytes());
+    for (int i = 0; i < COORD_MAX_MEMBERS; i++) {
+        member_t *m = &C.members[i];
+        if (!m->used || m->role == KDIST__ROLE__CLIENT || !m->rss_bytes) continue;
+        char tag[128];
+        snprintf(tag, sizeof tag, "memory/%s-%s", role_name(m->role), m->node_id);
+        kd_metrics_scalar(C.metrics, tag, (double)m->rss_bytes);
+    }
+    static const char *const phases[4] = {"wait_batch", "compute", "push", "wait_weights"};
+    for (int p = 0; p < 4; p++) {
+        char tag[64];
+        snprintf(tag, sizeof tag, "time/phase/%s", phases[p]);
+        kd_metrics_scalar(C.metrics, tag, C.win_phase[p] / (double)C.win_pushes);
+    }
+    for (int l = 0; l < C.model->n_layers; l++) {
+        char tag[96];
+        const char *kind = kd_layer_kind_name(C.model->layers[l].spec.kind);
+        snprintf(tag, sizeof tag, "time/layer%d_%s/forward", l, kind);
+        kd_metrics_scalar(C.metrics, tag, C.win_layer_fwd[l] / (double)C.win_pushes);
+        snprintf(tag, sizeof tag, "time/layer%d_%s/backward", l, kind);
+        kd_metrics_scalar(C.metrics, tag, C.win_layer_bwd[l] / (double)C.win_pushes);
+    }
+    flush_metrics(C.s.step);
+    C.win_t0 = now;
+    C.win_loss = C.win_staleness = 0;
+    C.win_samples = C.win_correct = C.win_pushes = C.win_steps = 0;
+    memset(C.win_phase, 0, sizeof C.win_phase);
+    memset(C.win_layer_fwd, 0, sizeof(double) * (size_t)C.model->n_layers);
+    memset(C.win_layer_bwd, 0, sizeof(double) * (size_t)C.model->n_layers);
+}
+
+static void finish(const char *status) {
+    if (C.phase == RUN_FINISHING) return;
+    C.status = status;
+    C.phase = RUN_FINISHING;
+}
+
+/* After every optimizer step: periodic work and the end of the epoch or run. */
+static void after_step(void) {
+    C.win_steps++;
+    if (C.win_steps >= C.r.logging.every_steps) write_metrics();
+    if (C.r.eval.every_steps > 0 && C.s.step % C.r.eval.every_steps == 0) request_eval();
+    if (C.r.checkpoint.every_steps > 0 && C.s.step % C.r.checkpoint.every_steps == 0)
+        save_checkpoint();
+    if (C.r.train.max_steps > 0 && C.s.step >= C.r.train.max_steps) {
+        finish("completed");
+        return;
+    }
+    if (C.applied_count < C.n_batches) return;
+    kd_log(KD_LOG_INFO, "COORD-EPOCH-DONE", "epoch %u complete: %zu/%zu batches applied once",
+           C.s.epoch, C.applied_count, C.n_batches);
+    if (C.r.eval.every_steps == 0) request_eval();
+    if (C.s.epoch + 1 >= (uint32_t)C.r.train.epochs) {
+        finish("completed");
+        return;
+    }
+    start_epoch(C.s.epoch + 1);
+}
+
+/* ---- applying gradients ------------------------------------------------------------------ */
+
+static void apply_gradient(float *grad, long batches, long samples) {
+    kd_optim_step(C.opt, C.model->params, grad, kd_schedule_lr(&C.sched, C.s.position));
+    C.s.position += batches;
+    C.s.step++;
+    C.s.version++;
+    invalidate_weights();
+    C.last_progress = C.last_apply = kd_now();
+    C.samples_applied += samples;
+}
+
+/* Samples per second of training, from the first push to the last update. */
+static double train_rate(void) {
+    double dt = C.last_apply - C.first_push;
+    return C.first_push > 0 && dt > 0 ? (double)C.samples_applied / dt : 0.0;
+}
+
+static void mark_applied(const Kdist__BatchRef *ref) {
+    C.applied[ref->batch_id] = 1;
+    C.in_step[ref->batch_id] = 0;
+    C.applied_count++;
+    C.s.batches_applied++;
+}
+
+/* Accounts a push's statistics into the metrics window and the worker's rate. */
+static void account_push(member_t *m, const Kdist__PushGradient *p) {
+    C.win_loss += p->loss_sum;
+    C.win_samples += p->samples;
+    C.win_correct += p->correct;
+    C.win_pushes++;
+    C.win_staleness += (double)(C.s.version - p->base_version);
+    for (size_t i = 0; i < p->n_phase_seconds && i < 4; i++) C.win_phase[i] += p->phase_seconds[i];
+    for (size_t i = 0; i < p->n_layer_forward_seconds && (int)i < C.model->n_layers; i++)
+        C.win_layer_fwd[i] += p->layer_forward_seconds[i];
+    for (size_t i = 0; i < p->n_layer_backward_seconds && (int)i < C.model->n_layers; i++)
+        C.win_layer_bwd[i] += p->layer_backward_seconds[i];
+    m->steps++;
+    m->samples += p->samples;
+    m->rate_samples += p->samples;
+    double now = kd_now();
+    if (now - m->rate_t0 >= 1.0) {
+        m->samples_per_sec = m->rate_samples / (now - m->rate_t0);
+        m->rate_t0 = now;
+        m->rate_samples = 0;
+    }
+    if (p->rss_bytes) m->rss_bytes = p->rss_bytes;
+}
+
+static bool sync_step_ready(void) {
+    if (C.step_count == 0) return false;
+    for (int i = 0; i < COORD_MAX_MEMBERS; i++) {
+        member_t *m = &C.members[i];
+        if (!m->used || m->role != KDIST__ROLE__WORKER) continue;
+        if (m->state != WORKER_PUSHED && !m->waiting_for_batch) return false;
+    }
+    return true;
+}
+
+/* Closes the open sync step: one update from the samples-weighted mean of its gradients. */
+static void close_sync_step(void) {
+    const size_t n = C.model->n_params;
+    float *grad;
+    if (C.step_count == 1) {
+        grad = (float *)zmq_msg_data(&C.step_msgs[0].frames[0]);
+    } else {
+        double total = 0;
+        for (int k = 0; k < C.step_count; k++) total += C.step_msgs[k].env->push->samples;
+        KD_ASSERT(total > 0);
+        memset(C.step_grad, 0, n * sizeof(float));
+        for (int k = 0; k < C.step_count; k++) {
+            const float *g = zmq_msg_data(&C.step_msgs[k].frames[0]);
+            float w = (float)(C.step_msgs[k].env->push->samples / total);
+            for (size_t i = 0; i < n; i++) C.step_grad[i] += w * g[i];
+        }
+        grad = C.step_grad;
+    }
+    long samples = 0;
+    for (int k = 0; k < C.step_count; k++) samples += C.step_msgs[k].env->push->samples;
+    apply_gradient(grad, C.step_count, samples);
+    for (int k = 0; k < C.step_count; k++) {
+        mark_applied(C.step_msgs[k].env->push->ref);
+        kd_msg_close(&C.step_msgs[k]);
+    }
+    int count = C.step_count;
+    C.step_count = 0;
+    for (int k = 0; k < count; k++) {
+        member_t *m = &C.members[C.step_member[k]];
+        if (m->used && m->state == WORKER_PUSHED)
+            send_weights(m, false, C.phase == RUN_FINISHING, false, false);
+    }
+    after_step();
+    /* the end of the run is known only now: tell the collected workers */
+    if (C.phase == RUN_FINISHING)
+        for (int k = 0; k < count; k++) {
+            member_t *m = &C.members[C.step_member[k]];
+            if (m->used && m->state == WORKER_COMPUTING) send_weights(m, false, true, false, false);
+        }
+}
+
+/* SSP: a worker may go on while it is at most `staleness` clocks ahead of the slowest. */
+static uint64_t min_clock(void) {
+    uint64_t lo = UINT64_MAX;
+    for (int i = 0; i < COORD_MAX_MEMBERS; i++) {
+        member_t *m = &C.members[i];
+        if (m->used && m->role == KDIST__ROLE__WORKER && !m->waiting_for_batch && m->clock < lo)
+            lo = m->clock;
+    }
+    return lo;
+}
+
+static void release_held_workers(void) {
+    uint64_t lo = min_clock();
+    for (int i = 0; i < COORD_MAX_MEMBERS; i++) {
+        member_t *m = &C.members[i];
+        if (m->used && m->role == KDIST__ROLE__WORKER && m->state == WORKER_HELD &&
+            (lo == UINT64_MAX || m->clock <= lo + (uint64_t)C.r.cluster.staleness))
+            send_weights(m, false, C.phase == RUN_FINISHING, false, false);
+    }
+}
+
+static void on_push(member_t *m, kd_msg_t *msg) {
+    const Kdist__PushGradient *p = msg->env->push;
+    char err[KD_ERR_LEN];
+    int64_t shape[1] = {(int64_t)C.model->n_params};
+    if (!p->ref || !kd_msg_tensor(msg, 0, "gradient", KD_DTYPE_F32, 1, shape, err, sizeof err)) {
+        drop(msg, p->ref ? err : "push without a batch reference");
+        return;
+    }
+    if (p->samples == 0 || p->samples > (uint32_t)C.r.train.batch_size || p->correct > p->samples ||
+        p->base_version > C.s.version || !isfinite(p->loss_sum)) {
+        drop(msg, "push with impossible counters");
+        return;
+    }
+    m->waiting_for_batch = false;
+    if (C.first_push == 0) C.first_push = kd_now();
+    if (C.phase == RUN_FINISHING) {
+        send_weights(m, false, true, false, false);
+        return;
+    }
+    const Kdist__BatchRef *ref = p->ref;
+    bool past = ref->epoch < C.s.epoch;
+    if (ref->epoch > C.s.epoch || (!past && ref->batch_id >= C.n_batches)) {
+        drop(msg, "push for a batch that does not exist");
+        return;
+    }
+    if (past || C.applied[ref->batch_id] || C.in_step[ref->batch_id]) {
+        C.s.duplicates++;
+        kd_log(KD_LOG_INFO, "COORD-DUPLICATE", "batch %u/%u from %s-%s already counted: dropped",
+               ref->epoch, ref->batch_id, role_name(m->role), m->node_id);
+        send_weights(m, false, false, false, true);
+        return;
+    }
+    switch (C.r.cluster.consistency) {
+    case KD_CONSISTENCY_SYNC:
+        if (p->base_version < C.s.version) { /* its step closed without it: same batch again */
+            send_weights(m, false, false, true, false);
+            return;
+        }
+        account_push(m, p);
+        C.in_step[ref->batch_id] = 1;
+        C.step_member[C.step_count] = (int)(m - C.members);
+        C.step_msgs[C.step_count++] = *msg;
+        memset(msg, 0, sizeof *msg); /* the step owns it now */
+        m->state = WORKER_PUSHED;
+        m->clock++;
+        if (sync_step_ready()) close_sync_step();
+        return;
+    case KD_CONSISTENCY_ASYNC:
+    case KD_CONSISTENCY_SSP:
+        account_push(m, p);
+        apply_gradient((float *)zmq_msg_data(&msg->frames[0]), 1, p->samples);
+        mark_applied(ref);
+        m->clock++;
+        bool hold = C.r.cluster.consistency == KD_CONSISTENCY_SSP && min_clock() != UINT64_MAX &&
+                    m->clock > min_clock() + (uint64_t)C.r.cluster.staleness;
+        send_weights(m, hold, false, false, false);
+        after_step();
+        if (C.r.cluster.consistency == KD_CONSISTENCY_SSP) release_held_workers();
+        if (C.phase == RUN_FINISHING && m->state == WORKER_COMPUTING)
+            send_weights(m, false, true, false, false);
+        return;
+    }
+}
+
+/* ---- membership -------------------------------------------------------------------------- */
+
+static void remove_member(member_t *m, const char *event) {
+    kd_log(KD_LOG_INFO, "COORD-MEMBER-GONE", "%s %s (%s) %s", role_name(m->role), m->node_id,
+           m->host, event);
+    if (m->role != KDIST__ROLE__CLIENT) add_event(event, m);
+    /* a sync step never waits for a worker that is gone; its collected gradient still counts */
+    m->used = false;
+    if (C.phase != RUN_RUNNING) return;
+    if (m->role == KDIST__ROLE__WORKER) {
+        if (C.r.cluster.consistency == KD_CONSISTENCY_SYNC && sync_step_ready()) close_sync_step();
+        if (C.r.cluster.consistency == KD_CONSISTENCY_SSP) release_held_workers();
+    }
+}
+
+static void send_welcome(member_t *m) {
+    char spec[2048];
+    kd_model_describe(C.model, spec, sizeof spec);
+    char *yaml = kd_recipe_to_yaml(&C.r);
+    char *endpoints[COORD_MAX_MEMBERS];
+    size_t n_endpoints = 0;
+    for (int i = 0; i < COORD_MAX_MEMBERS; i++)
+        if (C.members[i].used && C.members[i].role == KDIST__ROLE__TEACHER)
+            endpoints[n_endpoints++] = C.members[i].stream_endpoint;
+    Kdist__Shape shape = KDIST__SHAPE__INIT;
+    shape.c = C.model->input.c;
+    shape.h = C.model->input.h;
+    shape.w = C.model->input.w;
+    Kdist__Welcome w = KDIST__WELCOME__INIT;
+    w.run_id = C.s.run_id;
+    w.recipe_yaml = yaml;
+    w.model_spec = spec;
+    w.input = &shape;
+    w.num_classes = (uint32_t)C.model->num_classes;
+    w.weights_version = C.s.version;
+    w.n_teacher_endpoints = n_endpoints;
+    w.teacher_endpoints = endpoints;
+    w.heartbeat_ms = (uint32_t)C.r.cluster.heartbeat_ms;
+    w.n_params = C.model->n_params;
+    kd_env_t env = KDIST__ENVELOPE__INIT;
+    env.body_case = KDIST__ENVELOPE__BODY_WELCOME;
+    env.welcome = &w;
+    kd_wire_tensor_t t = weights_tensor();
+    send_to(m, &env, &t, m->role == KDIST__ROLE__WORKER ? 1 : 0);
+    free(yaml);
+}
+
+static void send_peers(void) {
+    char *endpoints[COORD_MAX_MEMBERS];
+    size_t n = 0;
+    for (int i = 0; i < COORD_MAX_MEMBERS; i++)
+        if (C.members[i].used && C.members[i].role == KDIST__ROLE__TEACHER)
+            endpoints[n++] = C.members[i].stream_endpoint;
+    Kdist__Peers p = KDIST__PEERS__INIT;
+    p.n_teacher_endpoints = n;
+    p.teacher_endpoints = endpoints;
+    kd_env_t env = KDIST__ENVELOPE__INIT;
+    env.body_case = KDIST__ENVELOPE__BODY_PEERS;
+    env.peers = &p;
+    for (int i = 0; i < COORD_MAX_MEMBERS; i++)
+        if (C.members[i].used && C.members[i].role == KDIST__ROLE__WORKER)
+            send_to(&C.members[i], &env, NULL, 0);
+}
+
+static void on_hello(kd_msg_t *msg) {
+    const Kdist__Hello *h = msg->env->hello;
+    if (h->role != KDIST__ROLE__WORKER && h->role != KDIST__ROLE__TEACHER) {
+        send_refused(msg->peer, msg->peer_len, "only workers and teacher nodes say hello");
+        drop(msg, "hello from an unexpected role");
+        return;
+    }
+    if (h->run_id[0] && strcmp(h->run_id, C.s.run_id) != 0) {
+        char reason[256];
+        snprintf(reason, sizeof reason, "this coordinator runs '%s', not '%s'", C.s.run_id,
+                 h->run_id);
+        send_refused(msg->peer, msg->peer_len, reason);
+        return;
+    }
+    if (!h->node_id[0] || strlen(h->node_id) >= sizeof C.members[0].node_id ||
+        (h->role == KDIST__ROLE__TEACHER &&
+         (!h->stream_endpoint[0] || strlen(h->stream_endpoint) >= 256))) {
+        send_refused(msg->peer, msg->peer_len, "hello needs a node id (and a teacher endpoint)");
+        drop(msg, "hello with a missing or oversized field");
+        return;
+    }
+    if (C.phase != RUN_RUNNING) {
+        send_refused(msg->peer, msg->peer_len, "the run is finishing");
+        return;
+    }
+    /* An earlier incarnation of the same node is gone for good. */
+    bool restart = false;
+    for (int i = 0; i < COORD_MAX_MEMBERS; i++) {
+        member_t *old = &C.members[i];
+        if (old->used && old->role == h->role && strcmp(old->node_id, h->node_id) == 0) {
+            if (h->incarnation <= old->incarnation) {
+                send_refused(msg->peer, msg->peer_len, "stale incarnation");
+                return;
+            }
+            remove_member(old, "restart");
+            restart = true;
+        }
+    }
+    member_t *m = find_member(msg->peer, msg->peer_len);
+    if (m) remove_member(m, "restart");
+    for (int i = 0; i < COORD_MAX_MEMBERS && !m; i++)
+        if (!C.members[i].used) m = &C.members[i];
+    if (!m) {
+        send_refused(msg->peer, msg->peer_len, "too many members");
+        return;
+    }
+    memset(m, 0, sizeof *m);
+    m->used = true;
+    m->role = h->role;
+    snprintf(m->node_id, sizeof m->node_id, "%s", h->node_id);
+    m->incarnation = h->incarnation;
+    memcpy(m->rid, msg->peer, msg->peer_len);
+    m->rid_len = msg->peer_len;
+    snprintf(m->host, sizeof m->host, "%s", h->host);
+    m->pid = h->pid;
+    m->threads = h->threads;
+    snprintf(m->stream_endpoint, sizeof m->stream_endpoint, "%s", h->stream_endpoint);
+    m->joined = m->last_seen = m->rate_t0 = kd_now();
+    m->state = WORKER_COMPUTING;
+    uint64_t lo = min_clock();
+    m->clock = lo == UINT64_MAX ? 0 : lo;
+    kd_log(KD_LOG_INFO, "COORD-MEMBER-JOIN", "%s %s joined from %s (pid %u, incarnation %llu)",
+           role_name(m->role), m->node_id, m->host, m->pid, (unsigned long long)m->incarnation);
+    add_event(restart ? "restart" : "join", m);
+    send_welcome(m);
+    if (m->role == KDIST__ROLE__WORKER) {
+        int w = live_count(KDIST__ROLE__WORKER);
+        if (w > C.workers_max) C.workers_max = w;
+    } else {
+        send_peers();
+        if (!C.assigned) assign_epoch();
+    }
+}
+
+static void on_heartbeat(member_t *m, const Kdist__Heartbeat *hb) {
+    if (hb->rss_bytes) m->rss_bytes = hb->rss_bytes;
+    m->batches_streamed = hb->batches_streamed;
+    if (m->role != KDIST__ROLE__WORKER) return;
+    bool was_idle = m->waiting_for_batch;
+    m->waiting_for_batch = hb->waiting_for_batch && m->state == WORKER_COMPUTING;
+    if (m->waiting_for_batch && !was_idle) {
+        if (C.r.cluster.consistency == KD_CONSISTENCY_SYNC && sync_step_ready()) close_sync_step();
+        if (C.r.cluster.consistency == KD_CONSISTENCY_SSP) release_held_workers();
+    }
+}
+
+/* ---- status ------------------------------------------------------------------------------ */
+
+static json_t *status_json(void) {
+    double t = elapsed();
+    long total = kd_train_total_steps(&C.r, C.data.train->n);
+    double done = total > 0 ? (double)C.s.position / (double)total : 0.0;
+    double rate = train_rate();
+    json_t *j = json_pack(
+        "{s:s, s:s, s:s, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:f, s:f, s:f}",
+        "run_id", C.s.run_id, "name", C.r.name, "status",
+        C.phase == RUN_RUNNING ? "running" : (C.status ? C.status : "finishing"), "epoch",
+        (json_int_t)C.s.epoch, "epochs", (json_int_t)C.r.train.epochs, "step", (json_int_t)C.s.step,
+        "total_steps", (json_int_t)total, "version", (json_int_t)C.s.version, "batches_applied",
+        (json_int_t)C.s.batches_applied, "batches_expected", (json_int_t)C.s.batches_expected,
+        "duplicates_dropped", (json_int_t)C.s.duplicates, "restreamed", (json_int_t)C.s.restreamed,
+        "messages_dropped", (json_int_t)C.messages_dropped, "samples_per_sec", rate, "elapsed", t,
+        "eta", done > 0 ? t * (1.0 - done) / done : 0.0);
+    json_object_set_new(j, "lr", json_real(kd_schedule_lr(&C.sched, C.s.position)));
+    if (C.win_samples) {
+        json_object_set_new(j, "loss", json_real(C.win_loss / (double)C.win_samples));
+        json_object_set_new(j, "train_accuracy",
+                            json_real((double)C.win_correct / (double)C.win_samples));
+    }
+    if (C.have_eval) {
+        json_object_set_new(j, "val_accuracy", json_real(C.last_eval.val.accuracy));
+        json_object_set_new(j, "test_accuracy", json_real(C.last_eval.test.accuracy));
+    }
+    json_t *members = json_array();
+    double now = kd_now();
+    for (int i = 0; i < COORD_MAX_MEMBERS; i++) {
+        member_t *m = &C.members[i];
+        if (!m->used || m->role == KDIST__ROLE__CLIENT) continue;
+        const char *state = m->role == KDIST__ROLE__TEACHER ? "streaming"
+                            : m->waiting_for_batch          ? "idle"
+                            : m->state == WORKER_COMPUTING  ? "computing"
+                                                            : "waiting";
+        json_array_append_new(members,
+                              json_pack("{s:s, s:s, s:I, s:s, s:i, s:f, s:I, s:f, s:s, s:I}",
+                                        "role", role_name(m->role), "id", m->node_id, "incarnation",
+                                        (json_int_t)m->incarnation, "host", m->host, "pid",
+                                        (int)m->pid, "last_seen", now - m->last_seen, "steps",
+                                        (json_int_t)m->steps, "samples_per_sec", m->samples_per_sec,
+                                        "state", state, "rss_bytes", (json_int_t)m->rss_bytes));
+    }
+    json_object_set_new(j, "members", members);
+    json_t *events = json_array();
+    for (int i = 0; i < C.n_events; i++)
+        json_array_append_new(events, json_pack("{s:f, s:s, s:s, s:s}", "time", C.events[i].time,
+                                                "event", C.events[i].event, "role",
+                                                C.events[i].role, "id", C.events[i].id));
+    json_object_set_new(j, "events", events);
+    return j;
+}
+
+static void on_control(kd_msg_t *msg) {
+    const Kdist__Control *c = msg->env->control;
+    switch (c->kind) {
+    case KDIST__CONTROL__KIND__STATUS: {
+        json_t *j = status_json();
+        char *text = json_dumps(j, JSON_COMPACT);
+        json_decref(j);
+        Kdist__StatusReply s = KDIST__STATUS_REPLY__INIT;
+        s.json = text;
+        kd_env_t env = KDIST__ENVELOPE__INIT;
+        env.body_case = KDIST__ENVELOPE__BODY_STATUS;
+        env.status = &s;
+        kd_wire_send(C.router, msg->peer, msg->peer_len, &env, NULL, 0, ZMQ_DONTWAIT);
+        free(text);
+        return;
+    }
+    case KDIST__CONTROL__KIND__STOP:
+        kd_log(KD_LOG_INFO, "COORD-STOP", "stop requested");
+        finish("stopped");
+        return;
+    case KDIST__CONTROL__KIND__CHECKPOINT_NOW:
+        save_checkpoint();
+        return;
+    case KDIST__CONTROL__KIND__DRAIN:
+        for (int i = 0; i < COORD_MAX_MEMBERS; i++) {
+            member_t *m = &C.members[i];
+            if (m->used && m->role == KDIST__ROLE__WORKER && strcmp(m->node_id, c->target) == 0) {
+                m->drain = true;
+                kd_log(KD_LOG_INFO, "COORD-DRAIN", "worker %s will stop after its step",
+                       m->node_id);
+                if (m->state != WORKER_PUSHED) send_weights(m, false, true, false, false);
+            }
+        }
+        return;
+    default:
+        drop(msg, "unknown control kind");
+        return;
+    }
+}
+
+/* ---- the loop ---------------------------------------------------------------------------- */
+
+static void on_message(kd_msg_t *msg) {
+    kd_env_t *env = msg->env;
+    if (env->body_case == KDIST__ENVELOPE__BODY_HELLO) {
+        on_hello(msg);
+        return;
+    }
+    if (env->body_case == KDIST__ENVELOPE__BODY_CONTROL) {
+        on_control(msg);
+        return;
+    }
+    member_t *m = find_member(msg->peer, msg->peer_len);
+    if (!m) {
+        send_refused(msg->peer, msg->peer_len, "unknown member: say hello");
+        drop(msg, "message from a node that is not a member");
+        return;
+    }
+    m->last_seen = kd_now();
+    switch (env->body_case) {
+    case KDIST__ENVELOPE__BODY_HEARTBEAT:
+        on_heartbeat(m, env->heartbeat);
+        return;
+    case KDIST__ENVELOPE__BODY_PUSH:
+        if (m->role != KDIST__ROLE__WORKER) break;
+        on_push(m, msg);
+        return;
+    case KDIST__ENVELOPE__BODY_GOODBYE:
+        m->said_goodbye = true;
+        remove_member(m, "leave");
+        return;
+    default:
+        break;
+    }
+    char why[96];
+    snprintf(why, sizeof why, "a %s may not send '%s'", role_name(m->role), kd_wire_body_name(env));
+    drop(msg, why);
+}
+
+static void heartbeat_and_reap(void) {
+    double now = kd_now();
+    double hb = C.r.cluster.heartbeat_ms / 1000.0,
+           timeout = C.r.cluster.heartbeat_timeout_ms / 1000.0;
+    for (int i = 0; i < COORD_MAX_MEMBERS; i++) {
+        member_t *m = &C.members[i];
+        if (!m->used) continue;
+        if (now - m->last_seen > timeout) {
+            kd_log(KD_LOG_WARN, "COORD-MEMBER-DEAD", "%s %s silent for %.1f s: declared dead",
+                   role_name(m->role), m->node_id, now - m->last_seen);
+            remove_member(m, "dead");
+            continue;
+        }
+        if (now - m->last_sent >= hb) {
+            Kdist__Heartbeat h = KDIST__HEARTBEAT__INIT;
+            kd_env_t env = KDIST__ENVELOPE__INIT;
+            env.body_case = KDIST__ENVELOPE__BODY_HEARTBEAT;
+            env.heartbeat = &h;
+            if (send_to(m, &env, NULL, 0) != 0 && errno == EHOSTUNREACH)
+                m->last_sent = now; /* disconnected: the timeout decides */
+        }
+    }
+}
+
+/* The end: stop every node, final evaluation, outputs. */
+static void stop_nodes(void) {
+    for (int i = 0; i < COORD_MAX_MEMBERS; i++) {
+        member_t *m = &C.members[i];
+        if (!m->used) continue;
+        if (m->role == KDIST__ROLE__WORKER && m->state != WORKER_PUSHED)
+            send_weights(m, false, true, false, false);
+        else if (m->role == KDIST__ROLE__TEACHER)
+            send_control(m, KDIST__CONTROL__KIND__STOP);
+    }
+}
+
+static int write_summary(const eval_result_t *final) {
+    double t = elapsed();
+    json_t *j = json_pack(
+        "{s:s, s:s, s:s, s:f, s:f, s:f, s:f, s:I, s:f, s:I, s:I, s:f, s:f, s:i, s:I, s:s, "
+        "s:{s:I, s:I, s:I, s:I, s:I}}",
+        "status", C.status ? C.status : "completed", "name", C.r.name, "run_id", C.s.run_id,
+        "test_accuracy", final->test.accuracy, "test_loss", final->test.loss, "val_accuracy",
+        final->val.accuracy, "val_loss", final->val.loss, "best_step",
+        (json_int_t) final->best_step, "best_val_accuracy", final->best_val_accuracy, "epochs",
+        (json_int_t)(C.applied_count == C.n_batches ? C.s.epoch + 1 : C.s.epoch), "steps",
+        (json_int_t)C.s.step, "samples_per_sec",
+        t > 0 ? (double)C.s.batches_applied * (double)C.r.train.batch_size / t : 0.0,
+        "wall_seconds", t, "workers_max", C.workers_max, "parameters",
+        (json_int_t)C.model->n_params, "consistency", kd_consistency_name(C.r.cluster.consistency),
+        "ledger", "batches_expected", (json_int_t)C.s.batches_expected, "batches_applied",
+        (json_int_t)C.s.batches_applied, "duplicates_dropped", (json_int_t)C.s.duplicates,
+        "restreamed", (json_int_t)C.s.restreamed, "messages_dropped",
+        (json_int_t)C.messages_dropped);
+    char *text = json_dumps(j, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
+    json_decref(j);
+    char path[KD_PATH_MAX + 32], err[KD_ERR_LEN];
+    snprintf(path, sizeof path, "%s/summary.json", C.run_dir);
+    int rc = kd_write_file_atomic(path, text, strlen(text), err, sizeof err);
+    if (rc) kd_log(KD_LOG_ERROR, "COORD-SUMMARY-FAIL", "%s", err);
+    free(text);
+    return rc;
+}
+
+static int run_loop(void) {
+    double last_housekeeping = 0;
+    while (!kd_node_stop_requested || C.phase == RUN_RUNNING) {
+        if (kd_node_stop_requested && C.phase == RUN_RUNNING) finish("stopped");
+        if (C.phase == RUN_FINISHING && C.finish_deadline == 0) {
+            stop_nodes();
+            C.finish_deadline = kd_now() + 3.0 * C.r.cluster.heartbeat_ms / 1000.0 + 1.0;
+        }
+        if (C.phase == RUN_FINISHING &&
+            (live_count(KDIST__ROLE__WORKER) + live_count(KDIST__ROLE__TEACHER) == 0 ||
+             kd_now() > C.finish_deadline))
+            break;
+        zmq_pollitem_t items[2] = {{C.router, 0, ZMQ_POLLIN, 0},
+                                   {evaluator_socket(C.eval), 0, ZMQ_POLLIN, 0}};
+        int rc = zmq_poll(items, 2, 50);
+        if (rc < 0 && errno != EINTR) {
+            kd_log(KD_LOG_ERROR, "COORD-POLL", "zmq_poll: %s", zmq_strerror(errno));
+            return -1;
+        }
+        /* bounded batch per wake-up, so housekeeping runs under load too */
+        for (int k = 0; k < 256 && (items[0].revents & ZMQ_POLLIN); k++) {
+            kd_msg_t msg;
+            char err[KD_ERR_LEN];
+            int r = kd_wire_recv(C.router, true, ZMQ_DONTWAIT, &msg, err, sizeof err);
+            if (r == KD_WIRE_NONE) break;
+            if (r == KD_WIRE_CLOSED) return -1;
+            if (r == KD_WIRE_BAD) {
+                drop(&msg, err);
+                member_t *m = find_member(msg.peer, msg.peer_len);
+                if (m) m->last_seen = kd_now();
+                continue;
+            }
+            on_message(&msg);
+            kd_msg_close(&msg);
+        }
+        eval_result_t res;
+        while (evaluator_result(C.eval, &res) == 0) handle_eval_result(&res);
+        if (kd_now() - last_housekeeping >= 0.05) {
+            heartbeat_and_reap();
+            restream_stalled();
+            last_housekeeping = kd_now();
+        }
+    }
+    return 0;
+}
+
+/* ---- set-up ------------------------------------------------------------------------------ */
+
+static int setup(int argc, char **argv, bool *resume, char *err, size_t errlen) {
+    const char *recipe = NULL, *run_dir = NULL;
+    const char *overrides[MAX_OVERRIDES];
+    int n_over = 0;
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--recipe") == 0 && i + 1 < argc)
+            recipe = argv[++i];
+        else if (strcmp(argv[i], "--run-dir") == 0 && i + 1 < argc)
+            run_dir = argv[++i];
+        else if (strcmp(argv[i], "--resume") == 0)
+            *resume = true;
+        else if (strchr(argv[i], '=') && argv[i][0] != '-' && n_over < MAX_OVERRIDES)
+            overrides[n_over++] = argv[i];
+        else
+            return kd_err(err, errlen,
+                          "unexpected argument '%s'\nusage: kdist-coordinator --recipe RECIPE "
+                          "--run-dir DIR [--resume] [section.key=value ...]",
+                          argv[i]);
+    }
+    if (!recipe || !run_dir)
+        return kd_err(err, errlen,
+                      "usage: kdist-coordinator --recipe RECIPE --run-dir DIR "
+                      "[--resume] [section.key=value ...]");
+    if (kd_recipe_load(recipe, overrides, n_over, &C.r, err, errlen) != 0) return -1;
+    if (C.r.distill.loss.alpha > 0)
+        return kd_err(err, errlen,
+                      "%s: distill.alpha is %g, but distillation over the stream needs the "
+                      "teacher-node milestone; use distill.alpha=0",
+                      recipe, (double)C.r.distill.loss.alpha);
+    snprintf(C.run_dir, sizeof C.run_dir, "%s", run_dir);
+    snprintf(C.ckpt_dir, sizeof C.ckpt_dir, "%s/checkpoints", run_dir);
+    char best_dir[KD_PATH_MAX + 64];
+    snprintf(best_dir, sizeof best_dir, "%s/best", C.ckpt_dir);
+    if (kd_mkdirs(best_dir, err, errlen) != 0) return -1;
+    char path[KD_PATH_MAX + 64];
+    snprintf(path, sizeof path, "%s/recipe.yaml", run_dir);
+    if (kd_recipe_write(&C.r, path, err, errlen) != 0) return -1;
+    if (kd_splits_load(&C.r, &C.data, err, errlen) != 0) return -1;
+    if (kd_model_from_recipe(&C.r, false, C.data.train, &C.model, err, errlen) != 0) return -1;
+    C.opt = kd_optim_new(&C.r.optim.cfg, C.model->n_params);
+    C.sched = C.r.schedule.cfg;
+    C.sched.total_steps = kd_train_total_steps(&C.r, C.data.train->n);
+    C.n_batches = kd_epoch_count(C.data.train->n, (size_t)C.r.train.batch_size);
+    C.applied = kd_xcalloc(C.n_batches ? C.n_batches : 1, 1);
+    C.in_step = kd_xcalloc(C.n_batches ? C.n_batches : 1, 1);
+    C.step_grad = kd_alloc_floats(C.model->n_params);
+    C.win_layer_fwd = kd_xcalloc((size_t)C.model->n_layers, sizeof(double));
+    C.win_layer_bwd = kd_xcalloc((size_t)C.model->n_layers, sizeof(double));
+    C.s.best_step = -1;
+    snprintf(C.s.run_id, sizeof C.s.run_id, "%s-%llx", C.r.name,
+             (unsigned long long)kd_wire_new_incarnation());
+    return 0;
+}
+
+static int resume_from_checkpoint(char *err, size_t errlen) {
+    uint8_t *applied = NULL;
+    size_t n = 0;
+    char found[KD_PATH_MAX + 300];
+    coord_state_t s = C.s;
+    int rc =
+        coord_checkpoint_resume(C.ckpt_dir, &s, C.model, C.opt, &applied, &n, found, sizeof found);
+    if (rc == 1) {
+        kd_log(KD_LOG_INFO, "COORD-RESUME", "no valid checkpoint in %s: starting afresh",
+               C.ckpt_dir);
+        return 1;
+    }
+    if (n != C.n_batches) {
+        free(applied);
+        return kd_err(err, errlen, "%s: its ledger has %zu batches, this recipe gives %zu", found,
+                      n, C.n_batches);
+    }
+    C.s = s;
+    memcpy(C.applied, applied, n);
+    free(applied);
+    C.applied_count = 0;
+    for (size_t b = 0; b < n; b++) C.applied_count += C.applied[b] != 0;
+    kd_log(KD_LOG_INFO, "COORD-RESUME", "resumed from %s: epoch %u, step %ld, %zu/%zu batches",
+           found, C.s.epoch, C.s.step, C.applied_count, C.n_batches);
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    char err[KD_ERR_LEN];
+    bool resume = false;
+    int exit_code = 1;
+    kd_node_signals_install();
+    kd_log_init("coordinator", "0", KD_LOG_INFO, NULL);
+    if (setup(argc, argv, &resume, err, sizeof err) != 0) {
+        fprintf(stderr, "kdist-coordinator: %s\n", err);
+        return 2;
+    }
+    kd_log_level_t level;
+    if (kd_log_level_parse(C.r.logging.level, &level) == 0) kd_log_threshold = level;
+    kd_set_threads((int)C.r.train.threads);
+    int resumed = resume ? resume_from_checkpoint(err, sizeof err) : 1;
+    if (resumed < 0) {
+        kd_log(KD_LOG_ERROR, "COORD-RESUME-FAIL", "%s", err);
+        return 2;
+    }
+
+    C.ctx = zmq_ctx_new();
+    C.router = kd_socket_router(C.ctx, C.r.cluster.bind, (int)C.r.cluster.heartbeat_ms, C.endpoint,
+                                sizeof C.endpoint, err, sizeof err);
+    if (!C.router) {
+        kd_log(KD_LOG_ERROR, "COORD-BIND", "%s", err);
+        goto out;
+    }
+    if (!(C.metrics = kd_metrics_open(C.run_dir, err, sizeof err))) {
+        kd_log(KD_LOG_ERROR, "COORD-METRICS", "%s", err);
+        goto out;
+    }
+    if (kd_metrics_graph(C.metrics, C.model, err, sizeof err) != 0)
+        kd_log(KD_LOG_WARN, "COORD-METRICS", "%s", err);
+    char best[KD_PATH_MAX + 96];
+    snprintf(best, sizeof best, "%s/best/student.safetensors", C.ckpt_dir);
+    C.eval = evaluator_new(C.ctx, &C.r, C.model, &C.data, best);
+    C.t0 = C.win_t0 = kd_now();
+
+    char path[KD_PATH_MAX + 64];
+    snprintf(path, sizeof path, "%s/coordinator.endpoint", C.run_dir);
+    if (kd_write_file_atomic(path, C.endpoint, strlen(C.endpoint), err, sizeof err) != 0) {
+        kd_log(KD_LOG_ERROR, "COORD-ENDPOINT", "%s", err);
+        goto out;
+    }
+    kd_log(KD_LOG_INFO, "COORD-START",
+           "run %s: %zu parameters, %zu training samples in %zu batches, %s, listening on %s",
+           C.s.run_id, C.model->n_params, C.data.train->n, C.n_batches,
+           kd_consistency_name(C.r.cluster.consistency), C.endpoint);
+    if (resumed == 0) {
+        C.s.batches_expected -= (long)C.n_batches; /* start_epoch counts it again */
+        uint8_t *keep = kd_xmalloc(C.n_batches ? C.n_batches : 1);
+        memcpy(keep, C.applied, C.n_batches);
+        size_t count = C.applied_count;
+        start_epoch(C.s.epoch);
+        memcpy(C.applied, keep, C.n_batches);
+        C.applied_count = count;
+        free(keep);
+        C.assigned = false;
+        assign_epoch();
+    } else {
+        start_epoch(0);
+    }
+
+    if (run_loop() != 0) goto out;
+    if (!C.status) C.status = "completed";
+    eval_result_t final = {0};
+    if (C.have_eval && C.last_eval_step == C.s.step)
+        evaluator_drain(C.eval, &final);
+    else {
+        request_eval();
+        evaluator_drain(C.eval, &final);
+    }
+    if (final.step == C.s.step) handle_eval_result(&final);
+    snprintf(path, sizeof path, "%s/student.safetensors", C.run_dir);
+    if (kd_checkpoint_save(C.model, path, err, sizeof err) != 0)
+        kd_log(KD_LOG_ERROR, "COORD-SAVE", "%s", err);
+    save_checkpoint();
+    write_metrics();
+    exit_code = write_summary(&final) == 0 ? 0 : 1;
+    kd_log(KD_LOG_INFO, "COORD-DONE",
+           "%s after %ld steps: test accuracy %.4f, %ld/%ld batches applied, %ld duplicates",
+           C.status, C.s.step, final.test.accuracy, C.s.batches_applied, C.s.batches_expected,
+           C.s.duplicates);
+out:
+    evaluator_destroy(&C.eval);
+    kd_metrics_close(&C.metrics);
+    invalidate_weights();
+    for (int k = 0; k < C.step_count; k++) kd_msg_close(&C.step_msgs[k]);
+    if (C.router) zmq_close(C.router);
+    if (C.ctx) zmq_ctx_term(C.ctx);
+    kd_optim_destroy(&C.opt);
+    kd_model_destroy(&C.model);
+    kd_splits_destroy(&C.data);
+    free(C.applied);
+    free(C.in_step);
+    free(C.step_grad);
+    free(C.win_layer_fwd);
+    free(C.win_layer_bwd);
+    return exit_code;
+}

@@ -1,0 +1,81 @@
+/* coordinator: the parameter server and control plane (DESIGN §2-3, docs/protocol.md).
+ * One thread owns all of this state and serves the ROUTER socket; evaluation runs on an
+ * actor thread (evaluator.c). Files here are private to the kdist-coordinator binary. */
+#ifndef KD_COORDINATOR_H
+#define KD_COORDINATOR_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <zmq.h>
+
+#include "kd_metrics.h"
+#include "kd_model.h"
+#include "kd_optim.h"
+#include "kd_recipe.h"
+#include "kd_train.h"
+#include "kd_wire.h"
+
+#define COORD_MAX_MEMBERS 1100
+#define COORD_MAX_EVENTS  64
+
+typedef enum { WORKER_COMPUTING = 0, WORKER_PUSHED, WORKER_HELD, WORKER_IDLE } worker_state_t;
+
+typedef struct {
+    bool used;
+    Kdist__Role role;
+    char node_id[64];
+    uint64_t incarnation;
+    uint8_t rid[KD_WIRE_MAX_PEER]; /* routing id */
+    size_t rid_len;
+    char host[64];
+    uint32_t pid, threads;
+    char stream_endpoint[256];
+    double joined, last_seen, last_sent;
+    uint64_t rss_bytes;
+    bool said_goodbye;
+    /* workers */
+    worker_state_t state;
+    bool waiting_for_batch; /* last report: no batch in hand */
+    bool drain;             /* stop it after its next push */
+    uint64_t clock;         /* pushes applied or collected (SSP) */
+    long steps;
+    long samples;
+    double rate_t0;
+    long rate_samples;
+    double samples_per_sec;
+    /* teachers */
+    uint64_t batches_streamed;
+} member_t;
+
+typedef struct {
+    double time;
+    char event[16];
+    char role[16];
+    char id[64];
+} coord_event_t;
+
+/* One evaluation's results (val and test), from the evaluator thread. */
+typedef struct {
+    long step;
+    kd_eval_t val, test;
+    bool improved; /* best validation accuracy so far */
+    long best_step;
+    double best_val_accuracy;
+    int evals_since_best;
+} eval_result_t;
+
+typedef struct evaluator evaluator_t;
+/* Starts the evaluator actor on its own copy of the model; it saves the best weights to
+ * best_path when validation accuracy improves. */
+evaluator_t *evaluator_new(void *ctx, const kd_recipe_t *r, const kd_model_t *model,
+                           const kd_splits_t *data, const char *best_path);
+/* Asks for an evaluation of params (copied now) at step. Non-blocking. */
+void evaluator_request(evaluator_t *ev, const float *params, long step);
+/* The socket to poll for results (ZMQ_POLLIN), and reading one result. */
+void *evaluator_socket(evaluator_t *ev);
+int evaluator_result(evaluator_t *ev, eval_result_t *out);
+/* Blocks until every requested evaluation has reported; the last one goes to *last. */
+int evaluator_drain(evaluator_t *ev, eval_result_t *last);
+void evaluator_destroy(evaluator_t **self_p);
+
+#endif

@@ -1,0 +1,590 @@
+/* kdist-teacher: a teacher node (DESIGN §2-4, docs/protocol.md). Joins the coordinator on a
+ * DEALER, and streams the batches it is assigned (raw pixels + labels) on a bound PUSH socket.
+ * The PUSH high-water mark is the back-pressure; one zmq_poll loop keeps control flowing while
+ * workers are slow, so the node never blocks in a send.
+ *   usage: kdist-teacher --coordinator ENDPOINT --id ID --recipe RECIPE
+ *                        [--stream-bind ENDPOINT] [--log FILE] [section.key=value ...] */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "kd_log.h"
+#include "kd_node.h"
+#include "kd_recipe.h"
+#include "kd_train.h"
+#include "kd_util.h"
+#include "kd_wire.h"
+
+#define MAX_OVERRIDES   64
+#define ENDPOINT_MAX    512
+#define SENDS_PER_ROUND 16 /* batches sent between two looks at the DEALER */
+
+typedef struct {
+    /* options */
+    const char *coordinator, *id, *recipe_path, *stream_bind, *log_path;
+    const char *overrides[MAX_OVERRIDES];
+    int n_overrides;
+
+    kd_recipe_t recipe;
+    kd_dataset_t *train;
+
+    void *ctx, *dealer, *push;
+    char stream_endpoint[ENDPOINT_MAX]; /* as announced to workers */
+    uint64_t incarnation;
+    bool welcomed;
+    double last_sent, last_heard, reconnect_at;
+    int heartbeat_ms;
+    kd_backoff_t backoff;
+
+    /* The current epoch's batching and what is left to stream of it. */
+    kd_epoch_t *epoch;
+    uint32_t *queue, *scratch; /* (n_batches) each */
+    uint8_t *queued;           /* (n_batches) 1 while a batch id sits in the queue */
+    size_t q_pos, q_len;       /* remaining: queue[q_pos..q_len) */
+
+    uint64_t batches_streamed, assigns_dropped, messages_dropped;
+    kd_log_limit_t drop_limit, send_limit;
+} teacher_t;
+
+/* ---- helpers ----------------------------------------------------------------------------- */
+
+static void usage(FILE *out) {
+    fprintf(out, "usage: kdist-teacher --coordinator ENDPOINT --id ID --recipe RECIPE\n"
+                 "                     [--stream-bind ENDPOINT] [--log FILE] "
+                 "[section.key=value ...]\n");
+}
+
+/* Network input that does not check out: count it, say so at most once a second. */
+static void drop(teacher_t *t, const char *what) {
+    t->messages_dropped++;
+    if (kd_log_allow(&t->drop_limit, 1.0))
+        kd_log(KD_LOG_WARN, "KD-WIRE-DROP", "from the coordinator: %s (%llu dropped so far)", what,
+               (unsigned long long)t->messages_dropped);
+}
+
+static int send_env(teacher_t *t, kd_env_t *env) {
+    if (kd_wire_send(t->dealer, NULL, 0, env, NULL, 0, ZMQ_DONTWAIT) != 0) {
+        if (kd_log_allow(&t->send_limit, 1.0))
+            kd_log(KD_LOG_WARN, "TEACHER-SEND-FAIL", "cannot send %s to the coordinator: %s",
+                   kd_wire_body_name(env), zmq_strerror(errno));
+        return -1;
+    }
+    t->last_sent = kd_now();
+    return 0;
+}
+
+static void send_heartbeat(teacher_t *t) {
+    Kdist__Heartbeat hb = KDIST__HEARTBEAT__INIT;
+    hb.rss_bytes = kd_node_rss_bytes();
+    hb.batches_streamed = t->batches_streamed;
+    kd_env_t env = KDIST__ENVELOPE__INIT;
+    env.body_case = KDIST__ENVELOPE__BODY_HEARTBEAT;
+    env.heartbeat = &hb;
+    send_env(t, &env);
+}
+
+/* Says Goodbye and lets the DEALER flush it before the socket closes. */
+static void send_goodbye(teacher_t *t, const char *reason) {
+    if (!t->dealer) return;
+    Kdist__Goodbye bye = KDIST__GOODBYE__INIT;
+    bye.reason = (char *)reason;
+    kd_env_t env = KDIST__ENVELOPE__INIT;
+    env.body_case = KDIST__ENVELOPE__BODY_GOODBYE;
+    env.goodbye = &bye;
+    send_env(t, &env);
+    int linger = 1000;
+    zmq_setsockopt(t->dealer, ZMQ_LINGER, &linger, sizeof linger);
+}
+
+static void clear_epoch(teacher_t *t) {
+    kd_epoch_destroy(&t->epoch);
+    free(t->queue);
+    free(t->scratch);
+    free(t->queued);
+    t->queue = t->scratch = NULL;
+    t->queued = NULL;
+    t->q_pos = t->q_len = 0;
+}
+
+/* The data.* settings (and the seed, which keys the validation hold-out) decide the split. */
+static bool same_split(const kd_recipe_t *a, const kd_recipe_t *b) {
+    return a->seed == b->seed && strcmp(a->data.dir, b->data.dir) == 0 &&
+           strcmp(a->data.train_images, b->data.train_images) == 0 &&
+           strcmp(a->data.train_labels, b->data.train_labels) == 0 &&
+           a->data.val_size == b->data.val_size && a->data.train_subset == b->data.train_subset;
+}
+
+static int load_train(teacher_t *t, char *err, size_t errlen) {
+    kd_splits_t s = {0};
+    if (kd_splits_load(&t->recipe, &s, err, errlen) != 0) return -1;
+    kd_dataset_destroy(&s.val);
+    kd_dataset_destroy(&s.test);
+    kd_dataset_destroy(&t->train);
+    t->train = s.train;
+    if (t->train->n == 0) return kd_err(err, errlen, "the training split is empty");
+    return 0;
+}
+
+/* ---- connection -------------------------------------------------------------------------- */
+
+static int connect_coordinator(teacher_t *t, char *err, size_t errlen) {
+    t->incarnation = kd_wire_new_incarnation();
+    char identity[256];
+    kd_wire_identity(identity, sizeof identity, "teacher", t->id, t->incarnation);
+    t->dealer = kd_socket_dealer(t->ctx, identity, t->coordinator, (int)t->heartbeat_ms, err,
+                                 errlen);
+    if (!t->dealer) return -1;
+    char host[256];
+    kd_node_hostname(host, sizeof host);
+    Kdist__Hello hello = KDIST__HELLO__INIT;
+    hello.role = KDIST__ROLE__TEACHER;
+    hello.node_id = (char *)t->id;
+    hello.incarnation = t->incarnation;
+    hello.host = host;
+    hello.pid = (uint32_t)getpid();
+    hello.stream_endpoint = t->stream_endpoint;
+    kd_env_t env = KDIST__ENVELOPE__INIT;
+    env.body_case = KDIST__ENVELOPE__BODY_HELLO;
+    env.hello = &hello;
+    send_env(t, &env);
+    t->welcomed = false;
+    t->last_heard = kd_now();
+    kd_log(KD_LOG_INFO, "TEACHER-HELLO", "said hello to %s as %s (streaming on %s)",
+           t->coordinator, identity, t->stream_endpoint);
+    return 0;
+}
+
+/* The coordinator is gone or forgot us: drop the socket and what was left to stream (a new
+ * membership gets a new Assign) and come back after the back-off. */
+static void lose_coordinator(teacher_t *t, const char *why) {
+    int delay = kd_backoff_next(&t->backoff);
+    kd_log(KD_LOG_WARN, "TEACHER-RECONNECT", "%s; saying hello again in %d ms", why, delay);
+    zmq_close(t->dealer);
+    t->dealer = NULL;
+    t->welcomed = false;
+    clear_epoch(t);
+    t->reconnect_at = kd_now() + delay / 1000.0;
+}
+
+/* ---- messages from the coordinator ------------------------------------------------------- */
+
+static int on_welcome(teacher_t *t, const Kdist__Welcome *w) {
+    char err[KD_ERR_LEN];
+    kd_recipe_t r;
+    if (!w->recipe_yaml ||
+        kd_recipe_parse("welcome", w->recipe_yaml, strlen(w->recipe_yaml), NULL, 0, &r, err,
+                        sizeof err) != 0) {
+        kd_log(KD_LOG_ERROR, "TEACHER-BAD-WELCOME", "the coordinator's recipe does not load: %s",
+               w->recipe_yaml ? err : "no recipe");
+        return -1;
+    }
+    bool reload = !same_split(&t->recipe, &r);
+    t->recipe = r;
+    if (reload) {
+        kd_log(KD_LOG_INFO, "TEACHER-RECIPE",
+               "the coordinator's recipe has other data settings than %s; reloading the data",
+               t->recipe_path);
+        if (load_train(t, err, sizeof err) != 0) {
+            kd_log(KD_LOG_ERROR, "TEACHER-DATA", "%s", err);
+            return -1;
+        }
+    }
+    t->heartbeat_ms = w->heartbeat_ms > 0 ? (int)w->heartbeat_ms : (int)r.cluster.heartbeat_ms;
+    int hwm = (int)r.cluster.stream_hwm; /* applies to workers that connect from now on */
+    zmq_setsockopt(t->push, ZMQ_SNDHWM, &hwm, sizeof hwm);
+    t->welcomed = true;
+    kd_backoff_reset(&t->backoff);
+    kd_log(KD_LOG_INFO, "TEACHER-WELCOME", "joined run %s: %zu training samples, batch %ld",
+           w->run_id ? w->run_id : "?", t->train->n, r.train.batch_size);
+    return 0;
+}
+
+/* Checks an Assign against the recipe and the split; returns NULL if fine, else why not. */
+static const char *assign_problem(const teacher_t *t, const Kdist__Assign *a, size_t n_batches,
+                                  char *buf, size_t buflen) {
+    if (a->batch_size != (uint32_t)t->recipe.train.batch_size) {
+        snprintf(buf, buflen, "batch_size %u, the recipe says %ld", a->batch_size,
+                 t->recipe.train.batch_size);
+        return buf;
+    }
+    if (a->epoch >= (uint32_t)t->recipe.train.epochs) {
+        snprintf(buf, buflen, "epoch %u, the recipe has %ld epochs", a->epoch,
+                 t->recipe.train.epochs);
+        return buf;
+    }
+    if (t->epoch && a->epoch < t->epoch->epoch) {
+        snprintf(buf, buflen, "epoch %u is older than the current epoch %u", a->epoch,
+                 t->epoch->epoch);
+        return buf;
+    }
+    if (a->n_batch_ids > n_batches) {
+        snprintf(buf, buflen, "%zu batch ids, the epoch has %zu batches", a->n_batch_ids,
+                 n_batches);
+        return buf;
+    }
+    for (size_t i = 0; i < a->n_batch_ids; i++)
+        if (a->batch_ids[i] >= n_batches) {
+            snprintf(buf, buflen, "batch id %u out of range (%zu batches)", a->batch_ids[i],
+                     n_batches);
+            return buf;
+        }
+    return NULL;
+}
+
+static void on_assign(teacher_t *t, const Kdist__Assign *a) {
+    const size_t B = (size_t)t->recipe.train.batch_size;
+    const size_t n_batches = kd_epoch_count(t->train->n, B);
+    char why[160];
+    const char *problem = assign_problem(t, a, n_batches, why, sizeof why);
+    if (problem) {
+        t->assigns_dropped++;
+        drop(t, problem);
+        return;
+    }
+    if (a->seed != (uint64_t)t->recipe.seed && kd_log_allow(&t->drop_limit, 1.0))
+        kd_log(KD_LOG_WARN, "TEACHER-SEED", "assign uses seed %llu, the recipe says %ld",
+               (unsigned long long)a->seed, t->recipe.seed);
+
+    bool new_epoch = !t->epoch || a->epoch != t->epoch->epoch || a->seed != t->epoch->seed;
+    if (new_epoch) {
+        clear_epoch(t);
+        t->epoch = kd_epoch_new(a->seed, a->epoch, t->train->n, B);
+        t->queue = kd_xmalloc(n_batches * sizeof *t->queue);
+        t->scratch = kd_xmalloc(n_batches * sizeof *t->scratch);
+        t->queued = kd_xcalloc(n_batches, 1);
+    }
+    /* New list first, then (restream only) what was left, without repeats. */
+    size_t n = 0;
+    if (!a->restream)
+        for (size_t i = t->q_pos; i < t->q_len; i++) t->queued[t->queue[i]] = 0;
+    for (size_t i = 0; i < a->n_batch_ids; i++) {
+        uint32_t b = a->batch_ids[i];
+        if (t->queued[b] == 2) continue; /* listed twice in this Assign */
+        if (t->queued[b] == 1) t->queued[b] = 0;
+        t->scratch[n++] = b;
+        t->queued[b] = 2;
+    }
+    if (a->restream)
+        for (size_t i = t->q_pos; i < t->q_len; i++)
+            if (t->queued[t->queue[i]] == 1) t->scratch[n++] = t->queue[i];
+    for (size_t i = 0; i < n; i++) t->queued[t->scratch[i]] = 1;
+    uint32_t *tmp = t->queue;
+    t->queue = t->scratch;
+    t->scratch = tmp;
+    t->q_pos = 0;
+    t->q_len = n;
+    kd_log(KD_LOG_INFO, "TEACHER-ASSIGN", "epoch %u: %zu batches assigned%s, %zu queued", a->epoch,
+           a->n_batch_ids, a->restream ? " again (restream)" : "", n);
+}
+
+enum { KEEP_GOING = 0, STOP_NOW = 1, FATAL = -1 };
+
+static int on_message(teacher_t *t, kd_msg_t *m) {
+    kd_env_t *env = m->env;
+    t->last_heard = kd_now();
+    switch (env->body_case) {
+    case KDIST__ENVELOPE__BODY_WELCOME:
+        if (t->welcomed) return drop(t, "a second welcome"), KEEP_GOING;
+        return on_welcome(t, env->welcome) == 0 ? KEEP_GOING : FATAL;
+    case KDIST__ENVELOPE__BODY_REFUSED: {
+        const char *reason = env->refused->reason ? env->refused->reason : "";
+        if (strncmp(reason, "unknown member", 14) == 0) {
+            lose_coordinator(t, "the coordinator does not know this incarnation");
+            return KEEP_GOING;
+        }
+        kd_log(KD_LOG_ERROR, "TEACHER-REFUSED", "the coordinator refused this teacher: %s",
+               reason);
+        return FATAL;
+    }
+    case KDIST__ENVELOPE__BODY_HEARTBEAT: return KEEP_GOING;
+    case KDIST__ENVELOPE__BODY_ASSIGN:
+        if (!t->welcomed) return drop(t, "assign before welcome"), KEEP_GOING;
+        on_assign(t, env->assign);
+        return KEEP_GOING;
+    case KDIST__ENVELOPE__BODY_CONTROL:
+        if (env->control->kind == KDIST__CONTROL__KIND__STOP) {
+            kd_log(KD_LOG_INFO, "TEACHER-STOP", "the coordinator ends the run");
+            return STOP_NOW;
+        }
+        drop(t, "a control message other than stop");
+        return KEEP_GOING;
+    default: {
+        char what[64];
+        snprintf(what, sizeof what, "unexpected %s message", kd_wire_body_name(env));
+        drop(t, what);
+        return KEEP_GOING;
+    }
+    }
+}
+
+/* Reads everything waiting on the DEALER. */
+static int drain_dealer(teacher_t *t) {
+    for (;;) {
+        if (!t->dealer) return KEEP_GOING;
+        kd_msg_t m;
+        char err[KD_ERR_LEN];
+        int rc = kd_wire_recv(t->dealer, false, ZMQ_DONTWAIT, &m, err, sizeof err);
+        if (rc == KD_WIRE_NONE) return KEEP_GOING;
+        if (rc == KD_WIRE_BAD) {
+            drop(t, err);
+            continue;
+        }
+        if (rc == KD_WIRE_CLOSED) {
+            kd_log(KD_LOG_ERROR, "TEACHER-SOCKET", "coordinator socket: %s", err);
+            return FATAL;
+        }
+        int action = on_message(t, &m);
+        kd_msg_close(&m);
+        if (action != KEEP_GOING) return action;
+    }
+}
+
+/* ---- streaming --------------------------------------------------------------------------- */
+
+static void free_buffer(void *data, void *hint) {
+    (void)hint;
+    free(data);
+}
+
+/* Sends the head of the queue without blocking. Returns 1 sent, 0 would block, -1 error. */
+static int send_next_batch(teacher_t *t) {
+    const uint32_t b = t->queue[t->q_pos];
+    const uint32_t *ids;
+    const size_t B = kd_epoch_batch(t->epoch, b, &ids);
+    KD_ASSERT(B > 0); /* ids were checked against n_batches on arrival */
+    const kd_dataset_t *d = t->train;
+    uint8_t *pixels = kd_xmalloc(B * d->sample_dim);
+    int32_t *labels = kd_xmalloc(B * sizeof *labels);
+    for (size_t i = 0; i < B; i++) {
+        memcpy(pixels + i * d->sample_dim, d->pixels + (size_t)ids[i] * d->sample_dim,
+               d->sample_dim);
+        labels[i] = d->labels[ids[i]];
+    }
+    kd_wire_tensor_t tensors[2] = {
+        {.name = "inputs",
+         .dtype = KD_DTYPE_U8,
+         .ndim = 4,
+         .shape = {(int64_t)B, d->channels, d->height, d->width},
+         .data = pixels,
+         .nbytes = B * d->sample_dim,
+         .free_fn = free_buffer},
+        {.name = "labels",
+         .dtype = KD_DTYPE_I32,
+         .ndim = 1,
+         .shape = {(int64_t)B},
+         .data = labels,
+         .nbytes = B * sizeof *labels,
+         .free_fn = free_buffer},
+    };
+    Kdist__BatchRef ref = KDIST__BATCH_REF__INIT;
+    ref.epoch = t->epoch->epoch;
+    ref.batch_id = b;
+    Kdist__Batch batch = KDIST__BATCH__INIT;
+    batch.ref = &ref;
+    batch.teacher_id = (char *)t->id;
+    kd_env_t env = KDIST__ENVELOPE__INIT;
+    env.body_case = KDIST__ENVELOPE__BODY_BATCH;
+    env.batch = &batch;
+    /* On failure kd_wire_send has released both buffers; the batch stays queued. */
+    if (kd_wire_send(t->push, NULL, 0, &env, tensors, 2, ZMQ_DONTWAIT) != 0) {
+        if (errno == EAGAIN || errno == EINTR) return 0;
+        kd_log(KD_LOG_ERROR, "TEACHER-STREAM-FAIL", "cannot send batch %u: %s", b,
+               zmq_strerror(errno));
+        return -1;
+    }
+    t->queued[b] = 0;
+    t->q_pos++;
+    t->batches_streamed++;
+    return 1;
+}
+
+static int stream_some(teacher_t *t) {
+    for (int i = 0; i < SENDS_PER_ROUND && t->q_pos < t->q_len; i++) {
+        int rc = send_next_batch(t);
+        if (rc < 0) return FATAL;
+        if (rc == 0) break;
+    }
+    if (t->q_pos == t->q_len && t->q_len > 0) {
+        kd_log(KD_LOG_INFO, "TEACHER-STREAMED", "epoch %u: every assigned batch is streamed",
+               t->epoch->epoch);
+        t->q_pos = t->q_len = 0;
+    }
+    return KEEP_GOING;
+}
+
+/* ---- main loop --------------------------------------------------------------------------- */
+
+static int poll_timeout_ms(const teacher_t *t, double now) {
+    double next = now + 1.0;
+    if (!t->dealer) {
+        if (t->reconnect_at < next) next = t->reconnect_at;
+    } else {
+        double hb = t->heartbeat_ms / 1000.0;
+        if (t->welcomed && t->last_sent + hb < next) next = t->last_sent + hb;
+        double dead = t->last_heard + t->recipe.cluster.heartbeat_timeout_ms / 1000.0;
+        if (dead < next) next = dead;
+    }
+    double ms = (next - now) * 1000.0 + 1.0;
+    return ms < 0 ? 0 : (int)ms;
+}
+
+static int run(teacher_t *t) {
+    char err[KD_ERR_LEN];
+    for (;;) {
+        if (kd_node_stop_requested) {
+            kd_log(KD_LOG_INFO, "TEACHER-SIGNAL", "stop requested");
+            return STOP_NOW;
+        }
+        double now = kd_now();
+        if (!t->dealer && now >= t->reconnect_at &&
+            connect_coordinator(t, err, sizeof err) != 0) {
+            kd_log(KD_LOG_ERROR, "TEACHER-CONNECT", "%s", err);
+            return FATAL;
+        }
+        if (t->dealer) {
+            if (now - t->last_heard > t->recipe.cluster.heartbeat_timeout_ms / 1000.0) {
+                lose_coordinator(t, t->welcomed ? "no word from the coordinator"
+                                                : "no welcome from the coordinator");
+                continue;
+            }
+            if (t->welcomed && now - t->last_sent >= t->heartbeat_ms / 1000.0) send_heartbeat(t);
+        }
+        zmq_pollitem_t items[2];
+        int n = 0, dealer_i = -1, push_i = -1;
+        if (t->dealer) {
+            items[n] = (zmq_pollitem_t){.socket = t->dealer, .events = ZMQ_POLLIN};
+            dealer_i = n++;
+        }
+        if (t->q_pos < t->q_len) {
+            items[n] = (zmq_pollitem_t){.socket = t->push, .events = ZMQ_POLLOUT};
+            push_i = n++;
+        }
+        int rc = zmq_poll(items, n, poll_timeout_ms(t, now));
+        if (rc < 0) {
+            if (errno == EINTR) continue;
+            kd_log(KD_LOG_ERROR, "TEACHER-POLL", "zmq_poll: %s", zmq_strerror(errno));
+            return FATAL;
+        }
+        if (dealer_i >= 0 && (items[dealer_i].revents & ZMQ_POLLIN)) {
+            int action = drain_dealer(t);
+            if (action != KEEP_GOING) return action;
+        }
+        /* A reconnect or a new Assign in drain_dealer may have emptied the queue. */
+        if (push_i >= 0 && (items[push_i].revents & ZMQ_POLLOUT) && t->q_pos < t->q_len) {
+            int action = stream_some(t);
+            if (action != KEEP_GOING) return action;
+        }
+    }
+}
+
+static int parse_args(teacher_t *t, int argc, char **argv) {
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        const char **dst = NULL;
+        if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) {
+            usage(stdout);
+            exit(0);
+        }
+        if (strcmp(a, "--coordinator") == 0) dst = &t->coordinator;
+        else if (strcmp(a, "--id") == 0) dst = &t->id;
+        else if (strcmp(a, "--recipe") == 0) dst = &t->recipe_path;
+        else if (strcmp(a, "--stream-bind") == 0) dst = &t->stream_bind;
+        else if (strcmp(a, "--log") == 0) dst = &t->log_path;
+        if (dst) {
+            if (i + 1 >= argc) {
+                fprintf(stderr, "kdist-teacher: %s needs a value\n", a);
+                return -1;
+            }
+            *dst = argv[++i];
+        } else if (a[0] != '-' && strchr(a, '=')) {
+            if (t->n_overrides == MAX_OVERRIDES) {
+                fprintf(stderr, "kdist-teacher: more than %d overrides\n", MAX_OVERRIDES);
+                return -1;
+            }
+            t->overrides[t->n_overrides++] = a;
+        } else {
+            fprintf(stderr, "kdist-teacher: unknown argument '%s'\n", a);
+            usage(stderr);
+            return -1;
+        }
+    }
+    if (!t->coordinator || !t->id || !t->recipe_path) {
+        fprintf(stderr, "kdist-teacher: --coordinator, --id and --recipe are required\n");
+        usage(stderr);
+        return -1;
+    }
+    if (!t->id[0] || strlen(t->id) > 64) {
+        fprintf(stderr, "kdist-teacher: --id must be 1 to 64 characters\n");
+        return -1;
+    }
+    return 0;
+}
+
+/* Binds the stream socket; a wildcard address is announced under this host's name. */
+static int bind_stream(teacher_t *t, char *err, size_t errlen) {
+    t->push = zmq_socket(t->ctx, ZMQ_PUSH);
+    if (!t->push) return kd_err(err, errlen, "cannot create socket: %s", zmq_strerror(errno));
+    int zero = 0, hwm = (int)t->recipe.cluster.stream_hwm;
+    zmq_setsockopt(t->push, ZMQ_LINGER, &zero, sizeof zero);
+    zmq_setsockopt(t->push, ZMQ_SNDHWM, &hwm, sizeof hwm);
+    const char *ep = t->stream_bind ? t->stream_bind : "tcp://127.0.0.1:*";
+    char bound[ENDPOINT_MAX];
+    if (kd_socket_bind(t->push, ep, bound, sizeof bound, err, errlen) != 0) return -1;
+    const char *wild = "tcp://0.0.0.0:";
+    if (strncmp(bound, wild, strlen(wild)) == 0) {
+        char host[256];
+        kd_node_hostname(host, sizeof host);
+        snprintf(t->stream_endpoint, sizeof t->stream_endpoint, "tcp://%.255s:%.16s", host,
+                 bound + strlen(wild));
+    } else {
+        snprintf(t->stream_endpoint, sizeof t->stream_endpoint, "%s", bound);
+    }
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    teacher_t t = {0};
+    if (parse_args(&t, argc, argv) != 0) return 2;
+    kd_node_signals_install();
+    if (kd_log_init("teacher", t.id, KD_LOG_INFO, t.log_path) != 0) {
+        fprintf(stderr, "kdist-teacher: cannot open log file %s\n", t.log_path);
+        return 1;
+    }
+    int status = 1;
+    char err[KD_ERR_LEN];
+    if (kd_recipe_load(t.recipe_path, t.overrides, t.n_overrides, &t.recipe, err, sizeof err) !=
+        0) {
+        kd_log(KD_LOG_ERROR, "TEACHER-RECIPE", "%s", err);
+        goto cleanup;
+    }
+    kd_log_level_t level;
+    if (kd_log_level_parse(t.recipe.logging.level, &level) == 0) kd_log_threshold = level;
+    if (load_train(&t, err, sizeof err) != 0) {
+        kd_log(KD_LOG_ERROR, "TEACHER-DATA", "%s", err);
+        goto cleanup;
+    }
+    t.heartbeat_ms = (int)t.recipe.cluster.heartbeat_ms;
+    t.ctx = zmq_ctx_new();
+    if (!t.ctx || bind_stream(&t, err, sizeof err) != 0) {
+        kd_log(KD_LOG_ERROR, "TEACHER-BIND", "%s", t.ctx ? err : "cannot create a ZeroMQ context");
+        goto cleanup;
+    }
+    int rc = run(&t);
+    if (rc == STOP_NOW) {
+        send_goodbye(&t, kd_node_stop_requested ? "signal" : "stop");
+        status = 0;
+    }
+    kd_log(KD_LOG_INFO, "TEACHER-EXIT", "%llu batches streamed, %llu messages dropped (%llu assigns)",
+           (unsigned long long)t.batches_streamed, (unsigned long long)t.messages_dropped,
+           (unsigned long long)t.assigns_dropped);
+cleanup:
+    if (t.dealer) zmq_close(t.dealer);
+    if (t.push) zmq_close(t.push);
+    if (t.ctx) zmq_ctx_term(t.ctx);
+    clear_epoch(&t);
+    kd_dataset_destroy(&t.train);
+    kd_log_close();
+    return status;
+}

@@ -1,0 +1,97 @@
+/* kd_test_cluster: starting kdist's real processes from a test and waiting for them with a
+ * deadline (polling for the event, never sleeping a fixed time). Header-only for tests. */
+#ifndef KD_TEST_CLUSTER_H
+#define KD_TEST_CLUSTER_H
+
+#include <fcntl.h>
+#include <signal.h>
+#include <spawn.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+extern char **environ;
+
+static inline double kd_test_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* Path of a kdist binary: $KD_BIN_DIR/name (ctest sets it), else ../build/bin/name. */
+static inline const char *kd_test_bin(const char *name) {
+    static char paths[8][1024];
+    static int next = 0;
+    char *p = paths[next++ % 8];
+    const char *dir = getenv("KD_BIN_DIR");
+    snprintf(p, 1024, "%s/%s", dir ? dir : "../build/bin", name);
+    return p;
+}
+
+/* Starts argv (NULL-terminated) with stdout and stderr appended to log_path. */
+static inline pid_t kd_test_spawn(char *const argv[], const char *log_path) {
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_addopen(&fa, STDOUT_FILENO, log_path, O_WRONLY | O_CREAT | O_APPEND,
+                                     0644);
+    posix_spawn_file_actions_adddup2(&fa, STDOUT_FILENO, STDERR_FILENO);
+    pid_t pid = -1;
+    if (posix_spawn(&pid, argv[0], &fa, NULL, argv, environ) != 0) pid = -1;
+    posix_spawn_file_actions_destroy(&fa);
+    return pid;
+}
+
+/* Waits for pid until the deadline (seconds from now). Returns the exit code, 128+signal for
+ * a signal, or -1 on timeout (the process is then killed with SIGKILL and reaped). */
+static inline int kd_test_wait(pid_t pid, double seconds) {
+    double deadline = kd_test_now() + seconds;
+    int status;
+    for (;;) {
+        pid_t r = waitpid(pid, &status, WNOHANG);
+        if (r == pid) break;
+        if (r < 0) return -1;
+        if (kd_test_now() > deadline) {
+            kill(pid, SIGKILL);
+            waitpid(pid, &status, 0);
+            return -1;
+        }
+        struct timespec tick = {0, 10 * 1000 * 1000}; /* poll the exit every 10 ms */
+        nanosleep(&tick, NULL);
+    }
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+/* Waits until path exists (a process announces readiness by writing it). */
+static inline bool kd_test_wait_file(const char *path, double seconds) {
+    double deadline = kd_test_now() + seconds;
+    while (access(path, F_OK) != 0) {
+        if (kd_test_now() > deadline) return false;
+        struct timespec tick = {0, 10 * 1000 * 1000};
+        nanosleep(&tick, NULL);
+    }
+    return true;
+}
+
+/* Reads a whole small text file into buf (NUL-terminated); false if unreadable. */
+static inline bool kd_test_read_text(const char *path, char *buf, size_t len) {
+    FILE *f = fopen(path, "r");
+    if (!f) return false;
+    size_t n = fread(buf, 1, len - 1, f);
+    buf[n] = 0;
+    fclose(f);
+    return true;
+}
+
+/* Prints the last lines of a log, for a failing test's output. */
+static inline void kd_test_show_log(const char *path) {
+    char cmd[8192];
+    if (snprintf(cmd, sizeof cmd, "echo '--- %s'; tail -n 15 '%s'", path, path) >= (int)sizeof cmd)
+        return;
+    if (system(cmd) != 0) fprintf(stderr, "(cannot show %s)\n", path);
+}
+
+#endif

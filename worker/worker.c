@@ -1,0 +1,736 @@
+/* kdist-worker: a stateless student worker (DESIGN §2-3, docs/protocol.md). Gets model, recipe,
+ * weights and teacher endpoints from the coordinator's Welcome; then, batch after batch, pulls
+ * a batch from the teachers, computes the gradient, pushes it and waits for the answer.
+ * One thread, one zmq_poll loop; nothing is allocated per step.
+ *   usage: kdist-worker --coordinator ENDPOINT [--id ID] [--threads N] [--log FILE] */
+#include <errno.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "kd_checkpoint.h"
+#include "kd_log.h"
+#include "kd_node.h"
+#include "kd_recipe.h"
+#include "kd_train.h"
+#include "kd_util.h"
+#include "kd_wire.h"
+
+#define MAX_TEACHERS    256
+#define ENDPOINT_MAX    512
+#define WAITING_AFTER   0.020 /* s without a batch before the coordinator hears we are idle */
+#define MAX_INPUT_DIM   4096
+#define MAX_SAMPLE_SIZE (1 << 24)
+#define MAX_CLASSES     (1 << 20)
+#define SPEC_MAX        4096
+
+typedef enum { ST_HELLO, ST_IDLE, ST_WAIT_WEIGHTS } worker_state_t;
+
+typedef struct {
+    /* options */
+    const char *coordinator, *log_path;
+    char id[128];
+    int threads;
+
+    void *ctx, *dealer, *pull;
+    uint64_t incarnation;
+    worker_state_t state;
+    double last_sent, last_heard, reconnect_at;
+    int heartbeat_ms;
+    kd_backoff_t backoff;
+
+    /* From the Welcome. */
+    kd_recipe_t recipe;
+    kd_model_t *model;
+    char run_id[128];
+    int num_classes;
+    size_t sample_dim;
+    uint64_t version, clock;
+    char *endpoints[MAX_TEACHERS]; /* connected PULL endpoints */
+    int n_endpoints;
+
+    /* Step buffers, sized for recipe.train.batch_size. */
+    size_t batch_cap;
+    float *x;       /* (B, C*H*W) */
+    int32_t *y;     /* (B) */
+    float *dlogits; /* (B, num_classes) */
+
+    /* The batch in hand. */
+    uint32_t epoch, batch_id;
+    int B;
+    kd_loss_stats_t stats;
+
+    /* Zero-copy gradient: ZeroMQ reads model->grads until it calls release_grads. */
+    atomic_int grads_in_flight;
+
+    /* Timing: phase_seconds of the push being prepared; wait-weights is the previous step's. */
+    double idle_since, push_done, push_seconds, wait_weights;
+    bool waiting_announced;
+    double fwd_before[KD_MAX_LAYERS], bwd_before[KD_MAX_LAYERS];
+    double fwd[KD_MAX_LAYERS], bwd[KD_MAX_LAYERS];
+    float inv255[256];
+
+    /* Counters and rate limits. */
+    uint64_t steps, samples, dropped;
+    double report_t, report_samples;
+    kd_log_limit_t drop_limit, send_limit, step_limit;
+} worker_t;
+
+enum { KEEP_GOING = 0, STOP_NOW = 1, FATAL = -1 };
+
+static void usage(FILE *out) {
+    fprintf(out, "usage: kdist-worker --coordinator ENDPOINT [--id ID] [--threads N] [--log FILE]\n");
+}
+
+/* Network input that does not check out: count it, say so at most once a second. */
+static void drop(worker_t *w, const char *from, const char *what) {
+    w->dropped++;
+    if (kd_log_allow(&w->drop_limit, 1.0))
+        kd_log(KD_LOG_WARN, "KD-WIRE-DROP", "from %s: %s (%llu dropped so far)", from, what,
+               (unsigned long long)w->dropped);
+}
+
+/* ---- sending ----------------------------------------------------------------------------- */
+
+static int send_env(worker_t *w, kd_env_t *env, const kd_wire_tensor_t *tensors, int n) {
+    if (kd_wire_send(w->dealer, NULL, 0, env, tensors, n, ZMQ_DONTWAIT) != 0) {
+        if (kd_log_allow(&w->send_limit, 1.0))
+            kd_log(KD_LOG_WARN, "WORKER-SEND-FAIL", "cannot send %s to the coordinator: %s",
+                   kd_wire_body_name(env), zmq_strerror(errno));
+        return -1;
+    }
+    w->last_sent = kd_now();
+    return 0;
+}
+
+static void send_heartbeat(worker_t *w, bool waiting) {
+    Kdist__Heartbeat hb = KDIST__HEARTBEAT__INIT;
+    hb.waiting_for_batch = waiting;
+    hb.rss_bytes = kd_node_rss_bytes();
+    kd_env_t env = KDIST__ENVELOPE__INIT;
+    env.body_case = KDIST__ENVELOPE__BODY_HEARTBEAT;
+    env.heartbeat = &hb;
+    send_env(w, &env, NULL, 0);
+}
+
+/* Says Goodbye and lets the DEALER flush it before the socket closes. */
+static void send_goodbye(worker_t *w, const char *reason) {
+    if (!w->dealer) return;
+    Kdist__Goodbye bye = KDIST__GOODBYE__INIT;
+    bye.reason = (char *)reason;
+    kd_env_t env = KDIST__ENVELOPE__INIT;
+    env.body_case = KDIST__ENVELOPE__BODY_GOODBYE;
+    env.goodbye = &bye;
+    send_env(w, &env, NULL, 0);
+    int linger = 1000;
+    zmq_setsockopt(w->dealer, ZMQ_LINGER, &linger, sizeof linger);
+}
+
+static void release_grads(void *data, void *hint) {
+    (void)data;
+    atomic_store((atomic_int *)hint, 0);
+}
+
+/* model->grads may be written again only when ZeroMQ has let go of the last push. By then the
+ * coordinator has answered, so this normally returns at once. */
+static void wait_grads_released(worker_t *w) {
+    double t0 = kd_now();
+    bool told = false;
+    while (atomic_load(&w->grads_in_flight)) {
+        struct timespec ts = {0, 20000};
+        nanosleep(&ts, NULL);
+        if (!told && kd_now() - t0 > 1.0) {
+            kd_log(KD_LOG_WARN, "WORKER-GRADS-BUSY", "ZeroMQ still holds the last gradient");
+            told = true;
+        }
+    }
+}
+
+/* ---- connection -------------------------------------------------------------------------- */
+
+static int connect_coordinator(worker_t *w, char *err, size_t errlen) {
+    w->incarnation = kd_wire_new_incarnation();
+    char identity[256];
+    kd_wire_identity(identity, sizeof identity, "worker", w->id, w->incarnation);
+    w->dealer = kd_socket_dealer(w->ctx, identity, w->coordinator, w->heartbeat_ms, err, errlen);
+    if (!w->dealer) return -1;
+    char host[256];
+    kd_node_hostname(host, sizeof host);
+    Kdist__Hello hello = KDIST__HELLO__INIT;
+    hello.role = KDIST__ROLE__WORKER;
+    hello.node_id = w->id;
+    hello.incarnation = w->incarnation;
+    hello.host = host;
+    hello.pid = (uint32_t)getpid();
+    hello.threads = (uint32_t)w->threads;
+    kd_env_t env = KDIST__ENVELOPE__INIT;
+    env.body_case = KDIST__ENVELOPE__BODY_HELLO;
+    env.hello = &hello;
+    send_env(w, &env, NULL, 0);
+    w->state = ST_HELLO;
+    w->clock = 0;
+    w->last_heard = kd_now();
+    kd_log(KD_LOG_INFO, "WORKER-HELLO", "said hello to %s as %s", w->coordinator, identity);
+    return 0;
+}
+
+/* The coordinator is gone or forgot us: drop the socket and the batch in hand (the coordinator
+ * streams it again) and say hello again after the back-off. */
+static void lose_coordinator(worker_t *w, const char *why) {
+    int delay = kd_backoff_next(&w->backoff);
+    kd_log(KD_LOG_WARN, "WORKER-RECONNECT", "%s; saying hello again in %d ms", why, delay);
+    zmq_close(w->dealer);
+    w->dealer = NULL;
+    w->state = ST_HELLO;
+    w->reconnect_at = kd_now() + delay / 1000.0;
+}
+
+/* Connects the PULL to every endpoint not connected yet. */
+static void connect_teachers(worker_t *w, char **endpoints, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        const char *ep = endpoints[i];
+        size_t len = ep ? strlen(ep) : 0;
+        if (len == 0 || len >= ENDPOINT_MAX) {
+            drop(w, "the coordinator", "a teacher endpoint that is empty or too long");
+            continue;
+        }
+        bool known = false;
+        for (int j = 0; j < w->n_endpoints && !known; j++)
+            known = strcmp(w->endpoints[j], ep) == 0;
+        if (known) continue;
+        if (w->n_endpoints == MAX_TEACHERS) {
+            drop(w, "the coordinator", "more teacher endpoints than a worker follows");
+            return;
+        }
+        if (zmq_connect(w->pull, ep) != 0) {
+            char what[ENDPOINT_MAX + 64];
+            snprintf(what, sizeof what, "cannot connect to teacher %s: %s", ep,
+                     zmq_strerror(errno));
+            drop(w, "the coordinator", what);
+            continue;
+        }
+        w->endpoints[w->n_endpoints++] = kd_xstrdup(ep);
+        kd_log(KD_LOG_INFO, "WORKER-TEACHER", "pulling batches from %s", ep);
+    }
+}
+
+/* Checks the Welcome's weights frame and copies it into the model. */
+static int take_weights(worker_t *w, const kd_msg_t *m, char *err, size_t errlen) {
+    const int64_t shape[1] = {(int64_t)w->model->n_params};
+    const float *src = kd_msg_tensor(m, 0, "weights", KD_DTYPE_F32, 1, shape, err, errlen);
+    if (!src) return -1;
+    memcpy(w->model->params, src, w->model->n_params * sizeof(float));
+    return 0;
+}
+
+static void free_step_buffers(worker_t *w) {
+    free(w->x);
+    free(w->y);
+    free(w->dlogits);
+    w->x = w->dlogits = NULL;
+    w->y = NULL;
+    w->batch_cap = 0;
+}
+
+/* Builds the student the Welcome describes. Anything that does not match is fatal: this
+ * worker cannot compute gradients for that model. */
+static int on_welcome(worker_t *w, const kd_msg_t *m) {
+    const Kdist__Welcome *wel = m->env->welcome;
+    char err[KD_ERR_LEN];
+    kd_recipe_t r;
+    if (!wel->recipe_yaml || kd_recipe_parse("welcome", wel->recipe_yaml, strlen(wel->recipe_yaml),
+                                             NULL, 0, &r, err, sizeof err) != 0) {
+        kd_log(KD_LOG_ERROR, "WORKER-BAD-WELCOME", "the coordinator's recipe does not load: %s",
+               wel->recipe_yaml ? err : "no recipe");
+        return FATAL;
+    }
+    if (r.distill.loss.alpha > 0) {
+        kd_log(KD_LOG_ERROR, "WORKER-DISTILL",
+               "distill.alpha is %g: distillation needs teacher logits, which come with the "
+               "teacher-node milestone",
+               (double)r.distill.loss.alpha);
+        return FATAL;
+    }
+    const Kdist__Shape *in = wel->input;
+    if (!in || in->c < 1 || in->h < 1 || in->w < 1 || in->c > MAX_INPUT_DIM ||
+        in->h > MAX_INPUT_DIM || in->w > MAX_INPUT_DIM ||
+        (int64_t)in->c * in->h * in->w > MAX_SAMPLE_SIZE || wel->num_classes < 2 ||
+        wel->num_classes > MAX_CLASSES) {
+        kd_log(KD_LOG_ERROR, "WORKER-BAD-WELCOME", "input shape or class count out of range");
+        return FATAL;
+    }
+    kd_log_level_t level;
+    if (kd_log_level_parse(r.logging.level, &level) == 0) kd_log_threshold = level;
+
+    /* A model the last gradient may still be read from is not freed under ZeroMQ's feet. */
+    wait_grads_released(w);
+    kd_model_destroy(&w->model);
+    kd_shape_t shape = {in->c, in->h, in->w};
+    if (kd_model_new(r.student.layers, r.student.n_layers, shape, &w->model, err, sizeof err) !=
+        0) {
+        kd_log(KD_LOG_ERROR, "WORKER-MODEL", "student.layers: %s", err);
+        return FATAL;
+    }
+    char spec[SPEC_MAX];
+    kd_model_describe(w->model, spec, sizeof spec);
+    if (w->model->num_classes != (int)wel->num_classes ||
+        strcmp(spec, wel->model_spec ? wel->model_spec : "") != 0 ||
+        w->model->n_params != wel->n_params) {
+        kd_log(KD_LOG_ERROR, "WORKER-MODEL",
+               "the student built from the recipe (%s, %zu params, %d classes) is not the "
+               "coordinator's (%s, %llu params, %u classes)",
+               spec, w->model->n_params, w->model->num_classes,
+               wel->model_spec ? wel->model_spec : "", (unsigned long long)wel->n_params,
+               wel->num_classes);
+        return FATAL;
+    }
+    if (take_weights(w, m, err, sizeof err) != 0) {
+        kd_log(KD_LOG_ERROR, "WORKER-BAD-WELCOME", "weights: %s", err);
+        return FATAL;
+    }
+    w->recipe = r;
+    w->num_classes = (int)wel->num_classes;
+    w->sample_dim = kd_shape_size(shape);
+    w->version = wel->weights_version;
+    snprintf(w->run_id, sizeof w->run_id, "%s", wel->run_id ? wel->run_id : "");
+
+    free_step_buffers(w);
+    w->batch_cap = (size_t)r.train.batch_size;
+    w->x = kd_alloc_floats(w->batch_cap * w->sample_dim);
+    w->y = kd_xmalloc(w->batch_cap * sizeof *w->y);
+    w->dlogits = kd_alloc_floats(w->batch_cap * (size_t)w->num_classes);
+    kd_set_threads(w->threads > 0 ? w->threads : (int)r.train.threads);
+
+    if (!w->pull) {
+        w->pull = zmq_socket(w->ctx, ZMQ_PULL);
+        if (!w->pull) {
+            kd_log(KD_LOG_ERROR, "WORKER-SOCKET", "cannot create socket: %s", zmq_strerror(errno));
+            return FATAL;
+        }
+        int zero = 0;
+        int64_t max = KD_WIRE_MAX_MESSAGE;
+        zmq_setsockopt(w->pull, ZMQ_LINGER, &zero, sizeof zero);
+        zmq_setsockopt(w->pull, ZMQ_MAXMSGSIZE, &max, sizeof max);
+    }
+    /* Applies to the connections made from now on. */
+    int hwm = (int)r.cluster.stream_hwm;
+    zmq_setsockopt(w->pull, ZMQ_RCVHWM, &hwm, sizeof hwm);
+    connect_teachers(w, wel->teacher_endpoints, wel->n_teacher_endpoints);
+
+    w->heartbeat_ms = wel->heartbeat_ms > 0 ? (int)wel->heartbeat_ms : (int)r.cluster.heartbeat_ms;
+    w->state = ST_IDLE;
+    w->idle_since = kd_now();
+    w->waiting_announced = false;
+    w->wait_weights = w->push_seconds = 0;
+    kd_backoff_reset(&w->backoff);
+    kd_log(KD_LOG_INFO, "WORKER-WELCOME",
+           "joined run %s: %s, %zu params, weights version %llu, %d teacher(s), batch %ld",
+           w->run_id, spec, w->model->n_params, (unsigned long long)w->version, w->n_endpoints,
+           r.train.batch_size);
+    return KEEP_GOING;
+}
+
+/* ---- a training step --------------------------------------------------------------------- */
+
+/* Checks a Batch and copies it into the step buffers. Returns 0, or -1 with err set. */
+static int take_batch(worker_t *w, const kd_msg_t *m, char *err, size_t errlen) {
+    if (m->env->body_case != KDIST__ENVELOPE__BODY_BATCH)
+        return kd_err(err, errlen, "a %s message on the batch stream", kd_wire_body_name(m->env));
+    const Kdist__Batch *b = m->env->batch;
+    if (!b->ref) return kd_err(err, errlen, "batch without a reference");
+    if (b->ref->epoch >= (uint32_t)w->recipe.train.epochs)
+        return kd_err(err, errlen, "batch of epoch %u, the run has %ld", b->ref->epoch,
+                      w->recipe.train.epochs);
+    if (m->n_tensors != 2)
+        return kd_err(err, errlen, "batch with %d tensors, expected inputs and labels",
+                      m->n_tensors);
+    const kd_shape_t in = w->model->input;
+    const int64_t in_shape[4] = {-1, in.c, in.h, in.w};
+    const uint8_t *pixels = kd_msg_tensor(m, 0, "inputs", KD_DTYPE_U8, 4, in_shape, err, errlen);
+    if (!pixels) return -1;
+    const int64_t B = m->env->tensors[0]->shape[0];
+    if (B < 1 || B > (int64_t)w->batch_cap)
+        return kd_err(err, errlen, "batch of %lld samples (1..%zu allowed)", (long long)B,
+                      w->batch_cap);
+    const int64_t label_shape[1] = {B};
+    const int32_t *labels =
+        kd_msg_tensor(m, 1, "labels", KD_DTYPE_I32, 1, label_shape, err, errlen);
+    if (!labels) return -1;
+    for (int64_t i = 0; i < B; i++)
+        if (labels[i] < 0 || labels[i] >= w->num_classes)
+            return kd_err(err, errlen, "label %d of sample %lld out of range [0, %d)", labels[i],
+                          (long long)i, w->num_classes);
+    const size_t n = (size_t)B * w->sample_dim;
+    for (size_t i = 0; i < n; i++) w->x[i] = w->inv255[pixels[i]];
+    memcpy(w->y, labels, (size_t)B * sizeof *labels);
+    w->epoch = b->ref->epoch;
+    w->batch_id = b->ref->batch_id;
+    w->B = (int)B;
+    return 0;
+}
+
+/* Gradient of the batch in hand on the current weights, pushed to the coordinator.
+ * wait_batch and t_start: the first phase, and when computing started. */
+static int compute_and_push(worker_t *w, double wait_batch, double t_start) {
+    kd_model_t *m = w->model;
+    wait_grads_released(w);
+    memcpy(w->fwd_before, m->forward_seconds, sizeof w->fwd_before);
+    memcpy(w->bwd_before, m->backward_seconds, sizeof w->bwd_before);
+    memset(&w->stats, 0, sizeof w->stats);
+    const uint64_t key = kd_batch_key((uint64_t)w->recipe.seed, w->epoch, w->batch_id);
+    kd_train_gradient(m, &w->recipe.distill.loss, w->x, w->y, NULL, w->B, key, w->dlogits,
+                      &w->stats);
+    for (int l = 0; l < m->n_layers; l++) {
+        w->fwd[l] = m->forward_seconds[l] - w->fwd_before[l];
+        w->bwd[l] = m->backward_seconds[l] - w->bwd_before[l];
+    }
+    const double t_computed = kd_now();
+
+    /* A push cannot carry its own send time: like wait-weights, the push phase is the
+     * previous step's. */
+    double phases[4] = {wait_batch, t_computed - t_start, w->push_seconds, w->wait_weights};
+    Kdist__BatchRef ref = KDIST__BATCH_REF__INIT;
+    ref.epoch = w->epoch;
+    ref.batch_id = w->batch_id;
+    Kdist__PushGradient push = KDIST__PUSH_GRADIENT__INIT;
+    push.ref = &ref;
+    push.base_version = w->version;
+    push.clock = ++w->clock;
+    push.samples = (uint32_t)w->B;
+    push.loss_sum = w->stats.loss_sum;
+    push.correct = (uint32_t)w->stats.correct;
+    push.n_phase_seconds = 4;
+    push.phase_seconds = phases;
+    push.n_layer_forward_seconds = push.n_layer_backward_seconds = (size_t)m->n_layers;
+    push.layer_forward_seconds = w->fwd;
+    push.layer_backward_seconds = w->bwd;
+    push.rss_bytes = kd_node_rss_bytes();
+    kd_wire_tensor_t grad = {.name = "gradient",
+                             .dtype = KD_DTYPE_F32,
+                             .ndim = 1,
+                             .shape = {(int64_t)m->n_params},
+                             .data = m->grads,
+                             .nbytes = m->n_params * sizeof(float),
+                             .free_fn = release_grads,
+                             .hint = &w->grads_in_flight};
+    kd_env_t env = KDIST__ENVELOPE__INIT;
+    env.body_case = KDIST__ENVELOPE__BODY_PUSH;
+    env.push = &push;
+    atomic_store(&w->grads_in_flight, 1);
+    if (send_env(w, &env, &grad, 1) != 0) {
+        /* Nowhere to send (the pipe is gone): the reconnect path streams the batch again. */
+        lose_coordinator(w, "cannot push the gradient");
+        return KEEP_GOING;
+    }
+    w->push_done = kd_now();
+    w->push_seconds = w->push_done - t_computed;
+    w->state = ST_WAIT_WEIGHTS;
+    w->steps++;
+    w->samples += (uint64_t)w->B;
+    w->report_samples += w->B;
+    return KEEP_GOING;
+}
+
+/* Progress line, at most every 10 s. */
+static void report(worker_t *w) {
+    double now = kd_now();
+    if (now - w->report_t < 10.0) return;
+    if (w->report_t > 0)
+        kd_log(KD_LOG_INFO, "WORKER-PROGRESS",
+               "%llu steps, %.0f samples/s, last loss %.4f, weights version %llu",
+               (unsigned long long)w->steps, w->report_samples / (now - w->report_t),
+               w->stats.count ? w->stats.loss_sum / w->stats.count : 0.0,
+               (unsigned long long)w->version);
+    w->report_t = now;
+    w->report_samples = 0;
+}
+
+/* The answer to a push (or, when idle, a stop or fresh weights). */
+static int on_weights(worker_t *w, const kd_msg_t *m) {
+    const Kdist__Weights *wt = m->env->weights;
+    char err[KD_ERR_LEN];
+    if (wt->stop) {
+        kd_log(KD_LOG_INFO, "WORKER-STOP", "the coordinator says stop");
+        return STOP_NOW;
+    }
+    if (w->state != ST_WAIT_WEIGHTS) {
+        /* Not an answer: fresh weights for an idle worker are welcome, nothing else is. */
+        if (m->n_tensors == 1 && take_weights(w, m, err, sizeof err) == 0) w->version = wt->version;
+        else drop(w, "the coordinator", "weights while no push was pending");
+        return KEEP_GOING;
+    }
+    if (wt->wait) {
+        /* SSP: too far ahead; the weights follow when the slowest catch up. */
+        return kd_node_stop_requested ? STOP_NOW : KEEP_GOING;
+    }
+    bool has = m->n_tensors > 0;
+    if (has && take_weights(w, m, err, sizeof err) != 0) {
+        drop(w, "the coordinator", err);
+        return KEEP_GOING;
+    }
+    if (!has && (wt->redo || !wt->duplicate)) {
+        drop(w, "the coordinator", "an answer without the weights it needs");
+        return KEEP_GOING;
+    }
+    const double now = kd_now();
+    w->wait_weights = now - w->push_done;
+    if (has) w->version = wt->version;
+    if (kd_node_stop_requested) return STOP_NOW;
+    if (wt->redo) {
+        /* Sync: too late for its step; the same batch again on the new weights. */
+        return compute_and_push(w, 0.0, now);
+    }
+    w->state = ST_IDLE;
+    w->idle_since = now;
+    w->waiting_announced = false;
+    report(w);
+    return KEEP_GOING;
+}
+
+static int on_coordinator_message(worker_t *w, const kd_msg_t *m) {
+    kd_env_t *env = m->env;
+    w->last_heard = kd_now();
+    switch (env->body_case) {
+    case KDIST__ENVELOPE__BODY_WELCOME:
+        if (w->state != ST_HELLO) return drop(w, "the coordinator", "a second welcome"), KEEP_GOING;
+        return on_welcome(w, m);
+    case KDIST__ENVELOPE__BODY_REFUSED: {
+        const char *reason = env->refused->reason ? env->refused->reason : "";
+        if (strncmp(reason, "unknown member", 14) == 0) {
+            lose_coordinator(w, "the coordinator does not know this incarnation");
+            return KEEP_GOING;
+        }
+        kd_log(KD_LOG_ERROR, "WORKER-REFUSED", "the coordinator refused this worker: %s", reason);
+        return FATAL;
+    }
+    case KDIST__ENVELOPE__BODY_HEARTBEAT: return KEEP_GOING;
+    case KDIST__ENVELOPE__BODY_WEIGHTS:
+        if (w->state == ST_HELLO)
+            return drop(w, "the coordinator", "weights before welcome"), KEEP_GOING;
+        return on_weights(w, m);
+    case KDIST__ENVELOPE__BODY_PEERS:
+        if (w->state == ST_HELLO)
+            return drop(w, "the coordinator", "peers before welcome"), KEEP_GOING;
+        connect_teachers(w, env->peers->teacher_endpoints, env->peers->n_teacher_endpoints);
+        return KEEP_GOING;
+    case KDIST__ENVELOPE__BODY_CONTROL:
+        if (env->control->kind == KDIST__CONTROL__KIND__STOP) {
+            /* Not in the protocol for workers, but its meaning is plain: stop like SIGTERM. */
+            kd_node_stop_requested = 1;
+            return KEEP_GOING;
+        }
+        drop(w, "the coordinator", "a control message other than stop");
+        return KEEP_GOING;
+    default: {
+        char what[64];
+        snprintf(what, sizeof what, "unexpected %s message", kd_wire_body_name(env));
+        drop(w, "the coordinator", what);
+        return KEEP_GOING;
+    }
+    }
+}
+
+static int drain_dealer(worker_t *w) {
+    while (w->dealer) {
+        kd_msg_t m;
+        char err[KD_ERR_LEN];
+        int rc = kd_wire_recv(w->dealer, false, ZMQ_DONTWAIT, &m, err, sizeof err);
+        if (rc == KD_WIRE_NONE) break;
+        if (rc == KD_WIRE_BAD) {
+            drop(w, "the coordinator", err);
+            continue;
+        }
+        if (rc == KD_WIRE_CLOSED) {
+            kd_log(KD_LOG_ERROR, "WORKER-SOCKET", "coordinator socket: %s", err);
+            return FATAL;
+        }
+        int action = on_coordinator_message(w, &m);
+        kd_msg_close(&m);
+        if (action != KEEP_GOING) return action;
+    }
+    return KEEP_GOING;
+}
+
+/* One batch off the PULL socket, if one is there: checked, then trained on. */
+static int pull_batch(worker_t *w) {
+    kd_msg_t m;
+    char err[KD_ERR_LEN];
+    int rc = kd_wire_recv(w->pull, false, ZMQ_DONTWAIT, &m, err, sizeof err);
+    if (rc == KD_WIRE_NONE) return KEEP_GOING;
+    if (rc == KD_WIRE_CLOSED) {
+        kd_log(KD_LOG_ERROR, "WORKER-SOCKET", "batch socket: %s", err);
+        return FATAL;
+    }
+    const double t_start = kd_now();
+    if (rc == KD_WIRE_BAD || take_batch(w, &m, err, sizeof err) != 0) {
+        drop(w, "a teacher", err);
+        if (rc == KD_WIRE_OK) kd_msg_close(&m);
+        return KEEP_GOING;
+    }
+    kd_msg_close(&m);
+    return compute_and_push(w, t_start - w->idle_since, t_start);
+}
+
+/* ---- main loop --------------------------------------------------------------------------- */
+
+static int poll_timeout_ms(const worker_t *w, double now) {
+    double next = now + 1.0;
+    if (!w->dealer) {
+        next = w->reconnect_at;
+    } else {
+        if (w->state != ST_HELLO) {
+            double hb = w->last_sent + w->heartbeat_ms / 1000.0;
+            if (hb < next) next = hb;
+        }
+        if (w->state == ST_IDLE && !w->waiting_announced && w->idle_since + WAITING_AFTER < next)
+            next = w->idle_since + WAITING_AFTER;
+        double dead = w->last_heard + w->recipe.cluster.heartbeat_timeout_ms / 1000.0;
+        if (dead < next) next = dead;
+    }
+    double ms = (next - now) * 1000.0 + 1.0;
+    return ms < 0 ? 0 : ms > 1000 ? 1000 : (int)ms;
+}
+
+static int run(worker_t *w) {
+    char err[KD_ERR_LEN];
+    for (;;) {
+        /* A step in progress finishes first: its answer is awaited in ST_WAIT_WEIGHTS. */
+        if (kd_node_stop_requested && (w->state != ST_WAIT_WEIGHTS || !w->dealer)) return STOP_NOW;
+        double now = kd_now();
+        if (!w->dealer) {
+            if (now >= w->reconnect_at) {
+                if (connect_coordinator(w, err, sizeof err) != 0) {
+                    kd_log(KD_LOG_ERROR, "WORKER-CONNECT", "%s", err);
+                    return FATAL;
+                }
+            } else {
+                zmq_poll(NULL, 0, poll_timeout_ms(w, now));
+                continue;
+            }
+        }
+        if (now - w->last_heard > w->recipe.cluster.heartbeat_timeout_ms / 1000.0) {
+            lose_coordinator(w, w->state == ST_HELLO ? "no welcome from the coordinator"
+                                                     : "no word from the coordinator");
+            continue;
+        }
+        if (w->state == ST_IDLE && !w->waiting_announced && now - w->idle_since > WAITING_AFTER) {
+            send_heartbeat(w, true);
+            w->waiting_announced = true;
+        } else if (w->state != ST_HELLO && now - w->last_sent >= w->heartbeat_ms / 1000.0) {
+            send_heartbeat(w, w->state == ST_IDLE && w->waiting_announced);
+        }
+
+        zmq_pollitem_t items[2] = {{.socket = w->dealer, .events = ZMQ_POLLIN},
+                                   {.socket = w->pull, .events = ZMQ_POLLIN}};
+        int n = w->state == ST_IDLE ? 2 : 1;
+        int rc = zmq_poll(items, n, poll_timeout_ms(w, now));
+        if (rc < 0) {
+            if (errno == EINTR) continue;
+            kd_log(KD_LOG_ERROR, "WORKER-POLL", "zmq_poll: %s", zmq_strerror(errno));
+            return FATAL;
+        }
+        /* Control first: a stop or new membership must not wait behind a step. */
+        if (items[0].revents & ZMQ_POLLIN) {
+            int action = drain_dealer(w);
+            if (action != KEEP_GOING) return action;
+        }
+        if (n == 2 && w->state == ST_IDLE && w->dealer && !kd_node_stop_requested &&
+            (items[1].revents & ZMQ_POLLIN)) {
+            int action = pull_batch(w);
+            if (action != KEEP_GOING) return action;
+        }
+    }
+}
+
+static int parse_args(worker_t *w, int argc, char **argv) {
+    const char *id = NULL;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) {
+            usage(stdout);
+            exit(0);
+        }
+        bool takes_value = strcmp(a, "--coordinator") == 0 || strcmp(a, "--id") == 0 ||
+                           strcmp(a, "--threads") == 0 || strcmp(a, "--log") == 0;
+        if (!takes_value) {
+            fprintf(stderr, "kdist-worker: unknown argument '%s'\n", a);
+            usage(stderr);
+            return -1;
+        }
+        if (i + 1 >= argc) {
+            fprintf(stderr, "kdist-worker: %s needs a value\n", a);
+            return -1;
+        }
+        const char *v = argv[++i];
+        if (strcmp(a, "--coordinator") == 0) w->coordinator = v;
+        else if (strcmp(a, "--id") == 0) id = v;
+        else if (strcmp(a, "--log") == 0) w->log_path = v;
+        else {
+            long n;
+            if (kd_parse_long(v, &n) != 0 || n < 0 || n > 1024) {
+                fprintf(stderr, "kdist-worker: --threads must be 0..1024, not '%s'\n", v);
+                return -1;
+            }
+            w->threads = (int)n;
+        }
+    }
+    if (!w->coordinator) {
+        fprintf(stderr, "kdist-worker: --coordinator is required\n");
+        usage(stderr);
+        return -1;
+    }
+    if (id) {
+        if (!id[0] || strlen(id) > 64) {
+            fprintf(stderr, "kdist-worker: --id must be 1 to 64 characters\n");
+            return -1;
+        }
+        snprintf(w->id, sizeof w->id, "%s", id);
+    } else {
+        char host[64];
+        kd_node_hostname(host, sizeof host);
+        snprintf(w->id, sizeof w->id, "%s-%d", host, (int)getpid());
+    }
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    worker_t w = {0};
+    if (parse_args(&w, argc, argv) != 0) return 2;
+    kd_node_signals_install();
+    if (kd_log_init("worker", w.id, KD_LOG_INFO, w.log_path) != 0) {
+        fprintf(stderr, "kdist-worker: cannot open log file %s\n", w.log_path);
+        return 1;
+    }
+    /* Until a Welcome brings the recipe's cluster settings. */
+    kd_recipe_defaults(&w.recipe);
+    w.heartbeat_ms = (int)w.recipe.cluster.heartbeat_ms;
+    for (int i = 0; i < 256; i++) w.inv255[i] = (float)i / 255.0f; /* as kd_dataset_gather */
+    atomic_init(&w.grads_in_flight, 0);
+
+    int status = 1;
+    w.ctx = zmq_ctx_new();
+    if (!w.ctx) {
+        kd_log(KD_LOG_ERROR, "WORKER-ZMQ", "cannot create a ZeroMQ context");
+        goto cleanup;
+    }
+    int rc = run(&w);
+    if (rc == STOP_NOW) {
+        send_goodbye(&w, kd_node_stop_requested ? "signal" : "stop");
+        status = 0;
+    }
+    kd_log(KD_LOG_INFO, "WORKER-EXIT", "%llu steps, %llu samples, %llu messages dropped",
+           (unsigned long long)w.steps, (unsigned long long)w.samples,
+           (unsigned long long)w.dropped);
+cleanup:
+    if (w.dealer) zmq_close(w.dealer);
+    if (w.pull) zmq_close(w.pull);
+    if (w.ctx) zmq_ctx_term(w.ctx); /* releases any gradient still queued */
+    kd_model_destroy(&w.model);
+    free_step_buffers(&w);
+    for (int i = 0; i < w.n_endpoints; i++) free(w.endpoints[i]);
+    kd_log_close();
+    return status;
+}
