@@ -357,11 +357,11 @@ static void reap(run_t *r) {
         c->exited = true;
         c->wstatus = st;
         changed = true;
-        if (r->running && strcmp(c->role, "coordinator") != 0) {
+        /* clean exits are not news: nodes leave with 0 when the run ends or they are drained */
+        if (r->running && strcmp(c->role, "coordinator") != 0 && !child_ok(c)) {
             char how[96];
             describe_wstatus(st, how, sizeof how);
-            say(r, "%s %d (pid %d) %s: %s (log: %s)", c->role, c->id, (int)c->pid,
-                child_ok(c) ? "left" : "died", how, c->log);
+            say(r, "%s %d (pid %d) died: %s (log: %s)", c->role, c->id, (int)c->pid, how, c->log);
         }
     }
     if (changed) write_launcher_json(r);
@@ -572,6 +572,12 @@ static bool supervise(run_t *r, run_child_t *coord, cli_client_t *client) {
                 }
                 phase = PH_WAIT;
                 deadline = now + STOP_DEADLINE;
+            } else if (sigs == 1 && phase == PH_WAIT) {
+                /* the coordinator is gone already: the stragglers get SIGTERM, not STOP */
+                say(r, "stopping: SIGTERM to the remaining processes");
+                signal_all(r, SIGTERM);
+                phase = PH_TERM;
+                deadline = now + TERM_DEADLINE;
             } else if (phase < PH_KILL) {
                 say(r, "killing every process now");
                 signal_all(r, SIGKILL);
@@ -717,7 +723,7 @@ int kd_cmd_run(int argc, char **argv) {
         else
             snprintf(how, sizeof how, "could not be reaped");
         say(r, "%s %d failed: %s%s", c->role, c->id, how,
-            c->killed_with ? " (kdist had to kill it after the deadline)" : "");
+            c->killed_with ? " (signalled by kdist)" : "");
         print_log_tail(c->log, TAIL_LINES);
         failed++;
     }

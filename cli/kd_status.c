@@ -289,7 +289,9 @@ int cli_read_endpoint(const char *dir, char *out, size_t outlen, char *err, size
 /* The run under runs_dir whose coordinator.endpoint is the newest. */
 static int newest_run(const char *runs_dir, char *out, size_t outlen, char *err, size_t errlen) {
     DIR *d = opendir(runs_dir);
-    if (!d) return kd_err(err, errlen, "cannot open %s: %s", runs_dir, strerror(errno));
+    if (!d)
+        return kd_err(err, errlen, "cannot open %s (name a RUN_DIR or an ENDPOINT instead): %s",
+                      runs_dir, strerror(errno));
     double best = -1;
     struct dirent *e;
     while ((e = readdir(d))) {

@@ -755,12 +755,16 @@ static json_t *status_json(void) {
         "{s:s, s:s, s:s, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:f, s:f, s:f}",
         "run_id", C.s.run_id, "name", C.r.name, "status",
         C.phase == RUN_RUNNING ? "running" : (C.status ? C.status : "finishing"), "epoch",
-        (json_int_t)C.s.epoch, "epochs", (json_int_t)C.r.train.epochs, "step", (json_int_t)C.s.step,
-        "total_steps", (json_int_t)total, "version", (json_int_t)C.s.version, "batches_applied",
-        (json_int_t)C.s.batches_applied, "batches_expected", (json_int_t)C.s.batches_expected,
-        "duplicates_dropped", (json_int_t)C.s.duplicates, "restreamed", (json_int_t)C.s.restreamed,
-        "messages_dropped", (json_int_t)C.messages_dropped, "samples_per_sec", rate, "elapsed", t,
-        "eta", done > 0 ? t * (1.0 - done) / done : 0.0);
+        (json_int_t)C.s.epoch, "epochs", (json_int_t)C.r.train.epochs, "step",
+        (json_int_t)C.s.position, "total_steps", (json_int_t)total, "version",
+        (json_int_t)C.s.version, "batches_applied", (json_int_t)C.s.batches_applied,
+        "batches_expected", (json_int_t)C.s.batches_expected, "duplicates_dropped",
+        (json_int_t)C.s.duplicates, "restreamed", (json_int_t)C.s.restreamed, "messages_dropped",
+        (json_int_t)C.messages_dropped, "samples_per_sec", rate, "elapsed", t, "eta",
+        done > 0 ? t * (1.0 - done) / done : 0.0);
+    /* step/total_steps count batches (the schedule's clock), so progress does not depend on
+     * how many batches a sync step averages; updates counts optimizer steps. */
+    json_object_set_new(j, "updates", json_integer(C.s.step));
     json_object_set_new(j, "lr", json_real(kd_schedule_lr(&C.sched, C.s.position)));
     if (C.win_samples) {
         json_object_set_new(j, "loss", json_real(C.win_loss / (double)C.win_samples));
@@ -903,10 +907,16 @@ static void heartbeat_and_reap(void) {
 
 /* The end: stop every node, final evaluation, outputs. */
 static void stop_nodes(void) {
+    /* A step still open when the run stops is not applied: its batches stay unapplied. */
+    for (int k = 0; k < C.step_count; k++) {
+        C.in_step[C.step_msgs[k].env->push->ref->batch_id] = 0;
+        kd_msg_close(&C.step_msgs[k]);
+    }
+    C.step_count = 0;
     for (int i = 0; i < COORD_MAX_MEMBERS; i++) {
         member_t *m = &C.members[i];
         if (!m->used) continue;
-        if (m->role == KDIST__ROLE__WORKER && m->state != WORKER_PUSHED)
+        if (m->role == KDIST__ROLE__WORKER)
             send_weights(m, false, true, false, false);
         else if (m->role == KDIST__ROLE__TEACHER)
             send_control(m, KDIST__CONTROL__KIND__STOP);
@@ -1117,20 +1127,14 @@ int main(int argc, char **argv) {
            "run %s: %zu parameters, %zu training samples in %zu batches, %s, listening on %s",
            C.s.run_id, C.model->n_params, C.data.train->n, C.n_batches,
            kd_consistency_name(C.r.cluster.consistency), C.endpoint);
-    if (resumed == 0) {
-        C.s.batches_expected -= (long)C.n_batches; /* start_epoch counts it again */
-        uint8_t *keep = kd_xmalloc(C.n_batches ? C.n_batches : 1);
-        memcpy(keep, C.applied, C.n_batches);
-        size_t count = C.applied_count;
-        start_epoch(C.s.epoch);
-        memcpy(C.applied, keep, C.n_batches);
-        C.applied_count = count;
-        free(keep);
-        C.assigned = false;
-        assign_epoch();
-    } else {
+    if (resumed != 0)
         start_epoch(0);
-    }
+    else if (C.applied_count < C.n_batches)
+        assign_epoch(); /* the checkpoint's epoch goes on */
+    else if (C.s.epoch + 1 < (uint32_t)C.r.train.epochs)
+        start_epoch(C.s.epoch + 1);
+    else
+        finish("completed"); /* the checkpoint is the end of the run */
 
     if (run_loop() != 0) goto out;
     if (!C.status) C.status = "completed";

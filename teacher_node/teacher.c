@@ -133,8 +133,8 @@ static int connect_coordinator(teacher_t *t, char *err, size_t errlen) {
     t->incarnation = kd_wire_new_incarnation();
     char identity[256];
     kd_wire_identity(identity, sizeof identity, "teacher", t->id, t->incarnation);
-    t->dealer = kd_socket_dealer(t->ctx, identity, t->coordinator, (int)t->heartbeat_ms, err,
-                                 errlen);
+    t->dealer =
+        kd_socket_dealer(t->ctx, identity, t->coordinator, (int)t->heartbeat_ms, err, errlen);
     if (!t->dealer) return -1;
     char host[256];
     kd_node_hostname(host, sizeof host);
@@ -151,8 +151,8 @@ static int connect_coordinator(teacher_t *t, char *err, size_t errlen) {
     send_env(t, &env);
     t->welcomed = false;
     t->last_heard = kd_now();
-    kd_log(KD_LOG_INFO, "TEACHER-HELLO", "said hello to %s as %s (streaming on %s)",
-           t->coordinator, identity, t->stream_endpoint);
+    kd_log(KD_LOG_INFO, "TEACHER-HELLO", "said hello to %s as %s (streaming on %s)", t->coordinator,
+           identity, t->stream_endpoint);
     return 0;
 }
 
@@ -173,9 +173,8 @@ static void lose_coordinator(teacher_t *t, const char *why) {
 static int on_welcome(teacher_t *t, const Kdist__Welcome *w) {
     char err[KD_ERR_LEN];
     kd_recipe_t r;
-    if (!w->recipe_yaml ||
-        kd_recipe_parse("welcome", w->recipe_yaml, strlen(w->recipe_yaml), NULL, 0, &r, err,
-                        sizeof err) != 0) {
+    if (!w->recipe_yaml || kd_recipe_parse("welcome", w->recipe_yaml, strlen(w->recipe_yaml), NULL,
+                                           0, &r, err, sizeof err) != 0) {
         kd_log(KD_LOG_ERROR, "TEACHER-BAD-WELCOME", "the coordinator's recipe does not load: %s",
                w->recipe_yaml ? err : "no recipe");
         return -1;
@@ -294,11 +293,11 @@ static int on_message(teacher_t *t, kd_msg_t *m) {
             lose_coordinator(t, "the coordinator does not know this incarnation");
             return KEEP_GOING;
         }
-        kd_log(KD_LOG_ERROR, "TEACHER-REFUSED", "the coordinator refused this teacher: %s",
-               reason);
+        kd_log(KD_LOG_ERROR, "TEACHER-REFUSED", "the coordinator refused this teacher: %s", reason);
         return FATAL;
     }
-    case KDIST__ENVELOPE__BODY_HEARTBEAT: return KEEP_GOING;
+    case KDIST__ENVELOPE__BODY_HEARTBEAT:
+        return KEEP_GOING;
     case KDIST__ENVELOPE__BODY_ASSIGN:
         if (!t->welcomed) return drop(t, "assign before welcome"), KEEP_GOING;
         on_assign(t, env->assign);
@@ -438,8 +437,7 @@ static int run(teacher_t *t) {
             return STOP_NOW;
         }
         double now = kd_now();
-        if (!t->dealer && now >= t->reconnect_at &&
-            connect_coordinator(t, err, sizeof err) != 0) {
+        if (!t->dealer && now >= t->reconnect_at && connect_coordinator(t, err, sizeof err) != 0) {
             kd_log(KD_LOG_ERROR, "TEACHER-CONNECT", "%s", err);
             return FATAL;
         }
@@ -487,11 +485,16 @@ static int parse_args(teacher_t *t, int argc, char **argv) {
             usage(stdout);
             exit(0);
         }
-        if (strcmp(a, "--coordinator") == 0) dst = &t->coordinator;
-        else if (strcmp(a, "--id") == 0) dst = &t->id;
-        else if (strcmp(a, "--recipe") == 0) dst = &t->recipe_path;
-        else if (strcmp(a, "--stream-bind") == 0) dst = &t->stream_bind;
-        else if (strcmp(a, "--log") == 0) dst = &t->log_path;
+        if (strcmp(a, "--coordinator") == 0)
+            dst = &t->coordinator;
+        else if (strcmp(a, "--id") == 0)
+            dst = &t->id;
+        else if (strcmp(a, "--recipe") == 0)
+            dst = &t->recipe_path;
+        else if (strcmp(a, "--stream-bind") == 0)
+            dst = &t->stream_bind;
+        else if (strcmp(a, "--log") == 0)
+            dst = &t->log_path;
         if (dst) {
             if (i + 1 >= argc) {
                 fprintf(stderr, "kdist-teacher: %s needs a value\n", a);
@@ -515,8 +518,8 @@ static int parse_args(teacher_t *t, int argc, char **argv) {
         usage(stderr);
         return -1;
     }
-    if (!t->id[0] || strlen(t->id) > 64) {
-        fprintf(stderr, "kdist-teacher: --id must be 1 to 64 characters\n");
+    if (!t->id[0] || strlen(t->id) > 63) {
+        fprintf(stderr, "kdist-teacher: --id must be 1 to 63 characters\n");
         return -1;
     }
     return 0;
@@ -576,7 +579,8 @@ int main(int argc, char **argv) {
         send_goodbye(&t, kd_node_stop_requested ? "signal" : "stop");
         status = 0;
     }
-    kd_log(KD_LOG_INFO, "TEACHER-EXIT", "%llu batches streamed, %llu messages dropped (%llu assigns)",
+    kd_log(KD_LOG_INFO, "TEACHER-EXIT",
+           "%llu batches streamed, %llu messages dropped (%llu assigns)",
            (unsigned long long)t.batches_streamed, (unsigned long long)t.messages_dropped,
            (unsigned long long)t.assigns_dropped);
 cleanup:

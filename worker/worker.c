@@ -69,6 +69,7 @@ typedef struct {
     /* Timing: phase_seconds of the push being prepared; wait-weights is the previous step's. */
     double idle_since, push_done, push_seconds, wait_weights;
     bool waiting_announced;
+    bool held; /* SSP: answered "wait"; the weights come when the slowest catch up */
     double fwd_before[KD_MAX_LAYERS], bwd_before[KD_MAX_LAYERS];
     double fwd[KD_MAX_LAYERS], bwd[KD_MAX_LAYERS];
     float inv255[256];
@@ -82,7 +83,8 @@ typedef struct {
 enum { KEEP_GOING = 0, STOP_NOW = 1, FATAL = -1 };
 
 static void usage(FILE *out) {
-    fprintf(out, "usage: kdist-worker --coordinator ENDPOINT [--id ID] [--threads N] [--log FILE]\n");
+    fprintf(out,
+            "usage: kdist-worker --coordinator ENDPOINT [--id ID] [--threads N] [--log FILE]\n");
 }
 
 /* Network input that does not check out: count it, say so at most once a second. */
@@ -198,8 +200,7 @@ static void connect_teachers(worker_t *w, char **endpoints, size_t n) {
             continue;
         }
         bool known = false;
-        for (int j = 0; j < w->n_endpoints && !known; j++)
-            known = strcmp(w->endpoints[j], ep) == 0;
+        for (int j = 0; j < w->n_endpoints && !known; j++) known = strcmp(w->endpoints[j], ep) == 0;
         if (known) continue;
         if (w->n_endpoints == MAX_TEACHERS) {
             drop(w, "the coordinator", "more teacher endpoints than a worker follows");
@@ -428,6 +429,7 @@ static int compute_and_push(worker_t *w, double wait_batch, double t_start) {
     w->push_done = kd_now();
     w->push_seconds = w->push_done - t_computed;
     w->state = ST_WAIT_WEIGHTS;
+    w->held = false;
     w->steps++;
     w->samples += (uint64_t)w->B;
     w->report_samples += w->B;
@@ -458,12 +460,15 @@ static int on_weights(worker_t *w, const kd_msg_t *m) {
     }
     if (w->state != ST_WAIT_WEIGHTS) {
         /* Not an answer: fresh weights for an idle worker are welcome, nothing else is. */
-        if (m->n_tensors == 1 && take_weights(w, m, err, sizeof err) == 0) w->version = wt->version;
-        else drop(w, "the coordinator", "weights while no push was pending");
+        if (m->n_tensors == 1 && take_weights(w, m, err, sizeof err) == 0)
+            w->version = wt->version;
+        else
+            drop(w, "the coordinator", "weights while no push was pending");
         return KEEP_GOING;
     }
     if (wt->wait) {
         /* SSP: too far ahead; the weights follow when the slowest catch up. */
+        w->held = true;
         return kd_node_stop_requested ? STOP_NOW : KEEP_GOING;
     }
     bool has = m->n_tensors > 0;
@@ -506,7 +511,8 @@ static int on_coordinator_message(worker_t *w, const kd_msg_t *m) {
         kd_log(KD_LOG_ERROR, "WORKER-REFUSED", "the coordinator refused this worker: %s", reason);
         return FATAL;
     }
-    case KDIST__ENVELOPE__BODY_HEARTBEAT: return KEEP_GOING;
+    case KDIST__ENVELOPE__BODY_HEARTBEAT:
+        return KEEP_GOING;
     case KDIST__ENVELOPE__BODY_WEIGHTS:
         if (w->state == ST_HELLO)
             return drop(w, "the coordinator", "weights before welcome"), KEEP_GOING;
@@ -576,6 +582,13 @@ static int pull_batch(worker_t *w) {
 
 /* ---- main loop --------------------------------------------------------------------------- */
 
+/* A push the coordinator dropped is never answered; past this the worker starts over (a new
+ * incarnation) instead of waiting forever. Long enough for a sync step to close without a dead
+ * worker (the coordinator removes it after heartbeat_timeout_ms). */
+static double answer_timeout(const worker_t *w) {
+    return 2.0 * w->recipe.cluster.heartbeat_timeout_ms / 1000.0;
+}
+
 static int poll_timeout_ms(const worker_t *w, double now) {
     double next = now + 1.0;
     if (!w->dealer) {
@@ -589,6 +602,8 @@ static int poll_timeout_ms(const worker_t *w, double now) {
             next = w->idle_since + WAITING_AFTER;
         double dead = w->last_heard + w->recipe.cluster.heartbeat_timeout_ms / 1000.0;
         if (dead < next) next = dead;
+        if (w->state == ST_WAIT_WEIGHTS && !w->held && w->push_done + answer_timeout(w) < next)
+            next = w->push_done + answer_timeout(w);
     }
     double ms = (next - now) * 1000.0 + 1.0;
     return ms < 0 ? 0 : ms > 1000 ? 1000 : (int)ms;
@@ -611,9 +626,21 @@ static int run(worker_t *w) {
                 continue;
             }
         }
+        /* What arrived during a long step counts before the silence check. */
+        int action = drain_dealer(w);
+        if (action != KEEP_GOING) return action;
+        if (!w->dealer) continue;
+        now = kd_now();
         if (now - w->last_heard > w->recipe.cluster.heartbeat_timeout_ms / 1000.0) {
             lose_coordinator(w, w->state == ST_HELLO ? "no welcome from the coordinator"
                                                      : "no word from the coordinator");
+            continue;
+        }
+        if (w->state == ST_WAIT_WEIGHTS && !w->held && now - w->push_done > answer_timeout(w)) {
+            char why[128];
+            snprintf(why, sizeof why, "no answer to the push of batch %u/%u in %.0f s", w->epoch,
+                     w->batch_id, answer_timeout(w));
+            lose_coordinator(w, why);
             continue;
         }
         if (w->state == ST_IDLE && !w->waiting_announced && now - w->idle_since > WAITING_AFTER) {
@@ -634,12 +661,12 @@ static int run(worker_t *w) {
         }
         /* Control first: a stop or new membership must not wait behind a step. */
         if (items[0].revents & ZMQ_POLLIN) {
-            int action = drain_dealer(w);
+            action = drain_dealer(w);
             if (action != KEEP_GOING) return action;
         }
         if (n == 2 && w->state == ST_IDLE && w->dealer && !kd_node_stop_requested &&
             (items[1].revents & ZMQ_POLLIN)) {
-            int action = pull_batch(w);
+            action = pull_batch(w);
             if (action != KEEP_GOING) return action;
         }
     }
@@ -665,9 +692,12 @@ static int parse_args(worker_t *w, int argc, char **argv) {
             return -1;
         }
         const char *v = argv[++i];
-        if (strcmp(a, "--coordinator") == 0) w->coordinator = v;
-        else if (strcmp(a, "--id") == 0) id = v;
-        else if (strcmp(a, "--log") == 0) w->log_path = v;
+        if (strcmp(a, "--coordinator") == 0)
+            w->coordinator = v;
+        else if (strcmp(a, "--id") == 0)
+            id = v;
+        else if (strcmp(a, "--log") == 0)
+            w->log_path = v;
         else {
             long n;
             if (kd_parse_long(v, &n) != 0 || n < 0 || n > 1024) {
@@ -683,15 +713,15 @@ static int parse_args(worker_t *w, int argc, char **argv) {
         return -1;
     }
     if (id) {
-        if (!id[0] || strlen(id) > 64) {
-            fprintf(stderr, "kdist-worker: --id must be 1 to 64 characters\n");
+        if (!id[0] || strlen(id) > 63) {
+            fprintf(stderr, "kdist-worker: --id must be 1 to 63 characters\n");
             return -1;
         }
         snprintf(w->id, sizeof w->id, "%s", id);
     } else {
         char host[64];
         kd_node_hostname(host, sizeof host);
-        snprintf(w->id, sizeof w->id, "%s-%d", host, (int)getpid());
+        snprintf(w->id, sizeof w->id, "%.48s-%d", host, (int)getpid());
     }
     return 0;
 }

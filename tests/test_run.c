@@ -1,0 +1,309 @@
+/* test_run: `kdist run` as a user runs it — a local cluster (coordinator, teacher, two workers)
+ * on a short recipe exits 0 and leaves the run directory of DESIGN §7 with an exactly-once
+ * ledger; `kdist status` against a running cluster shows its members; Ctrl-C stops it cleanly
+ * with no process left; recipe errors exit 2 with file:line:col. Spawns processes. */
+#include <errno.h>
+#include <fcntl.h>
+#include <glob.h>
+#include <jansson.h>
+#include <signal.h>
+#include <spawn.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+
+#include "kd_test.h"
+#include "kd_util.h"
+
+extern char **environ;
+
+static char kdist[KD_PATH_MAX];
+static char out_buf[65536];
+
+/* The cluster is small and quick: a 784-64-10 MLP on a few thousand samples. */
+static const char *recipe_text = "name: run_test\n"
+                                 "seed: 3\n"
+                                 "student:\n"
+                                 "  layers:\n"
+                                 "    - {type: flatten}\n"
+                                 "    - {type: linear, out_features: 64}\n"
+                                 "    - {type: relu}\n"
+                                 "    - {type: linear, out_features: 10}\n"
+                                 "distill:\n"
+                                 "  alpha: 0.0\n"
+                                 "optim:\n"
+                                 "  name: sgd\n"
+                                 "  lr: 0.05\n"
+                                 "  momentum: 0.9\n"
+                                 "schedule:\n"
+                                 "  name: constant\n"
+                                 "train:\n"
+                                 "  epochs: 1\n"
+                                 "  batch_size: 128\n"
+                                 "  threads: 1\n"
+                                 "cluster:\n"
+                                 "  workers: 2\n"
+                                 "  teachers: 1\n";
+
+static void write_text(const char *path, const char *text) {
+    char err[KD_ERR_LEN];
+    if (kd_write_file_atomic(path, text, strlen(text), err, sizeof err) != 0) {
+        fprintf(stderr, "%s\n", err);
+        exit(1);
+    }
+}
+
+/* Starts argv[] with stdout+stderr into out_path; returns the pid (or -1). */
+static pid_t start(const char *out_path, char *const argv[]) {
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_addopen(&fa, STDOUT_FILENO, out_path, O_WRONLY | O_CREAT | O_TRUNC,
+                                     0644);
+    posix_spawn_file_actions_adddup2(&fa, STDOUT_FILENO, STDERR_FILENO);
+    pid_t pid;
+    int rc = posix_spawn(&pid, argv[0], &fa, NULL, argv, environ);
+    posix_spawn_file_actions_destroy(&fa);
+    if (rc != 0) {
+        fprintf(stderr, "cannot start %s: %s\n", argv[0], strerror(rc));
+        return -1;
+    }
+    return pid;
+}
+
+/* Waits for pid until the deadline (seconds); on expiry kills it and returns -1. Else the exit
+ * code (128 + signal when killed by one). */
+static int finish(pid_t pid, double seconds) {
+    double deadline = kd_now() + seconds;
+    for (;;) {
+        int st;
+        pid_t p = waitpid(pid, &st, WNOHANG);
+        if (p == pid) return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+        if (p < 0) return -1;
+        if (kd_now() > deadline) {
+            fprintf(stderr, "pid %d still running after %.0f s: killing it\n", (int)pid, seconds);
+            kill(pid, SIGTERM); /* kdist forwards this as STOP, then its deadlines apply */
+            double hard = kd_now() + 40.0;
+            while (waitpid(pid, &st, WNOHANG) == 0 && kd_now() < hard) usleep(20000);
+            if (kd_now() >= hard) {
+                kill(pid, SIGKILL);
+                waitpid(pid, &st, 0);
+            }
+            return -1;
+        }
+        usleep(20000);
+    }
+}
+
+static void slurp(const char *path) {
+    FILE *f = fopen(path, "r");
+    size_t n = f ? fread(out_buf, 1, sizeof out_buf - 1, f) : 0;
+    out_buf[n] = 0;
+    if (f) fclose(f);
+}
+
+/* Runs argv to completion (deadline), output in out_buf; returns the exit code. */
+static int run_argv(const char *tmp, double seconds, char *const argv[]) {
+    char out[KD_PATH_MAX + 32];
+    snprintf(out, sizeof out, "%s/out.txt", tmp);
+    pid_t pid = start(out, argv);
+    if (pid < 0) return -1;
+    int rc = finish(pid, seconds);
+    slurp(out);
+    return rc;
+}
+
+static bool exists_in(const char *dir, const char *name) {
+    char path[KD_PATH_MAX + 128];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    return kd_file_exists(path);
+}
+
+/* A short run to the end: exit 0, every output of DESIGN §7, the ledger exactly once. */
+static void test_run_completes(const char *tmp, const char *recipe) {
+    char runs[KD_PATH_MAX + 32], dir[KD_PATH_MAX + 64], runs_arg[KD_PATH_MAX + 64];
+    snprintf(runs, sizeof runs, "%s/runs", tmp);
+    snprintf(runs_arg, sizeof runs_arg, "logging.runs_dir=%s", runs);
+    snprintf(dir, sizeof dir, "%s/run_ok", runs);
+    char *argv[] = {kdist,
+                    "run",
+                    (char *)recipe,
+                    "name=run_ok",
+                    runs_arg,
+                    "data.train_subset=3000",
+                    "data.val_size=500",
+                    "data.test_subset=500",
+                    NULL};
+    int rc = run_argv(tmp, 300, argv);
+    CHECK(rc == 0);
+    if (rc != 0) fprintf(stderr, "kdist run said:\n%s\n", out_buf);
+    CHECK_ERR_HAS(out_buf, "test accuracy");
+    CHECK_ERR_HAS(out_buf, "student.safetensors");
+
+    const char *files[] = {
+        "recipe.yaml",       "metrics.jsonl",    "student.safetensors",    "summary.json",
+        "launcher.json",     "checkpoints",      "logs/coordinator-0.log", "logs/teacher-0.log",
+        "logs/worker-0.log", "logs/worker-1.log"};
+    for (size_t i = 0; i < sizeof files / sizeof files[0]; i++) {
+        bool ok = exists_in(dir, files[i]);
+        CHECK(ok);
+        if (!ok) fprintf(stderr, "missing %s/%s\n", dir, files[i]);
+    }
+    CHECK(!exists_in(dir, "coordinator.endpoint")); /* the coordinator is gone */
+    char pattern[KD_PATH_MAX + 128];
+    snprintf(pattern, sizeof pattern, "%s/events.out.tfevents.*", dir);
+    glob_t g;
+    CHECK(glob(pattern, 0, NULL, &g) == 0 && g.gl_pathc == 1);
+    globfree(&g);
+
+    char path[KD_PATH_MAX + 128];
+    snprintf(path, sizeof path, "%s/summary.json", dir);
+    json_t *s = json_load_file(path, 0, NULL);
+    CHECK(json_is_object(s));
+    json_t *ledger = json_object_get(s, "ledger");
+    const char *status = json_string_value(json_object_get(s, "status"));
+    CHECK(status && strcmp(status, "completed") == 0);
+    json_int_t applied = json_integer_value(json_object_get(ledger, "batches_applied"));
+    json_int_t expected = json_integer_value(json_object_get(ledger, "batches_expected"));
+    CHECK(expected == (2500 + 127) / 128); /* one epoch of 2500 training samples */
+    CHECK(applied == expected);
+    CHECK(json_is_integer(json_object_get(ledger, "duplicates_dropped")) &&
+          json_integer_value(json_object_get(ledger, "duplicates_dropped")) == 0);
+    double acc = json_number_value(json_object_get(s, "test_accuracy"));
+    CHECK(acc > 0.3); /* ten steps learn something: chance is 0.1 (sync steps vary with timing) */
+    if (!(acc > 0.3)) fprintf(stderr, "test accuracy %.3f\n", acc);
+    json_decref(s);
+
+    /* A second run of the same name starts fresh: the old outputs go first. */
+    rc = run_argv(tmp, 300, argv);
+    CHECK(rc == 0);
+    CHECK(glob(pattern, 0, NULL, &g) == 0 && g.gl_pathc == 1);
+    globfree(&g);
+}
+
+/* A longer run in the background: `kdist status` shows its members; SIGINT (Ctrl-C) stops it,
+ * and no process it started survives. */
+static void test_status_and_stop(const char *tmp, const char *recipe) {
+    char runs_arg[KD_PATH_MAX + 32], dir[KD_PATH_MAX + 32], out[KD_PATH_MAX + 32];
+    snprintf(runs_arg, sizeof runs_arg, "logging.runs_dir=%s/runs", tmp);
+    snprintf(dir, sizeof dir, "%s/runs/run_bg", tmp);
+    snprintf(out, sizeof out, "%s/bg.txt", tmp);
+    char *argv[] = {kdist,
+                    "run",
+                    (char *)recipe,
+                    "name=run_bg",
+                    runs_arg,
+                    "train.epochs=200",
+                    "data.train_subset=3000",
+                    "data.val_size=500",
+                    "data.test_subset=500",
+                    NULL};
+    pid_t pid = start(out, argv);
+    CHECK(pid > 0);
+    if (pid <= 0) return;
+
+    /* Poll until the coordinator answers with both workers and the teacher as members. */
+    char *status_argv[] = {kdist, "status", dir, NULL};
+    char *json_argv[] = {kdist, "status", dir, "--json", NULL};
+    bool seen = false;
+    double deadline = kd_now() + 90.0;
+    while (!seen && kd_now() < deadline) {
+        if (waitpid(pid, NULL, WNOHANG) == pid) {
+            pid = -1;
+            break;
+        }
+        if (run_argv(tmp, 10, json_argv) != 0) {
+            usleep(100000);
+            continue;
+        }
+        json_t *j = json_loads(out_buf, 0, NULL);
+        int workers = 0, teachers = 0;
+        size_t i;
+        json_t *m;
+        json_array_foreach(json_object_get(j, "members"), i, m) {
+            const char *role = json_string_value(json_object_get(m, "role"));
+            if (role && strcmp(role, "worker") == 0) workers++;
+            if (role && strcmp(role, "teacher") == 0) teachers++;
+        }
+        json_decref(j);
+        seen = workers == 2 && teachers == 1;
+        if (!seen) usleep(100000);
+    }
+    CHECK(pid > 0); /* still running */
+    CHECK(seen);
+    if (seen) {
+        CHECK(run_argv(tmp, 10, status_argv) == 0);
+        CHECK_ERR_HAS(out_buf, "ROLE");
+        CHECK_ERR_HAS(out_buf, "worker   0");
+        CHECK_ERR_HAS(out_buf, "worker   1");
+        CHECK_ERR_HAS(out_buf, "teacher  0");
+        CHECK_ERR_HAS(out_buf, "join");
+        CHECK_ERR_HAS(out_buf, "run_bg");
+    }
+    if (pid <= 0) return;
+
+    char path[KD_PATH_MAX + 128];
+    snprintf(path, sizeof path, "%s/launcher.json", dir);
+    json_t *launcher = json_load_file(path, 0, NULL);
+    CHECK(json_array_size(json_object_get(launcher, "children")) == 4);
+
+    kill(pid, SIGINT);
+    int rc = finish(pid, 60);
+    slurp(out);
+    CHECK(rc == 1); /* stopped early is not success */
+    CHECK_ERR_HAS(out_buf, "stopped");
+    snprintf(path, sizeof path, "%s/summary.json", dir);
+    json_t *s = json_load_file(path, 0, NULL);
+    const char *status = json_string_value(json_object_get(s, "status"));
+    CHECK(status && strcmp(status, "stopped") == 0);
+    json_decref(s);
+
+    /* Every child was reaped by kdist: none of their pids is alive (or a zombie) now. */
+    size_t i;
+    json_t *c;
+    json_array_foreach(json_object_get(launcher, "children"), i, c) {
+        pid_t child = (pid_t)json_integer_value(json_object_get(c, "pid"));
+        CHECK(child > 0 && kill(child, 0) != 0 && errno == ESRCH);
+    }
+    json_decref(launcher);
+}
+
+static void test_errors(const char *tmp) {
+    char bad[KD_PATH_MAX + 32];
+    snprintf(bad, sizeof bad, "%s/bad.yaml", tmp);
+    write_text(bad, "name: bad\ntrain:\n  epoch: 3\n");
+    char *argv[] = {kdist, "run", bad, NULL};
+    CHECK(run_argv(tmp, 30, argv) == 2);
+    CHECK_ERR_HAS(out_buf, "bad.yaml:3:3:");
+    CHECK_ERR_HAS(out_buf, "epochs");
+
+    char *no_recipe[] = {kdist, "run", NULL};
+    CHECK(run_argv(tmp, 30, no_recipe) == 2);
+    char *bad_override[] = {kdist, "run", "../recipes/fashion_mlp_student.yaml",
+                            "cluster.workerz=2", NULL};
+    CHECK(run_argv(tmp, 30, bad_override) == 2);
+    CHECK_ERR_HAS(out_buf, "cluster.workerz");
+
+    /* Nobody listens there: status says so, naming the endpoint, within its deadline. */
+    char *status[] = {kdist, "status", "tcp://127.0.0.1:9", NULL};
+    double t0 = kd_now();
+    CHECK(run_argv(tmp, 30, status) == 1);
+    CHECK(kd_now() - t0 < 10.0);
+    CHECK_ERR_HAS(out_buf, "tcp://127.0.0.1:9");
+    CHECK_ERR_HAS(out_buf, "did not answer");
+}
+
+int main(void) {
+    const char *bin = getenv("KD_BIN_DIR");
+    snprintf(kdist, sizeof kdist, "%s/kdist", bin ? bin : "../build/bin");
+    const char *tmp = kd_test_tmpdir("test_run");
+    char recipe[KD_PATH_MAX + 32];
+    snprintf(recipe, sizeof recipe, "%s/small.yaml", tmp);
+    write_text(recipe, recipe_text);
+
+    test_errors(tmp);
+    test_run_completes(tmp, recipe);
+    test_status_and_stop(tmp, recipe);
+    return kd_test_done("test_run");
+}
