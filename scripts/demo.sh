@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# The demo of what exists so far: train the 784-800-800-10 MLP in-process for two epochs,
-# evaluate the weights it saved with `kdist eval` (dumping the logits), then the step benchmark.
+# The demo of what exists so far: train the 784-800-800-10 MLP for two epochs on a local
+# cluster (coordinator, a teacher node streaming batches, two workers), evaluate the weights it
+# saved with `kdist eval` (dumping the logits), then the step benchmark.
 set -euo pipefail
 build=${1:-build}
 bin="$build/bin"
 cd "$(dirname "$0")/.."
 
-echo "== 1. In-process training: recipes/fashion_mlp_student.yaml, 2 epochs =="
-"$bin/kdist" train recipes/fashion_mlp_student.yaml name=demo_mlp train.epochs=2
+echo "== 1. kdist run recipes/fashion_mlp_student.yaml: 2 epochs, 2 workers (sync) =="
+"$bin/kdist" run recipes/fashion_mlp_student.yaml name=demo_mlp train.epochs=2 cluster.workers=2
 
 echo
 echo "== 2. kdist eval of the saved weights =="

@@ -133,6 +133,20 @@ static void test_train_then_eval(const char *tmp) {
     CHECK_ERR_HAS(out_buf, want);
 }
 
+/* docs/recipe.md carries the reference exactly as `kdist recipe keys` prints it. */
+static void test_recipe_doc_is_current(void) {
+    CHECK(run("%s recipe keys", kdist) == 0);
+    uint8_t *doc = NULL;
+    size_t len = 0;
+    char err[KD_ERR_LEN];
+    CHECK(kd_read_file("../docs/recipe.md", &doc, &len, err, sizeof err) == 0);
+    bool current = doc && strstr((const char *)doc, out_buf) != NULL;
+    if (!current)
+        fprintf(stderr, "docs/recipe.md is stale: paste the output of `kdist recipe keys` into it\n");
+    CHECK(current);
+    free(doc);
+}
+
 int main(void) {
     const char *bin = getenv("KD_BIN_DIR");
     snprintf(kdist, sizeof kdist, "%s/kdist", bin ? bin : "../build/bin");
@@ -140,5 +154,6 @@ int main(void) {
     test_eval_matches_pytorch(tmp);
     test_eval_errors(tmp);
     test_train_then_eval(tmp);
+    test_recipe_doc_is_current();
     return kd_test_done("test_cli");
 }
