@@ -67,6 +67,7 @@ typedef struct {
     double win_phase[4];
     double *win_layer_fwd, *win_layer_bwd;
     long messages_dropped;
+    long stale_dropped; /* pushes from before a coordinator restart */
     kd_log_limit_t drop_limit;
     eval_result_t last_eval;
     bool have_eval;
@@ -539,8 +540,9 @@ static void on_push(member_t *m, kd_msg_t *msg) {
         return;
     }
     if (p->samples == 0 || p->samples > (uint32_t)C.r.train.batch_size || p->correct > p->samples ||
-        p->base_version > C.s.version || !isfinite(p->loss_sum)) {
+        !isfinite(p->loss_sum)) {
         drop(msg, "push with impossible counters");
+        send_weights(m, false, false, false, true); /* a member is never left without an answer */
         return;
     }
     m->waiting_for_batch = false;
@@ -551,8 +553,17 @@ static void on_push(member_t *m, kd_msg_t *msg) {
     }
     const Kdist__BatchRef *ref = p->ref;
     bool past = ref->epoch < C.s.epoch;
-    if (ref->epoch > C.s.epoch || (!past && ref->batch_id >= C.n_batches)) {
+    if (ref->batch_id >= C.n_batches || ref->epoch >= (uint32_t)C.r.train.epochs) {
         drop(msg, "push for a batch that does not exist");
+        send_weights(m, false, false, false, true);
+        return;
+    }
+    /* Computed on weights or batches this coordinator never handed out — the worker was
+     * ahead of the checkpoint a restarted coordinator resumed from: dropped, not counted;
+     * the batch comes again when its epoch does. */
+    if (ref->epoch > C.s.epoch || p->base_version > C.s.version) {
+        C.stale_dropped++;
+        send_weights(m, false, false, false, true);
         return;
     }
     if (past || C.applied[ref->batch_id] || C.in_step[ref->batch_id]) {
@@ -765,6 +776,7 @@ static json_t *status_json(void) {
     /* step/total_steps count batches (the schedule's clock), so progress does not depend on
      * how many batches a sync step averages; updates counts optimizer steps. */
     json_object_set_new(j, "updates", json_integer(C.s.step));
+    json_object_set_new(j, "stale_dropped", json_integer(C.stale_dropped));
     json_object_set_new(j, "lr", json_real(kd_schedule_lr(&C.sched, C.s.position)));
     if (C.win_samples) {
         json_object_set_new(j, "loss", json_real(C.win_loss / (double)C.win_samples));
@@ -927,7 +939,7 @@ static int write_summary(const eval_result_t *final) {
     double t = elapsed();
     json_t *j = json_pack(
         "{s:s, s:s, s:s, s:f, s:f, s:f, s:f, s:I, s:f, s:I, s:I, s:f, s:f, s:i, s:I, s:s, "
-        "s:{s:I, s:I, s:I, s:I, s:I}}",
+        "s:{s:I, s:I, s:I, s:I, s:I, s:I}}",
         "status", C.status ? C.status : "completed", "name", C.r.name, "run_id", C.s.run_id,
         "test_accuracy", final->test.accuracy, "test_loss", final->test.loss, "val_accuracy",
         final->val.accuracy, "val_loss", final->val.loss, "best_step",
@@ -939,8 +951,8 @@ static int write_summary(const eval_result_t *final) {
         (json_int_t)C.model->n_params, "consistency", kd_consistency_name(C.r.cluster.consistency),
         "ledger", "batches_expected", (json_int_t)C.s.batches_expected, "batches_applied",
         (json_int_t)C.s.batches_applied, "duplicates_dropped", (json_int_t)C.s.duplicates,
-        "restreamed", (json_int_t)C.s.restreamed, "messages_dropped",
-        (json_int_t)C.messages_dropped);
+        "restreamed", (json_int_t)C.s.restreamed, "stale_dropped", (json_int_t)C.stale_dropped,
+        "messages_dropped", (json_int_t)C.messages_dropped);
     char *text = json_dumps(j, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
     json_decref(j);
     char path[KD_PATH_MAX + 32], err[KD_ERR_LEN];

@@ -293,6 +293,10 @@ static int on_message(teacher_t *t, kd_msg_t *m) {
             lose_coordinator(t, "the coordinator does not know this incarnation");
             return KEEP_GOING;
         }
+        if (strcmp(reason, "the run is finishing") == 0) { /* nothing left to do: a clean end */
+            kd_log(KD_LOG_INFO, "TEACHER-REFUSED", "the run is finishing: exiting");
+            return STOP_NOW;
+        }
         kd_log(KD_LOG_ERROR, "TEACHER-REFUSED", "the coordinator refused this teacher: %s", reason);
         return FATAL;
     }

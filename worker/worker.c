@@ -72,7 +72,6 @@ typedef struct {
     bool held; /* SSP: answered "wait"; the weights come when the slowest catch up */
     double fwd_before[KD_MAX_LAYERS], bwd_before[KD_MAX_LAYERS];
     double fwd[KD_MAX_LAYERS], bwd[KD_MAX_LAYERS];
-    float inv255[256];
 
     /* Counters and rate limits. */
     uint64_t steps, samples, dropped;
@@ -365,7 +364,7 @@ static int take_batch(worker_t *w, const kd_msg_t *m, char *err, size_t errlen) 
             return kd_err(err, errlen, "label %d of sample %lld out of range [0, %d)", labels[i],
                           (long long)i, w->num_classes);
     const size_t n = (size_t)B * w->sample_dim;
-    for (size_t i = 0; i < n; i++) w->x[i] = w->inv255[pixels[i]];
+    kd_pixels_to_float(pixels, n, w->x);
     memcpy(w->y, labels, (size_t)B * sizeof *labels);
     w->epoch = b->ref->epoch;
     w->batch_id = b->ref->batch_id;
@@ -507,6 +506,10 @@ static int on_coordinator_message(worker_t *w, const kd_msg_t *m) {
         if (strncmp(reason, "unknown member", 14) == 0) {
             lose_coordinator(w, "the coordinator does not know this incarnation");
             return KEEP_GOING;
+        }
+        if (strcmp(reason, "the run is finishing") == 0) { /* nothing left to do: a clean end */
+            kd_log(KD_LOG_INFO, "WORKER-REFUSED", "the run is finishing: exiting");
+            return STOP_NOW;
         }
         kd_log(KD_LOG_ERROR, "WORKER-REFUSED", "the coordinator refused this worker: %s", reason);
         return FATAL;
@@ -737,7 +740,6 @@ int main(int argc, char **argv) {
     /* Until a Welcome brings the recipe's cluster settings. */
     kd_recipe_defaults(&w.recipe);
     w.heartbeat_ms = (int)w.recipe.cluster.heartbeat_ms;
-    for (int i = 0; i < 256; i++) w.inv255[i] = (float)i / 255.0f; /* as kd_dataset_gather */
     atomic_init(&w.grads_in_flight, 0);
 
     int status = 1;
