@@ -88,7 +88,7 @@ typedef struct {
     struct {
         char runs_dir[KD_PATH_MAX];
         long every_steps; /* metrics (TensorBoard, metrics.jsonl) every N optimizer steps */
-        char level[16]; /* debug | info | warn | error */
+        char level[16];   /* debug | info | warn | error */
     } logging;
 } kd_recipe_t;
 

@@ -142,7 +142,8 @@ static void test_recipe_doc_is_current(void) {
     CHECK(kd_read_file("../docs/recipe.md", &doc, &len, err, sizeof err) == 0);
     bool current = doc && strstr((const char *)doc, out_buf) != NULL;
     if (!current)
-        fprintf(stderr, "docs/recipe.md is stale: paste the output of `kdist recipe keys` into it\n");
+        fprintf(stderr,
+                "docs/recipe.md is stale: paste the output of `kdist recipe keys` into it\n");
     CHECK(current);
     free(doc);
 }
