@@ -67,22 +67,12 @@ static int apply_log_level(const kd_recipe_t *r) {
 
 /* ---- progress ---------------------------------------------------------------------------- */
 
-static void format_duration(double s, char *out, size_t n) {
-    long t = (long)(s + 0.5);
-    if (t >= 3600)
-        snprintf(out, n, "%ldh%02ldm", t / 3600, (t / 60) % 60);
-    else if (t >= 60)
-        snprintf(out, n, "%ldm%02lds", t / 60, t % 60);
-    else
-        snprintf(out, n, "%lds", t);
-}
-
 static void print_progress(const kd_train_progress_t *p, void *user) {
     const kd_recipe_t *r = user;
     bool tty = isatty(STDERR_FILENO);
     double done = p->total_steps ? (double)p->step / p->total_steps : 1.0;
     char eta[32];
-    format_duration(done > 0 ? p->elapsed * (1.0 - done) / done : 0.0, eta, sizeof eta);
+    cli_format_duration(done > 0 ? p->elapsed * (1.0 - done) / done : 0.0, eta, sizeof eta);
     if (p->epoch_end) {
         fprintf(stderr,
                 "%sepoch %d/%ld  step %ld/%ld  train loss %.4f  val acc %.4f  val loss %.4f\n",

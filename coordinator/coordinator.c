@@ -620,15 +620,21 @@ static void remove_member(member_t *m, const char *event) {
     }
 }
 
+/* The stream endpoints of the live teacher nodes (borrowed strings); returns the count. */
+static size_t teacher_endpoints(char **out) {
+    size_t n = 0;
+    for (int i = 0; i < COORD_MAX_MEMBERS; i++)
+        if (C.members[i].used && C.members[i].role == KDIST__ROLE__TEACHER)
+            out[n++] = C.members[i].stream_endpoint;
+    return n;
+}
+
 static void send_welcome(member_t *m) {
     char spec[2048];
     kd_model_describe(C.model, spec, sizeof spec);
     char *yaml = kd_recipe_to_yaml(&C.r);
     char *endpoints[COORD_MAX_MEMBERS];
-    size_t n_endpoints = 0;
-    for (int i = 0; i < COORD_MAX_MEMBERS; i++)
-        if (C.members[i].used && C.members[i].role == KDIST__ROLE__TEACHER)
-            endpoints[n_endpoints++] = C.members[i].stream_endpoint;
+    size_t n_endpoints = teacher_endpoints(endpoints);
     Kdist__Shape shape = KDIST__SHAPE__INIT;
     shape.c = C.model->input.c;
     shape.h = C.model->input.h;
@@ -654,10 +660,7 @@ static void send_welcome(member_t *m) {
 
 static void send_peers(void) {
     char *endpoints[COORD_MAX_MEMBERS];
-    size_t n = 0;
-    for (int i = 0; i < COORD_MAX_MEMBERS; i++)
-        if (C.members[i].used && C.members[i].role == KDIST__ROLE__TEACHER)
-            endpoints[n++] = C.members[i].stream_endpoint;
+    size_t n = teacher_endpoints(endpoints);
     Kdist__Peers p = KDIST__PEERS__INIT;
     p.n_teacher_endpoints = n;
     p.teacher_endpoints = endpoints;
