@@ -41,18 +41,21 @@ static double in_process_rate(const char *recipe, const char *epochs_arg) {
 /* Runs `kdist run` and returns summary.json's training samples/s (0 on failure). */
 static double cluster_rate(const char *recipe, const char *epochs_arg, int workers,
                            const char *consistency, const char *runs_dir) {
-    char cmd[4096], path[1200];
-    snprintf(
-        cmd, sizeof cmd,
-        "'%s/kdist' run '%s' %s cluster.workers=%d cluster.teachers=1 "
-        "cluster.consistency=%s name=bench_w%d logging.runs_dir='%s' > '%s/bench_w%d.out' 2>&1",
-        bin_dir, recipe, epochs_arg, workers, consistency, workers, runs_dir, runs_dir, workers);
+    /* the run's name: the recipe's file name without .yaml, and the worker count */
+    char base[256], name[300], cmd[4096], path[1200];
+    snprintf(base, sizeof base, "%s", strrchr(recipe, '/') ? strrchr(recipe, '/') + 1 : recipe);
+    char *dot = strstr(base, ".yaml");
+    if (dot) *dot = 0;
+    snprintf(name, sizeof name, "%s_w%d", base, workers);
+    snprintf(cmd, sizeof cmd,
+             "'%s/kdist' run '%s' %s cluster.workers=%d cluster.teachers=1 "
+             "cluster.consistency=%s name=%s logging.runs_dir='%s' > '%s/%s.out' 2>&1",
+             bin_dir, recipe, epochs_arg, workers, consistency, name, runs_dir, runs_dir, name);
     if (system(cmd) != 0) {
-        fprintf(stderr, "kd_bench_engine: `kdist run` failed; see %s/bench_w%d.out\n", runs_dir,
-                workers);
+        fprintf(stderr, "kd_bench_engine: `kdist run` failed; see %s/%s.out\n", runs_dir, name);
         return 0.0;
     }
-    snprintf(path, sizeof path, "%s/bench_w%d/summary.json", runs_dir, workers);
+    snprintf(path, sizeof path, "%s/%s/summary.json", runs_dir, name);
     json_error_t jerr;
     json_t *j = json_load_file(path, 0, &jerr);
     double rate = j ? json_real_value(json_object_get(j, "samples_per_sec")) : 0.0;

@@ -13,6 +13,12 @@ extern volatile sig_atomic_t kd_node_stop_requested;
 /* SIGTERM and SIGINT set kd_node_stop_requested (a second one exits at once); SIGPIPE ignored. */
 void kd_node_signals_install(void);
 
+/* OpenBLAS's idle threads busy-wait (sched_yield) for a long while after every call; in a
+ * process that then waits on the network they steal the cores its peers need. OpenBLAS reads
+ * OPENBLAS_THREAD_TIMEOUT only when it loads, so when it is unset this sets it to the
+ * shortest wait and re-executes the program (same argv); when set, it returns. */
+void kd_node_quiet_blas_threads(char **argv);
+
 uint64_t kd_node_rss_bytes(void); /* resident set size of this process, 0 if unknown */
 void kd_node_hostname(char *out, size_t outlen);
 

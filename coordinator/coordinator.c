@@ -948,14 +948,13 @@ static int write_summary(const eval_result_t *final) {
         final->val.accuracy, "val_loss", final->val.loss, "best_step",
         (json_int_t) final->best_step, "best_val_accuracy", final->best_val_accuracy, "epochs",
         (json_int_t)(C.applied_count == C.n_batches ? C.s.epoch + 1 : C.s.epoch), "steps",
-        (json_int_t)C.s.step, "samples_per_sec",
-        t > 0 ? (double)C.s.batches_applied * (double)C.r.train.batch_size / t : 0.0,
-        "wall_seconds", t, "workers_max", C.workers_max, "parameters",
-        (json_int_t)C.model->n_params, "consistency", kd_consistency_name(C.r.cluster.consistency),
-        "ledger", "batches_expected", (json_int_t)C.s.batches_expected, "batches_applied",
-        (json_int_t)C.s.batches_applied, "duplicates_dropped", (json_int_t)C.s.duplicates,
-        "restreamed", (json_int_t)C.s.restreamed, "stale_dropped", (json_int_t)C.stale_dropped,
-        "messages_dropped", (json_int_t)C.messages_dropped);
+        (json_int_t)C.s.step, "samples_per_sec", train_rate(), "wall_seconds", t, "workers_max",
+        C.workers_max, "parameters", (json_int_t)C.model->n_params, "consistency",
+        kd_consistency_name(C.r.cluster.consistency), "ledger", "batches_expected",
+        (json_int_t)C.s.batches_expected, "batches_applied", (json_int_t)C.s.batches_applied,
+        "duplicates_dropped", (json_int_t)C.s.duplicates, "restreamed", (json_int_t)C.s.restreamed,
+        "stale_dropped", (json_int_t)C.stale_dropped, "messages_dropped",
+        (json_int_t)C.messages_dropped);
     char *text = json_dumps(j, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
     json_decref(j);
     char path[KD_PATH_MAX + 32], err[KD_ERR_LEN];

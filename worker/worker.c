@@ -730,6 +730,7 @@ static int parse_args(worker_t *w, int argc, char **argv) {
 }
 
 int main(int argc, char **argv) {
+    kd_node_quiet_blas_threads(argv); /* the worker waits on the network between steps */
     worker_t w = {0};
     if (parse_args(&w, argc, argv) != 0) return 2;
     kd_node_signals_install();
