@@ -4,6 +4,7 @@
 #include <ctype.h>
 #include <errno.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/time.h>
 
@@ -112,6 +113,20 @@ bad:
     return -1;
 }
 
+/* Points data[i] at payload i, through an aligned copy when ZeroMQ's frame is unaligned
+ * (frames may sit anywhere in its receive buffer; floats must not). */
+static void align_payload(kd_msg_t *m, int i) {
+    void *d = zmq_msg_data(&m->frames[i]);
+    if ((uintptr_t)d % 16 != 0) {
+        size_t len = zmq_msg_size(&m->frames[i]);
+        m->copies[i] = aligned_alloc(16, (len + 15) & ~(size_t)15);
+        KD_ASSERT(m->copies[i]);
+        memcpy(m->copies[i], d, len);
+        d = m->copies[i];
+    }
+    m->data[i] = d;
+}
+
 static bool more_frames(void *sock) {
     int more = 0;
     size_t len = sizeof more;
@@ -181,6 +196,7 @@ int kd_wire_recv(void *sock, bool router, int flags, kd_msg_t *msg, char *err, s
         n++;
     }
     msg->n_tensors = n;
+    for (int i = 0; i < n; i++) align_payload(msg, i);
     if (kd_wire_decode(zmq_msg_data(&header), zmq_msg_size(&header), lens, n, &msg->env, err,
                        errlen) != 0)
         goto fail;
@@ -188,7 +204,11 @@ int kd_wire_recv(void *sock, bool router, int flags, kd_msg_t *msg, char *err, s
     return KD_WIRE_OK;
 fail:
     zmq_msg_close(&header);
-    for (int i = 0; i < n; i++) zmq_msg_close(&msg->frames[i]);
+    for (int i = 0; i < n; i++) {
+        zmq_msg_close(&msg->frames[i]);
+        free(msg->copies[i]);
+        msg->copies[i] = NULL;
+    }
     msg->n_tensors = 0;
     msg->env = NULL;
     return rc;
@@ -196,10 +216,26 @@ fail:
 
 void kd_msg_close(kd_msg_t *msg) {
     if (!msg) return;
-    for (int i = 0; i < msg->n_tensors; i++) zmq_msg_close(&msg->frames[i]);
+    for (int i = 0; i < msg->n_tensors; i++) {
+        zmq_msg_close(&msg->frames[i]);
+        free(msg->copies[i]);
+        msg->copies[i] = NULL;
+    }
     msg->n_tensors = 0;
     kd_env_free(msg->env);
     msg->env = NULL;
+}
+
+void kd_msg_move(kd_msg_t *dst, kd_msg_t *src) {
+    memcpy(dst, src, sizeof *dst);
+    for (int i = 0; i < src->n_tensors; i++) {
+        /* zmq_msg_t must be moved, not copied: small frames live inside the struct */
+        zmq_msg_init(&dst->frames[i]);
+        zmq_msg_move(&dst->frames[i], &src->frames[i]);
+        if (!src->copies[i]) align_payload(dst, i); /* inline data moved with the struct */
+        zmq_msg_close(&src->frames[i]);
+    }
+    memset(src, 0, sizeof *src);
 }
 
 const void *kd_msg_tensor(const kd_msg_t *m, int i, const char *name, kd_dtype_t dtype, int ndim,
@@ -223,7 +259,7 @@ const void *kd_msg_tensor(const kd_msg_t *m, int i, const char *name, kd_dtype_t
             return NULL;
         }
     }
-    return zmq_msg_data((zmq_msg_t *)&m->frames[i]);
+    return m->data[i];
 }
 
 void kd_msg_peer_text(const kd_msg_t *m, char *out, size_t outlen) {

@@ -28,7 +28,9 @@ typedef struct {
     kd_env_t *env; /* owned; NULL when empty */
     int n_tensors;
     zmq_msg_t frames[KD_WIRE_MAX_TENSORS];
-    uint8_t peer[KD_WIRE_MAX_PEER]; /* ROUTER sockets: the sender's routing id */
+    void *data[KD_WIRE_MAX_TENSORS];   /* each payload, 16-byte aligned (see kd_msg_data) */
+    void *copies[KD_WIRE_MAX_TENSORS]; /* owned aligned copies of frames ZeroMQ left unaligned */
+    uint8_t peer[KD_WIRE_MAX_PEER];    /* ROUTER sockets: the sender's routing id */
     size_t peer_len;
 } kd_msg_t;
 
@@ -49,11 +51,18 @@ enum { KD_WIRE_OK = 0, KD_WIRE_NONE = 1, KD_WIRE_BAD = -1, KD_WIRE_CLOSED = -2 }
  * context is gone. On KD_WIRE_OK the caller must kd_msg_close(msg). */
 int kd_wire_recv(void *sock, bool router, int flags, kd_msg_t *msg, char *err, size_t errlen);
 void kd_msg_close(kd_msg_t *msg);
+/* Moves a message to dst (to keep it past the receive loop); src is left empty. */
+void kd_msg_move(kd_msg_t *dst, kd_msg_t *src);
 
 /* Payload i, checked: its name, dtype and shape (a negative expected dim matches any size).
  * Returns the data (frame memory, valid until kd_msg_close) or NULL with err set. */
 const void *kd_msg_tensor(const kd_msg_t *m, int i, const char *name, kd_dtype_t dtype, int ndim,
                           const int64_t *shape, char *err, size_t errlen);
+/* Payload i's bytes, writable and 16-byte aligned: ZeroMQ may hand out frames at any address
+ * inside its receive buffer, so unaligned ones were copied on receipt. Valid until close. */
+static inline void *kd_msg_data(const kd_msg_t *m, int i) {
+    return m->data[i];
+}
 /* The peer's routing id as printable text (non-printables escaped). */
 void kd_msg_peer_text(const kd_msg_t *m, char *out, size_t outlen);
 

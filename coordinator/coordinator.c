@@ -474,14 +474,14 @@ static void close_sync_step(void) {
     const size_t n = C.model->n_params;
     float *grad;
     if (C.step_count == 1) {
-        grad = (float *)zmq_msg_data(&C.step_msgs[0].frames[0]);
+        grad = kd_msg_data(&C.step_msgs[0], 0);
     } else {
         double total = 0;
         for (int k = 0; k < C.step_count; k++) total += C.step_msgs[k].env->push->samples;
         KD_ASSERT(total > 0);
         memset(C.step_grad, 0, n * sizeof(float));
         for (int k = 0; k < C.step_count; k++) {
-            const float *g = zmq_msg_data(&C.step_msgs[k].frames[0]);
+            const float *g = kd_msg_data(&C.step_msgs[k], 0);
             float w = (float)(C.step_msgs[k].env->push->samples / total);
             for (size_t i = 0; i < n; i++) C.step_grad[i] += w * g[i];
         }
@@ -582,8 +582,7 @@ static void on_push(member_t *m, kd_msg_t *msg) {
         account_push(m, p);
         C.in_step[ref->batch_id] = 1;
         C.step_member[C.step_count] = (int)(m - C.members);
-        C.step_msgs[C.step_count++] = *msg;
-        memset(msg, 0, sizeof *msg); /* the step owns it now */
+        kd_msg_move(&C.step_msgs[C.step_count++], msg); /* the step owns it now */
         m->state = WORKER_PUSHED;
         m->clock++;
         if (sync_step_ready()) close_sync_step();
@@ -591,7 +590,7 @@ static void on_push(member_t *m, kd_msg_t *msg) {
     case KD_CONSISTENCY_ASYNC:
     case KD_CONSISTENCY_SSP:
         account_push(m, p);
-        apply_gradient((float *)zmq_msg_data(&msg->frames[0]), 1, p->samples);
+        apply_gradient(kd_msg_data(msg, 0), 1, p->samples);
         mark_applied(ref);
         m->clock++;
         bool hold = C.r.cluster.consistency == KD_CONSISTENCY_SSP && min_clock() != UINT64_MAX &&
