@@ -575,10 +575,15 @@ static void on_push(member_t *m, kd_msg_t *msg) {
     }
     switch (C.r.cluster.consistency) {
     case KD_CONSISTENCY_SYNC:
+        if (m->state == WORKER_PUSHED) { /* one batch per worker per step: it awaits the close */
+            drop(msg, "a second push in one sync step");
+            return;
+        }
         if (p->base_version < C.s.version) { /* its step closed without it: same batch again */
             send_weights(m, false, false, true, false);
             return;
         }
+        if (C.step_count == COORD_MAX_MEMBERS) close_sync_step(); /* churn cannot overflow it */
         account_push(m, p);
         C.in_step[ref->batch_id] = 1;
         C.step_member[C.step_count] = (int)(m - C.members);
