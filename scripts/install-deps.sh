@@ -9,6 +9,8 @@ packages=(
     libopenblas-dev libyaml-dev zlib1g-dev libjansson-dev libsodium-dev
     dataset-fashion-mnist
     clang-format
+    # libFuzzer and the sanitizer runtimes for tests/fuzz (ctest -L fuzz)
+    clang libclang-rt-14-dev
 )
 # Reference fixtures and comparisons only (tests/data/make_fixtures.py); kdist never needs it.
 if [ "${KD_WITH_TORCH:-0}" = 1 ]; then packages+=(python3-torch); fi
