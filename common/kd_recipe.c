@@ -240,6 +240,9 @@ static const row_t schema[] = {
          "batches queued per teacher-to-worker pipe (back-pressure)"),
     STR("cluster.bind", cluster.bind, 0, NULL, "tcp://127.0.0.1:*",
         "coordinator endpoint to bind; port * picks a free one"),
+    BOOL("cluster.shared_memory", cluster.shared_memory, "true",
+         "workers on the coordinator's machine exchange weights and gradients through shared "
+         "memory instead of TCP"),
 
     STR("logging.runs_dir", logging.runs_dir, 0, NULL, "runs", "directory holding run outputs"),
     LONG("logging.every_steps", logging.every_steps, BTW, 1, 1000000, "10",

@@ -83,6 +83,7 @@ typedef struct {
         long restream_timeout_ms; /* re-request batches streamed but not pushed back after this */
         long stream_hwm;          /* batches queued per teacher->worker pipe (back-pressure) */
         char bind[KD_PATH_MAX];   /* coordinator endpoint; a '*' port picks a free one */
+        bool shared_memory;       /* same-host workers skip TCP for tensors (kd_shm.h) */
     } cluster;
 
     struct {

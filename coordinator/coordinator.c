@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 #include <unistd.h>
 
 #include "checkpoint.h"
@@ -18,6 +19,7 @@
 #include "kd_node.h"
 
 #define MAX_OVERRIDES 64
+#define MAX_SHM_SLOTS 8
 
 typedef enum { RUN_RUNNING = 0, RUN_FINISHING } run_phase_t;
 
@@ -55,11 +57,21 @@ typedef struct {
     kd_msg_t step_msgs[COORD_MAX_MEMBERS];
     int step_member[COORD_MAX_MEMBERS];
     int step_count;
-    float *step_grad; /* (n_params) weighted average */
+    float *step_grads[COORD_MAX_MEMBERS];  /* each push's gradient: its frame or shared memory */
+    float *step_copies[COORD_MAX_MEMBERS]; /* owned copies of those whose worker left */
+    float *step_grad;                      /* (n_params) weighted average */
 
     /* the weights of the current version, shared by every reply */
     zmq_msg_t weights_msg;
     bool weights_valid;
+
+    /* the same-host fast path (kd_shm.h): weight versions in slots, and how many workers were
+     * pointed to each slot and have not yet said they read it */
+    kd_shm_t weights_shm;
+    uint64_t shm_token;
+    uint64_t slot_version[MAX_SHM_SLOTS];
+    int slot_readers[MAX_SHM_SLOTS];
+    char hostname[64];
 
     /* metrics window */
     double win_loss, win_t0, win_staleness;
@@ -174,6 +186,99 @@ static kd_wire_tensor_t weights_tensor(void) {
     return t;
 }
 
+/* ---- the same-host fast path (kd_shm.h) ------------------------------------------------- */
+
+static void setup_shared_memory(void) {
+    if (!C.r.cluster.shared_memory) return;
+    kd_node_hostname(C.hostname, sizeof C.hostname);
+    if (getrandom(&C.shm_token, sizeof C.shm_token, 0) != sizeof C.shm_token)
+        C.shm_token = (uint64_t)getpid() << 32 ^ (uint64_t)(kd_now() * 1e6);
+    long slots = C.r.cluster.workers + 1; /* one per worker holding a version, one to write */
+    if (slots > MAX_SHM_SLOTS) slots = MAX_SHM_SLOTS;
+    char err[KD_ERR_LEN];
+    if (kd_shm_create(&C.weights_shm, "kdist-weights", (uint32_t)slots, C.model->n_params,
+                      C.shm_token, err, sizeof err) != 0) {
+        kd_log(KD_LOG_WARN, "COORD-SHM", "%s: workers on this machine will use TCP", err);
+        return;
+    }
+    for (long i = 0; i < slots; i++) C.slot_version[i] = UINT64_MAX;
+}
+
+/* A gradient segment for a worker on this machine, described in *offer; false to use TCP. */
+static bool offer_shared_memory(member_t *m, Kdist__SharedMemory *offer) {
+    if (!C.weights_shm.base || m->role != KDIST__ROLE__WORKER || strcmp(m->host, C.hostname) != 0)
+        return false;
+    char name[96], err[KD_ERR_LEN];
+    snprintf(name, sizeof name, "kdist-gradient-%s", m->node_id);
+    if (kd_shm_create(&m->grad_shm, name, 1, C.model->n_params, C.shm_token, err, sizeof err) !=
+        0) {
+        kd_log(KD_LOG_WARN, "COORD-SHM", "%s: worker %s will use TCP", err, m->node_id);
+        return false;
+    }
+    offer->pid = (uint32_t)getpid();
+    offer->weights_fd = C.weights_shm.fd;
+    offer->weight_slots = C.weights_shm.n_slots;
+    offer->gradient_fd = m->grad_shm.fd;
+    offer->token = C.shm_token;
+    return true;
+}
+
+/* The slot holding the current version, written now if none does; -1 when every slot is still
+ * being read by some worker (the answer then goes over TCP). */
+static int current_slot(void) {
+    int free_slot = -1;
+    for (uint32_t s = 0; s < C.weights_shm.n_slots; s++) {
+        if (C.slot_version[s] == C.s.version) return (int)s;
+        if (C.slot_readers[s] == 0 && free_slot < 0) free_slot = (int)s;
+    }
+    if (free_slot < 0) return -1;
+    kd_shm_write(&C.weights_shm, (uint32_t)free_slot, C.s.version, C.model->params);
+    C.slot_version[free_slot] = C.s.version;
+    return free_slot;
+}
+
+static void release_slot(member_t *m) {
+    if (m->held_slot) C.slot_readers[m->held_slot - 1]--;
+    m->held_slot = 0;
+}
+
+/* The worker says it holds `version`: it has read any slot it was pointed to up to then. */
+static void note_weights_held(member_t *m, uint64_t version) {
+    if (m->held_slot && version >= C.slot_version[m->held_slot - 1]) release_slot(m);
+}
+
+/* A push's gradient, from its frame or the worker's segment; NULL with why set if unusable. */
+static float *push_gradient(member_t *m, kd_msg_t *msg, char *why, size_t whylen) {
+    const Kdist__PushGradient *p = msg->env->push;
+    m->shm_active = p->shared_memory;
+    if (p->shared_memory) {
+        if (!m->grad_shm.base) {
+            kd_err(why, whylen, "a gradient in shared memory that was never set up");
+            return NULL;
+        }
+        float *g = kd_shm_peek(&m->grad_shm, 0, p->clock);
+        if (!g)
+            kd_err(why, whylen, "the shared-memory gradient is not push %llu's",
+                   (unsigned long long)p->clock);
+        return g;
+    }
+    int64_t shape[1] = {(int64_t)C.model->n_params};
+    return (float *)kd_msg_tensor(msg, 0, "gradient", KD_DTYPE_F32, 1, shape, why, whylen);
+}
+
+/* A worker leaves while the open sync step holds its shared-memory gradient: keep a copy. */
+static void keep_step_gradients(member_t *m) {
+    const int index = (int)(m - C.members);
+    for (int k = 0; k < C.step_count; k++)
+        if (C.step_member[k] == index && !C.step_copies[k] &&
+            C.step_msgs[k].env->push->shared_memory) {
+            size_t bytes = C.model->n_params * sizeof(float);
+            C.step_copies[k] = kd_xmalloc(bytes);
+            memcpy(C.step_copies[k], C.step_grads[k], bytes);
+            C.step_grads[k] = C.step_copies[k];
+        }
+}
+
 /* Weights {flags} to a worker, with the current weights unless wait/stop. */
 static void send_weights(member_t *m, bool wait, bool stop, bool redo, bool duplicate) {
     Kdist__Weights w = KDIST__WEIGHTS__INIT;
@@ -185,9 +290,20 @@ static void send_weights(member_t *m, bool wait, bool stop, bool redo, bool dupl
     kd_env_t env = KDIST__ENVELOPE__INIT;
     env.body_case = KDIST__ENVELOPE__BODY_WEIGHTS;
     env.weights = &w;
-    kd_wire_tensor_t t = weights_tensor();
-    bool with_weights = !w.wait && !w.stop;
-    send_to(m, &env, &t, with_weights ? 1 : 0);
+    kd_wire_tensor_t t;
+    int n_tensors = 0;
+    if (!w.wait && !w.stop) {
+        release_slot(m);
+        int slot = m->shm_active ? current_slot() : -1;
+        if (slot >= 0) {
+            C.slot_readers[slot]++;
+            m->held_slot = w.shared_slot = (uint32_t)slot + 1;
+        } else {
+            t = weights_tensor();
+            n_tensors = 1;
+        }
+    }
+    send_to(m, &env, &t, n_tensors);
     m->state = w.wait ? WORKER_HELD : WORKER_COMPUTING;
 }
 
@@ -474,14 +590,14 @@ static void close_sync_step(void) {
     const size_t n = C.model->n_params;
     float *grad;
     if (C.step_count == 1) {
-        grad = kd_msg_data(&C.step_msgs[0], 0);
+        grad = C.step_grads[0];
     } else {
         double total = 0;
         for (int k = 0; k < C.step_count; k++) total += C.step_msgs[k].env->push->samples;
         KD_ASSERT(total > 0);
         memset(C.step_grad, 0, n * sizeof(float));
         for (int k = 0; k < C.step_count; k++) {
-            const float *g = kd_msg_data(&C.step_msgs[k], 0);
+            const float *g = C.step_grads[k];
             float w = (float)(C.step_msgs[k].env->push->samples / total);
             for (size_t i = 0; i < n; i++) C.step_grad[i] += w * g[i];
         }
@@ -493,6 +609,8 @@ static void close_sync_step(void) {
     for (int k = 0; k < C.step_count; k++) {
         mark_applied(C.step_msgs[k].env->push->ref);
         kd_msg_close(&C.step_msgs[k]);
+        free(C.step_copies[k]);
+        C.step_copies[k] = NULL;
     }
     int count = C.step_count;
     C.step_count = 0;
@@ -534,9 +652,11 @@ static void release_held_workers(void) {
 static void on_push(member_t *m, kd_msg_t *msg) {
     const Kdist__PushGradient *p = msg->env->push;
     char err[KD_ERR_LEN];
-    int64_t shape[1] = {(int64_t)C.model->n_params};
-    if (!p->ref || !kd_msg_tensor(msg, 0, "gradient", KD_DTYPE_F32, 1, shape, err, sizeof err)) {
+    note_weights_held(m, p->base_version);
+    float *grad = p->ref ? push_gradient(m, msg, err, sizeof err) : NULL;
+    if (!grad) {
         drop(msg, p->ref ? err : "push without a batch reference");
+        send_weights(m, false, false, false, true); /* a member is never left without an answer */
         return;
     }
     if (p->samples == 0 || p->samples > (uint32_t)C.r.train.batch_size || p->correct > p->samples ||
@@ -587,6 +707,7 @@ static void on_push(member_t *m, kd_msg_t *msg) {
         account_push(m, p);
         C.in_step[ref->batch_id] = 1;
         C.step_member[C.step_count] = (int)(m - C.members);
+        C.step_grads[C.step_count] = grad;
         kd_msg_move(&C.step_msgs[C.step_count++], msg); /* the step owns it now */
         m->state = WORKER_PUSHED;
         m->clock++;
@@ -595,7 +716,7 @@ static void on_push(member_t *m, kd_msg_t *msg) {
     case KD_CONSISTENCY_ASYNC:
     case KD_CONSISTENCY_SSP:
         account_push(m, p);
-        apply_gradient(kd_msg_data(msg, 0), 1, p->samples);
+        apply_gradient(grad, 1, p->samples);
         mark_applied(ref);
         m->clock++;
         bool hold = C.r.cluster.consistency == KD_CONSISTENCY_SSP && min_clock() != UINT64_MAX &&
@@ -616,6 +737,9 @@ static void remove_member(member_t *m, const char *event) {
            m->host, event);
     if (m->role != KDIST__ROLE__CLIENT) add_event(event, m);
     /* a sync step never waits for a worker that is gone; its collected gradient still counts */
+    keep_step_gradients(m);
+    release_slot(m);
+    kd_shm_close(&m->grad_shm);
     m->used = false;
     if (C.phase != RUN_RUNNING) return;
     if (m->role == KDIST__ROLE__WORKER) {
@@ -654,6 +778,8 @@ static void send_welcome(member_t *m) {
     w.teacher_endpoints = endpoints;
     w.heartbeat_ms = (uint32_t)C.r.cluster.heartbeat_ms;
     w.n_params = C.model->n_params;
+    Kdist__SharedMemory offer = KDIST__SHARED_MEMORY__INIT;
+    if (offer_shared_memory(m, &offer)) w.shared_memory = &offer;
     kd_env_t env = KDIST__ENVELOPE__INIT;
     env.body_case = KDIST__ENVELOPE__BODY_WELCOME;
     env.welcome = &w;
@@ -754,6 +880,7 @@ static void on_heartbeat(member_t *m, const Kdist__Heartbeat *hb) {
     if (hb->rss_bytes) m->rss_bytes = hb->rss_bytes;
     m->batches_streamed = hb->batches_streamed;
     if (m->role != KDIST__ROLE__WORKER) return;
+    note_weights_held(m, hb->weights_version);
     bool was_idle = m->waiting_for_batch;
     m->waiting_for_batch = hb->waiting_for_batch && m->state == WORKER_COMPUTING;
     if (m->waiting_for_batch && !was_idle) {
@@ -1134,6 +1261,7 @@ int main(int argc, char **argv) {
     snprintf(best, sizeof best, "%s/best/student.safetensors", C.ckpt_dir);
     C.eval = evaluator_new(C.ctx, &C.r, C.model, &C.data, best);
     C.t0 = C.win_t0 = kd_now();
+    setup_shared_memory();
 
     char path[KD_PATH_MAX + 64];
     snprintf(path, sizeof path, "%s/coordinator.endpoint", C.run_dir);

@@ -12,6 +12,7 @@
 #include "kd_model.h"
 #include "kd_optim.h"
 #include "kd_recipe.h"
+#include "kd_shm.h"
 #include "kd_train.h"
 #include "kd_wire.h"
 
@@ -43,6 +44,11 @@ typedef struct {
     double rate_t0;
     long rate_samples;
     double samples_per_sec;
+    /* the same-host fast path: its gradient segment, and the weights slot it was last pointed
+     * to (slot + 1, 0 = none) until it reports holding that version */
+    kd_shm_t grad_shm;
+    bool shm_active; /* its last push came through shared memory */
+    uint32_t held_slot;
     /* teachers */
     uint64_t batches_streamed;
 } member_t;

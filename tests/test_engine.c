@@ -123,13 +123,29 @@ static void check_ledger(json_t *summary, long epochs, long batches_per_epoch) {
     CHECK(json_integer_value(json_object_get(summary, "epochs")) == epochs);
 }
 
-/* sync with one worker computes exactly what kd_train_local computes. */
-static void test_sync_one_worker_reproduces_in_process(void) {
-    cluster_case_t c = {"sync1", {"train.epochs=1", "cluster.consistency=sync"}, 2, 1, 1};
+/* True if the file contains text. */
+static bool log_says(const char *path, const char *text) {
+    static char buf[1 << 20];
+    return kd_test_read_text(path, buf, sizeof buf) && strstr(buf, text) != NULL;
+}
+
+/* sync with one worker computes exactly what kd_train_local computes, whether the tensors go
+ * through shared memory (a worker on the coordinator's machine) or over TCP. */
+static void test_sync_one_worker_reproduces_in_process(bool shared_memory) {
+    cluster_case_t c = {
+        shared_memory ? "sync1_shm" : "sync1_tcp",
+        {"train.epochs=1", "cluster.consistency=sync",
+         shared_memory ? "cluster.shared_memory=true" : "cluster.shared_memory=false"},
+        3,
+        1,
+        1};
     char run_dir[1024];
     json_t *summary = run_cluster(&c, run_dir, sizeof run_dir);
     if (!summary) return;
     check_ledger(summary, 1, 79); /* 10000 training samples, batches of 128 */
+    char worker_log[1200];
+    snprintf(worker_log, sizeof worker_log, "%s/logs/worker-0.log", run_dir);
+    CHECK(log_says(worker_log, shared_memory ? "go through shared memory" : "go over TCP"));
 
     const char *overrides[N_BASE + 2];
     int n = 0;
@@ -154,8 +170,8 @@ static void test_sync_one_worker_reproduces_in_process(void) {
         max_abs = fmax(max_abs, fabs((double)local->params[i]));
     }
     fprintf(stderr,
-            "sync, 1 worker vs in-process after %ld steps: max |diff| %.3g (max |w| %.3g)\n",
-            res.steps, max_diff, max_abs);
+            "sync, 1 worker (%s) vs in-process after %ld steps: max |diff| %.3g (max |w| %.3g)\n",
+            c.name, res.steps, max_diff, max_abs);
     CHECK(res.steps == 79);
     CHECK(max_diff <= 1e-6 * fmax(1.0, max_abs));
     double test_acc = json_real_value(json_object_get(summary, "test_accuracy"));
@@ -169,7 +185,11 @@ static void test_sync_one_worker_reproduces_in_process(void) {
 static void test_consistency_modes(void) {
     const cluster_case_t cases[] = {
         {"sync3", {"train.epochs=2", "cluster.consistency=sync"}, 2, 3, 2},
-        {"async2", {"train.epochs=2", "cluster.consistency=async"}, 2, 2, 1},
+        {"async2",
+         {"train.epochs=2", "cluster.consistency=async", "cluster.shared_memory=false"},
+         3,
+         2,
+         1},
         {"ssp3", {"train.epochs=2", "cluster.consistency=ssp", "cluster.staleness=1"}, 3, 3, 2},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
@@ -194,7 +214,8 @@ static void test_consistency_modes(void) {
 
 int main(void) {
     tmp = kd_test_tmpdir("test_engine");
-    test_sync_one_worker_reproduces_in_process();
+    test_sync_one_worker_reproduces_in_process(true);
+    test_sync_one_worker_reproduces_in_process(false);
     test_consistency_modes();
     return kd_test_done("test_engine");
 }

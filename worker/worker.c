@@ -15,6 +15,7 @@
 #include "kd_log.h"
 #include "kd_node.h"
 #include "kd_recipe.h"
+#include "kd_shm.h"
 #include "kd_train.h"
 #include "kd_util.h"
 #include "kd_wire.h"
@@ -66,6 +67,9 @@ typedef struct {
     /* Zero-copy gradient: ZeroMQ reads model->grads until it calls release_grads. */
     atomic_int grads_in_flight;
 
+    /* On the coordinator's machine: the weights and gradient travel through these (kd_shm.h). */
+    kd_shm_t weights_shm, grad_shm;
+
     /* Timing: phase_seconds of the push being prepared; wait-weights is the previous step's. */
     double idle_since, push_done, push_seconds, wait_weights;
     bool waiting_announced;
@@ -111,6 +115,7 @@ static void send_heartbeat(worker_t *w, bool waiting) {
     Kdist__Heartbeat hb = KDIST__HEARTBEAT__INIT;
     hb.waiting_for_batch = waiting;
     hb.rss_bytes = kd_node_rss_bytes();
+    hb.weights_version = w->version;
     kd_env_t env = KDIST__ENVELOPE__INIT;
     env.body_case = KDIST__ENVELOPE__BODY_HEARTBEAT;
     env.heartbeat = &hb;
@@ -217,13 +222,48 @@ static void connect_teachers(worker_t *w, char **endpoints, size_t n) {
     }
 }
 
-/* Checks the Welcome's weights frame and copies it into the model. */
+/* Checks the weights of a Welcome or an answer — its frame, or the shared-memory slot it names —
+ * and copies them into the model. */
 static int take_weights(worker_t *w, const kd_msg_t *m, char *err, size_t errlen) {
+    const uint32_t slot =
+        m->env->body_case == KDIST__ENVELOPE__BODY_WEIGHTS ? m->env->weights->shared_slot : 0;
+    if (slot) {
+        if (!w->weights_shm.base)
+            return kd_err(err, errlen, "weights in shared memory this worker has not mapped");
+        if (kd_shm_read(&w->weights_shm, slot - 1, m->env->weights->version, w->model->params))
+            return kd_err(err, errlen, "shared-memory slot %u no longer holds weights version %llu",
+                          slot, (unsigned long long)m->env->weights->version);
+        return 0;
+    }
     const int64_t shape[1] = {(int64_t)w->model->n_params};
     const float *src = kd_msg_tensor(m, 0, "weights", KD_DTYPE_F32, 1, shape, err, errlen);
     if (!src) return -1;
     memcpy(w->model->params, src, w->model->n_params * sizeof(float));
     return 0;
+}
+
+/* Maps the segments the coordinator offers; on failure (another machine or pid namespace) the
+ * tensors simply go over TCP. */
+static void map_shared_memory(worker_t *w, const Kdist__SharedMemory *offer) {
+    kd_shm_close(&w->weights_shm);
+    kd_shm_close(&w->grad_shm);
+    if (!offer) {
+        kd_log(KD_LOG_INFO, "WORKER-SHM",
+               "tensors go over TCP (the coordinator is on another machine, or "
+               "cluster.shared_memory is off)");
+        return;
+    }
+    char err[KD_ERR_LEN];
+    const size_t n = w->model->n_params;
+    if (kd_shm_open_peer(&w->weights_shm, offer->pid, offer->weights_fd, offer->weight_slots, n,
+                         offer->token, false, err, sizeof err) != 0 ||
+        kd_shm_open_peer(&w->grad_shm, offer->pid, offer->gradient_fd, 1, n, offer->token, true,
+                         err, sizeof err) != 0) {
+        kd_shm_close(&w->weights_shm);
+        kd_log(KD_LOG_INFO, "WORKER-SHM", "tensors go over TCP: %s", err);
+        return;
+    }
+    kd_log(KD_LOG_INFO, "WORKER-SHM", "weights and gradients go through shared memory");
 }
 
 static void free_step_buffers(worker_t *w) {
@@ -291,6 +331,7 @@ static int on_welcome(worker_t *w, const kd_msg_t *m) {
         kd_log(KD_LOG_ERROR, "WORKER-BAD-WELCOME", "weights: %s", err);
         return FATAL;
     }
+    map_shared_memory(w, wel->shared_memory);
     w->recipe = r;
     w->num_classes = (int)wel->num_classes;
     w->sample_dim = kd_shape_size(shape);
@@ -419,8 +460,12 @@ static int compute_and_push(worker_t *w, double wait_batch, double t_start) {
     kd_env_t env = KDIST__ENVELOPE__INIT;
     env.body_case = KDIST__ENVELOPE__BODY_PUSH;
     env.push = &push;
-    atomic_store(&w->grads_in_flight, 1);
-    if (send_env(w, &env, &grad, 1) != 0) {
+    push.shared_memory = w->grad_shm.base != NULL;
+    if (push.shared_memory)
+        kd_shm_write(&w->grad_shm, 0, push.clock, m->grads);
+    else
+        atomic_store(&w->grads_in_flight, 1);
+    if (send_env(w, &env, &grad, push.shared_memory ? 0 : 1) != 0) {
         /* Nowhere to send (the pipe is gone): the reconnect path streams the batch again. */
         lose_coordinator(w, "cannot push the gradient");
         return KEEP_GOING;
@@ -459,7 +504,7 @@ static int on_weights(worker_t *w, const kd_msg_t *m) {
     }
     if (w->state != ST_WAIT_WEIGHTS) {
         /* Not an answer: fresh weights for an idle worker are welcome, nothing else is. */
-        if (m->n_tensors == 1 && take_weights(w, m, err, sizeof err) == 0)
+        if ((m->n_tensors == 1 || wt->shared_slot) && take_weights(w, m, err, sizeof err) == 0)
             w->version = wt->version;
         else
             drop(w, "the coordinator", "weights while no push was pending");
@@ -470,8 +515,12 @@ static int on_weights(worker_t *w, const kd_msg_t *m) {
         w->held = true;
         return kd_node_stop_requested ? STOP_NOW : KEEP_GOING;
     }
-    bool has = m->n_tensors > 0;
+    bool has = m->n_tensors > 0 || wt->shared_slot > 0;
     if (has && take_weights(w, m, err, sizeof err) != 0) {
+        if (wt->shared_slot) { /* the coordinator reused a slot it pointed us to: start over */
+            lose_coordinator(w, err);
+            return KEEP_GOING;
+        }
         drop(w, "the coordinator", err);
         return KEEP_GOING;
     }
