@@ -50,6 +50,7 @@ typedef struct {
     size_t n_batches, applied_count;
     uint8_t *applied; /* (n_batches) 1 = applied this epoch */
     uint8_t *in_step; /* (n_batches) 1 = collected in the open sync step */
+    int *owner;       /* (n_batches) the member index of the teacher node it was assigned to */
     bool assigned;    /* this epoch's batches went out */
     double last_progress;
 
@@ -345,7 +346,10 @@ static void assign_batches(const uint32_t *ids, size_t n, bool restream) {
     for (int t = 0; t < T; t++) {
         size_t k = 0;
         for (size_t i = 0; i < n; i++)
-            if ((int)(ids[i] % (uint32_t)T) == t) share[k++] = ids[i];
+            if ((int)(ids[i] % (uint32_t)T) == t) {
+                share[k++] = ids[i];
+                C.owner[ids[i]] = (int)(teachers[t] - C.members);
+            }
         Kdist__Assign a = KDIST__ASSIGN__INIT;
         a.epoch = C.s.epoch;
         a.seed = (uint64_t)C.r.seed;
@@ -389,6 +393,30 @@ static void start_epoch(uint32_t epoch) {
     C.s.batches_expected += (long)C.n_batches;
     C.assigned = false;
     assign_epoch();
+}
+
+/* A teacher node is gone: the batches of this epoch it held and that are not applied go to the
+ * live ones at once (those it streamed before it died may still come back: the ledger drops
+ * the second copy). With no teacher left, the next one to say hello gets the whole rest. */
+static void reassign_share(const member_t *gone) {
+    if (!C.assigned) return;
+    const int index = (int)(gone - C.members);
+    uint32_t *ids = kd_xmalloc((C.n_batches ? C.n_batches : 1) * sizeof *ids);
+    size_t n = 0;
+    for (size_t b = 0; b < C.n_batches; b++)
+        if (C.owner[b] == index && !C.applied[b] && !C.in_step[b]) ids[n++] = (uint32_t)b;
+    if (live_count(KDIST__ROLE__TEACHER) == 0) {
+        C.assigned = false;
+        kd_log(KD_LOG_WARN, "COORD-NO-TEACHER",
+               "no teacher node left: epoch %u waits for one to join", C.s.epoch);
+    } else if (n) {
+        assign_batches(ids, n, true);
+        kd_log(KD_LOG_INFO, "COORD-REASSIGN",
+               "teacher %s is gone: its %zu unapplied batch(es) of epoch %u go to %d live "
+               "teacher node(s)",
+               gone->node_id, n, C.s.epoch, live_count(KDIST__ROLE__TEACHER));
+    }
+    free(ids);
 }
 
 /* Streamed batches that never came back (their worker died): ask the teachers again. */
@@ -732,22 +760,6 @@ static void on_push(member_t *m, kd_msg_t *msg) {
 
 /* ---- membership -------------------------------------------------------------------------- */
 
-static void remove_member(member_t *m, const char *event) {
-    kd_log(KD_LOG_INFO, "COORD-MEMBER-GONE", "%s %s (%s) %s", role_name(m->role), m->node_id,
-           m->host, event);
-    if (m->role != KDIST__ROLE__CLIENT) add_event(event, m);
-    /* a sync step never waits for a worker that is gone; its collected gradient still counts */
-    keep_step_gradients(m);
-    release_slot(m);
-    kd_shm_close(&m->grad_shm);
-    m->used = false;
-    if (C.phase != RUN_RUNNING) return;
-    if (m->role == KDIST__ROLE__WORKER) {
-        if (C.r.cluster.consistency == KD_CONSISTENCY_SYNC && sync_step_ready()) close_sync_step();
-        if (C.r.cluster.consistency == KD_CONSISTENCY_SSP) release_held_workers();
-    }
-}
-
 /* The stream endpoints of the live teacher nodes (borrowed strings); returns the count. */
 static size_t teacher_endpoints(char **out) {
     size_t n = 0;
@@ -800,6 +812,25 @@ static void send_peers(void) {
     for (int i = 0; i < COORD_MAX_MEMBERS; i++)
         if (C.members[i].used && C.members[i].role == KDIST__ROLE__WORKER)
             send_to(&C.members[i], &env, NULL, 0);
+}
+
+static void remove_member(member_t *m, const char *event) {
+    kd_log(KD_LOG_INFO, "COORD-MEMBER-GONE", "%s %s (%s) %s", role_name(m->role), m->node_id,
+           m->host, event);
+    if (m->role != KDIST__ROLE__CLIENT) add_event(event, m);
+    /* a sync step never waits for a worker that is gone; its collected gradient still counts */
+    keep_step_gradients(m);
+    release_slot(m);
+    kd_shm_close(&m->grad_shm);
+    m->used = false;
+    if (C.phase != RUN_RUNNING) return;
+    if (m->role == KDIST__ROLE__WORKER) {
+        if (C.r.cluster.consistency == KD_CONSISTENCY_SYNC && sync_step_ready()) close_sync_step();
+        if (C.r.cluster.consistency == KD_CONSISTENCY_SSP) release_held_workers();
+    } else if (m->role == KDIST__ROLE__TEACHER) {
+        reassign_share(m);
+        send_peers();
+    }
 }
 
 static void on_hello(kd_msg_t *msg) {
@@ -1189,6 +1220,7 @@ static int setup(int argc, char **argv, bool *resume, char *err, size_t errlen) 
     C.n_batches = kd_epoch_count(C.data.train->n, (size_t)C.r.train.batch_size);
     C.applied = kd_xcalloc(C.n_batches ? C.n_batches : 1, 1);
     C.in_step = kd_xcalloc(C.n_batches ? C.n_batches : 1, 1);
+    C.owner = kd_xcalloc(C.n_batches ? C.n_batches : 1, sizeof *C.owner);
     C.step_grad = kd_alloc_floats(C.model->n_params);
     C.win_layer_fwd = kd_xcalloc((size_t)C.model->n_layers, sizeof(double));
     C.win_layer_bwd = kd_xcalloc((size_t)C.model->n_layers, sizeof(double));
@@ -1314,6 +1346,7 @@ out:
     kd_splits_destroy(&C.data);
     free(C.applied);
     free(C.in_step);
+    free(C.owner);
     free(C.step_grad);
     free(C.win_layer_fwd);
     free(C.win_layer_bwd);
