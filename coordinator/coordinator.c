@@ -419,21 +419,31 @@ static void reassign_share(const member_t *gone) {
     free(ids);
 }
 
-/* Streamed batches that never came back (their worker died): ask the teachers again. */
-static void restream_stalled(void) {
+/* Asks the teachers for every unapplied batch of the epoch again. A teacher streams the ones
+ * still in its queue once (it merges the lists); the ones streamed but not pushed back come
+ * again, and if the first copy was only late the ledger drops the second. */
+static void restream_unapplied(const char *why) {
     if (C.phase != RUN_RUNNING || !C.assigned) return;
-    if (kd_now() - C.last_progress < C.r.cluster.restream_timeout_ms / 1000.0) return;
     uint32_t *ids = kd_xmalloc((C.n_batches ? C.n_batches : 1) * sizeof *ids);
     size_t n = unapplied_batches(ids);
     if (n) {
         kd_log(KD_LOG_WARN, "COORD-RESTREAM",
-               "no batch applied for %.1f s: streaming %zu unapplied batch(es) of epoch %u again",
-               kd_now() - C.last_progress, n, C.s.epoch);
+               "%s: asking for the %zu unapplied batch(es) of "
+               "epoch %u again",
+               why, n, C.s.epoch);
         assign_batches(ids, n, true);
         C.s.restreamed += (long)n;
     }
     free(ids);
     C.last_progress = kd_now();
+}
+
+/* Streamed batches that never came back: their worker died unseen, or a queue was lost. */
+static void restream_stalled(void) {
+    if (kd_now() - C.last_progress < C.r.cluster.restream_timeout_ms / 1000.0) return;
+    char why[96];
+    snprintf(why, sizeof why, "no batch applied for %.1f s", kd_now() - C.last_progress);
+    restream_unapplied(why);
 }
 
 /* ---- evaluation, metrics, checkpoints ---------------------------------------------------- */
@@ -827,6 +837,11 @@ static void remove_member(member_t *m, const char *event) {
     if (m->role == KDIST__ROLE__WORKER) {
         if (C.r.cluster.consistency == KD_CONSISTENCY_SYNC && sync_step_ready()) close_sync_step();
         if (C.r.cluster.consistency == KD_CONSISTENCY_SSP) release_held_workers();
+        /* the batch in its hands and those queued in its socket are gone with it */
+        char why[160];
+        snprintf(why, sizeof why, "worker %s %s", m->node_id,
+                 strcmp(event, "dead") == 0 ? "died" : "left");
+        restream_unapplied(why);
     } else if (m->role == KDIST__ROLE__TEACHER) {
         reassign_share(m);
         send_peers();
