@@ -8,6 +8,7 @@
 #include <string.h>
 #include <sys/time.h>
 
+#include "kd_log.h"
 #include "kd_util.h"
 
 /* kd_dtype_t <-> wire DType; only the types the protocol carries. */
@@ -411,6 +412,9 @@ void *kd_socket_router(void *ctx, const char *endpoint, int heartbeat_ms, char *
     zmq_setsockopt(s, ZMQ_ROUTER_MANDATORY, &one, sizeof one);
     /* A reconnecting node with the same routing id takes over the old pipe. */
     zmq_setsockopt(s, ZMQ_ROUTER_HANDOVER, &one, sizeof one);
+    /* A ZAP domain makes libzmq refuse ZMTP 1.0/2.0 peers, which would otherwise hand raw
+     * bytes up as messages; with no ZAP handler, NULL-mechanism (ZMTP 3) peers still join. */
+    zmq_setsockopt(s, ZMQ_ZAP_DOMAIN, KD_WIRE_ZAP_DOMAIN, strlen(KD_WIRE_ZAP_DOMAIN));
     if (kd_socket_bind(s, endpoint, bound, boundlen, err, errlen) != 0) {
         zmq_close(s);
         return NULL;
@@ -458,4 +462,54 @@ const char *kd_wire_body_name(const kd_env_t *env) {
     default:
         return "unknown";
     }
+}
+
+#define REFUSED_EVENTS                                                                             \
+    (ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL | ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL |                  \
+     ZMQ_EVENT_HANDSHAKE_FAILED_AUTH)
+
+void *kd_wire_monitor(void *ctx, void *socket, const char *name, char *err, size_t errlen) {
+    char endpoint[128];
+    snprintf(endpoint, sizeof endpoint, "inproc://kd-monitor-%s-%p", name, socket);
+    void *pair = NULL;
+    if (zmq_socket_monitor(socket, endpoint, REFUSED_EVENTS) != 0 ||
+        !(pair = zmq_socket(ctx, ZMQ_PAIR)) || zmq_connect(pair, endpoint) != 0) {
+        kd_err(err, errlen, "cannot monitor the %s socket: %s", name, zmq_strerror(errno));
+        if (pair) zmq_close(pair);
+        return NULL;
+    }
+    int zero = 0;
+    zmq_setsockopt(pair, ZMQ_LINGER, &zero, sizeof zero);
+    return pair;
+}
+
+long kd_wire_refused(void *monitor, const char *what, long *total) {
+    static kd_log_limit_t limit;
+    long n = 0;
+    if (!monitor) return 0;
+    for (;;) {
+        /* an event is two frames: u16 event + u32 value, then the peer's address */
+        zmq_msg_t head, addr;
+        zmq_msg_init(&head);
+        if (zmq_msg_recv(&head, monitor, ZMQ_DONTWAIT) < 0) {
+            zmq_msg_close(&head);
+            break;
+        }
+        zmq_msg_init(&addr);
+        bool complete = zmq_msg_more(&head) && zmq_msg_recv(&addr, monitor, 0) >= 0;
+        uint16_t event = 0;
+        if (zmq_msg_size(&head) >= sizeof event) memcpy(&event, zmq_msg_data(&head), sizeof event);
+        if (complete && (event & REFUSED_EVENTS)) {
+            n++;
+            (*total)++;
+            if (kd_log_allow(&limit, 1.0))
+                kd_log(KD_LOG_WARN, "KD-WIRE-REFUSED",
+                       "%s refused a connection from %.*s: not ZeroMQ 3 or a broken handshake "
+                       "(%ld refused so far)",
+                       what, (int)zmq_msg_size(&addr), (const char *)zmq_msg_data(&addr), *total);
+        }
+        zmq_msg_close(&head);
+        zmq_msg_close(&addr);
+    }
+    return n;
 }

@@ -20,6 +20,8 @@
 #define KD_WIRE_MAX_HEADER  (1 << 20)          /* Welcome carries the recipe text */
 #define KD_WIRE_MAX_MESSAGE ((int64_t)1 << 31) /* ZMQ_MAXMSGSIZE: any single frame */
 #define KD_WIRE_MAX_PEER    255
+/* Set on listening sockets: libzmq then refuses ZMTP 1.0/2.0 peers. */
+#define KD_WIRE_ZAP_DOMAIN "kdist"
 
 typedef Kdist__Envelope kd_env_t;
 
@@ -91,11 +93,22 @@ int kd_wire_send(void *sock, const uint8_t *peer, size_t peer_len, kd_env_t *env
 /* Sockets with kdist's options: linger 0, ZMQ_MAXMSGSIZE, ZMTP heartbeats (heartbeat_ms,
  * timeout 3x). dealer: routing id `identity`, connected to endpoint. router: bound to endpoint
  * (a '*' port picks a free one; the actual endpoint goes to bound/boundlen), ROUTER_MANDATORY
- * on. Return NULL with err set (naming the endpoint) on failure. */
+ * on, ZAP domain KD_WIRE_ZAP_DOMAIN (ZMTP 1.0/2.0 peers are refused; with no ZAP handler,
+ * ZMTP 3 NULL-mechanism peers still join). Return NULL with err set (naming the endpoint) on
+ * failure. */
 void *kd_socket_dealer(void *ctx, const char *identity, const char *endpoint, int heartbeat_ms,
                        char *err, size_t errlen);
 void *kd_socket_router(void *ctx, const char *endpoint, int heartbeat_ms, char *bound,
                        size_t boundlen, char *err, size_t errlen);
+
+/* Connections libzmq refuses before any message reaches kdist (raw non-ZeroMQ bytes, ZMTP
+ * 1.0/2.0 greetings, broken handshakes) are visible only through a socket monitor.
+ * kd_wire_monitor starts one on a listening socket (name: for the inproc endpoint) and returns
+ * the socket its events arrive on, or NULL with err set. kd_wire_refused drains it without
+ * blocking, logs each refusal with the peer's address (at most once a second) and returns how
+ * many there were; *total counts them over the process's life. */
+void *kd_wire_monitor(void *ctx, void *socket, const char *name, char *err, size_t errlen);
+long kd_wire_refused(void *monitor, const char *what, long *total);
 /* Binds sock to endpoint, reporting the resolved endpoint (for '*' ports). */
 int kd_socket_bind(void *sock, const char *endpoint, char *bound, size_t boundlen, char *err,
                    size_t errlen);

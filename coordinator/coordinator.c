@@ -80,7 +80,9 @@ typedef struct {
     double win_phase[4];
     double *win_layer_fwd, *win_layer_bwd;
     long messages_dropped;
-    long stale_dropped; /* pushes from before a coordinator restart */
+    void *router_monitor;     /* connections libzmq refuses on the ROUTER */
+    long connections_refused; /* never became a message: raw bytes, old protocols */
+    long stale_dropped;       /* pushes from before a coordinator restart */
     kd_log_limit_t drop_limit;
     eval_result_t last_eval;
     bool have_eval;
@@ -505,6 +507,7 @@ static void write_metrics(void) {
     kd_metrics_scalar(C.metrics, "ledger/duplicates_dropped", (double)C.s.duplicates);
     kd_metrics_scalar(C.metrics, "ledger/restreamed", (double)C.s.restreamed);
     kd_metrics_scalar(C.metrics, "ledger/messages_dropped", (double)C.messages_dropped);
+    kd_metrics_scalar(C.metrics, "ledger/connections_refused", (double)C.connections_refused);
     kd_metrics_scalar(C.metrics, "memory/coordinator", (double)kd_node_rss_bytes());
     for (int i = 0; i < COORD_MAX_MEMBERS; i++) {
         member_t *m = &C.members[i];
@@ -924,6 +927,8 @@ static void on_hello(kd_msg_t *msg) {
 
 static void on_heartbeat(member_t *m, const Kdist__Heartbeat *hb) {
     if (hb->rss_bytes) m->rss_bytes = hb->rss_bytes;
+    m->messages_dropped = hb->messages_dropped;
+    m->connections_refused = hb->connections_refused;
     m->batches_streamed = hb->batches_streamed;
     if (m->role != KDIST__ROLE__WORKER) return;
     note_weights_held(m, hb->weights_version);
@@ -957,6 +962,7 @@ static json_t *status_json(void) {
      * how many batches a sync step averages; updates counts optimizer steps. */
     json_object_set_new(j, "updates", json_integer(C.s.step));
     json_object_set_new(j, "stale_dropped", json_integer(C.stale_dropped));
+    json_object_set_new(j, "connections_refused", json_integer(C.connections_refused));
     json_object_set_new(j, "lr", json_real(kd_schedule_lr(&C.sched, C.s.position)));
     if (C.win_samples) {
         json_object_set_new(j, "loss", json_real(C.win_loss / (double)C.win_samples));
@@ -976,13 +982,17 @@ static json_t *status_json(void) {
                             : m->waiting_for_batch          ? "idle"
                             : m->state == WORKER_COMPUTING  ? "computing"
                                                             : "waiting";
-        json_array_append_new(members,
-                              json_pack("{s:s, s:s, s:I, s:s, s:i, s:f, s:I, s:f, s:s, s:I}",
-                                        "role", role_name(m->role), "id", m->node_id, "incarnation",
-                                        (json_int_t)m->incarnation, "host", m->host, "pid",
-                                        (int)m->pid, "last_seen", now - m->last_seen, "steps",
-                                        (json_int_t)m->steps, "samples_per_sec", m->samples_per_sec,
-                                        "state", state, "rss_bytes", (json_int_t)m->rss_bytes));
+        json_t *member =
+            json_pack("{s:s, s:s, s:I, s:s, s:i, s:f, s:I, s:f, s:s, s:I}", "role",
+                      role_name(m->role), "id", m->node_id, "incarnation",
+                      (json_int_t)m->incarnation, "host", m->host, "pid", (int)m->pid, "last_seen",
+                      now - m->last_seen, "steps", (json_int_t)m->steps, "samples_per_sec",
+                      m->samples_per_sec, "state", state, "rss_bytes", (json_int_t)m->rss_bytes);
+        json_object_set_new(member, "messages_dropped",
+                            json_integer((json_int_t)m->messages_dropped));
+        json_object_set_new(member, "connections_refused",
+                            json_integer((json_int_t)m->connections_refused));
+        json_array_append_new(members, member);
     }
     json_object_set_new(j, "members", members);
     json_t *events = json_array();
@@ -1132,6 +1142,8 @@ static int write_summary(const eval_result_t *final) {
         "duplicates_dropped", (json_int_t)C.s.duplicates, "restreamed", (json_int_t)C.s.restreamed,
         "stale_dropped", (json_int_t)C.stale_dropped, "messages_dropped",
         (json_int_t)C.messages_dropped);
+    json_object_set_new(json_object_get(j, "ledger"), "connections_refused",
+                        json_integer(C.connections_refused));
     char *text = json_dumps(j, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
     json_decref(j);
     char path[KD_PATH_MAX + 32], err[KD_ERR_LEN];
@@ -1182,6 +1194,7 @@ static int run_loop(void) {
         if (kd_now() - last_housekeeping >= 0.05) {
             heartbeat_and_reap();
             restream_stalled();
+            kd_wire_refused(C.router_monitor, "the coordinator socket", &C.connections_refused);
             last_housekeeping = kd_now();
         }
     }
@@ -1298,6 +1311,8 @@ int main(int argc, char **argv) {
         kd_log(KD_LOG_ERROR, "COORD-BIND", "%s", err);
         goto out;
     }
+    if (!(C.router_monitor = kd_wire_monitor(C.ctx, C.router, "coordinator", err, sizeof err)))
+        kd_log(KD_LOG_WARN, "COORD-MONITOR", "%s: refused connections go uncounted", err);
     if (!(C.metrics = kd_metrics_open(C.run_dir, err, sizeof err))) {
         kd_log(KD_LOG_ERROR, "COORD-METRICS", "%s", err);
         goto out;
@@ -1354,6 +1369,7 @@ out:
     kd_metrics_close(&C.metrics);
     invalidate_weights();
     for (int k = 0; k < C.step_count; k++) kd_msg_close(&C.step_msgs[k]);
+    if (C.router_monitor) zmq_close(C.router_monitor);
     if (C.router) zmq_close(C.router);
     if (C.ctx) zmq_ctx_term(C.ctx);
     kd_optim_destroy(&C.opt);

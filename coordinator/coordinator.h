@@ -33,6 +33,7 @@ typedef struct {
     char stream_endpoint[256];
     double joined, last_seen, last_sent;
     uint64_t rss_bytes;
+    uint64_t messages_dropped, connections_refused; /* as the node last reported them */
     bool said_goodbye;
     /* workers */
     worker_state_t state;

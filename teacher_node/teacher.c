@@ -17,9 +17,10 @@
 #include "kd_util.h"
 #include "kd_wire.h"
 
-#define MAX_OVERRIDES   64
-#define ENDPOINT_MAX    512
-#define SENDS_PER_ROUND 16 /* batches sent between two looks at the DEALER */
+#define MAX_OVERRIDES      64
+#define ENDPOINT_MAX       512
+#define SENDS_PER_ROUND    16  /* batches sent between two looks at the DEALER */
+#define STREAM_MAX_INBOUND 256 /* bytes: a PULL peer sends only READY and PING commands */
 
 typedef struct {
     /* options */
@@ -45,6 +46,8 @@ typedef struct {
     size_t q_pos, q_len;       /* remaining: queue[q_pos..q_len) */
 
     uint64_t batches_streamed, assigns_dropped, messages_dropped;
+    void *stream_monitor; /* connections libzmq refuses on the stream socket */
+    long connections_refused;
     kd_log_limit_t drop_limit, send_limit;
 } teacher_t;
 
@@ -79,6 +82,9 @@ static void send_heartbeat(teacher_t *t) {
     Kdist__Heartbeat hb = KDIST__HEARTBEAT__INIT;
     hb.rss_bytes = kd_node_rss_bytes();
     hb.batches_streamed = t->batches_streamed;
+    hb.messages_dropped = t->messages_dropped;
+    kd_wire_refused(t->stream_monitor, "the stream socket", &t->connections_refused);
+    hb.connections_refused = (uint64_t)t->connections_refused;
     kd_env_t env = KDIST__ENVELOPE__INIT;
     env.body_case = KDIST__ENVELOPE__BODY_HEARTBEAT;
     env.heartbeat = &hb;
@@ -536,9 +542,17 @@ static int bind_stream(teacher_t *t, char *err, size_t errlen) {
     int zero = 0, hwm = (int)t->recipe.cluster.stream_hwm;
     zmq_setsockopt(t->push, ZMQ_LINGER, &zero, sizeof zero);
     zmq_setsockopt(t->push, ZMQ_SNDHWM, &hwm, sizeof hwm);
+    /* Workers never send data here: anything larger than a handshake command is an outsider's
+     * junk, refused before libzmq allocates the size it claims. */
+    int64_t max_in = STREAM_MAX_INBOUND;
+    zmq_setsockopt(t->push, ZMQ_MAXMSGSIZE, &max_in, sizeof max_in);
+    /* A ZAP domain makes libzmq refuse ZMTP 1.0/2.0 peers, which skip the socket-type check
+     * and could otherwise take batches; with no ZAP handler, NULL-mechanism peers still join. */
+    zmq_setsockopt(t->push, ZMQ_ZAP_DOMAIN, KD_WIRE_ZAP_DOMAIN, strlen(KD_WIRE_ZAP_DOMAIN));
     const char *ep = t->stream_bind ? t->stream_bind : "tcp://127.0.0.1:*";
     char bound[ENDPOINT_MAX];
     if (kd_socket_bind(t->push, ep, bound, sizeof bound, err, errlen) != 0) return -1;
+    if (!(t->stream_monitor = kd_wire_monitor(t->ctx, t->push, "stream", err, errlen))) return -1;
     const char *wild = "tcp://0.0.0.0:";
     if (strncmp(bound, wild, strlen(wild)) == 0) {
         char host[256];
@@ -583,11 +597,13 @@ int main(int argc, char **argv) {
         send_goodbye(&t, kd_node_stop_requested ? "signal" : "stop");
         status = 0;
     }
+    kd_wire_refused(t.stream_monitor, "the stream socket", &t.connections_refused);
     kd_log(KD_LOG_INFO, "TEACHER-EXIT",
-           "%llu batches streamed, %llu messages dropped (%llu assigns)",
+           "%llu batches streamed, %llu messages dropped (%llu assigns), %ld connections refused",
            (unsigned long long)t.batches_streamed, (unsigned long long)t.messages_dropped,
-           (unsigned long long)t.assigns_dropped);
+           (unsigned long long)t.assigns_dropped, t.connections_refused);
 cleanup:
+    if (t.stream_monitor) zmq_close(t.stream_monitor);
     if (t.dealer) zmq_close(t.dealer);
     if (t.push) zmq_close(t.push);
     if (t.ctx) zmq_ctx_term(t.ctx);

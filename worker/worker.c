@@ -116,6 +116,7 @@ static void send_heartbeat(worker_t *w, bool waiting) {
     hb.waiting_for_batch = waiting;
     hb.rss_bytes = kd_node_rss_bytes();
     hb.weights_version = w->version;
+    hb.messages_dropped = w->dropped;
     kd_env_t env = KDIST__ENVELOPE__INIT;
     env.body_case = KDIST__ENVELOPE__BODY_HEARTBEAT;
     env.heartbeat = &hb;
