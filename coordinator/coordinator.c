@@ -1347,13 +1347,11 @@ int main(int argc, char **argv) {
     if (run_loop() != 0) goto out;
     if (!C.status) C.status = "completed";
     eval_result_t final = {0};
-    if (C.have_eval && C.last_eval_step == C.s.step)
-        evaluator_drain(C.eval, &final);
-    else {
-        request_eval();
-        evaluator_drain(C.eval, &final);
-    }
-    if (final.step == C.s.step) handle_eval_result(&final);
+    if (C.last_eval_step != C.s.step) request_eval();
+    if (evaluator_drain(C.eval, &final) == 0 && final.step == C.s.step)
+        handle_eval_result(&final);
+    else if (C.have_eval && C.last_eval.step == C.s.step)
+        final = C.last_eval; /* it came in while the nodes said goodbye */
     snprintf(path, sizeof path, "%s/student.safetensors", C.run_dir);
     if (kd_checkpoint_save(C.model, path, err, sizeof err) != 0)
         kd_log(KD_LOG_ERROR, "COORD-SAVE", "%s", err);
