@@ -56,6 +56,8 @@ ENUM_OPS(div, kd_divergence_t, kd_divergence_name, kd_divergence_parse, KD_DIV_C
 ENUM_OPS(opt, kd_opt_kind_t, kd_opt_kind_name, kd_opt_kind_parse, KD_OPT_COUNT)
 ENUM_OPS(sched, kd_sched_kind_t, kd_sched_kind_name, kd_sched_kind_parse, KD_SCHED_COUNT)
 ENUM_OPS(cons, kd_consistency_t, kd_consistency_name, kd_consistency_parse, 3)
+ENUM_OPS(cenc, kd_cache_encoding_t, kd_cache_encoding_name, kd_cache_encoding_from_name,
+         KD_ENC_COUNT)
 ENUM_OPS(layer, kd_layer_kind_t, kd_layer_kind_name, kd_layer_kind_parse, KD_LAYER_KIND_COUNT)
 
 /* logging.level is kept as text in the struct (char[16]) but chosen from a fixed list. */
@@ -172,6 +174,15 @@ static const row_t schema[] = {
     LONG("teacher.batch_size", teacher.batch_size, BTW, 1, 65536, "256",
          "samples per teacher forward pass"),
 
+    STR("cache.dir", cache.dir, 0, NULL, "cache",
+        "directory of the teacher-logit cache, shared by teacher nodes and runs"),
+    ENUM("cache.encoding", cache.encoding, cenc_ops, "fp32",
+         "fp32, fp16, int8 (per-row scale) or topk (cache.topk values + the rest's mass)"),
+    LONG("cache.topk", cache.topk, BTW, 1, 1 << 20, "5",
+         "logits kept per sample with the topk encoding"),
+    STR("cache.import", cache.import, 0, NULL, "",
+        "distil from logits imported with `kdist cache import --label LABEL` (no teacher model)"),
+
     ENUM("distill.loss", distill.loss.divergence, div_ops, "forward_kl",
          "divergence between softened teacher and student distributions"),
     FLOAT("distill.temperature", distill.loss.temperature, GT | F_MAX, 0, 100, "4",
@@ -240,6 +251,8 @@ static const row_t schema[] = {
          "batches queued per teacher-to-worker pipe (back-pressure)"),
     STR("cluster.bind", cluster.bind, 0, NULL, "tcp://127.0.0.1:*",
         "coordinator endpoint to bind; port * picks a free one"),
+    BOOL("cluster.restart_failed", cluster.restart_failed, "false",
+         "kdist run restarts a process that crashes (same role and id) instead of failing"),
     BOOL("cluster.shared_memory", cluster.shared_memory, "true",
          "workers on the coordinator's machine exchange weights and gradients through shared "
          "memory instead of TCP"),

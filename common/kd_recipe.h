@@ -9,6 +9,7 @@
 #include <stdint.h>
 #include <stdio.h>
 
+#include "kd_cache.h"
 #include "kd_loss.h"
 #include "kd_model.h"
 #include "kd_optim.h"
@@ -48,6 +49,13 @@ typedef struct {
     } distill;
 
     struct {
+        char dir[KD_PATH_MAX];        /* the teacher-logit cache, shared by teacher nodes */
+        kd_cache_encoding_t encoding; /* how logits are stored */
+        long topk;                    /* logits kept per sample for the topk encoding */
+        char import[KD_NAME_MAX];     /* label of imported logits to distil from, or empty */
+    } cache;
+
+    struct {
         kd_optim_config_t cfg; /* kind from `name` */
     } optim;
 
@@ -84,6 +92,7 @@ typedef struct {
         long stream_hwm;          /* batches queued per teacher->worker pipe (back-pressure) */
         char bind[KD_PATH_MAX];   /* coordinator endpoint; a '*' port picks a free one */
         bool shared_memory;       /* same-host workers skip TCP for tensors (kd_shm.h) */
+        bool restart_failed;      /* kdist run restarts a crashed process (same role, id) */
     } cluster;
 
     struct {
