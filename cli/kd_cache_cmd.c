@@ -8,9 +8,8 @@
 #include <time.h>
 
 #include "kd_cache.h"
+#include "kd_cli.h"
 #include "kd_util.h"
-
-int cli_cache(int argc, char **argv);
 
 #define DEFAULT_DIR "cache"
 
@@ -348,7 +347,7 @@ static int cache_import(int argc, char **argv) {
     return 0;
 }
 
-int cli_cache(int argc, char **argv) {
+int kd_cmd_cache(int argc, char **argv) {
     if (argc < 1 || strcmp(argv[0], "-h") == 0 || strcmp(argv[0], "--help") == 0) {
         usage(argc < 1 ? stderr : stdout);
         return argc < 1 ? 2 : 0;

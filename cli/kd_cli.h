@@ -1,6 +1,7 @@
-/* kd_cli: `kdist run` (local launcher) and `kdist status`, and what they share: a control
- * client that talks to the coordinator's ROUTER (Control -> StatusReply) and the parsed form of
- * StatusReply.json (docs/protocol.md). Not thread-safe: one client per thread. */
+/* kd_cli: `kdist run` (local launcher), `kdist status`, `kdist scale` and `kdist drain`, and
+ * what they share: a control client that talks to the coordinator's ROUTER (Control ->
+ * StatusReply) and the parsed form of StatusReply.json (docs/protocol.md). Not thread-safe:
+ * one client per thread. */
 #ifndef KD_CLI_H
 #define KD_CLI_H
 
@@ -11,6 +12,9 @@
 
 int kd_cmd_run(int argc, char **argv);
 int kd_cmd_status(int argc, char **argv);
+int kd_cmd_scale(int argc, char **argv); /* kd_scale.c */
+int kd_cmd_drain(int argc, char **argv); /* kd_scale.c */
+int kd_cmd_cache(int argc, char **argv); /* kd_cache_cmd.c */
 
 /* A DEALER connected to the coordinator, routing id client-<pid>-<incarnation>. */
 typedef struct cli_client cli_client_t;
@@ -26,6 +30,9 @@ int cli_client_control(cli_client_t *c, Kdist__Control__Kind kind, const char *t
  * us or the socket is gone (err says why). Other messages are skipped; a Refused "say hello"
  * is answered with Hello{CLIENT} and the last control is sent again. */
 int cli_client_wait_status(cli_client_t *c, int timeout_ms, char **json, char *err, size_t errlen);
+/* Control{STATUS}, then its reply within timeout_ms: 0 with *json (caller frees), or -1 with
+ * err set (naming the endpoint) when none came. */
+int cli_client_status(cli_client_t *c, int timeout_ms, char **json, char *err, size_t errlen);
 /* The socket, for zmq_poll. */
 void *cli_client_socket(cli_client_t *c);
 
@@ -46,6 +53,8 @@ int cli_progress_parse(const char *json, cli_progress_t *p, char *err, size_t er
  * ETA 3m05s" */
 void cli_progress_line(const cli_progress_t *p, char *out, size_t outlen);
 void cli_format_duration(double seconds, char *out, size_t outlen);
+/* The members table of a StatusReply.json: role, id, host, pid, state, last seen, steps, rate. */
+void cli_print_members(const char *json);
 
 /* The endpoint in DIR/coordinator.endpoint (one line, written atomically by the coordinator).
  * 0, or -1 with err set (naming the file) when it is missing or malformed. */

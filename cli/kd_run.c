@@ -1,6 +1,8 @@
 /* kdist run: the local launcher. Starts the coordinator, the teacher nodes and the workers as
  * child processes (logs in <run>/logs/), shows progress from the coordinator's StatusReply,
- * turns Ctrl-C into Control{STOP}, reaps every child within deadlines, prints the summary. */
+ * turns Ctrl-C into Control{STOP}, reaps every child within deadlines, prints the summary.
+ * It also serves `kdist scale` (more workers, or drain the surplus) on a control socket, and
+ * restarts crashed children when the recipe says cluster.restart_failed. Single-threaded. */
 #include <errno.h>
 #include <fcntl.h>
 #include <ftw.h>
@@ -15,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -34,6 +37,11 @@
 #define KILL_DEADLINE     5.0
 #define LOG_LINES_EVERY   10.0 /* progress lines when stderr is not a terminal */
 #define TAIL_LINES        10
+#define RESTART_LIMIT     5    /* restarts per child: a crash loop (bad binary, bad data) ends */
+#define DRAIN_RESEND      2.0  /* DRAIN again: the first may have beaten the worker's Hello */
+#define DRAIN_GRACE       30.0 /* a drained worker still running this long gets SIGTERM */
+#define SCALE_MAX_WORKERS 1024 /* cluster.workers' own bound */
+#define CONTROL_MAX_BYTES 4096 /* a `kdist scale` request is a small Control message */
 
 typedef struct {
     const char *role; /* "coordinator" | "teacher" | "worker" */
@@ -43,6 +51,10 @@ typedef struct {
     bool exited;
     int wstatus;
     int killed_with; /* the last signal kdist sent it, 0 if none */
+    int restarts;    /* times it was restarted after a crash (cluster.restart_failed) */
+    bool crashed;    /* died while the run was going and was not restarted: a failure */
+    bool draining;   /* `kdist scale` drained it: its exit is expected, never restarted */
+    double drain_since, drain_sent;
 } run_child_t;
 
 typedef struct {
@@ -55,8 +67,13 @@ typedef struct {
     char dir[KD_PATH_MAX];
     char bin_dir[KD_PATH_MAX];
     char endpoint[KD_PATH_MAX];
-    run_child_t *children;
-    int n_children;
+    run_child_t *children; /* [0] is the coordinator; the array grows when workers are added */
+    int n_children, cap_children;
+    int next_worker_id; /* scaled-up workers get fresh ids: logs and membership never mix */
+    cli_client_t *client;
+    void *control_ctx, *control; /* the REP socket `kdist scale` talks to */
+    char control_endpoint[KD_PATH_MAX + 16];
+    const char *stop_reason; /* set when the run cannot go on: supervise stops it */
     pid_t self;
     bool tty;
     bool line_shown; /* a \r progress line is on the terminal */
@@ -84,7 +101,8 @@ static void usage(FILE *out) {
     fprintf(out, "usage: kdist run RECIPE [section.key=value ...] [--run-dir DIR] [--resume]\n"
                  "  starts a coordinator, cluster.teachers teacher nodes and cluster.workers\n"
                  "  workers on this machine; outputs and logs go to <logging.runs_dir>/<name>/\n"
-                 "  --resume  keep checkpoints/ and continue from the newest one\n");
+                 "  --resume  keep checkpoints/ and continue from the newest one\n"
+                 "  while it runs: kdist status|scale|drain <run dir>\n");
 }
 
 /* Messages go to stderr below any live progress line, which is cleared first. */
@@ -215,9 +233,9 @@ static void write_launcher_json(run_t *r) {
     for (int i = 0; i < r->n_children; i++) {
         run_child_t *c = &r->children[i];
         if (!c->pid) continue;
-        json_t *o =
-            json_pack("{s:s, s:i, s:i, s:s, s:s}", "role", c->role, "id", c->id, "pid", (int)c->pid,
-                      "log", c->log, "state", c->exited ? "exited" : "running");
+        const char *state = c->exited ? "exited" : c->draining ? "draining" : "running";
+        json_t *o = json_pack("{s:s, s:i, s:i, s:s, s:s, s:i}", "role", c->role, "id", c->id, "pid",
+                              (int)c->pid, "log", c->log, "state", state, "restarts", c->restarts);
         if (c->exited) {
             char how[96];
             describe_wstatus(c->wstatus, how, sizeof how);
@@ -229,9 +247,10 @@ static void write_launcher_json(run_t *r) {
     for (int i = 0; i < r->n_overrides; i++)
         json_array_append_new(overrides, json_string(r->overrides[i]));
     json_t *root =
-        json_pack("{s:i, s:s, s:s, s:s, s:o, s:s, s:o}", "launcher_pid", (int)r->self, "run_dir",
-                  r->dir, "recipe", r->recipe_path, "bin_dir", r->bin_dir, "overrides", overrides,
-                  "coordinator_endpoint", r->endpoint, "children", kids);
+        json_pack("{s:i, s:s, s:s, s:s, s:o, s:s, s:s, s:o}", "launcher_pid", (int)r->self,
+                  "run_dir", r->dir, "recipe", r->recipe_path, "bin_dir", r->bin_dir, "overrides",
+                  overrides, "coordinator_endpoint", r->endpoint, "control_endpoint",
+                  r->control_endpoint, "children", kids);
     char *text = json_dumps(root, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
     json_decref(root);
     char path[KD_PATH_MAX + 64], err[KD_ERR_LEN];
@@ -243,7 +262,16 @@ static void write_launcher_json(run_t *r) {
 
 /* ---- children ---------------------------------------------------------------------------- */
 
+/* The returned pointer, like every pointer into r->children, lives until the next add_child. */
 static run_child_t *add_child(run_t *r, const char *role, int id) {
+    if (r->n_children == r->cap_children) {
+        int cap = r->cap_children ? 2 * r->cap_children : 8;
+        run_child_t *grown = kd_xcalloc((size_t)cap, sizeof *grown);
+        if (r->n_children) memcpy(grown, r->children, sizeof *grown * (size_t)r->n_children);
+        free(r->children);
+        r->children = grown;
+        r->cap_children = cap;
+    }
     run_child_t *c = &r->children[r->n_children++];
     memset(c, 0, sizeof *c);
     c->role = role;
@@ -252,10 +280,16 @@ static run_child_t *add_child(run_t *r, const char *role, int id) {
     return c;
 }
 
-/* fork + exec with stdout/stderr in the child's log. The child dies with us (PDEATHSIG). */
-static int spawn(run_t *r, run_child_t *c, char *const argv[], char *err, size_t errlen) {
-    int fd = open(c->log, O_WRONLY | O_CREAT | O_CLOEXEC | (r->resume ? O_APPEND : O_TRUNC), 0644);
+/* fork + exec with stdout/stderr in the child's log. The child dies with us (PDEATHSIG). A
+ * restart appends to the log, below a line that says why, so the crash stays readable. */
+static int spawn(run_t *r, run_child_t *c, char *const argv[], const char *restart_why, char *err,
+                 size_t errlen) {
+    bool append = r->resume || restart_why;
+    int fd = open(c->log, O_WRONLY | O_CREAT | O_CLOEXEC | (append ? O_APPEND : O_TRUNC), 0644);
     if (fd < 0) return kd_err(err, errlen, "cannot open %s: %s", c->log, strerror(errno));
+    if (restart_why)
+        dprintf(fd, "----- kdist run: %s %d crashed (%s); restart %d -----\n", c->role, c->id,
+                restart_why, c->restarts);
     fflush(NULL); /* nothing buffered may be written twice */
     pid_t pid = fork();
     if (pid < 0) {
@@ -308,7 +342,10 @@ static void bin(run_args_t *a, const run_t *r, const char *name) {
     arg(a, path);
 }
 
-static int spawn_coordinator(run_t *r, run_child_t *c, char *err, size_t errlen) {
+/* A restarted coordinator resumes from the newest checkpoint on the endpoint it had, which
+ * every node and client already dials (their DEALERs reconnect by themselves). */
+static int spawn_coordinator(run_t *r, run_child_t *c, const char *restart_why, char *err,
+                             size_t errlen) {
     static run_args_t a;
     a.n = 0;
     bin(&a, r, "kdist-coordinator");
@@ -316,12 +353,17 @@ static int spawn_coordinator(run_t *r, run_child_t *c, char *err, size_t errlen)
     arg(&a, r->recipe_path);
     arg(&a, "--run-dir");
     arg(&a, r->dir);
-    if (r->resume) arg(&a, "--resume");
+    if (r->resume || restart_why) arg(&a, "--resume");
     arg_overrides(&a, r);
-    return spawn(r, c, a.argv, err, errlen);
+    if (restart_why) {
+        char bind[KD_PATH_MAX + 32];
+        snprintf(bind, sizeof bind, "cluster.bind=%s", r->endpoint);
+        arg(&a, bind); /* after the user's overrides: the last one wins */
+    }
+    return spawn(r, c, a.argv, restart_why, err, errlen);
 }
 
-static int spawn_node(run_t *r, run_child_t *c, char *err, size_t errlen) {
+static int spawn_node(run_t *r, run_child_t *c, const char *restart_why, char *err, size_t errlen) {
     static run_args_t a;
     char id[32];
     snprintf(id, sizeof id, "%d", c->id);
@@ -342,7 +384,71 @@ static int spawn_node(run_t *r, run_child_t *c, char *err, size_t errlen) {
         arg(&a, "--threads");
         arg(&a, threads);
     }
-    return spawn(r, c, a.argv, err, errlen);
+    return spawn(r, c, a.argv, restart_why, err, errlen);
+}
+
+static bool is_role(const run_child_t *c, const char *role) {
+    return strcmp(c->role, role) == 0;
+}
+
+/* Children of a role that are running and not on their way out. */
+static int count_active(const run_t *r, const char *role) {
+    int n = 0;
+    for (int i = 0; i < r->n_children; i++) {
+        const run_child_t *c = &r->children[i];
+        if (c->pid && !c->exited && !c->draining && is_role(c, role)) n++;
+    }
+    return n;
+}
+
+/* cluster.restart_failed: the same role and id again, up to RESTART_LIMIT times. Returns 0 when
+ * the child runs again. */
+static int restart_child(run_t *r, run_child_t *c, const char *how) {
+    if (!r->recipe.cluster.restart_failed || c->restarts >= RESTART_LIMIT) return -1;
+    pid_t old = c->pid;
+    c->restarts++;
+    c->exited = false;
+    c->killed_with = 0;
+    char err[KD_ERR_LEN];
+    int rc = is_role(c, "coordinator") ? spawn_coordinator(r, c, how, err, sizeof err)
+                                       : spawn_node(r, c, how, err, sizeof err);
+    if (rc != 0) {
+        c->exited = true;
+        c->pid = old;
+        say(r, "cannot restart %s %d: %s", c->role, c->id, err);
+        return -1;
+    }
+    say(r,
+        "%s %d (pid %d) crashed: %s; restarting it as pid %d (restart %d of at most %d; log: "
+        "%s)",
+        c->role, c->id, (int)old, how, (int)c->pid, c->restarts, RESTART_LIMIT, c->log);
+    return 0;
+}
+
+/* A child that was running exited. Clean exits are not news (nodes leave with 0 when the run
+ * ends or they are drained); a crash while the run goes is restarted or reported at once. */
+static void on_exit_during_run(run_t *r, run_child_t *c) {
+    if (!r->running) return;
+    if (child_ok(c)) {
+        if (c->draining) say(r, "worker %d (pid %d) was drained and left", c->id, (int)c->pid);
+        return;
+    }
+    char how[128];
+    describe_wstatus(c->wstatus, how, sizeof how);
+    if (c->draining) {
+        say(r, "%s %d (pid %d) was draining and ended with %s (log: %s)", c->role, c->id,
+            (int)c->pid, how, c->log);
+        return;
+    }
+    if (restart_child(r, c, how) == 0) return;
+    c->crashed = true;
+    say(r, "error: %s %d (pid %d) crashed: %s; log: %s%s", c->role, c->id, (int)c->pid, how, c->log,
+        r->recipe.cluster.restart_failed ? " (restart limit reached)"
+                                         : " (cluster.restart_failed=true would restart it)");
+    if (is_role(c, "coordinator"))
+        r->stop_reason = "the coordinator crashed";
+    else if (count_active(r, c->role) == 0)
+        r->stop_reason = is_role(c, "worker") ? "no worker is left" : "no teacher node is left";
 }
 
 /* Collects every child that has exited; a death while the run is going is news at once. */
@@ -357,12 +463,7 @@ static void reap(run_t *r) {
         c->exited = true;
         c->wstatus = st;
         changed = true;
-        /* clean exits are not news: nodes leave with 0 when the run ends or they are drained */
-        if (r->running && strcmp(c->role, "coordinator") != 0 && !child_ok(c)) {
-            char how[96];
-            describe_wstatus(st, how, sizeof how);
-            say(r, "%s %d (pid %d) died: %s (log: %s)", c->role, c->id, (int)c->pid, how, c->log);
-        }
+        on_exit_during_run(r, c);
     }
     if (changed) write_launcher_json(r);
 }
@@ -500,6 +601,197 @@ static const char *print_summary(run_t *r) {
     return status;
 }
 
+/* ---- kdist scale: the launcher's control socket ------------------------------------------ */
+
+/* `kdist scale` reaches the launcher over a ZeroMQ REP socket whose endpoint launcher.json
+ * records. Why this channel: the launcher already runs a ZeroMQ loop, so serving one more
+ * socket costs a non-blocking receive per turn; request/reply gives `kdist scale` an immediate
+ * answer (what was started, what drains, or why not) instead of a request file and a second
+ * file for the answer; and REP answers one request at a time, so two `kdist scale` at once are
+ * serialized without a lock. The endpoint is ipc:// in the run directory when the path fits a
+ * unix socket address (the directory's permissions then guard it), else loopback TCP, the
+ * same exposure as the coordinator's own control port. Messages are the protocol's own
+ * (kd_wire): Control{SCALE, workers} -> StatusReply{json: {"before", "workers", "ids",
+ * "started", "draining"}} or Refused{reason}. */
+static int control_open(run_t *r, char *err, size_t errlen) {
+    char abs[KD_PATH_MAX], endpoint[KD_PATH_MAX + 32];
+    struct sockaddr_un sun;
+    endpoint[0] = 0;
+    if (realpath(r->dir, abs) && strlen(abs) + strlen("/launcher.ipc") < sizeof sun.sun_path)
+        snprintf(endpoint, sizeof endpoint, "ipc://%s/launcher.ipc", abs);
+    r->control_ctx = zmq_ctx_new();
+    if (!r->control_ctx)
+        return kd_err(err, errlen, "cannot create a ZeroMQ context: %s", zmq_strerror(errno));
+    r->control = zmq_socket(r->control_ctx, ZMQ_REP);
+    if (!r->control) return kd_err(err, errlen, "cannot create a socket: %s", zmq_strerror(errno));
+    int zero = 0;
+    int64_t max = CONTROL_MAX_BYTES;
+    zmq_setsockopt(r->control, ZMQ_LINGER, &zero, sizeof zero);
+    zmq_setsockopt(r->control, ZMQ_MAXMSGSIZE, &max, sizeof max);
+    char bind_err[KD_ERR_LEN];
+    if (endpoint[0] && kd_socket_bind(r->control, endpoint, r->control_endpoint,
+                                      sizeof r->control_endpoint, bind_err, sizeof bind_err) == 0)
+        return 0;
+    if (kd_socket_bind(r->control, "tcp://127.0.0.1:*", r->control_endpoint,
+                       sizeof r->control_endpoint, err, errlen) == 0)
+        return 0;
+    zmq_close(r->control);
+    r->control = NULL;
+    r->control_endpoint[0] = 0;
+    return -1;
+}
+
+static void control_close(run_t *r) {
+    if (r->control) zmq_close(r->control);
+    if (r->control_ctx) zmq_ctx_term(r->control_ctx);
+    r->control = r->control_ctx = NULL;
+    /* libzmq 4.3 leaves the socket file behind; a later bind would replace it anyway */
+    if (strncmp(r->control_endpoint, "ipc://", 6) == 0) unlink(r->control_endpoint + 6);
+}
+
+static json_t *id_text(int id) {
+    char s[32];
+    snprintf(s, sizeof s, "%d", id);
+    return json_string(s);
+}
+
+/* Asks the coordinator to drain c: it finishes its step, gets stop, says goodbye, exits 0. */
+static void drain_worker(run_t *r, run_child_t *c) {
+    char id[32], err[KD_ERR_LEN];
+    snprintf(id, sizeof id, "%d", c->id);
+    if (cli_client_control(r->client, KDIST__CONTROL__KIND__DRAIN, id, err, sizeof err) != 0)
+        say(r, "cannot drain worker %d: %s (sent again in %.0f s)", c->id, err, DRAIN_RESEND);
+    double now = kd_now();
+    if (!c->draining) c->drain_since = now;
+    c->draining = true;
+    c->drain_sent = now;
+}
+
+/* Workers up: fresh ids, spawned like the first ones. Down: the highest ids drain. Returns
+ * the answer's JSON (caller owns it), or NULL with err set. */
+static json_t *scale_to(run_t *r, long want, char *err, size_t errlen) {
+    if (!r->running)
+        return kd_err(err, errlen, "the run is stopping: it cannot be scaled any more"), NULL;
+    if (want < 1 || want > SCALE_MAX_WORKERS)
+        return kd_err(err, errlen, "the worker count must be between 1 and %d, not %ld",
+                      SCALE_MAX_WORKERS, want),
+               NULL;
+    int before = count_active(r, "worker");
+    json_t *started = json_array(), *draining = json_array();
+    for (int n = before; n < want; n++) {
+        run_child_t *c = add_child(r, "worker", r->next_worker_id++);
+        if (spawn_node(r, c, NULL, err, errlen) != 0) {
+            r->n_children--; /* never started */
+            json_decref(started);
+            json_decref(draining);
+            write_launcher_json(r);
+            return NULL;
+        }
+        json_array_append_new(started, id_text(c->id));
+    }
+    for (int n = before; n > want; n--) {
+        run_child_t *last = NULL;
+        for (int i = 0; i < r->n_children; i++) {
+            run_child_t *c = &r->children[i];
+            if (c->pid && !c->exited && !c->draining && is_role(c, "worker") &&
+                (!last || c->id > last->id))
+                last = c;
+        }
+        drain_worker(r, last);
+        json_array_append_new(draining, id_text(last->id));
+    }
+    json_t *ids = json_array();
+    for (int i = 0; i < r->n_children; i++) {
+        run_child_t *c = &r->children[i];
+        if (c->pid && !c->exited && !c->draining && is_role(c, "worker"))
+            json_array_append_new(ids, id_text(c->id));
+    }
+    if (want != before)
+        say(r, "scaling from %d to %ld worker%s", before, want, want == 1 ? "" : "s");
+    write_launcher_json(r);
+    return json_pack("{s:i, s:i, s:o, s:o, s:o}", "before", before, "workers", (int)want, "ids",
+                     ids, "started", started, "draining", draining);
+}
+
+/* StatusReply{json} with the result, or Refused{reason}. */
+static void control_reply(run_t *r, json_t *result, const char *reason) {
+    char *text = result ? json_dumps(result, JSON_COMPACT) : NULL;
+    kd_env_t env = KDIST__ENVELOPE__INIT;
+    Kdist__StatusReply status = KDIST__STATUS_REPLY__INIT;
+    Kdist__Refused refused = KDIST__REFUSED__INIT;
+    if (text) {
+        status.json = text;
+        env.body_case = KDIST__ENVELOPE__BODY_STATUS;
+        env.status = &status;
+    } else {
+        refused.reason = (char *)(result ? "cannot encode the answer" : reason);
+        env.body_case = KDIST__ENVELOPE__BODY_REFUSED;
+        env.refused = &refused;
+    }
+    if (kd_wire_send(r->control, NULL, 0, &env, NULL, 0, ZMQ_DONTWAIT) != 0)
+        say(r, "cannot answer `kdist scale`: %s", zmq_strerror(errno));
+    free(text);
+}
+
+/* Answers the request waiting on the control socket, if any. Never blocks. A REP socket must
+ * answer every request it took, malformed ones included, or it accepts no other. */
+static void control_serve(run_t *r) {
+    if (!r->control) return;
+    kd_msg_t msg;
+    char err[KD_ERR_LEN], why[KD_ERR_LEN + 32];
+    int rc = kd_wire_recv(r->control, false, ZMQ_DONTWAIT, &msg, err, sizeof err);
+    if (rc == KD_WIRE_NONE || rc == KD_WIRE_CLOSED) return;
+    json_t *result = NULL;
+    if (rc == KD_WIRE_BAD) {
+        snprintf(why, sizeof why, "malformed request: %s", err);
+    } else {
+        if (msg.env->body_case != KDIST__ENVELOPE__BODY_CONTROL ||
+            msg.env->control->kind != KDIST__CONTROL__KIND__SCALE)
+            snprintf(why, sizeof why, "the launcher answers Control{SCALE} only, not %s %d",
+                     kd_wire_body_name(msg.env),
+                     msg.env->body_case == KDIST__ENVELOPE__BODY_CONTROL
+                         ? (int)msg.env->control->kind
+                         : 0);
+        else if (!(result = scale_to(r, (long)msg.env->control->workers, err, sizeof err)))
+            snprintf(why, sizeof why, "%s", err);
+        kd_msg_close(&msg);
+    }
+    control_reply(r, result, why);
+    json_decref(result);
+}
+
+/* Drained workers leave after their step. The first DRAIN may have come before the worker's
+ * Hello (the coordinator ignores unknown ids), so it is repeated; one that lingers past
+ * DRAIN_GRACE gets SIGTERM, which a worker also answers by finishing its step and leaving. */
+static void follow_drains(run_t *r) {
+    double now = kd_now();
+    for (int i = 0; i < r->n_children; i++) {
+        run_child_t *c = &r->children[i];
+        if (!c->draining || c->exited || c->killed_with) continue;
+        if (now - c->drain_since > DRAIN_GRACE) {
+            say(r, "worker %d is still running %.0f s after it was drained: sending SIGTERM", c->id,
+                DRAIN_GRACE);
+            kill(c->pid, SIGTERM);
+            c->killed_with = SIGTERM;
+        } else if (now - c->drain_sent > DRAIN_RESEND) {
+            drain_worker(r, c);
+        }
+    }
+}
+
+/* "restarts  worker 1 (1x), teacher 0 (2x)" when cluster.restart_failed had work to do. */
+static void print_restarts(const run_t *r) {
+    bool any = false;
+    for (int i = 0; i < r->n_children; i++) {
+        const run_child_t *c = &r->children[i];
+        if (!c->restarts) continue;
+        printf("%s%s %d (%dx)", any ? ", " : "restarts             ", c->role, c->id, c->restarts);
+        any = true;
+    }
+    if (any) printf("\n");
+    fflush(stdout);
+}
+
 /* ---- kdist run --------------------------------------------------------------------------- */
 
 static int parse_args(run_t *r, int argc, char **argv) {
@@ -543,9 +835,10 @@ static int parse_args(run_t *r, int argc, char **argv) {
 
 enum { PH_RUN, PH_WAIT, PH_TERM, PH_KILL };
 
-/* The main loop: status polling, deaths, Ctrl-C and the shutdown deadlines. Returns whether
- * the user interrupted the run. */
-static bool supervise(run_t *r, run_child_t *coord, cli_client_t *client) {
+/* The main loop: status polling, deaths, restarts, `kdist scale`, Ctrl-C and the shutdown
+ * deadlines. Returns whether the user interrupted the run. */
+static bool supervise(run_t *r) {
+    cli_client_t *client = r->client;
     int phase = PH_RUN, seen = 0;
     bool interrupted = false, outstanding = false;
     double deadline = 0, next_status = 0, sent_at = 0, last_line = 0;
@@ -554,7 +847,20 @@ static bool supervise(run_t *r, run_child_t *coord, cli_client_t *client) {
     for (;;) {
         reap(r);
         if (all_exited(r)) break;
+        run_child_t *coord = &r->children[0]; /* refreshed: scaling may move the array */
         double now = kd_now();
+        if (phase == PH_RUN && r->stop_reason && !coord->exited) {
+            char err[KD_ERR_LEN];
+            say(r, "%s: stopping the run", r->stop_reason);
+            r->running = false;
+            if (cli_client_control(client, KDIST__CONTROL__KIND__STOP, NULL, err, sizeof err) !=
+                0) {
+                kill(coord->pid, SIGTERM);
+                coord->killed_with = SIGTERM;
+            }
+            phase = PH_WAIT;
+            deadline = now + STOP_DEADLINE;
+        }
         int sigs = run_signals;
         if (sigs > seen) {
             seen = sigs;
@@ -589,6 +895,11 @@ static bool supervise(run_t *r, run_child_t *coord, cli_client_t *client) {
             r->running = false;
             phase = PH_WAIT;
             deadline = now + DRAIN_DEADLINE;
+            if (coord->crashed) { /* nobody will tell the others to stop */
+                signal_all(r, SIGTERM);
+                phase = PH_TERM;
+                deadline = now + TERM_DEADLINE;
+            }
         }
         if (phase != PH_RUN && now > deadline) {
             if (phase == PH_WAIT) {
@@ -608,10 +919,12 @@ static bool supervise(run_t *r, run_child_t *coord, cli_client_t *client) {
                 break;
             }
         }
+        control_serve(r); /* also when stopping: `kdist scale` hears why not */
         if (coord->exited) {
             sleep_ms(20);
             continue;
         }
+        if (phase == PH_RUN) follow_drains(r);
         if (now >= next_status) {
             char err[KD_ERR_LEN];
             if (!outstanding || now - sent_at > STATUS_RETRY) {
@@ -639,7 +952,6 @@ static bool supervise(run_t *r, run_child_t *coord, cli_client_t *client) {
 
 int kd_cmd_run(int argc, char **argv) {
     run_t *r = kd_xcalloc(1, sizeof *r);
-    cli_client_t *client = NULL;
     char err[KD_ERR_LEN];
     int rc = 1;
     r->self = getpid();
@@ -669,10 +981,10 @@ int kd_cmd_run(int argc, char **argv) {
     }
     install_signals();
     int n_teachers = (int)r->recipe.cluster.teachers, n_workers = (int)r->recipe.cluster.workers;
-    r->children = kd_xcalloc((size_t)(1 + n_teachers + n_workers), sizeof *r->children);
+    r->next_worker_id = n_workers;
 
     run_child_t *coord = add_child(r, "coordinator", 0);
-    if (spawn_coordinator(r, coord, err, sizeof err) != 0) {
+    if (spawn_coordinator(r, coord, NULL, err, sizeof err) != 0) {
         say(r, "%s", err);
         goto cleanup;
     }
@@ -690,22 +1002,25 @@ int kd_cmd_run(int argc, char **argv) {
     for (int i = 0; i < n_teachers + n_workers; i++) {
         run_child_t *c = add_child(r, i < n_teachers ? "teacher" : "worker",
                                    i < n_teachers ? i : i - n_teachers);
-        if (spawn_node(r, c, err, sizeof err) != 0) {
+        if (spawn_node(r, c, NULL, err, sizeof err) != 0) {
             say(r, "%s", err);
             r->n_children--; /* never started */
             shut_down(r);
             goto cleanup;
         }
     }
-    write_launcher_json(r);
-    client = cli_client_new(r->endpoint, err, sizeof err);
-    if (!client) {
+    r->client = cli_client_new(r->endpoint, err, sizeof err);
+    if (!r->client) {
         say(r, "%s", err);
         shut_down(r);
         goto cleanup;
     }
+    if (control_open(r, err, sizeof err) != 0) /* the run goes on, only scaling is off */
+        say(r, "warning: `kdist scale` will not reach this run: %s", err);
+    write_launcher_json(r);
 
-    bool interrupted = supervise(r, coord, client);
+    bool interrupted = supervise(r);
+    coord = &r->children[0];
     if (r->line_shown) fputc('\n', stderr);
     r->line_shown = false;
     write_launcher_json(r);
@@ -728,6 +1043,7 @@ int kd_cmd_run(int argc, char **argv) {
         failed++;
     }
     const char *status = print_summary(r);
+    print_restarts(r);
     bool good =
         status && (strcmp(status, "completed") == 0 || strcmp(status, "early_stopped") == 0);
     if (interrupted || (!good && status))
@@ -735,7 +1051,8 @@ int kd_cmd_run(int argc, char **argv) {
             status ? status : "unknown");
     rc = failed || !good ? 1 : 0;
 cleanup:
-    cli_client_destroy(&client);
+    control_close(r);
+    cli_client_destroy(&r->client);
     free(r->children);
     free(r);
     return rc;

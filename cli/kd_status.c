@@ -152,6 +152,20 @@ int cli_client_wait_status(cli_client_t *c, int timeout_ms, char **json, char *e
     }
 }
 
+int cli_client_status(cli_client_t *c, int timeout_ms, char **json, char *err, size_t errlen) {
+    *json = NULL;
+    if (cli_client_control(c, KDIST__CONTROL__KIND__STATUS, NULL, err, errlen) != 0) return -1;
+    double deadline = kd_now() + timeout_ms / 1000.0;
+    for (;;) {
+        int left = (int)((deadline - kd_now()) * 1000.0);
+        int got = cli_client_wait_status(c, left > 0 ? left : 0, json, err, errlen);
+        if (got <= 0) return got;
+        if (left <= 0)
+            return kd_err(err, errlen, "the coordinator at %s did not answer within %.1f s",
+                          c->endpoint, timeout_ms / 1000.0);
+    }
+}
+
 /* ---- StatusReply.json ---------------------------------------------------------------------- */
 
 static double json_num(const json_t *o, const char *key) {
@@ -344,8 +358,24 @@ static void print_status(const char *endpoint, const char *json) {
     printf("%-10s %ld/%ld batches applied this epoch, %ld duplicates dropped, %ld restreamed\n",
            "ledger", p.batches_applied, p.batches_expected, p.duplicates_dropped, p.restreamed);
 
+    printf("\n");
+    cli_print_members(json);
+
+    json_t *events = json_object_get(root, "events");
+    size_t n = json_array_size(events), first = n > 15 ? n - 15 : 0;
+    printf("\nrecent events%s\n", n ? "" : ": none");
+    for (size_t i = first; i < n; i++) {
+        json_t *e = json_array_get(events, i);
+        printf("  %8.1fs  %-8s %s %s\n", json_num(e, "time"), json_str(e, "event", "?"),
+               json_str(e, "role", "?"), json_str(e, "id", "?"));
+    }
+    json_decref(root);
+}
+
+void cli_print_members(const char *json) {
+    json_t *root = json_loads(json, 0, NULL);
     json_t *members = json_object_get(root, "members");
-    printf("\n%-8s %-6s %-20s %-8s %-10s %-10s %-8s %s\n", "ROLE", "ID", "HOST", "PID", "STATE",
+    printf("%-8s %-6s %-20s %-8s %-10s %-10s %-8s %s\n", "ROLE", "ID", "HOST", "PID", "STATE",
            "LAST SEEN", "STEPS", "SAMPLES/S");
     size_t i;
     json_t *m;
@@ -370,15 +400,6 @@ static void print_status(const char *endpoint, const char *json) {
                json_str(m, "state", "-"), seen, steps, sps);
     }
     if (json_array_size(members) == 0) printf("(no members)\n");
-
-    json_t *events = json_object_get(root, "events");
-    size_t n = json_array_size(events), first = n > 15 ? n - 15 : 0;
-    printf("\nrecent events%s\n", n ? "" : ": none");
-    for (i = first; i < n; i++) {
-        json_t *e = json_array_get(events, i);
-        printf("  %8.1fs  %-8s %s %s\n", json_num(e, "time"), json_str(e, "event", "?"),
-               json_str(e, "role", "?"), json_str(e, "id", "?"));
-    }
     json_decref(root);
 }
 
@@ -418,12 +439,7 @@ int kd_cmd_status(int argc, char **argv) {
     char *json = NULL;
     cli_client_t *c = cli_client_new(endpoint, err, sizeof err);
     if (!c) goto out;
-    if (cli_client_control(c, KDIST__CONTROL__KIND__STATUS, NULL, err, sizeof err) != 0) goto out;
-    int got = cli_client_wait_status(c, STATUS_DEADLINE_MS, &json, err, sizeof err);
-    if (got == 1)
-        kd_err(err, sizeof err, "the coordinator at %s did not answer within %.1f s", endpoint,
-               STATUS_DEADLINE_MS / 1000.0);
-    if (got != 0) goto out;
+    if (cli_client_status(c, STATUS_DEADLINE_MS, &json, err, sizeof err) != 0) goto out;
     if (raw)
         printf("%s\n", json);
     else

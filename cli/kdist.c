@@ -3,7 +3,10 @@
  *   eval MODEL --recipe RECIPE [...]       accuracy and loss of saved weights; dump logits
  *   recipe check RECIPE | recipe keys      validate a recipe; list every key
  *   run RECIPE [...]                       a local cluster of processes (kd_run.c)
- *   status [RUN_DIR|ENDPOINT]              ask a running coordinator (kd_status.c) */
+ *   status [RUN_DIR|ENDPOINT]              ask a running coordinator (kd_status.c)
+ *   scale RUN_DIR --workers N              more or fewer workers in a running run (kd_scale.c)
+ *   drain RUN_DIR WORKER_ID                one worker finishes its step and leaves (kd_scale.c)
+ *   cache ls|verify|gc|export|import       the teacher-logit cache (kd_cache_cmd.c) */
 #include <errno.h>
 #include <jansson.h>
 #include <stdio.h>
@@ -38,7 +41,14 @@ static void usage(FILE *out) {
         "        train on a local cluster: a coordinator, cluster.teachers teacher nodes and\n"
         "        cluster.workers workers as processes; progress live, Ctrl-C stops cleanly\n"
         "  status [RUN_DIR|ENDPOINT] [--json]\n"
-        "        progress, membership and recent events of a running coordinator\n");
+        "        progress, membership and recent events of a running coordinator\n"
+        "  scale RUN_DIR --workers N [--timeout SECONDS]\n"
+        "        start or drain workers of a running `kdist run` until N are live\n"
+        "  drain RUN_DIR WORKER_ID [--timeout SECONDS]\n"
+        "        the worker finishes its step, says goodbye and exits\n"
+        "  cache ls|verify|gc|export|import [--dir DIR] ...\n"
+        "        the teacher-logit cache: list, check, delete, export to .npy, import logits\n"
+        "        computed elsewhere (kdist cache --help)\n");
 }
 
 static int fail(const char *msg) {
@@ -266,6 +276,9 @@ int main(int argc, char **argv) {
     if (strcmp(cmd, "recipe") == 0) return cmd_recipe(argc - 2, argv + 2);
     if (strcmp(cmd, "run") == 0) return kd_cmd_run(argc - 2, argv + 2);
     if (strcmp(cmd, "status") == 0) return kd_cmd_status(argc - 2, argv + 2);
+    if (strcmp(cmd, "scale") == 0) return kd_cmd_scale(argc - 2, argv + 2);
+    if (strcmp(cmd, "drain") == 0) return kd_cmd_drain(argc - 2, argv + 2);
+    if (strcmp(cmd, "cache") == 0) return kd_cmd_cache(argc - 2, argv + 2);
     fprintf(stderr, "kdist: unknown command '%s'\n", cmd);
     usage(stderr);
     return 2;

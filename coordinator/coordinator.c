@@ -914,7 +914,7 @@ static void on_hello(kd_msg_t *msg) {
     m->clock = lo == UINT64_MAX ? 0 : lo;
     kd_log(KD_LOG_INFO, "COORD-MEMBER-JOIN", "%s %s joined from %s (pid %u, incarnation %llu)",
            role_name(m->role), m->node_id, m->host, m->pid, (unsigned long long)m->incarnation);
-    add_event(restart ? "restart" : "join", m);
+    if (!restart) add_event("join", m); /* a restart was recorded as the old one left */
     send_welcome(m);
     if (m->role == KDIST__ROLE__WORKER) {
         int w = live_count(KDIST__ROLE__WORKER);
