@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -275,8 +276,10 @@ void cli_progress_line(const cli_progress_t *p, char *out, size_t n) {
 /* ---- kdist status ------------------------------------------------------------------------ */
 
 static void status_usage(FILE *out) {
-    fprintf(out, "usage: kdist status [RUN_DIR|ENDPOINT] [--json]\n"
-                 "  default: the newest run under ./runs that has a coordinator.endpoint\n");
+    fprintf(out, "usage: kdist status [RUN_DIR|ENDPOINT] [--json | --follow]\n"
+                 "  default: the newest run under ./runs that has a coordinator.endpoint\n"
+                 "  --follow: then print joins, leaves, deaths and restarts as they happen,\n"
+                 "            with a progress line, until the run ends (Ctrl-C to stop)\n");
 }
 
 int cli_read_endpoint(const char *dir, char *out, size_t outlen, char *err, size_t errlen) {
@@ -327,7 +330,7 @@ static int newest_run(const char *runs_dir, char *out, size_t outlen, char *err,
     return 0;
 }
 
-static void print_status(const char *endpoint, const char *json) {
+static void print_status(const char *endpoint, const char *json, bool with_events) {
     json_t *root = json_loads(json, 0, NULL);
     cli_progress_t p;
     char err[KD_ERR_LEN];
@@ -363,13 +366,83 @@ static void print_status(const char *endpoint, const char *json) {
 
     json_t *events = json_object_get(root, "events");
     size_t n = json_array_size(events), first = n > 15 ? n - 15 : 0;
-    printf("\nrecent events%s\n", n ? "" : ": none");
-    for (size_t i = first; i < n; i++) {
+    printf("\n%s%s\n", with_events ? "recent events" : "events, as they happen (Ctrl-C to stop)",
+           n || !with_events ? "" : ": none");
+    for (size_t i = first; i < n && with_events; i++) {
         json_t *e = json_array_get(events, i);
         printf("  %8.1fs  %-8s %s %s\n", json_num(e, "time"), json_str(e, "event", "?"),
                json_str(e, "role", "?"), json_str(e, "id", "?"));
     }
     json_decref(root);
+}
+
+/* Prints the events after the last one printed; a coordinator that restarted has a new clock
+ * and a fresh list (its first event says so), so a time going back starts over. */
+static void print_new_events(const char *json, double *last_time) {
+    json_t *root = json_loads(json, 0, NULL);
+    json_t *events = json_object_get(root, "events");
+    size_t n = json_array_size(events);
+    if (n && json_num(json_array_get(events, n - 1), "time") < *last_time) *last_time = -1;
+    for (size_t i = 0; i < n; i++) {
+        json_t *e = json_array_get(events, i);
+        double t = json_num(e, "time");
+        if (t <= *last_time) continue;
+        printf("  %8.1fs  %-8s %s %s\n", t, json_str(e, "event", "?"), json_str(e, "role", "?"),
+               json_str(e, "id", "?"));
+        *last_time = t;
+    }
+    json_decref(root);
+}
+
+/* True (and says how it ended) once the run directory has its summary.json. */
+static bool run_finished(const char *run_dir) {
+    char path[KD_PATH_MAX + 16];
+    snprintf(path, sizeof path, "%s/summary.json", run_dir);
+    json_t *summary = json_load_file(path, 0, NULL);
+    if (!summary) return false;
+    printf("the run is over: %s, test accuracy %.2f%% (%s)\n", json_str(summary, "status", "?"),
+           100.0 * json_num(summary, "test_accuracy"), path);
+    json_decref(summary);
+    return true;
+}
+
+/* kdist status --follow: polls once a second until the run ends. While the coordinator is
+ * unreachable (it may be restarting) it keeps asking for FOLLOW_PATIENCE seconds. */
+#define FOLLOW_PATIENCE 60.0
+static int follow(cli_client_t *c, const char *first_json, const char *run_dir) {
+    double last_time = -1, last_answer = kd_now();
+    print_new_events(first_json, &last_time);
+    char last_line[512] = "";
+    for (;;) {
+        if (kd_node_stop_requested) return 0;
+        char *json = NULL, err[KD_ERR_LEN];
+        if (cli_client_status(c, STATUS_DEADLINE_MS, &json, err, sizeof err) == 0) {
+            last_answer = kd_now();
+            print_new_events(json, &last_time);
+            cli_progress_t p;
+            char line[512];
+            if (cli_progress_parse(json, &p, err, sizeof err) == 0) {
+                cli_progress_line(&p, line, sizeof line);
+                if (strcmp(line, last_line) != 0) printf("  %s\n", line);
+                snprintf(last_line, sizeof last_line, "%s", line);
+                if (strcmp(p.status, "running") != 0) {
+                    printf("the run is %s\n", p.status);
+                    free(json);
+                    return 0;
+                }
+            }
+            free(json);
+        } else if (run_dir && run_finished(run_dir)) {
+            return 0;
+        } else if (kd_now() - last_answer > FOLLOW_PATIENCE) {
+            fprintf(stderr, "kdist status: no answer for %.0f s (%s): the run is over or gone\n",
+                    FOLLOW_PATIENCE, err);
+            return 1;
+        }
+        fflush(stdout);
+        struct timespec tick = {1, 0}; /* a human's refresh rate, not a wait for an event */
+        nanosleep(&tick, NULL);
+    }
 }
 
 void cli_print_members(const char *json) {
@@ -405,10 +478,12 @@ void cli_print_members(const char *json) {
 
 int kd_cmd_status(int argc, char **argv) {
     const char *target = NULL;
-    bool raw = false;
+    bool raw = false, following = false;
     for (int i = 0; i < argc; i++) {
         if (strcmp(argv[i], "--json") == 0)
             raw = true;
+        else if (strcmp(argv[i], "--follow") == 0 || strcmp(argv[i], "-f") == 0)
+            following = true;
         else if (strcmp(argv[i], "-h") == 0 || strcmp(argv[i], "--help") == 0) {
             status_usage(stdout);
             return 0;
@@ -443,8 +518,8 @@ int kd_cmd_status(int argc, char **argv) {
     if (raw)
         printf("%s\n", json);
     else
-        print_status(endpoint, json);
-    rc = 0;
+        print_status(endpoint, json, !following);
+    rc = following ? follow(c, json, strstr(target ? target : "", "://") ? NULL : dir) : 0;
 out:
     if (rc) fprintf(stderr, "kdist status: %s\n", err);
     free(json);

@@ -113,7 +113,7 @@ static const char *role_name(Kdist__Role role) {
     }
 }
 
-static void add_event(const char *event, const member_t *m) {
+static void add_event(const char *event, const char *role, const char *id) {
     if (C.n_events == COORD_MAX_EVENTS) {
         memmove(C.events, C.events + 1, sizeof C.events[0] * (COORD_MAX_EVENTS - 1));
         C.n_events--;
@@ -121,8 +121,8 @@ static void add_event(const char *event, const member_t *m) {
     coord_event_t *e = &C.events[C.n_events++];
     e->time = elapsed();
     snprintf(e->event, sizeof e->event, "%s", event);
-    snprintf(e->role, sizeof e->role, "%s", role_name(m->role));
-    snprintf(e->id, sizeof e->id, "%s", m->node_id);
+    snprintf(e->role, sizeof e->role, "%s", role);
+    snprintf(e->id, sizeof e->id, "%s", id);
 }
 
 static void drop(const kd_msg_t *msg, const char *why) {
@@ -830,7 +830,7 @@ static void send_peers(void) {
 static void remove_member(member_t *m, const char *event) {
     kd_log(KD_LOG_INFO, "COORD-MEMBER-GONE", "%s %s (%s) %s", role_name(m->role), m->node_id,
            m->host, event);
-    if (m->role != KDIST__ROLE__CLIENT) add_event(event, m);
+    if (m->role != KDIST__ROLE__CLIENT) add_event(event, role_name(m->role), m->node_id);
     /* a sync step never waits for a worker that is gone; its collected gradient still counts */
     keep_step_gradients(m);
     release_slot(m);
@@ -914,7 +914,8 @@ static void on_hello(kd_msg_t *msg) {
     m->clock = lo == UINT64_MAX ? 0 : lo;
     kd_log(KD_LOG_INFO, "COORD-MEMBER-JOIN", "%s %s joined from %s (pid %u, incarnation %llu)",
            role_name(m->role), m->node_id, m->host, m->pid, (unsigned long long)m->incarnation);
-    if (!restart) add_event("join", m); /* a restart was recorded as the old one left */
+    if (!restart) /* a restart was recorded as the old one left */
+        add_event("join", role_name(m->role), m->node_id);
     send_welcome(m);
     if (m->role == KDIST__ROLE__WORKER) {
         int w = live_count(KDIST__ROLE__WORKER);
@@ -1324,6 +1325,7 @@ int main(int argc, char **argv) {
     C.eval = evaluator_new(C.ctx, &C.r, C.model, &C.data, best);
     C.t0 = C.win_t0 = kd_now();
     setup_shared_memory();
+    if (resumed == 0) add_event("restart", "coordinator", "0"); /* from its checkpoint */
 
     char path[KD_PATH_MAX + 64];
     snprintf(path, sizeof path, "%s/coordinator.endpoint", C.run_dir);
