@@ -170,6 +170,9 @@ static const row_t schema[] = {
 
     STR("teacher.checkpoint", teacher.checkpoint, 0, NULL, "",
         "teacher weights (safetensors); empty = no teacher"),
+    STR("teacher.recipe", teacher.recipe, 0, NULL, "",
+        "recipe that trains the teacher: `kdist run` runs it first when teacher.checkpoint "
+        "does not exist"),
     LAYERS("teacher.layers", teacher, 0, "the teacher network (list of layers)"),
     LONG("teacher.batch_size", teacher.batch_size, BTW, 1, 65536, "256",
          "samples per teacher forward pass"),

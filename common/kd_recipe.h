@@ -39,6 +39,7 @@ typedef struct {
 
     struct {
         char checkpoint[KD_PATH_MAX]; /* safetensors; empty = none */
+        char recipe[KD_PATH_MAX];     /* trains the teacher when checkpoint is missing */
         int n_layers;
         kd_layer_spec_t layers[KD_MAX_LAYERS];
         long batch_size;
