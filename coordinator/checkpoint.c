@@ -1,9 +1,12 @@
 /* checkpoint: the coordinator's resumable state in one safetensors file — the student's
  * parameters under PyTorch names (so a checkpoint also loads into PyTorch), the optimizer
- * moments, the current epoch's ledger, and the counters as JSON metadata. Written atomically;
- * a torn or foreign file is reported and skipped on resume. */
+ * moments, the current epoch's ledger, and the counters as JSON metadata. Written atomically,
+ * then its BLAKE2b digest next to it (<file>.blake2b); on resume a checkpoint whose bytes do not
+ * match its digest (damaged on disk, or cut short before the digest was written) is reported
+ * and skipped, like a torn or foreign file. */
 #include <dirent.h>
 #include <jansson.h>
+#include <sodium.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -12,6 +15,42 @@
 #include "checkpoint.h"
 #include "kd_checkpoint.h"
 #include "kd_log.h"
+
+#define DIGEST_SUFFIX ".blake2b"
+
+/* The hex BLAKE2b-256 of a file's bytes into hex (65 bytes). */
+static int file_digest(const char *path, char *hex, char *err, size_t errlen) {
+    uint8_t *data = NULL, digest[crypto_generichash_BYTES];
+    size_t len = 0;
+    if (kd_read_file(path, &data, &len, err, errlen) != 0) return -1;
+    crypto_generichash(digest, sizeof digest, data, len, NULL, 0);
+    free(data);
+    sodium_bin2hex(hex, 2 * sizeof digest + 1, digest, sizeof digest);
+    return 0;
+}
+
+static int write_digest(const char *path, char *err, size_t errlen) {
+    char hex[2 * crypto_generichash_BYTES + 1], digest_path[KD_PATH_MAX + 400];
+    if (file_digest(path, hex, err, errlen) != 0) return -1;
+    snprintf(digest_path, sizeof digest_path, "%s" DIGEST_SUFFIX, path);
+    return kd_write_file_atomic(digest_path, hex, strlen(hex), err, errlen);
+}
+
+static int check_digest(const char *path, char *err, size_t errlen) {
+    char hex[2 * crypto_generichash_BYTES + 1], digest_path[KD_PATH_MAX + 400];
+    snprintf(digest_path, sizeof digest_path, "%s" DIGEST_SUFFIX, path);
+    uint8_t *want = NULL;
+    size_t len = 0;
+    if (kd_read_file(digest_path, &want, &len, err, errlen) != 0)
+        return kd_err(err, errlen, "%s has no digest %s (cut short before it was written?)", path,
+                      digest_path);
+    int rc = file_digest(path, hex, err, errlen);
+    if (rc == 0 && (len != strlen(hex) || memcmp(want, hex, len) != 0))
+        rc = kd_err(err, errlen, "%s does not match its digest %s: the file is damaged", path,
+                    digest_path);
+    free(want);
+    return rc;
+}
 
 int coord_checkpoint_save(const char *dir, const coord_state_t *s, const kd_model_t *m,
                           const kd_optim_t *opt, const uint8_t *applied, size_t n_batches,
@@ -38,12 +77,15 @@ int coord_checkpoint_save(const char *dir, const coord_state_t *s, const kd_mode
     free(text);
     int rc = kd_st_writer_write(w, path, err, errlen);
     kd_st_writer_destroy(&w);
+    if (rc == 0) rc = write_digest(path, err, errlen);
     if (rc == 0) coord_checkpoint_prune(dir, keep);
     return rc;
 }
 
 static int is_ckpt(const struct dirent *e) {
-    return strncmp(e->d_name, "ckpt-", 5) == 0 && strstr(e->d_name, ".safetensors") &&
+    const char *suffix = ".safetensors";
+    size_t n = strlen(e->d_name), k = strlen(suffix);
+    return strncmp(e->d_name, "ckpt-", 5) == 0 && n > k && strcmp(e->d_name + n - k, suffix) == 0 &&
            !strstr(e->d_name, ".tmp.");
 }
 
@@ -56,6 +98,8 @@ void coord_checkpoint_prune(const char *dir, long keep) {
             char path[KD_PATH_MAX + 300];
             snprintf(path, sizeof path, "%s/%s", dir, names[i]->d_name);
             unlink(path);
+            strncat(path, DIGEST_SUFFIX, sizeof path - strlen(path) - 1);
+            unlink(path);
         }
         free(names[i]);
     }
@@ -67,7 +111,7 @@ static int load_one(const char *path, coord_state_t *s, kd_model_t *m, kd_optim_
     kd_safetensors_t *st = NULL;
     json_t *j = NULL;
     int rc = -1;
-    if (kd_st_open(path, &st, err, errlen) != 0) goto out;
+    if (check_digest(path, err, errlen) != 0 || kd_st_open(path, &st, err, errlen) != 0) goto out;
     const char *meta = kd_st_metadata(st, "kdist.state");
     json_error_t jerr;
     if (!meta || !(j = json_loads(meta, 0, &jerr))) {
