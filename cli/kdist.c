@@ -226,7 +226,7 @@ static int cmd_eval(int argc, char **argv) {
     logits = dump ? kd_alloc_floats(ds->n * (size_t)m->num_classes) : NULL;
     kd_eval_t ev;
     double t0 = kd_now();
-    kd_evaluate(m, ds, (int)r.eval.batch_size, &ev, logits);
+    kd_evaluate(m, ds, (int)r.eval.batch_size, NULL, &ev, logits);
     double secs = kd_now() - t0;
     printf("%s on %s (%zu samples): accuracy %.2f%%, mean loss %.4f, %.0f samples/s\n", model_path,
            split, ev.count, 100.0 * ev.accuracy, ev.loss, secs > 0 ? ev.count / secs : 0.0);

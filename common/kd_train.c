@@ -66,8 +66,28 @@ int kd_model_from_recipe(const kd_recipe_t *r, bool teacher, const kd_dataset_t 
     return 0;
 }
 
-void kd_evaluate(kd_model_t *m, const kd_dataset_t *ds, int batch_size, kd_eval_t *out,
-                 float *logits) {
+/* Adds the agreement count and the KL sum of B rows of student and teacher logits (C each). */
+static void compare_with_teacher(const float *student, const float *teacher, int B, int C,
+                                 float *scratch, long *agree, double *kl_sum) {
+    float *log_s = scratch, *log_t = scratch + (size_t)B * C;
+    kd_log_softmax(student, log_s, B, C, 1.0f);
+    kd_log_softmax(teacher, log_t, B, C, 1.0f);
+    for (int i = 0; i < B; i++) {
+        const float *ls = log_s + (size_t)i * C, *lt = log_t + (size_t)i * C;
+        int top_s = 0, top_t = 0;
+        double kl = 0;
+        for (int c = 0; c < C; c++) {
+            if (ls[c] > ls[top_s]) top_s = c;
+            if (lt[c] > lt[top_t]) top_t = c;
+            kl += exp((double)lt[c]) * ((double)lt[c] - (double)ls[c]);
+        }
+        *agree += top_s == top_t;
+        *kl_sum += kl;
+    }
+}
+
+void kd_evaluate(kd_model_t *m, const kd_dataset_t *ds, int batch_size, const float *teacher,
+                 kd_eval_t *out, float *logits) {
     const int C = m->num_classes;
     if (batch_size < 1) batch_size = 256;
     float *x = kd_alloc_floats((size_t)batch_size * ds->sample_dim);
@@ -75,6 +95,9 @@ void kd_evaluate(kd_model_t *m, const kd_dataset_t *ds, int batch_size, kd_eval_
     uint32_t *ids = kd_xmalloc((size_t)batch_size * sizeof *ids);
     kd_loss_config_t ce = {.divergence = KD_DIV_FORWARD_KL, .temperature = 1.0f, .alpha = 0.0f};
     kd_loss_stats_t stats = {0};
+    float *scratch = teacher ? kd_alloc_floats(2 * (size_t)batch_size * C) : NULL;
+    long agree = 0;
+    double kl_sum = 0;
     for (size_t start = 0; start < ds->n; start += (size_t)batch_size) {
         int B = (int)((ds->n - start < (size_t)batch_size) ? ds->n - start : (size_t)batch_size);
         for (int i = 0; i < B; i++) ids[i] = (uint32_t)(start + (size_t)i);
@@ -82,10 +105,16 @@ void kd_evaluate(kd_model_t *m, const kd_dataset_t *ds, int batch_size, kd_eval_
         const float *out_logits = kd_model_forward(m, x, B, false, 0);
         kd_loss(&ce, out_logits, NULL, y, B, C, NULL, &stats);
         if (logits) memcpy(logits + start * (size_t)C, out_logits, (size_t)B * C * sizeof(float));
+        if (teacher)
+            compare_with_teacher(out_logits, teacher + start * (size_t)C, B, C, scratch, &agree,
+                                 &kl_sum);
     }
     out->count = (size_t)stats.count;
     out->loss = stats.count ? stats.loss_sum / stats.count : 0.0;
     out->accuracy = stats.count ? (double)stats.correct / stats.count : 0.0;
+    out->agreement = teacher && ds->n ? (double)agree / (double)ds->n : NAN;
+    out->teacher_kl = teacher && ds->n ? kl_sum / (double)ds->n : NAN;
+    free(scratch);
     free(x);
     free(y);
     free(ids);
@@ -194,7 +223,8 @@ int kd_train_local(const kd_recipe_t *r, kd_model_t *m, kd_model_t *teacher, con
                                      .samples_per_sec = samples / (kd_now() - t0),
                                      .elapsed = kd_now() - t0,
                                      .epoch_end = true};
-            if (d->val && d->val->n) kd_evaluate(m, d->val, (int)r->eval.batch_size, &p.val, NULL);
+            if (d->val && d->val->n)
+                kd_evaluate(m, d->val, (int)r->eval.batch_size, NULL, &p.val, NULL);
             progress(&p, user);
         }
     }
@@ -202,8 +232,9 @@ int kd_train_local(const kd_recipe_t *r, kd_model_t *m, kd_model_t *teacher, con
     res->steps = step;
     res->epochs = epoch;
     res->samples_per_sec = res->seconds > 0 ? samples / res->seconds : 0.0;
-    if (d->val && d->val->n) kd_evaluate(m, d->val, (int)r->eval.batch_size, &res->val, NULL);
-    if (d->test && d->test->n) kd_evaluate(m, d->test, (int)r->eval.batch_size, &res->test, NULL);
+    if (d->val && d->val->n) kd_evaluate(m, d->val, (int)r->eval.batch_size, NULL, &res->val, NULL);
+    if (d->test && d->test->n)
+        kd_evaluate(m, d->test, (int)r->eval.batch_size, NULL, &res->test, NULL);
 
     kd_optim_destroy(&opt);
     free(x);

@@ -35,12 +35,15 @@ typedef struct {
     double loss;     /* mean cross-entropy */
     double accuracy; /* fraction correct */
     size_t count;
+    /* Against the teacher's logits, when given (else NAN): the fraction of samples where the
+     * student's top-1 class is the teacher's, and the mean KL(teacher || student) at T = 1. */
+    double agreement, teacher_kl;
 } kd_eval_t;
 
-/* Evaluates m (dropout off) on every sample of ds in batches. logits (ds->n, C) is filled
- * when not NULL. */
-void kd_evaluate(kd_model_t *m, const kd_dataset_t *ds, int batch_size, kd_eval_t *out,
-                 float *logits);
+/* Evaluates m (dropout off) on every sample of ds in batches. teacher (ds->n, C), when not
+ * NULL, is compared with; logits (ds->n, C) is filled when not NULL. */
+void kd_evaluate(kd_model_t *m, const kd_dataset_t *ds, int batch_size, const float *teacher,
+                 kd_eval_t *out, float *logits);
 
 /* Optimizer steps of a whole run: epochs x batches per epoch, capped by train.max_steps. */
 long kd_train_total_steps(const kd_recipe_t *r, size_t n_train);

@@ -83,6 +83,7 @@ typedef struct {
     void *router_monitor;     /* connections libzmq refuses on the ROUTER */
     long connections_refused; /* never became a message: raw bytes, old protocols */
     long stale_dropped;       /* pushes from before a coordinator restart */
+    member_t teachers_gone;   /* the logit counters of teacher incarnations that left, summed */
     kd_log_limit_t drop_limit;
     eval_result_t last_eval;
     bool have_eval;
@@ -111,6 +112,13 @@ static const char *role_name(Kdist__Role role) {
     default:
         return "unknown";
     }
+}
+
+static void add_teacher_counters(member_t *sum, const member_t *m) {
+    sum->forward_samples += m->forward_samples;
+    sum->cache_hits += m->cache_hits;
+    sum->cache_misses += m->cache_misses;
+    sum->cache_corrupt += m->cache_corrupt;
 }
 
 static void add_event(const char *event, const char *role, const char *id) {
@@ -470,6 +478,12 @@ static void handle_eval_result(const eval_result_t *res) {
     kd_metrics_scalar(C.metrics, "eval/val_loss", res->val.loss);
     kd_metrics_scalar(C.metrics, "eval/test_accuracy", res->test.accuracy);
     kd_metrics_scalar(C.metrics, "eval/test_loss", res->test.loss);
+    if (!isnan(res->test.agreement)) {
+        kd_metrics_scalar(C.metrics, "eval/val_teacher_agreement", res->val.agreement);
+        kd_metrics_scalar(C.metrics, "eval/val_teacher_kl", res->val.teacher_kl);
+        kd_metrics_scalar(C.metrics, "eval/test_teacher_agreement", res->test.agreement);
+        kd_metrics_scalar(C.metrics, "eval/test_teacher_kl", res->test.teacher_kl);
+    }
     flush_metrics(res->step);
     kd_log(KD_LOG_INFO, "COORD-EVAL", "step %ld: val accuracy %.4f (loss %.4f), test %.4f%s",
            res->step, res->val.accuracy, res->val.loss, res->test.accuracy,
@@ -846,6 +860,7 @@ static void remove_member(member_t *m, const char *event) {
                  strcmp(event, "dead") == 0 ? "died" : "left");
         restream_unapplied(why);
     } else if (m->role == KDIST__ROLE__TEACHER) {
+        add_teacher_counters(&C.teachers_gone, m);
         reassign_share(m);
         send_peers();
     }
@@ -930,6 +945,12 @@ static void on_heartbeat(member_t *m, const Kdist__Heartbeat *hb) {
     if (hb->rss_bytes) m->rss_bytes = hb->rss_bytes;
     m->messages_dropped = hb->messages_dropped;
     m->connections_refused = hb->connections_refused;
+    if (hb->teacher) {
+        m->forward_samples = hb->teacher->forward_samples;
+        m->cache_hits = hb->teacher->cache_hits;
+        m->cache_misses = hb->teacher->cache_misses;
+        m->cache_corrupt = hb->teacher->cache_corrupt;
+    }
     m->batches_streamed = hb->batches_streamed;
     if (m->role != KDIST__ROLE__WORKER) return;
     note_weights_held(m, hb->weights_version);
@@ -942,6 +963,17 @@ static void on_heartbeat(member_t *m, const Kdist__Heartbeat *hb) {
 }
 
 /* ---- status ------------------------------------------------------------------------------ */
+
+/* The teacher nodes' logit work over the run: forward passes and cache blocks. */
+static json_t *teacher_work_json(void) {
+    member_t sum = C.teachers_gone;
+    for (int i = 0; i < COORD_MAX_MEMBERS; i++)
+        if (C.members[i].used && C.members[i].role == KDIST__ROLE__TEACHER)
+            add_teacher_counters(&sum, &C.members[i]);
+    return json_pack("{s:I, s:I, s:I, s:I}", "forward_samples", (json_int_t)sum.forward_samples,
+                     "cache_hits", (json_int_t)sum.cache_hits, "cache_misses",
+                     (json_int_t)sum.cache_misses, "cache_corrupt", (json_int_t)sum.cache_corrupt);
+}
 
 static json_t *status_json(void) {
     double t = elapsed();
@@ -964,6 +996,7 @@ static json_t *status_json(void) {
     json_object_set_new(j, "updates", json_integer(C.s.step));
     json_object_set_new(j, "stale_dropped", json_integer(C.stale_dropped));
     json_object_set_new(j, "connections_refused", json_integer(C.connections_refused));
+    json_object_set_new(j, "teacher", teacher_work_json());
     json_object_set_new(j, "lr", json_real(kd_schedule_lr(&C.sched, C.s.position)));
     if (C.win_samples) {
         json_object_set_new(j, "loss", json_real(C.win_loss / (double)C.win_samples));
@@ -1145,6 +1178,14 @@ static int write_summary(const eval_result_t *final) {
         (json_int_t)C.messages_dropped);
     json_object_set_new(json_object_get(j, "ledger"), "connections_refused",
                         json_integer(C.connections_refused));
+    json_object_set_new(j, "teacher", teacher_work_json());
+    if (!isnan(final->test.agreement)) { /* the student against the teacher */
+        json_t *vs = json_object_get(j, "teacher");
+        json_object_set_new(vs, "test_agreement", json_real(final->test.agreement));
+        json_object_set_new(vs, "test_kl", json_real(final->test.teacher_kl));
+        json_object_set_new(vs, "val_agreement", json_real(final->val.agreement));
+        json_object_set_new(vs, "val_kl", json_real(final->val.teacher_kl));
+    }
     char *text = json_dumps(j, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
     json_decref(j);
     char path[KD_PATH_MAX + 32], err[KD_ERR_LEN];

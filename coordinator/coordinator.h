@@ -34,6 +34,7 @@ typedef struct {
     double joined, last_seen, last_sent;
     uint64_t rss_bytes;
     uint64_t messages_dropped, connections_refused; /* as the node last reported them */
+    uint64_t forward_samples, cache_hits, cache_misses, cache_corrupt; /* a teacher's, likewise */
     bool said_goodbye;
     /* workers */
     worker_state_t state;

@@ -1,6 +1,8 @@
 /* evaluator: the coordinator's evaluation actor. It owns a copy of the student model and the
  * validation and test sets; the coordinator sends it parameter snapshots over an inproc pipe
- * and goes on serving workers while it evaluates. It keeps the best weights on disk. */
+ * and goes on serving workers while it evaluates. It keeps the best weights on disk. When the
+ * run distils from a teacher whose weights it can load, it also compares the student with the
+ * teacher (top-1 agreement, mean KL) on both sets, from teacher logits computed once. */
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -22,6 +24,9 @@ struct evaluator {
     kd_model_t *model;
     const kd_splits_t *data;
     int batch_size;
+    kd_recipe_t recipe;
+    float *teacher_val, *teacher_test; /* (n, C) the teacher's logits, once computed */
+    bool teacher_tried;
     char best_path[KD_PATH_MAX + 64];
     int outstanding;
     /* actor state */
@@ -30,17 +35,48 @@ struct evaluator {
     int evals_since_best;
 };
 
+/* The teacher's logits on the validation and test sets, if the recipe names a teacher this
+ * process can load (with only imported logits there is nothing to compare with). */
+static void load_teacher_logits(evaluator_t *ev) {
+    ev->teacher_tried = true;
+    const kd_recipe_t *r = &ev->recipe;
+    if (r->distill.loss.alpha <= 0 || !r->teacher.checkpoint[0] || r->cache.import[0]) return;
+    kd_model_t *t = NULL;
+    char err[KD_ERR_LEN];
+    if (kd_model_from_recipe(r, true, ev->data->test, &t, err, sizeof err) != 0 ||
+        kd_checkpoint_load(t, r->teacher.checkpoint, err, sizeof err) != 0) {
+        kd_log(KD_LOG_WARN, "COORD-EVAL-TEACHER", "no teacher comparison: %s", err);
+        kd_model_destroy(&t);
+        return;
+    }
+    const size_t C = (size_t)t->num_classes;
+    kd_eval_t unused;
+    if (ev->data->val && ev->data->val->n) {
+        ev->teacher_val = kd_alloc_floats(ev->data->val->n * C);
+        kd_evaluate(t, ev->data->val, ev->batch_size, NULL, &unused, ev->teacher_val);
+    }
+    if (ev->data->test && ev->data->test->n) {
+        ev->teacher_test = kd_alloc_floats(ev->data->test->n * C);
+        kd_evaluate(t, ev->data->test, ev->batch_size, NULL, &unused, ev->teacher_test);
+        kd_log(KD_LOG_INFO, "COORD-EVAL-TEACHER", "the teacher's test accuracy: %.4f",
+               unused.accuracy);
+    }
+    kd_model_destroy(&t);
+}
+
 static void *evaluator_main(void *arg) {
     evaluator_t *ev = arg;
     for (;;) {
         eval_request_t req;
         if (zmq_recv(ev->worker, &req, sizeof req, 0) != (int)sizeof req || !req.params) break;
+        if (!ev->teacher_tried) load_teacher_logits(ev);
         memcpy(ev->model->params, req.params, ev->model->n_params * sizeof(float));
         eval_result_t res = {.step = req.step};
         if (ev->data->val && ev->data->val->n)
-            kd_evaluate(ev->model, ev->data->val, ev->batch_size, &res.val, NULL);
+            kd_evaluate(ev->model, ev->data->val, ev->batch_size, ev->teacher_val, &res.val, NULL);
         if (ev->data->test && ev->data->test->n)
-            kd_evaluate(ev->model, ev->data->test, ev->batch_size, &res.test, NULL);
+            kd_evaluate(ev->model, ev->data->test, ev->batch_size, ev->teacher_test, &res.test,
+                        NULL);
         res.improved = ev->best_step < 0 || res.val.accuracy > ev->best_val_accuracy;
         if (res.improved) {
             ev->best_val_accuracy = res.val.accuracy;
@@ -80,6 +116,7 @@ evaluator_t *evaluator_new(void *ctx, const kd_recipe_t *r, const kd_model_t *mo
         KD_ASSERT(!"the coordinator's own model spec is valid");
     ev->data = data;
     ev->batch_size = (int)r->eval.batch_size;
+    ev->recipe = *r;
     snprintf(ev->best_path, sizeof ev->best_path, "%s", best_path);
     ev->best_step = -1;
     pthread_create(&ev->thread, NULL, evaluator_main, ev);
@@ -122,6 +159,8 @@ void evaluator_destroy(evaluator_t **self_p) {
     zmq_close(ev->pipe);
     zmq_close(ev->worker);
     kd_model_destroy(&ev->model);
+    free(ev->teacher_val);
+    free(ev->teacher_test);
     free(ev);
     *self_p = NULL;
 }
