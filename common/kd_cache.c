@@ -963,6 +963,35 @@ int kd_cache_put_block(kd_cache_t *c, size_t b, const float *logits, char *err, 
     return 0;
 }
 
+int kd_cache_roundtrip_rows(kd_cache_encoding_t enc, int k, int n_classes, size_t rows,
+                            const float *in, float *out, char *err, size_t errlen) {
+    KD_ASSERT(in && out);
+    /* A handle without files: the encoders need only the key and their scratch. */
+    kd_cache_t c = {.key = {.n_samples = 1, .n_classes = n_classes, .encoding = enc, .k = k}};
+    snprintf(c.key.teacher_fp, sizeof c.key.teacher_fp, "%0*d", KD_CACHE_FP_HEX, 0);
+    snprintf(c.key.data_fp, sizeof c.key.data_fp, "%0*d", KD_CACHE_FP_HEX, 0);
+    if (check_key(&c.key, "round trip", err, errlen) != 0) return -1;
+    size_t C = (size_t)n_classes;
+    for (size_t i = 0; i < rows * C; i++)
+        if (!isfinite(in[i]))
+            return kd_err(err, errlen, "round trip: logit of row %zu class %zu is %g", i / C, i % C,
+                          (double)in[i]);
+    c.record_bytes = record_bytes_of(c.key.encoding, n_classes, c.key.k);
+    uint8_t *rec = kd_xmalloc(c.record_bytes);
+    c.in_top = kd_xmalloc(C);
+    c.top_val = kd_xmalloc(sizeof(float) * (size_t)(c.key.k + 1));
+    c.top_idx = kd_xmalloc(sizeof(uint32_t) * (size_t)(c.key.k + 1));
+    for (size_t r = 0; r < rows; r++) {
+        encode_row(&c, in + r * C, rec);
+        KD_ASSERT(decode_row(&c, rec, out + r * C) == 0); /* what we encoded decodes */
+    }
+    free(rec);
+    free(c.in_top);
+    free(c.top_val);
+    free(c.top_idx);
+    return 0;
+}
+
 int kd_cache_flush(kd_cache_t *c, char *err, size_t errlen) {
     if (c->writable && fdatasync(c->fd) != 0)
         return kd_err(err, errlen, "%s: fdatasync failed: %s", c->data_path, strerror(errno));

@@ -107,6 +107,13 @@ int kd_cache_get_block(kd_cache_t *c, size_t block, float *logits, char *err, si
  * be finite. Writers of one block must write the same logits (the teacher is deterministic),
  * so concurrent puts are harmless. 0, or -1 with err set. */
 int kd_cache_put_block(kd_cache_t *c, size_t block, const float *logits, char *err, size_t errlen);
+/* What a put and a get of these logits give back, without a cache: each of rows rows of in
+ * (rows, n_classes) encoded and decoded as enc (k for topk) does, into out (may be in). For
+ * logits computed outside the cache that must equal the cached ones bit for bit (a teacher
+ * serving a row before its block is cached). 0, or -1 with err set (a logit is not finite, or
+ * the encoding or k is invalid). */
+int kd_cache_roundtrip_rows(kd_cache_encoding_t enc, int k, int n_classes, size_t rows,
+                            const float *in, float *out, char *err, size_t errlen);
 /* fdatasync of the data file: a durability point (a crash loses nothing written before). */
 int kd_cache_flush(kd_cache_t *c, char *err, size_t errlen);
 

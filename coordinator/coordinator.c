@@ -849,6 +849,7 @@ static void remove_member(member_t *m, const char *event) {
     keep_step_gradients(m);
     release_slot(m);
     kd_shm_close(&m->grad_shm);
+    if (m->role == KDIST__ROLE__TEACHER) add_teacher_counters(&C.teachers_gone, m);
     m->used = false;
     if (C.phase != RUN_RUNNING) return;
     if (m->role == KDIST__ROLE__WORKER) {
@@ -860,7 +861,6 @@ static void remove_member(member_t *m, const char *event) {
                  strcmp(event, "dead") == 0 ? "died" : "left");
         restream_unapplied(why);
     } else if (m->role == KDIST__ROLE__TEACHER) {
-        add_teacher_counters(&C.teachers_gone, m);
         reassign_share(m);
         send_peers();
     }
@@ -1269,10 +1269,11 @@ static int setup(int argc, char **argv, bool *resume, char *err, size_t errlen) 
                       "usage: kdist-coordinator --recipe RECIPE --run-dir DIR "
                       "[--resume] [section.key=value ...]");
     if (kd_recipe_load(recipe, overrides, n_over, &C.r, err, errlen) != 0) return -1;
-    if (C.r.distill.loss.alpha > 0)
+    if (C.r.distill.loss.alpha > 0 && !C.r.cache.import[0] &&
+        (C.r.teacher.n_layers == 0 || !C.r.teacher.checkpoint[0]))
         return kd_err(err, errlen,
-                      "%s: distill.alpha is %g, but distillation over the stream needs the "
-                      "teacher-node milestone; use distill.alpha=0",
+                      "%s: distill.alpha is %g but there is no teacher: set teacher.layers and "
+                      "teacher.checkpoint, or cache.import to distil from imported logits",
                       recipe, (double)C.r.distill.loss.alpha);
     snprintf(C.run_dir, sizeof C.run_dir, "%s", run_dir);
     snprintf(C.ckpt_dir, sizeof C.ckpt_dir, "%s/checkpoints", run_dir);

@@ -1,5 +1,6 @@
 /* kdist-teacher: a teacher node (DESIGN §2-4, docs/protocol.md). Joins the coordinator on a
- * DEALER, and streams the batches it is assigned (raw pixels + labels) on a bound PUSH socket.
+ * DEALER, and streams the batches it is assigned (raw pixels + labels, and the teacher's logits
+ * when the run distils: logits.h) on a bound PUSH socket.
  * The PUSH high-water mark is the back-pressure; one zmq_poll loop keeps control flowing while
  * workers are slow, so the node never blocks in a send.
  *   usage: kdist-teacher --coordinator ENDPOINT --id ID --recipe RECIPE
@@ -16,6 +17,7 @@
 #include "kd_train.h"
 #include "kd_util.h"
 #include "kd_wire.h"
+#include "logits.h"
 
 #define MAX_OVERRIDES      64
 #define ENDPOINT_MAX       512
@@ -30,6 +32,9 @@ typedef struct {
 
     kd_recipe_t recipe;
     kd_dataset_t *train;
+    teacher_logits_t *logits; /* the teacher's logits of the split, when distilling */
+    bool logits_ready;        /* opened for the current recipe (NULL when not distilling) */
+    bool fill_failure_told, fill_wait_told;
 
     void *ctx, *dealer, *push;
     char stream_endpoint[ENDPOINT_MAX]; /* as announced to workers */
@@ -85,6 +90,24 @@ static void send_heartbeat(teacher_t *t) {
     hb.messages_dropped = t->messages_dropped;
     kd_wire_refused(t->stream_monitor, "the stream socket", &t->connections_refused);
     hb.connections_refused = (uint64_t)t->connections_refused;
+    Kdist__TeacherStats work = KDIST__TEACHER_STATS__INIT;
+    char err[KD_ERR_LEN];
+    if (t->logits && !t->fill_failure_told && teacher_logits_failed(t->logits, err, sizeof err)) {
+        kd_log(KD_LOG_ERROR, "TEACHER-FILL",
+               "the background fill stopped: %s; batches still get "
+               "their logits, computed as they go",
+               err);
+        t->fill_failure_told = true;
+    }
+    if (t->logits) {
+        teacher_logits_stats_t st;
+        teacher_logits_stats(t->logits, &st);
+        work.forward_samples = st.forward_samples;
+        work.cache_hits = st.cache_hits;
+        work.cache_misses = st.cache_misses;
+        work.cache_corrupt = st.cache_corrupt;
+        hb.teacher = &work;
+    }
     kd_env_t env = KDIST__ENVELOPE__INIT;
     env.body_case = KDIST__ENVELOPE__BODY_HEARTBEAT;
     env.heartbeat = &hb;
@@ -131,6 +154,63 @@ static int load_train(teacher_t *t, char *err, size_t errlen) {
     t->train = s.train;
     if (t->train->n == 0) return kd_err(err, errlen, "the training split is empty");
     return 0;
+}
+
+/* The settings that decide which logits a distilling teacher node serves. */
+static bool same_logits(const kd_recipe_t *a, const kd_recipe_t *b) {
+    return (a->distill.loss.alpha > 0) == (b->distill.loss.alpha > 0) &&
+           strcmp(a->teacher.checkpoint, b->teacher.checkpoint) == 0 &&
+           a->teacher.batch_size == b->teacher.batch_size &&
+           strcmp(a->cache.dir, b->cache.dir) == 0 && a->cache.encoding == b->cache.encoding &&
+           a->cache.topk == b->cache.topk && strcmp(a->cache.import, b->cache.import) == 0;
+}
+
+/* This node's place among cluster.teachers, to spread the cache fill: a numeric id, or a
+ * hash of it. */
+static int node_index(const teacher_t *t) {
+    char *end;
+    long v = strtol(t->id, &end, 10);
+    if (*end != 0 || v < 0) {
+        v = 0;
+        for (const char *c = t->id; *c; c++) v = (v * 31 + (unsigned char)*c) % 1000003;
+    }
+    return (int)(v % (t->recipe.cluster.teachers > 0 ? t->recipe.cluster.teachers : 1));
+}
+
+/* When the run distils: the teacher's logits for the split, filled in the background. */
+static int open_logits(teacher_t *t, char *err, size_t errlen) {
+    teacher_logits_close(&t->logits);
+    t->fill_failure_told = t->fill_wait_told = false;
+    if (t->recipe.distill.loss.alpha <= 0) return 0;
+    t->logits = teacher_logits_open(&t->recipe, t->train, err, errlen);
+    if (!t->logits) return -1;
+    if (teacher_logits_classes(t->logits) != t->train->num_classes) {
+        kd_err(err, errlen, "the teacher has %d classes, the data %d",
+               teacher_logits_classes(t->logits), t->train->num_classes);
+        teacher_logits_close(&t->logits);
+        return -1;
+    }
+    kd_log(KD_LOG_INFO, "TEACHER-LOGITS", "teacher logits from cache entry %s",
+           teacher_logits_entry(t->logits));
+    return teacher_logits_start_fill(t->logits, node_index(t), (int)t->recipe.cluster.teachers, err,
+                                     errlen);
+}
+
+/* Streaming waits for the background fill: batches are random samples from the whole split, so
+ * serving them earlier would mean computing nearly every row twice (on demand, then by the
+ * fill). The wait happens once per teacher and dataset; later runs find the cache full. If the
+ * fill failed, rows are computed as batches need them. */
+static bool logits_ready(teacher_t *t) {
+    if (!t->logits || teacher_logits_complete(t->logits) ||
+        teacher_logits_failed(t->logits, NULL, 0))
+        return true;
+    if (!t->fill_wait_told) {
+        kd_log(KD_LOG_INFO, "TEACHER-FILL-WAIT",
+               "streaming starts when the teacher's logits are all in (cache %s)",
+               teacher_logits_entry(t->logits));
+        t->fill_wait_told = true;
+    }
+    return false;
 }
 
 /* ---- connection -------------------------------------------------------------------------- */
@@ -186,8 +266,10 @@ static int on_welcome(teacher_t *t, const Kdist__Welcome *w) {
         return -1;
     }
     bool reload = !same_split(&t->recipe, &r);
+    bool new_logits = reload || !t->logits_ready || !same_logits(&t->recipe, &r);
     t->recipe = r;
     if (reload) {
+        teacher_logits_close(&t->logits); /* its fill thread reads the split being replaced */
         kd_log(KD_LOG_INFO, "TEACHER-RECIPE",
                "the coordinator's recipe has other data settings than %s; reloading the data",
                t->recipe_path);
@@ -195,6 +277,13 @@ static int on_welcome(teacher_t *t, const Kdist__Welcome *w) {
             kd_log(KD_LOG_ERROR, "TEACHER-DATA", "%s", err);
             return -1;
         }
+    }
+    if (new_logits) {
+        if (open_logits(t, err, sizeof err) != 0) {
+            kd_log(KD_LOG_ERROR, "TEACHER-LOGITS", "%s", err);
+            return -1;
+        }
+        t->logits_ready = true;
     }
     t->heartbeat_ms = w->heartbeat_ms > 0 ? (int)w->heartbeat_ms : (int)r.cluster.heartbeat_ms;
     int hwm = (int)r.cluster.stream_hwm; /* applies to workers that connect from now on */
@@ -371,7 +460,17 @@ static int send_next_batch(teacher_t *t) {
                d->sample_dim);
         labels[i] = d->labels[ids[i]];
     }
-    kd_wire_tensor_t tensors[2] = {
+    const size_t C = (size_t)d->num_classes;
+    float *logits = t->logits ? kd_xmalloc(B * C * sizeof *logits) : NULL;
+    char err[KD_ERR_LEN];
+    if (logits && teacher_logits_get(t->logits, ids, B, logits, err, sizeof err) != 0) {
+        kd_log(KD_LOG_ERROR, "TEACHER-LOGITS", "batch %u: %s", b, err);
+        free(pixels);
+        free(labels);
+        free(logits);
+        return -1;
+    }
+    kd_wire_tensor_t tensors[3] = {
         {.name = "inputs",
          .dtype = KD_DTYPE_U8,
          .ndim = 4,
@@ -386,6 +485,13 @@ static int send_next_batch(teacher_t *t) {
          .data = labels,
          .nbytes = B * sizeof *labels,
          .free_fn = free_buffer},
+        {.name = "teacher_logits",
+         .dtype = KD_DTYPE_F32,
+         .ndim = 2,
+         .shape = {(int64_t)B, (int64_t)C},
+         .data = logits,
+         .nbytes = B * C * sizeof *logits,
+         .free_fn = free_buffer},
     };
     Kdist__BatchRef ref = KDIST__BATCH_REF__INIT;
     ref.epoch = t->epoch->epoch;
@@ -396,8 +502,8 @@ static int send_next_batch(teacher_t *t) {
     kd_env_t env = KDIST__ENVELOPE__INIT;
     env.body_case = KDIST__ENVELOPE__BODY_BATCH;
     env.batch = &batch;
-    /* On failure kd_wire_send has released both buffers; the batch stays queued. */
-    if (kd_wire_send(t->push, NULL, 0, &env, tensors, 2, ZMQ_DONTWAIT) != 0) {
+    /* On failure kd_wire_send has released the buffers; the batch stays queued. */
+    if (kd_wire_send(t->push, NULL, 0, &env, tensors, logits ? 3 : 2, ZMQ_DONTWAIT) != 0) {
         if (errno == EAGAIN || errno == EINTR) return 0;
         kd_log(KD_LOG_ERROR, "TEACHER-STREAM-FAIL", "cannot send batch %u: %s", b,
                zmq_strerror(errno));
@@ -465,11 +571,13 @@ static int run(teacher_t *t) {
             items[n] = (zmq_pollitem_t){.socket = t->dealer, .events = ZMQ_POLLIN};
             dealer_i = n++;
         }
-        if (t->q_pos < t->q_len) {
+        if (t->q_pos < t->q_len && logits_ready(t)) {
             items[n] = (zmq_pollitem_t){.socket = t->push, .events = ZMQ_POLLOUT};
             push_i = n++;
         }
-        int rc = zmq_poll(items, n, poll_timeout_ms(t, now));
+        int timeout = poll_timeout_ms(t, now);
+        if (t->q_pos < t->q_len && push_i < 0 && timeout > 50) timeout = 50; /* fill progress */
+        int rc = zmq_poll(items, n, timeout);
         if (rc < 0) {
             if (errno == EINTR) continue;
             kd_log(KD_LOG_ERROR, "TEACHER-POLL", "zmq_poll: %s", zmq_strerror(errno));
@@ -598,6 +706,16 @@ int main(int argc, char **argv) {
         status = 0;
     }
     kd_wire_refused(t.stream_monitor, "the stream socket", &t.connections_refused);
+    if (t.logits) {
+        teacher_logits_stats_t st;
+        teacher_logits_stats(t.logits, &st);
+        kd_log(KD_LOG_INFO, "TEACHER-LOGITS",
+               "%llu samples through the teacher (%llu on demand); cache blocks: %llu hits, %llu "
+               "misses, %llu corrupt",
+               (unsigned long long)st.forward_samples, (unsigned long long)st.on_demand_samples,
+               (unsigned long long)st.cache_hits, (unsigned long long)st.cache_misses,
+               (unsigned long long)st.cache_corrupt);
+    }
     kd_log(KD_LOG_INFO, "TEACHER-EXIT",
            "%llu batches streamed, %llu messages dropped (%llu assigns), %ld connections refused",
            (unsigned long long)t.batches_streamed, (unsigned long long)t.messages_dropped,
@@ -608,6 +726,7 @@ cleanup:
     if (t.push) zmq_close(t.push);
     if (t.ctx) zmq_ctx_term(t.ctx);
     clear_epoch(&t);
+    teacher_logits_close(&t.logits);
     kd_dataset_destroy(&t.train);
     kd_log_close();
     return status;

@@ -4,6 +4,7 @@
  * One thread, one zmq_poll loop; nothing is allocated per step.
  *   usage: kdist-worker --coordinator ENDPOINT [--id ID] [--threads N] [--log FILE] */
 #include <errno.h>
+#include <math.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -58,6 +59,7 @@ typedef struct {
     float *x;       /* (B, C*H*W) */
     int32_t *y;     /* (B) */
     float *dlogits; /* (B, num_classes) */
+    float *teacher; /* (B, num_classes) the teacher's logits when distilling, else NULL */
 
     /* The batch in hand. */
     uint32_t epoch, batch_id;
@@ -271,7 +273,8 @@ static void free_step_buffers(worker_t *w) {
     free(w->x);
     free(w->y);
     free(w->dlogits);
-    w->x = w->dlogits = NULL;
+    free(w->teacher);
+    w->x = w->dlogits = w->teacher = NULL;
     w->y = NULL;
     w->batch_cap = 0;
 }
@@ -286,13 +289,6 @@ static int on_welcome(worker_t *w, const kd_msg_t *m) {
                                              NULL, 0, &r, err, sizeof err) != 0) {
         kd_log(KD_LOG_ERROR, "WORKER-BAD-WELCOME", "the coordinator's recipe does not load: %s",
                wel->recipe_yaml ? err : "no recipe");
-        return FATAL;
-    }
-    if (r.distill.loss.alpha > 0) {
-        kd_log(KD_LOG_ERROR, "WORKER-DISTILL",
-               "distill.alpha is %g: distillation needs teacher logits, which come with the "
-               "teacher-node milestone",
-               (double)r.distill.loss.alpha);
         return FATAL;
     }
     const Kdist__Shape *in = wel->input;
@@ -344,6 +340,8 @@ static int on_welcome(worker_t *w, const kd_msg_t *m) {
     w->x = kd_alloc_floats(w->batch_cap * w->sample_dim);
     w->y = kd_xmalloc(w->batch_cap * sizeof *w->y);
     w->dlogits = kd_alloc_floats(w->batch_cap * (size_t)w->num_classes);
+    if (r.distill.loss.alpha > 0)
+        w->teacher = kd_alloc_floats(w->batch_cap * (size_t)w->num_classes);
     kd_set_threads(w->threads > 0 ? w->threads : (int)r.train.threads);
 
     if (!w->pull) {
@@ -386,9 +384,10 @@ static int take_batch(worker_t *w, const kd_msg_t *m, char *err, size_t errlen) 
     if (b->ref->epoch >= (uint32_t)w->recipe.train.epochs)
         return kd_err(err, errlen, "batch of epoch %u, the run has %ld", b->ref->epoch,
                       w->recipe.train.epochs);
-    if (m->n_tensors != 2)
-        return kd_err(err, errlen, "batch with %d tensors, expected inputs and labels",
-                      m->n_tensors);
+    const int want = w->teacher ? 3 : 2;
+    if (m->n_tensors != want)
+        return kd_err(err, errlen, "batch with %d tensors, expected inputs, labels%s", m->n_tensors,
+                      w->teacher ? " and teacher logits (distill.alpha > 0)" : "");
     const kd_shape_t in = w->model->input;
     const int64_t in_shape[4] = {-1, in.c, in.h, in.w};
     const uint8_t *pixels = kd_msg_tensor(m, 0, "inputs", KD_DTYPE_U8, 4, in_shape, err, errlen);
@@ -405,6 +404,17 @@ static int take_batch(worker_t *w, const kd_msg_t *m, char *err, size_t errlen) 
         if (labels[i] < 0 || labels[i] >= w->num_classes)
             return kd_err(err, errlen, "label %d of sample %lld out of range [0, %d)", labels[i],
                           (long long)i, w->num_classes);
+    if (w->teacher) {
+        const int64_t logit_shape[2] = {B, w->num_classes};
+        const float *logits =
+            kd_msg_tensor(m, 2, "teacher_logits", KD_DTYPE_F32, 2, logit_shape, err, errlen);
+        if (!logits) return -1;
+        const size_t n_logits = (size_t)B * (size_t)w->num_classes;
+        for (size_t i = 0; i < n_logits; i++)
+            if (!isfinite(logits[i]))
+                return kd_err(err, errlen, "teacher logit %zu of the batch is not finite", i);
+        memcpy(w->teacher, logits, n_logits * sizeof *logits);
+    }
     const size_t n = (size_t)B * w->sample_dim;
     kd_pixels_to_float(pixels, n, w->x);
     memcpy(w->y, labels, (size_t)B * sizeof *labels);
@@ -423,7 +433,7 @@ static int compute_and_push(worker_t *w, double wait_batch, double t_start) {
     memcpy(w->bwd_before, m->backward_seconds, sizeof w->bwd_before);
     memset(&w->stats, 0, sizeof w->stats);
     const uint64_t key = kd_batch_key((uint64_t)w->recipe.seed, w->epoch, w->batch_id);
-    kd_train_gradient(m, &w->recipe.distill.loss, w->x, w->y, NULL, w->B, key, w->dlogits,
+    kd_train_gradient(m, &w->recipe.distill.loss, w->x, w->y, w->teacher, w->B, key, w->dlogits,
                       &w->stats);
     for (int l = 0; l < m->n_layers; l++) {
         w->fwd[l] = m->forward_seconds[l] - w->fwd_before[l];
