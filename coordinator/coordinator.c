@@ -18,8 +18,9 @@
 #include "kd_log.h"
 #include "kd_node.h"
 
-#define MAX_OVERRIDES 64
-#define MAX_SHM_SLOTS 8
+#define MAX_OVERRIDES          64
+#define MAX_SHM_SLOTS          8
+#define TEACHER_GATHER_SECONDS 2.0
 
 typedef enum { RUN_RUNNING = 0, RUN_FINISHING } run_phase_t;
 
@@ -52,6 +53,7 @@ typedef struct {
     uint8_t *in_step; /* (n_batches) 1 = collected in the open sync step */
     int *owner;       /* (n_batches) the member index of the teacher node it was assigned to */
     bool assigned;    /* this epoch's batches went out */
+    double assign_at; /* when to hand them out with fewer teacher nodes than cluster.teachers */
     double last_progress;
 
     /* the open sync step: gradients held until it closes */
@@ -390,6 +392,7 @@ static void assign_epoch(void) {
     assign_batches(ids, n, false);
     free(ids);
     C.assigned = true;
+    C.assign_at = 0;
     C.last_progress = kd_now();
     kd_log(KD_LOG_INFO, "COORD-EPOCH", "epoch %u: %zu batches to %d teacher node(s)", C.s.epoch, n,
            live_count(KDIST__ROLE__TEACHER));
@@ -937,7 +940,12 @@ static void on_hello(kd_msg_t *msg) {
         if (w > C.workers_max) C.workers_max = w;
     } else {
         send_peers();
-        if (!C.assigned) assign_epoch();
+        /* The first Assign waits (briefly) for the recipe's teacher nodes, so nodes started
+         * together share the epoch instead of the first one taking it all. */
+        if (!C.assigned && live_count(KDIST__ROLE__TEACHER) >= C.r.cluster.teachers)
+            assign_epoch();
+        else if (!C.assigned && C.assign_at == 0)
+            C.assign_at = kd_now() + TEACHER_GATHER_SECONDS;
     }
 }
 
@@ -1236,6 +1244,7 @@ static int run_loop(void) {
         if (kd_now() - last_housekeeping >= 0.05) {
             heartbeat_and_reap();
             restream_stalled();
+            if (!C.assigned && C.assign_at > 0 && kd_now() >= C.assign_at) assign_epoch();
             kd_wire_refused(C.router_monitor, "the coordinator socket", &C.connections_refused);
             last_housekeeping = kd_now();
         }

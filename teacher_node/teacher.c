@@ -117,6 +117,7 @@ static void send_heartbeat(teacher_t *t) {
 /* Says Goodbye and lets the DEALER flush it before the socket closes. */
 static void send_goodbye(teacher_t *t, const char *reason) {
     if (!t->dealer) return;
+    if (t->welcomed) send_heartbeat(t); /* the final counters, before the member is removed */
     Kdist__Goodbye bye = KDIST__GOODBYE__INIT;
     bye.reason = (char *)reason;
     kd_env_t env = KDIST__ENVELOPE__INIT;
