@@ -8,9 +8,12 @@
 #include <stdbool.h>
 #include <stddef.h>
 
+#include "kd_data.h"
+#include "kd_model.h"
+#include "kd_recipe.h"
 #include "kd_wire.h"
 
-int kd_cmd_run(int argc, char **argv);
+int kd_cmd_run(int argc, char **argv); /* kd_pipeline.c */
 int kd_cmd_status(int argc, char **argv);
 int kd_cmd_scale(int argc, char **argv); /* kd_scale.c */
 int kd_cmd_drain(int argc, char **argv); /* kd_scale.c */
@@ -59,5 +62,51 @@ void cli_print_members(const char *json);
 /* The endpoint in DIR/coordinator.endpoint (one line, written atomically by the coordinator).
  * 0, or -1 with err set (naming the file) when it is missing or malformed. */
 int cli_read_endpoint(const char *dir, char *out, size_t outlen, char *err, size_t errlen);
+
+/* ---- one run on a local cluster (kd_run.c) ------------------------------------------------ */
+
+#define CLI_RUN_MAX_OVERRIDES 72 /* the user's 64 and those kdist run adds (name, alpha, ...) */
+
+typedef struct {
+    const char *recipe_path;
+    const char *const *overrides; /* "section.key=value", applied in order */
+    int n_overrides;
+    const char *run_dir; /* NULL: <logging.runs_dir>/<name> */
+    bool resume;
+} cli_run_spec_t;
+
+/* Runs the recipe on a local cluster to its end and prints its summary. Returns 0 when it
+ * completed (or stopped early) with every process clean, 1 when it failed or was interrupted,
+ * 2 when the recipe (or an override) is wrong. */
+int cli_run_cluster(const cli_run_spec_t *spec);
+/* The directory the run of spec with the resolved recipe writes. 0, or -1 with err set. */
+int cli_run_dir(const cli_run_spec_t *spec, const kd_recipe_t *recipe, char *out, size_t outlen,
+                char *err, size_t errlen);
+/* Whether Ctrl-C (or SIGTERM) came during a cli_run_cluster: nothing more should start. */
+bool cli_run_interrupted(void);
+
+/* ---- saved weights: eval and the comparison table (kd_compare.c) ------------------------- */
+
+/* The recipe's student (or teacher) layers shaped for shape_from, with the weights at path.
+ * Caller owns *out. 0, or -1 with err set (naming the file). */
+int cli_load_weights(const kd_recipe_t *r, bool teacher, const kd_dataset_t *shape_from,
+                     const char *path, kd_model_t **out, char *err, size_t errlen);
+
+/* One row of the comparison: a label, a key for the JSON, the weights and which layers. */
+typedef struct {
+    const char *label; /* "teacher", "student alone", "distilled student" */
+    const char *key;   /* "teacher", "student_alone", "distilled" */
+    const char *weights;
+    bool teacher;    /* the recipe's teacher layers, else its student layers */
+    const char *run; /* the run directory the weights come from, or NULL */
+} cli_compare_row_t;
+
+/* Evaluates every row on the recipe's test split in this process (kd_evaluate, as `kdist
+ * eval`), times forward passes in batches of CLI_COMPARE_BATCH with the recipe's thread
+ * count, prints the table to stdout and writes it as JSON to json_path. A row whose weights
+ * cannot be loaded is shown with its reason and makes the result -1 (err says which). */
+#define CLI_COMPARE_BATCH 256
+int cli_compare(const kd_recipe_t *r, const cli_compare_row_t *rows, int n_rows,
+                const char *json_path, char *err, size_t errlen);
 
 #endif

@@ -1,8 +1,10 @@
-/* kdist run: the local launcher. Starts the coordinator, the teacher nodes and the workers as
- * child processes (logs in <run>/logs/), shows progress from the coordinator's StatusReply,
- * turns Ctrl-C into Control{STOP}, reaps every child within deadlines, prints the summary.
- * It also serves `kdist scale` (more workers, or drain the surplus) on a control socket, and
- * restarts crashed children when the recipe says cluster.restart_failed. Single-threaded. */
+/* kdist run's launcher: one run of one recipe on a local cluster. Starts the coordinator, the
+ * teacher nodes and the workers as child processes (logs in <run>/logs/), shows progress from
+ * the coordinator's StatusReply, turns Ctrl-C into Control{STOP}, reaps every child within
+ * deadlines, prints the summary. It also serves `kdist scale` (more workers, or drain the
+ * surplus) on a control socket, and restarts crashed children when the recipe says
+ * cluster.restart_failed. kd_pipeline.c chains such runs (teacher first, baseline).
+ * Single-threaded. */
 #include <errno.h>
 #include <fcntl.h>
 #include <ftw.h>
@@ -25,8 +27,7 @@
 #include "kd_recipe.h"
 #include "kd_util.h"
 
-#define RUN_MAX_OVERRIDES 64
-#define RUN_MAX_ARGS      (RUN_MAX_OVERRIDES + 16)
+#define RUN_MAX_ARGS      (CLI_RUN_MAX_OVERRIDES + 16)
 #define ENDPOINT_DEADLINE 30.0 /* seconds for the coordinator to bind */
 #define ENDPOINT_POLL_MS  20
 #define STATUS_EVERY      0.5  /* seconds between Control{STATUS} */
@@ -59,9 +60,8 @@ typedef struct {
 
 typedef struct {
     const char *recipe_path;
-    const char *overrides[RUN_MAX_OVERRIDES];
+    const char *const *overrides; /* the caller's (cli_run_spec_t), valid for the whole run */
     int n_overrides;
-    const char *run_dir_arg;
     bool resume;
     kd_recipe_t recipe;
     char dir[KD_PATH_MAX];
@@ -95,14 +95,6 @@ static void install_signals(void) {
     /* no SA_RESTART: zmq_poll and poll must return EINTR so the loop sees the signal */
     sigaction(SIGINT, &sa, NULL);
     sigaction(SIGTERM, &sa, NULL);
-}
-
-static void usage(FILE *out) {
-    fprintf(out, "usage: kdist run RECIPE [section.key=value ...] [--run-dir DIR] [--resume]\n"
-                 "  starts a coordinator, cluster.teachers teacher nodes and cluster.workers\n"
-                 "  workers on this machine; outputs and logs go to <logging.runs_dir>/<name>/\n"
-                 "  --resume  keep checkpoints/ and continue from the newest one\n"
-                 "  while it runs: kdist status|scale|drain <run dir>\n");
 }
 
 /* Messages go to stderr below any live progress line, which is cleared first. */
@@ -192,6 +184,7 @@ static int prepare_run_dir(run_t *r, char *err, size_t errlen) {
     if (kd_mkdirs(path, err, errlen) != 0) return -1;
     if (remove_path(r->dir, "coordinator.endpoint", false, err, errlen) != 0) return -1;
     if (remove_path(r->dir, "summary.json", false, err, errlen) != 0) return -1;
+    if (remove_path(r->dir, "comparison.json", false, err, errlen) != 0) return -1;
     if (r->resume) return 0;
     if (remove_path(r->dir, "student.safetensors", false, err, errlen) != 0) return -1;
     if (remove_path(r->dir, "metrics.jsonl", false, err, errlen) != 0) return -1;
@@ -794,45 +787,6 @@ static void print_restarts(const run_t *r) {
 
 /* ---- kdist run --------------------------------------------------------------------------- */
 
-static int parse_args(run_t *r, int argc, char **argv) {
-    for (int i = 0; i < argc; i++) {
-        const char *a = argv[i];
-        if (strlen(a) >= KD_PATH_MAX) {
-            fprintf(stderr, "kdist run: argument too long: %.40s...\n", a);
-            return -1;
-        }
-        if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) {
-            usage(stdout);
-            exit(0);
-        } else if (strcmp(a, "--run-dir") == 0 && i + 1 < argc)
-            r->run_dir_arg = argv[++i];
-        else if (strncmp(a, "--run-dir=", 10) == 0)
-            r->run_dir_arg = a + 10;
-        else if (strcmp(a, "--resume") == 0)
-            r->resume = true;
-        else if (a[0] == '-') {
-            fprintf(stderr, "kdist run: unknown or incomplete option '%s'\n", a);
-            return -1;
-        } else if (strchr(a, '=')) {
-            if (r->n_overrides == RUN_MAX_OVERRIDES) {
-                fprintf(stderr, "kdist run: more than %d overrides\n", RUN_MAX_OVERRIDES);
-                return -1;
-            }
-            r->overrides[r->n_overrides++] = a;
-        } else if (!r->recipe_path)
-            r->recipe_path = a;
-        else {
-            fprintf(stderr, "kdist run: unexpected argument '%s'\n", a);
-            return -1;
-        }
-    }
-    if (!r->recipe_path) {
-        fprintf(stderr, "kdist run: no recipe given\n");
-        return -1;
-    }
-    return 0;
-}
-
 enum { PH_RUN, PH_WAIT, PH_TERM, PH_KILL };
 
 /* The main loop: status polling, deaths, restarts, `kdist scale`, Ctrl-C and the shutdown
@@ -950,28 +904,39 @@ static bool supervise(run_t *r) {
     return interrupted;
 }
 
-int kd_cmd_run(int argc, char **argv) {
+int cli_run_dir(const cli_run_spec_t *spec, const kd_recipe_t *recipe, char *out, size_t outlen,
+                char *err, size_t errlen) {
+    int len = spec->run_dir
+                  ? snprintf(out, outlen, "%s", spec->run_dir)
+                  : snprintf(out, outlen, "%s/%s", recipe->logging.runs_dir, recipe->name);
+    if (len < 0 || (size_t)len >= outlen)
+        return kd_err(err, errlen, "the run directory path is too long: %s", out);
+    return 0;
+}
+
+bool cli_run_interrupted(void) {
+    return run_signals > 0;
+}
+
+int cli_run_cluster(const cli_run_spec_t *spec) {
     run_t *r = kd_xcalloc(1, sizeof *r);
     char err[KD_ERR_LEN];
     int rc = 1;
     r->self = getpid();
     r->tty = isatty(STDERR_FILENO);
-    if (parse_args(r, argc, argv) != 0) {
-        usage(stderr);
+    r->recipe_path = spec->recipe_path;
+    r->overrides = spec->overrides;
+    r->n_overrides = spec->n_overrides;
+    r->resume = spec->resume;
+    if (r->n_overrides > CLI_RUN_MAX_OVERRIDES) {
+        fprintf(stderr, "kdist run: more than %d overrides\n", CLI_RUN_MAX_OVERRIDES);
         rc = 2;
         goto cleanup;
     }
     if (kd_recipe_load(r->recipe_path, r->overrides, r->n_overrides, &r->recipe, err, sizeof err) !=
-        0) {
+            0 ||
+        cli_run_dir(spec, &r->recipe, r->dir, sizeof r->dir, err, sizeof err) != 0) {
         fprintf(stderr, "kdist run: %s\n", err);
-        rc = 2;
-        goto cleanup;
-    }
-    int len = r->run_dir_arg ? snprintf(r->dir, sizeof r->dir, "%s", r->run_dir_arg)
-                             : snprintf(r->dir, sizeof r->dir, "%s/%s", r->recipe.logging.runs_dir,
-                                        r->recipe.name);
-    if (len < 0 || (size_t)len >= sizeof r->dir) {
-        fprintf(stderr, "kdist run: the run directory path is too long: %s\n", r->dir);
         rc = 2;
         goto cleanup;
     }

@@ -2,7 +2,7 @@
  *   train RECIPE [section.key=value ...]   train in this process, write runs/<name>/
  *   eval MODEL --recipe RECIPE [...]       accuracy and loss of saved weights; dump logits
  *   recipe check RECIPE | recipe keys      validate a recipe; list every key
- *   run RECIPE [...]                       a local cluster of processes (kd_run.c)
+ *   run RECIPE [...]                       a local cluster (kd_pipeline.c, kd_run.c)
  *   status [RUN_DIR|ENDPOINT]              ask a running coordinator (kd_status.c)
  *   scale RUN_DIR --workers N              more or fewer workers in a running run (kd_scale.c)
  *   drain RUN_DIR WORKER_ID                one worker finishes its step and leaves (kd_scale.c)
@@ -37,9 +37,13 @@ static void usage(FILE *out) {
         "        logits as a float32 (N, C) .npy\n"
         "  recipe check RECIPE [section.key=value ...]   validate and print the resolved recipe\n"
         "  recipe keys                                    every recipe key, type and default\n"
-        "  run RECIPE [section.key=value ...] [--run-dir DIR] [--resume]\n"
+        "  run RECIPE [section.key=value ...] [teacher_run.section.key=value ...]\n"
+        "      [--baseline] [--run-dir DIR] [--resume]\n"
         "        train on a local cluster: a coordinator, cluster.teachers teacher nodes and\n"
-        "        cluster.workers workers as processes; progress live, Ctrl-C stops cleanly\n"
+        "        cluster.workers workers as processes; progress live, Ctrl-C stops cleanly.\n"
+        "        A distillation trains its teacher first (teacher.recipe) when\n"
+        "        teacher.checkpoint is missing; --baseline also trains the student alone;\n"
+        "        ends with teacher / student alone / distilled student side by side\n"
         "  status [RUN_DIR|ENDPOINT] [--json]\n"
         "        progress, membership and recent events of a running coordinator\n"
         "  scale RUN_DIR --workers N [--timeout SECONDS]\n"
@@ -220,8 +224,7 @@ static int cmd_eval(int argc, char **argv) {
     }
     if (kd_splits_load(&r, &d, err, sizeof err) != 0) goto out;
     ds = strcmp(split, "test") == 0 ? d.test : strcmp(split, "val") == 0 ? d.val : d.train;
-    if (kd_model_from_recipe(&r, teacher, d.train, &m, err, sizeof err) != 0) goto out;
-    if (kd_checkpoint_load(m, model_path, err, sizeof err) != 0) goto out;
+    if (cli_load_weights(&r, teacher, d.train, model_path, &m, err, sizeof err) != 0) goto out;
 
     logits = dump ? kd_alloc_floats(ds->n * (size_t)m->num_classes) : NULL;
     kd_eval_t ev;

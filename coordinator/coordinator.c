@@ -958,6 +958,8 @@ static void on_heartbeat(member_t *m, const Kdist__Heartbeat *hb) {
         m->cache_hits = hb->teacher->cache_hits;
         m->cache_misses = hb->teacher->cache_misses;
         m->cache_corrupt = hb->teacher->cache_corrupt;
+        /* a teacher still filling its logit table is busy, not stalled: no restream yet */
+        if (hb->teacher->filling) C.last_progress = kd_now();
     }
     m->batches_streamed = hb->batches_streamed;
     if (m->role != KDIST__ROLE__WORKER) return;

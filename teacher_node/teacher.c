@@ -106,6 +106,8 @@ static void send_heartbeat(teacher_t *t) {
         work.cache_hits = st.cache_hits;
         work.cache_misses = st.cache_misses;
         work.cache_corrupt = st.cache_corrupt;
+        work.filling =
+            !teacher_logits_complete(t->logits) && !teacher_logits_failed(t->logits, NULL, 0);
         hb.teacher = &work;
     }
     kd_env_t env = KDIST__ENVELOPE__INIT;

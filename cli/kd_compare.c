@@ -1,0 +1,183 @@
+/* kd_compare: saved weights measured side by side, the table `kdist run` ends a distillation
+ * with (teacher, student alone, distilled student): test accuracy, parameters, size on disk and
+ * inference samples/s. Every row is measured in this process the same way: `kdist eval`'s
+ * evaluation on the recipe's test split, and timed forward passes with one thread count.
+ * Not thread-safe. */
+#include <cblas.h>
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "kd_checkpoint.h"
+#include "kd_cli.h"
+#include "kd_train.h"
+
+#define TIME_MIN_SECONDS 1.0 /* whole passes over the test set until this much time has gone */
+
+typedef struct {
+    bool ok;
+    char why[KD_ERR_LEN];
+    kd_eval_t test;
+    size_t params;
+    long long bytes;
+    double samples_per_sec;
+} row_result_t;
+
+int cli_load_weights(const kd_recipe_t *r, bool teacher, const kd_dataset_t *shape_from,
+                     const char *path, kd_model_t **out, char *err, size_t errlen) {
+    if (kd_model_from_recipe(r, teacher, shape_from, out, err, errlen) != 0) return -1;
+    if (kd_checkpoint_load(*out, path, err, errlen) != 0) {
+        kd_model_destroy(out);
+        return -1;
+    }
+    return 0;
+}
+
+/* Samples per second of inference (dropout off) over x (n, D) in batches of
+ * CLI_COMPARE_BATCH: one warm-up batch (workspace, BLAS threads), then whole passes until
+ * TIME_MIN_SECONDS have gone, so a fast model is timed over many passes. */
+static double time_inference(kd_model_t *m, const float *x, size_t n, size_t D) {
+    if (n == 0) return 0.0;
+    kd_model_forward(m, x, (int)(n < CLI_COMPARE_BATCH ? n : CLI_COMPARE_BATCH), false, 0);
+    size_t samples = 0;
+    double t0 = kd_now(), seconds;
+    do {
+        for (size_t start = 0; start < n; start += CLI_COMPARE_BATCH) {
+            size_t B = n - start < CLI_COMPARE_BATCH ? n - start : CLI_COMPARE_BATCH;
+            kd_model_forward(m, x + start * D, (int)B, false, 0);
+        }
+        samples += n;
+        seconds = kd_now() - t0;
+    } while (seconds < TIME_MIN_SECONDS);
+    return (double)samples / seconds;
+}
+
+static void measure_row(const kd_recipe_t *r, const kd_splits_t *d, const float *x,
+                        const cli_compare_row_t *row, row_result_t *res) {
+    memset(res, 0, sizeof *res);
+    kd_model_t *m = NULL;
+    if (cli_load_weights(r, row->teacher, d->train, row->weights, &m, res->why, sizeof res->why) !=
+        0)
+        return;
+    struct stat st;
+    res->bytes = stat(row->weights, &st) == 0 ? (long long)st.st_size : -1;
+    res->params = m->n_params;
+    kd_evaluate(m, d->test, CLI_COMPARE_BATCH, NULL, &res->test, NULL);
+    res->samples_per_sec = time_inference(m, x, d->test->n, d->test->sample_dim);
+    res->ok = true;
+    kd_model_destroy(&m);
+}
+
+/* 1234567 -> "1,234,567" */
+static void format_count(double v, char *out, size_t outlen) {
+    char digits[32];
+    snprintf(digits, sizeof digits, "%.0f", v);
+    size_t n = strlen(digits), o = 0;
+    for (size_t i = 0; i < n && o + 2 < outlen; i++) {
+        if (i > 0 && (n - i) % 3 == 0) out[o++] = ',';
+        out[o++] = digits[i];
+    }
+    out[o] = 0;
+}
+
+static void format_bytes(long long bytes, char *out, size_t outlen) {
+    if (bytes < 0)
+        snprintf(out, outlen, "?");
+    else if (bytes >= 1024 * 1024)
+        snprintf(out, outlen, "%.1f MiB", bytes / (1024.0 * 1024.0));
+    else
+        snprintf(out, outlen, "%.1f KiB", bytes / 1024.0);
+}
+
+static void print_table(const cli_compare_row_t *rows, const row_result_t *res, int n_rows,
+                        size_t n_test, int threads, const char *json_path) {
+    printf(
+        "\ncomparison on the test split (%zu samples; inference in batches of %d, %d thread%s)\n",
+        n_test, CLI_COMPARE_BATCH, threads, threads == 1 ? "" : "s");
+    printf("%-20s %13s %12s %13s %20s\n", "model", "test accuracy", "parameters", "size on disk",
+           "inference samples/s");
+    for (int i = 0; i < n_rows; i++) {
+        if (!res[i].ok) {
+            printf("%-20s %s\n", rows[i].label, res[i].why);
+            continue;
+        }
+        char params[32], size[32], rate[32];
+        format_count((double)res[i].params, params, sizeof params);
+        format_bytes(res[i].bytes, size, sizeof size);
+        format_count(res[i].samples_per_sec, rate, sizeof rate);
+        printf("%-20s %12.2f%% %12s %13s %20s\n", rows[i].label, 100.0 * res[i].test.accuracy,
+               params, size, rate);
+    }
+    printf("%-20s %s\n", "written to", json_path);
+    fflush(stdout);
+}
+
+static json_t *row_json(const cli_compare_row_t *row, const row_result_t *res) {
+    json_t *o = json_pack("{s:s, s:s, s:s, s:s}", "model", row->key, "label", row->label, "weights",
+                          row->weights, "layers", row->teacher ? "teacher" : "student");
+    json_object_set_new(o, "run", row->run ? json_string(row->run) : json_null());
+    if (!res->ok) {
+        json_object_set_new(o, "error", json_string(res->why));
+        return o;
+    }
+    json_object_set_new(o, "test_accuracy", json_real(res->test.accuracy));
+    json_object_set_new(o, "test_loss", json_real(res->test.loss));
+    json_object_set_new(o, "parameters", json_integer((json_int_t)res->params));
+    json_object_set_new(o, "size_bytes", json_integer((json_int_t)res->bytes));
+    json_object_set_new(o, "inference_samples_per_sec", json_real(res->samples_per_sec));
+    return o;
+}
+
+static int write_json(const kd_recipe_t *r, const cli_compare_row_t *rows, const row_result_t *res,
+                      int n_rows, size_t n_test, int threads, const char *path, char *err,
+                      size_t errlen) {
+    json_t *list = json_array();
+    for (int i = 0; i < n_rows; i++) json_array_append_new(list, row_json(&rows[i], &res[i]));
+    json_t *root = json_pack("{s:s, s:s, s:I, s:i, s:i, s:o}", "name", r->name, "split", "test",
+                             "test_samples", (json_int_t)n_test, "batch_size", CLI_COMPARE_BATCH,
+                             "threads", threads, "rows", list);
+    char *text = json_dumps(root, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
+    json_decref(root);
+    if (!text) return kd_err(err, errlen, "cannot encode %s", path);
+    int rc = kd_write_file_atomic(path, text, strlen(text), err, errlen);
+    free(text);
+    return rc;
+}
+
+int cli_compare(const kd_recipe_t *r, const cli_compare_row_t *rows, int n_rows,
+                const char *json_path, char *err, size_t errlen) {
+    kd_splits_t d = {0};
+    row_result_t *res = kd_xcalloc((size_t)n_rows, sizeof *res);
+    float *x = NULL;
+    int rc = -1;
+    kd_set_threads((int)r->train.threads); /* the same for every row */
+    int threads = openblas_get_num_threads();
+    if (kd_splits_load(r, &d, err, errlen) != 0) goto cleanup;
+    /* The whole test split as floats once: the timing measures forward passes only. */
+    size_t n = d.test->n, D = d.test->sample_dim;
+    uint32_t *ids = kd_xmalloc((n ? n : 1) * sizeof *ids);
+    for (size_t i = 0; i < n; i++) ids[i] = (uint32_t)i;
+    x = kd_alloc_floats((n ? n : 1) * D);
+    kd_dataset_gather(d.test, ids, n, x, NULL);
+    free(ids);
+    int failed = -1;
+    for (int i = 0; i < n_rows; i++) {
+        fprintf(stderr, "kdist run: measuring %s (%s)\n", rows[i].label, rows[i].weights);
+        measure_row(r, &d, x, &rows[i], &res[i]);
+        if (!res[i].ok && failed < 0) failed = i;
+    }
+    print_table(rows, res, n_rows, n, threads, json_path);
+    if (write_json(r, rows, res, n_rows, n, threads, json_path, err, errlen) != 0) goto cleanup;
+    if (failed >= 0) {
+        kd_err(err, errlen, "%s: %s", rows[failed].label, res[failed].why);
+        goto cleanup;
+    }
+    rc = 0;
+cleanup:
+    free(x);
+    free(res);
+    kd_splits_destroy(&d);
+    return rc;
+}
