@@ -1,8 +1,10 @@
 /* kd_bench_engine: training samples/s of `kdist run` (coordinator, teacher node and workers
  * as separate processes on loopback) with 1 and 2 workers, against the in-process trainer on
  * the same recipe, measured in the same run. Target: at one worker the distributed run loses
- * at most 20% against the in-process trainer.
- *   usage: kd_bench_engine [--epochs N] [--consistency sync|async|ssp] [RECIPE ...] */
+ * at most 20% against the in-process trainer. The three are measured in turn, --repeat times
+ * (default 3), and compared by their medians: on a shared machine one measurement can be off
+ * by a third either way.
+ *   usage: kd_bench_engine [--epochs N] [--repeat N] [--consistency sync|async|ssp] [RECIPE ...] */
 #include <jansson.h>
 #include <libgen.h>
 #include <stdio.h>
@@ -63,20 +65,38 @@ static double cluster_rate(const char *recipe, const char *epochs_arg, int worke
     return rate;
 }
 
+#define MAX_REPEAT 15
+
+static int by_value(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+static double median(double *x, int n) {
+    qsort(x, (size_t)n, sizeof *x, by_value);
+    return n % 2 ? x[n / 2] : 0.5 * (x[n / 2 - 1] + x[n / 2]);
+}
+
 int main(int argc, char **argv) {
-    int epochs = 1;
+    int epochs = 1, repeat = 3;
     const char *consistency = "sync";
     const char *recipes[8];
     int n = 0;
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--epochs") == 0 && i + 1 < argc)
             epochs = atoi(argv[++i]);
+        else if (strcmp(argv[i], "--repeat") == 0 && i + 1 < argc && atoi(argv[i + 1]) > 0 &&
+                 atoi(argv[i + 1]) <= MAX_REPEAT)
+            repeat = atoi(argv[++i]);
         else if (strcmp(argv[i], "--consistency") == 0 && i + 1 < argc)
             consistency = argv[++i];
         else if (argv[i][0] != '-' && n < 8)
             recipes[n++] = argv[i];
         else {
-            fprintf(stderr, "usage: kd_bench_engine [--epochs N] [--consistency C] [RECIPE ...]\n");
+            fprintf(stderr,
+                    "usage: kd_bench_engine [--epochs N] [--repeat N (1-%d)] "
+                    "[--consistency C] [RECIPE ...]\n",
+                    MAX_REPEAT);
             return 2;
         }
     }
@@ -94,15 +114,23 @@ int main(int argc, char **argv) {
     char epochs_arg[64];
     snprintf(epochs_arg, sizeof epochs_arg, "train.epochs=%d", epochs);
 
-    printf("training samples/s, %d epoch(s), %s: kdist run vs the in-process trainer (same run)\n",
-           epochs, consistency);
+    printf("training samples/s, %d epoch(s), %s: kdist run vs the in-process trainer (same run; "
+           "medians of %d rounds)\n",
+           epochs, consistency, repeat);
     printf("%-36s %12s %12s %12s %10s %10s\n", "recipe", "in-process", "1 worker", "2 workers",
            "1w/inproc", "2w/inproc");
     int below = 0;
     for (int i = 0; i < n; i++) {
-        double local = in_process_rate(recipes[i], epochs_arg);
-        double w1 = cluster_rate(recipes[i], epochs_arg, 1, consistency, runs_dir);
-        double w2 = cluster_rate(recipes[i], epochs_arg, 2, consistency, runs_dir);
+        double rates[3][MAX_REPEAT];
+        for (int k = 0; k < repeat; k++) {
+            rates[0][k] = in_process_rate(recipes[i], epochs_arg);
+            rates[1][k] = cluster_rate(recipes[i], epochs_arg, 1, consistency, runs_dir);
+            rates[2][k] = cluster_rate(recipes[i], epochs_arg, 2, consistency, runs_dir);
+            fprintf(stderr, "  round %d: in-process %.0f, 1 worker %.0f, 2 workers %.0f\n", k + 1,
+                    rates[0][k], rates[1][k], rates[2][k]);
+        }
+        double local = median(rates[0], repeat), w1 = median(rates[1], repeat),
+               w2 = median(rates[2], repeat);
         double r1 = local > 0 ? w1 / local : 0, r2 = local > 0 ? w2 / local : 0;
         if (r1 < 0.8) below++;
         printf("%-36s %12.0f %12.0f %12.0f %9.1f%% %9.1f%%  %s\n", recipes[i], local, w1, w2,
