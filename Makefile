@@ -26,6 +26,7 @@ demo: build
 
 bench: build
 	@$(BUILD)/bin/kd_bench_step
+	@$(BUILD)/bin/kd_bench_teacher
 
 # The whole suite once more under AddressSanitizer + UndefinedBehaviorSanitizer.
 asan-test: deps

@@ -693,6 +693,7 @@ int main(int argc, char **argv) {
     }
     kd_log_level_t level;
     if (kd_log_level_parse(t.recipe.logging.level, &level) == 0) kd_log_threshold = level;
+    kd_set_threads((int)t.recipe.train.threads); /* the teacher's forward passes */
     if (load_train(&t, err, sizeof err) != 0) {
         kd_log(KD_LOG_ERROR, "TEACHER-DATA", "%s", err);
         goto cleanup;
