@@ -121,15 +121,30 @@ void kd_shm_close(kd_shm_t *s) {
     *s = (kd_shm_t)KD_SHM_INIT;
 }
 
-void kd_shm_write(kd_shm_t *s, uint32_t slot, uint64_t version, const float *src) {
+float *kd_shm_slot(const kd_shm_t *s, uint32_t slot) {
+    KD_ASSERT(slot < s->n_slots);
+    return slot_data(s, slot);
+}
+
+void kd_shm_begin_write(kd_shm_t *s, uint32_t slot) {
     KD_ASSERT(slot < s->n_slots);
     shm_slot_t *h = slot_header(s, slot);
     const uint64_t seq = atomic_load_explicit(&h->seq, memory_order_relaxed);
     atomic_store_explicit(&h->seq, seq | 1, memory_order_relaxed);
     atomic_thread_fence(memory_order_release);
-    memcpy(slot_data(s, slot), src, s->n_floats * sizeof(float));
+}
+
+void kd_shm_end_write(kd_shm_t *s, uint32_t slot, uint64_t version) {
+    shm_slot_t *h = slot_header(s, slot);
+    const uint64_t seq = atomic_load_explicit(&h->seq, memory_order_relaxed);
     atomic_store_explicit(&h->version, version, memory_order_relaxed);
     atomic_store_explicit(&h->seq, (seq | 1) + 1, memory_order_release);
+}
+
+void kd_shm_write(kd_shm_t *s, uint32_t slot, uint64_t version, const float *src) {
+    kd_shm_begin_write(s, slot);
+    memcpy(slot_data(s, slot), src, s->n_floats * sizeof(float));
+    kd_shm_end_write(s, slot, version);
 }
 
 /* The slot's sequence if it is stable and holds version; 0 (never a stable value) if not. */
@@ -139,6 +154,16 @@ static uint64_t stable_seq(const kd_shm_t *s, uint32_t slot, uint64_t version) {
     const uint64_t seq = atomic_load_explicit(&h->seq, memory_order_acquire);
     if ((seq & 1) || atomic_load_explicit(&h->version, memory_order_relaxed) != version) return 0;
     return seq;
+}
+
+uint64_t kd_shm_stable(const kd_shm_t *s, uint32_t slot, uint64_t version) {
+    return stable_seq(s, slot, version);
+}
+
+bool kd_shm_unchanged(const kd_shm_t *s, uint32_t slot, uint64_t seq) {
+    atomic_thread_fence(memory_order_acquire);
+    return slot < s->n_slots &&
+           atomic_load_explicit(&slot_header(s, slot)->seq, memory_order_relaxed) == seq;
 }
 
 int kd_shm_read(const kd_shm_t *s, uint32_t slot, uint64_t version, float *dst) {

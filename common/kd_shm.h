@@ -48,6 +48,16 @@ void kd_shm_write(kd_shm_t *s, uint32_t slot, uint64_t version, const float *src
 /* Copies slot into dst if it holds version, whole; -1 if it does not (overwritten or torn). */
 int kd_shm_read(const kd_shm_t *s, uint32_t slot, uint64_t version, float *dst);
 
+/* In place, without the copies: a writer brackets its writes to kd_shm_slot() with begin/end
+ * (end stamps the version); a reader takes kd_shm_stable's sequence (0: the slot does not hold
+ * version, or a write is under way), uses the slot, and trusts what it computed only if
+ * kd_shm_unchanged then says the sequence is still the same. */
+float *kd_shm_slot(const kd_shm_t *s, uint32_t slot);
+void kd_shm_begin_write(kd_shm_t *s, uint32_t slot);
+void kd_shm_end_write(kd_shm_t *s, uint32_t slot, uint64_t version);
+uint64_t kd_shm_stable(const kd_shm_t *s, uint32_t slot, uint64_t version);
+bool kd_shm_unchanged(const kd_shm_t *s, uint32_t slot, uint64_t seq);
+
 /* The slot's tensor in place, if it holds version and no write is under way; NULL otherwise.
  * Only for a slot whose writer is waiting for the reader's answer (a worker's gradient). */
 float *kd_shm_peek(const kd_shm_t *s, uint32_t slot, uint64_t version);

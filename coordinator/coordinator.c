@@ -255,7 +255,8 @@ static void release_slot(member_t *m) {
     m->held_slot = 0;
 }
 
-/* The worker says it holds `version`: it has read any slot it was pointed to up to then. */
+/* The worker pushed a gradient computed on `version`: it is done with any slot it was pointed to
+ * up to then (it computes on its slot in place, so an idle worker keeps its slot). */
 static void note_weights_held(member_t *m, uint64_t version) {
     if (m->held_slot && version >= C.slot_version[m->held_slot - 1]) release_slot(m);
 }
@@ -963,7 +964,6 @@ static void on_heartbeat(member_t *m, const Kdist__Heartbeat *hb) {
     }
     m->batches_streamed = hb->batches_streamed;
     if (m->role != KDIST__ROLE__WORKER) return;
-    note_weights_held(m, hb->weights_version);
     bool was_idle = m->waiting_for_batch;
     m->waiting_for_batch = hb->waiting_for_batch && m->state == WORKER_COMPUTING;
     if (m->waiting_for_batch && !was_idle) {

@@ -69,8 +69,14 @@ typedef struct {
     /* Zero-copy gradient: ZeroMQ reads model->grads until it calls release_grads. */
     atomic_int grads_in_flight;
 
-    /* On the coordinator's machine: the weights and gradient travel through these (kd_shm.h). */
+    /* On the coordinator's machine: the weights and gradient travel through these (kd_shm.h),
+     * used in place: model->params then points into the weights slot of the last answer
+     * (params_slot, slot + 1; the coordinator keeps it until our next push) and model->grads into
+     * the gradient slot. own_params/own_grads are the model's own buffers. */
     kd_shm_t weights_shm, grad_shm;
+    float *own_params, *own_grads;
+    uint32_t params_slot;
+    uint64_t params_seq;
 
     /* Timing: phase_seconds of the push being prepared; wait-weights is the previous step's. */
     double idle_since, push_done, push_seconds, wait_weights;
@@ -225,19 +231,33 @@ static void connect_teachers(worker_t *w, char **endpoints, size_t n) {
     }
 }
 
-/* Checks the weights of a Welcome or an answer — its frame, or the shared-memory slot it names —
- * and copies them into the model. */
+/* The model back on its own buffers (before it is freed, or when weights come by frame). */
+static void use_own_buffers(worker_t *w) {
+    if (!w->model) return;
+    w->model->params = w->own_params;
+    w->model->grads = w->own_grads;
+    w->params_slot = 0;
+}
+
+/* Takes the weights of a Welcome or an answer: the shared-memory slot it names, used in place,
+ * or its frame, checked and copied into the model. */
 static int take_weights(worker_t *w, const kd_msg_t *m, char *err, size_t errlen) {
     const uint32_t slot =
         m->env->body_case == KDIST__ENVELOPE__BODY_WEIGHTS ? m->env->weights->shared_slot : 0;
     if (slot) {
         if (!w->weights_shm.base)
             return kd_err(err, errlen, "weights in shared memory this worker has not mapped");
-        if (kd_shm_read(&w->weights_shm, slot - 1, m->env->weights->version, w->model->params))
-            return kd_err(err, errlen, "shared-memory slot %u no longer holds weights version %llu",
+        uint64_t seq = kd_shm_stable(&w->weights_shm, slot - 1, m->env->weights->version);
+        if (!seq)
+            return kd_err(err, errlen, "shared-memory slot %u does not hold weights version %llu",
                           slot, (unsigned long long)m->env->weights->version);
+        w->model->params = kd_shm_slot(&w->weights_shm, slot - 1);
+        w->params_slot = slot;
+        w->params_seq = seq;
         return 0;
     }
+    w->model->params = w->own_params;
+    w->params_slot = 0;
     const int64_t shape[1] = {(int64_t)w->model->n_params};
     const float *src = kd_msg_tensor(m, 0, "weights", KD_DTYPE_F32, 1, shape, err, errlen);
     if (!src) return -1;
@@ -248,6 +268,7 @@ static int take_weights(worker_t *w, const kd_msg_t *m, char *err, size_t errlen
 /* Maps the segments the coordinator offers; on failure (another machine or pid namespace) the
  * tensors simply go over TCP. */
 static void map_shared_memory(worker_t *w, const Kdist__SharedMemory *offer) {
+    use_own_buffers(w);
     kd_shm_close(&w->weights_shm);
     kd_shm_close(&w->grad_shm);
     if (!offer) {
@@ -304,6 +325,7 @@ static int on_welcome(worker_t *w, const kd_msg_t *m) {
 
     /* A model the last gradient may still be read from is not freed under ZeroMQ's feet. */
     wait_grads_released(w);
+    use_own_buffers(w);
     kd_model_destroy(&w->model);
     kd_shape_t shape = {in->c, in->h, in->w};
     if (kd_model_new(r.student.layers, r.student.n_layers, shape, &w->model, err, sizeof err) !=
@@ -311,6 +333,9 @@ static int on_welcome(worker_t *w, const kd_msg_t *m) {
         kd_log(KD_LOG_ERROR, "WORKER-MODEL", "student.layers: %s", err);
         return FATAL;
     }
+    w->own_params = w->model->params;
+    w->own_grads = w->model->grads;
+    w->params_slot = 0;
     char spec[SPEC_MAX];
     kd_model_describe(w->model, spec, sizeof spec);
     if (w->model->num_classes != (int)wel->num_classes ||
@@ -433,8 +458,16 @@ static int compute_and_push(worker_t *w, double wait_batch, double t_start) {
     memcpy(w->bwd_before, m->backward_seconds, sizeof w->bwd_before);
     memset(&w->stats, 0, sizeof w->stats);
     const uint64_t key = kd_batch_key((uint64_t)w->recipe.seed, w->epoch, w->batch_id);
+    const bool shared = w->grad_shm.base != NULL;
+    m->grads = shared ? kd_shm_slot(&w->grad_shm, 0) : w->own_grads;
+    if (shared) kd_shm_begin_write(&w->grad_shm, 0);
     kd_train_gradient(m, &w->recipe.distill.loss, w->x, w->y, w->teacher, w->B, key, w->dlogits,
                       &w->stats);
+    if (w->params_slot && !kd_shm_unchanged(&w->weights_shm, w->params_slot - 1, w->params_seq)) {
+        /* the coordinator reused the slot under us: this gradient is worthless */
+        lose_coordinator(w, "the shared-memory weights changed during the step");
+        return KEEP_GOING;
+    }
     for (int l = 0; l < m->n_layers; l++) {
         w->fwd[l] = m->forward_seconds[l] - w->fwd_before[l];
         w->bwd[l] = m->backward_seconds[l] - w->bwd_before[l];
@@ -471,9 +504,9 @@ static int compute_and_push(worker_t *w, double wait_batch, double t_start) {
     kd_env_t env = KDIST__ENVELOPE__INIT;
     env.body_case = KDIST__ENVELOPE__BODY_PUSH;
     env.push = &push;
-    push.shared_memory = w->grad_shm.base != NULL;
-    if (push.shared_memory)
-        kd_shm_write(&w->grad_shm, 0, push.clock, m->grads);
+    push.shared_memory = shared;
+    if (shared)
+        kd_shm_end_write(&w->grad_shm, 0, push.clock);
     else
         atomic_store(&w->grads_in_flight, 1);
     if (send_env(w, &env, &grad, push.shared_memory ? 0 : 1) != 0) {
@@ -821,6 +854,7 @@ cleanup:
     if (w.dealer) zmq_close(w.dealer);
     if (w.pull) zmq_close(w.pull);
     if (w.ctx) zmq_ctx_term(w.ctx); /* releases any gradient still queued */
+    use_own_buffers(&w);
     kd_model_destroy(&w.model);
     free_step_buffers(&w);
     for (int i = 0; i < w.n_endpoints; i++) free(w.endpoints[i]);
