@@ -273,7 +273,12 @@ static int bench_logits_at(const options_t *o, const kd_recipe_t *r, const kd_da
     m.fwd = time_forward(p, o->seconds, m.layer_s);
     char dir[sizeof tmp_dir + 32];
     snprintf(dir, sizeof dir, "%s/cache_t%d", tmp_dir, threads);
-    m.fill = time_fill(r, train, dir, &m.st);
+    /* the fill runs `threads` lanes at one OpenBLAS thread each (teacher_logits_open sets it);
+     * the replay after it runs at `threads` again */
+    kd_recipe_t lanes = *r;
+    lanes.train.threads = threads;
+    m.fill = time_fill(&lanes, train, dir, &m.st);
+    kd_set_threads(threads);
     m.after = time_per_call(gemm_replay, &p->g, o->seconds);
     bool below = print_logits_run(&m, p, (double)r->teacher.batch_size, train->n);
     print_profile(p, m.layer_s, o->seconds);

@@ -22,6 +22,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "kd_checkpoint.h"
 #include "kd_log.h"
@@ -42,6 +43,8 @@ typedef struct {
     uint32_t *slot_row; /* (S) which pending row sits in each slot of a pass */
 } lane_t;
 
+#define FILL_LANES_MAX 8
+
 struct teacher_logits {
     kd_recipe_t recipe;
     const kd_dataset_t *train;
@@ -55,9 +58,15 @@ struct teacher_logits {
     float *table;           /* (N, C): memory N * C * 4 bytes */
     _Atomic uint8_t *state; /* (n_blocks) BLOCK_* */
     atomic_size_t ready;    /* blocks READY */
-    lane_t stream, fill;
-
-    pthread_t thread;
+    /* The fill runs on n_fill lanes, one thread each; with more than one, OpenBLAS runs single-
+     * threaded (the lanes are the parallelism: the non-GEMM layers then use every core too). */
+    lane_t stream, fill[FILL_LANES_MAX];
+    int n_fill;
+    pthread_t threads[FILL_LANES_MAX];
+    struct fill_arg {
+        struct teacher_logits *tl;
+        int lane;
+    } args[FILL_LANES_MAX];
     bool started;
     int fill_index, fill_count;
     atomic_bool stop, failed;
@@ -178,14 +187,14 @@ static void fill_fail(teacher_logits_t *tl, const char *msg) {
 }
 
 /* Computes block b into the table (rows claimed by the caller) and caches it. */
-static int compute_block(teacher_logits_t *tl, size_t b, char *err, size_t errlen) {
+static int compute_block(teacher_logits_t *tl, lane_t *ln, size_t b, char *err, size_t errlen) {
     const size_t first = b * tl->block_rows, rows = rows_in_block(tl, b), C = (size_t)tl->C;
     float *dst = tl->table + first * C;
     uint32_t *ids = kd_xmalloc(tl->S * sizeof *ids);
     for (size_t lo = 0; lo < rows && !atomic_load(&tl->stop); lo += tl->S) {
         size_t m = rows - lo < tl->S ? rows - lo : tl->S;
         for (size_t j = 0; j < m; j++) ids[j] = (uint32_t)(first + lo + j);
-        forward_in_slots(tl, &tl->fill, ids, m, dst + lo * C, false);
+        forward_in_slots(tl, ln, ids, m, dst + lo * C, false);
         if (check_finite(tl, dst + lo * C, ids, m, err, errlen) != 0) {
             free(ids);
             return -1;
@@ -194,7 +203,7 @@ static int compute_block(teacher_logits_t *tl, size_t b, char *err, size_t errle
     free(ids);
     if (atomic_load(&tl->stop)) return 1; /* unfinished: leave it BUSY, nobody reads it */
     char msg[KD_ERR_LEN];
-    if (kd_cache_put_block(tl->fill.cache, b, dst, msg, sizeof msg) != 0 &&
+    if (kd_cache_put_block(ln->cache, b, dst, msg, sizeof msg) != 0 &&
         kd_log_allow(&tl->put_warn, 10.0))
         kd_log(KD_LOG_ERROR, "TEACHER-CACHE-PUT", "%s (serving from memory; not cached)", msg);
     /* Serve what the cache gives back, so this run and the next see the same logits. */
@@ -208,11 +217,10 @@ static int compute_block(teacher_logits_t *tl, size_t b, char *err, size_t errle
 enum { FILL_LOADED = 1, FILL_COMPUTED };
 
 /* Block b, claimed by the caller: loaded on a hit, else computed and cached. FILL_*, or -1. */
-static int fill_block(teacher_logits_t *tl, size_t b, char *err, size_t errlen) {
+static int fill_block(teacher_logits_t *tl, lane_t *ln, size_t b, char *err, size_t errlen) {
     const size_t first = b * tl->block_rows;
     char msg[KD_ERR_LEN];
-    int st =
-        kd_cache_get_block(tl->fill.cache, b, tl->table + first * (size_t)tl->C, msg, sizeof msg);
+    int st = kd_cache_get_block(ln->cache, b, tl->table + first * (size_t)tl->C, msg, sizeof msg);
     if (st == KD_CACHE_HIT) {
         stat_add(&tl->hits, 1);
         publish(tl, b);
@@ -224,7 +232,7 @@ static int fill_block(teacher_logits_t *tl, size_t b, char *err, size_t errlen) 
         kd_log(KD_LOG_WARN, "TEACHER-CACHE-CORRUPT", "%s; recomputing it", msg);
     }
     if (st < 0) kd_log(KD_LOG_WARN, "TEACHER-CACHE-READ", "%s; recomputing the block", msg);
-    int rc = compute_block(tl, b, err, errlen);
+    int rc = compute_block(tl, ln, b, err, errlen);
     if (rc < 0) return -1;
     if (rc == 0) publish(tl, b);
     return FILL_COMPUTED;
@@ -244,14 +252,14 @@ static size_t next_empty(const teacher_logits_t *tl, size_t from) {
  * would now trail that node block for block, computing each one twice. Instead it loads every
  * block the cache has and moves to the middle of the longest run of missing blocks, splitting
  * that run with whoever works up from its start (work stealing by halves). */
-static size_t replan(teacher_logits_t *tl) {
+static size_t replan(teacher_logits_t *tl, lane_t *ln) {
     const size_t n = tl->n_blocks;
     uint8_t *missing = kd_xcalloc(n, 1);
     char msg[KD_ERR_LEN];
     for (size_t b = 0; b < n && !atomic_load(&tl->stop); b++) {
         if (!claim(tl, b)) continue;
         float *dst = tl->table + b * tl->block_rows * (size_t)tl->C;
-        if (kd_cache_get_block(tl->fill.cache, b, dst, msg, sizeof msg) == KD_CACHE_HIT) {
+        if (kd_cache_get_block(ln->cache, b, dst, msg, sizeof msg) == KD_CACHE_HIT) {
             stat_add(&tl->hits, 1);
             publish(tl, b);
         } else { /* dst untouched: give the block back; fill_block reports what is wrong */
@@ -285,8 +293,13 @@ static void log_progress(teacher_logits_t *tl, double t0, bool final) {
 }
 
 static void *fill_main(void *arg) {
-    teacher_logits_t *tl = arg;
-    size_t cursor = (size_t)tl->fill_index * tl->n_blocks / (size_t)tl->fill_count;
+    const struct fill_arg *fa = arg;
+    teacher_logits_t *tl = fa->tl;
+    lane_t *ln = &tl->fill[fa->lane];
+    /* node fill_index of fill_count, lane of n_fill: each starts at its own share */
+    const size_t starts = (size_t)tl->fill_count * (size_t)tl->n_fill;
+    size_t cursor =
+        ((size_t)tl->fill_index * (size_t)tl->n_fill + (size_t)fa->lane) * tl->n_blocks / starts;
     char err[KD_ERR_LEN];
     double t0 = kd_now(), last = t0;
     bool computed_since_replan = false;
@@ -296,27 +309,27 @@ static void *fill_main(void *arg) {
             sched_yield();
             continue;
         }
-        int done = fill_block(tl, b, err, sizeof err);
+        int done = fill_block(tl, ln, b, err, sizeof err);
         if (done < 0) {
             fill_fail(tl, err);
             return NULL;
         }
         cursor = b + 1;
         if (done == FILL_LOADED && computed_since_replan) {
-            cursor = replan(tl);
+            cursor = replan(tl, ln);
             computed_since_replan = false;
         }
         if (done == FILL_COMPUTED) computed_since_replan = true;
-        if (kd_now() - last >= PROGRESS_SECONDS) {
+        if (fa->lane == 0 && kd_now() - last >= PROGRESS_SECONDS) {
             log_progress(tl, t0, false);
             last = kd_now();
         }
     }
     if (teacher_logits_complete(tl)) {
         char msg[KD_ERR_LEN];
-        if (kd_cache_flush(tl->fill.cache, msg, sizeof msg) != 0)
+        if (kd_cache_flush(ln->cache, msg, sizeof msg) != 0)
             kd_log(KD_LOG_WARN, "TEACHER-CACHE-PUT", "%s", msg);
-        log_progress(tl, t0, true);
+        if (fa->lane == 0) log_progress(tl, t0, true);
     }
     return NULL;
 }
@@ -330,10 +343,16 @@ int teacher_logits_start_fill(teacher_logits_t *tl, int index, int count, char *
     if (tl->imported) return 0; /* loaded whole at open */
     tl->fill_index = index;
     tl->fill_count = count;
-    int rc = pthread_create(&tl->thread, NULL, fill_main, tl);
-    if (rc != 0)
-        return kd_err(err, errlen, "teacher logits: cannot start the fill thread: %s",
-                      strerror(rc));
+    for (int i = 0; i < tl->n_fill; i++) {
+        tl->args[i] = (struct fill_arg){tl, i};
+        int rc = pthread_create(&tl->threads[i], NULL, fill_main, &tl->args[i]);
+        if (rc != 0) {
+            atomic_store(&tl->stop, true);
+            for (int j = 0; j < i; j++) pthread_join(tl->threads[j], NULL);
+            return kd_err(err, errlen, "teacher logits: cannot start a fill thread: %s",
+                          strerror(rc));
+        }
+    }
     tl->started = true;
     return 0;
 }
@@ -477,13 +496,22 @@ static int load_teacher(teacher_logits_t *tl, char *err, size_t errlen) {
                       "teacher.checkpoint is empty: the teacher needs its trained weights (or set "
                       "cache.import to distil from imported logits)");
     char why[KD_ERR_LEN];
-    if (kd_model_from_recipe(r, true, tl->train, &tl->fill.model, why, sizeof why) != 0 ||
-        kd_checkpoint_load(tl->fill.model, r->teacher.checkpoint, why, sizeof why) != 0)
+    kd_model_t *first = NULL;
+    if (kd_model_from_recipe(r, true, tl->train, &first, why, sizeof why) != 0 ||
+        kd_checkpoint_load(first, r->teacher.checkpoint, why, sizeof why) != 0) {
+        kd_model_destroy(&first);
         return kd_err(err, errlen, "teacher: %s", why);
-    if (kd_model_from_recipe(r, true, tl->train, &tl->stream.model, why, sizeof why) != 0)
-        return kd_err(err, errlen, "teacher: %s", why);
-    memcpy(tl->stream.model->params, tl->fill.model->params,
-           tl->fill.model->n_params * sizeof(float));
+    }
+    tl->fill[0].model = first;
+    lane_t *others[FILL_LANES_MAX + 1];
+    int n = 0;
+    others[n++] = &tl->stream;
+    for (int i = 1; i < tl->n_fill; i++) others[n++] = &tl->fill[i];
+    for (int i = 0; i < n; i++) {
+        if (kd_model_from_recipe(r, true, tl->train, &others[i]->model, why, sizeof why) != 0)
+            return kd_err(err, errlen, "teacher: %s", why);
+        memcpy(others[i]->model->params, first->params, first->n_params * sizeof(float));
+    }
     return 0;
 }
 
@@ -503,21 +531,22 @@ static int open_teacher_entry(teacher_logits_t *tl, char *err, size_t errlen) {
     const kd_recipe_t *r = &tl->recipe;
     if (load_teacher(tl, err, errlen) != 0) return -1;
     kd_cache_key_t key = {.n_samples = tl->N, .n_classes = tl->C, .encoding = tl->enc, .k = tl->k};
-    kd_cache_fingerprint_teacher(tl->fill.model, key.teacher_fp);
+    kd_cache_fingerprint_teacher(tl->fill[0].model, key.teacher_fp);
     teacher_logits_data_fingerprint(tl->train, key.data_fp);
     char arch[KD_CACHE_DESC_MAX];
-    kd_model_describe(tl->fill.model, arch, sizeof arch);
+    kd_model_describe(tl->fill[0].model, arch, sizeof arch);
     snprintf(key.teacher_desc, sizeof key.teacher_desc, "%.200s from %.300s", arch,
              r->teacher.checkpoint);
     describe_data(tl, key.data_desc, sizeof key.data_desc);
     char why[KD_ERR_LEN];
-    if (!(tl->fill.cache = kd_cache_open(r->cache.dir, &key, why, sizeof why)))
-        return kd_err(err, errlen, "cache.dir %s: %s", r->cache.dir, why);
+    for (int i = 0; i < tl->n_fill; i++)
+        if (!(tl->fill[i].cache = kd_cache_open(r->cache.dir, &key, why, sizeof why)))
+            return kd_err(err, errlen, "cache.dir %s: %s", r->cache.dir, why);
     /* The streaming thread only reads. */
-    if (!(tl->stream.cache = kd_cache_open_entry(kd_cache_dir(tl->fill.cache), why, sizeof why)))
+    if (!(tl->stream.cache = kd_cache_open_entry(kd_cache_dir(tl->fill[0].cache), why, sizeof why)))
         return kd_err(err, errlen, "cache.dir %s: %s", r->cache.dir, why);
-    snprintf(tl->entry, sizeof tl->entry, "%s", kd_cache_name(tl->fill.cache));
-    tl->block_rows = kd_cache_block_rows(tl->fill.cache);
+    snprintf(tl->entry, sizeof tl->entry, "%s", kd_cache_name(tl->fill[0].cache));
+    tl->block_rows = kd_cache_block_rows(tl->fill[0].cache);
     return 0;
 }
 
@@ -607,6 +636,16 @@ static int check_recipe(const teacher_logits_t *tl, char *err, size_t errlen) {
     return 0;
 }
 
+/* One fill lane per core (train.threads, else the online CPUs). OpenBLAS on two threads leaves
+ * the teacher's non-GEMM layers (im2col, pooling, activations) on one core; lanes use them all. */
+static int fill_lanes(const kd_recipe_t *r) {
+    long n = r->train.threads > 0 ? r->train.threads : sysconf(_SC_NPROCESSORS_ONLN);
+    if (n < 1) n = 1;
+    if (n > FILL_LANES_MAX) n = FILL_LANES_MAX;
+    if (n > 1) kd_set_threads(1);
+    return (int)n;
+}
+
 teacher_logits_t *teacher_logits_open(const kd_recipe_t *r, const kd_dataset_t *train, char *err,
                                       size_t errlen) {
     KD_ASSERT(r && train);
@@ -620,6 +659,7 @@ teacher_logits_t *teacher_logits_open(const kd_recipe_t *r, const kd_dataset_t *
     tl->enc = r->cache.encoding;
     tl->k = tl->enc == KD_ENC_TOPK ? (int)r->cache.topk : 0;
     tl->imported = r->cache.import[0] != 0;
+    tl->n_fill = fill_lanes(r);
     if (check_recipe(tl, err, errlen) != 0) goto fail;
     tl->table = kd_alloc_floats(tl->N * (size_t)tl->C);
     if (tl->imported ? open_import(tl, err, errlen) : open_teacher_entry(tl, err, errlen))
@@ -634,7 +674,7 @@ teacher_logits_t *teacher_logits_open(const kd_recipe_t *r, const kd_dataset_t *
                r->cache.import, tl->entry);
         return tl;
     }
-    lane_init(tl, &tl->fill);
+    for (int i = 0; i < tl->n_fill; i++) lane_init(tl, &tl->fill[i]);
     lane_init(tl, &tl->stream);
     kd_log(KD_LOG_INFO, "TEACHER-LOGITS-OPEN",
            "teacher logits: %zu x %d in cache entry %s/%s (%s, %zu blocks of %zu rows)", tl->N,
@@ -651,9 +691,9 @@ void teacher_logits_close(teacher_logits_t **tl_p) {
     teacher_logits_t *tl = *tl_p;
     if (tl->started) {
         atomic_store(&tl->stop, true);
-        pthread_join(tl->thread, NULL);
+        for (int i = 0; i < tl->n_fill; i++) pthread_join(tl->threads[i], NULL);
     }
-    lane_free(&tl->fill);
+    for (int i = 0; i < FILL_LANES_MAX; i++) lane_free(&tl->fill[i]);
     lane_free(&tl->stream);
     free(tl->table);
     free((void *)tl->state);

@@ -11,7 +11,12 @@
  * GEMM's result for a row depends on the batch size and on the row's place in the batch; and
  * rows computed on demand go through the cache's codec (kd_cache_roundtrip_rows). This holds
  * on one machine and BLAS build with one OpenBLAS thread count; a cache block written
- * elsewhere is served as written. */
+ * elsewhere is served as written.
+ *
+ * The fill runs one lane (thread, model copy, cache handle) per core: train.threads, else the
+ * online CPUs. With more than one lane, teacher_logits_open sets OpenBLAS to one thread for the
+ * whole process — the lanes are the parallelism, so the teacher's non-GEMM layers use every
+ * core too (with two BLAS threads they ran on one). */
 #ifndef TEACHER_LOGITS_H
 #define TEACHER_LOGITS_H
 
