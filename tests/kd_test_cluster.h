@@ -94,4 +94,46 @@ static inline void kd_test_show_log(const char *path) {
     if (system(cmd) != 0) fprintf(stderr, "(cannot show %s)\n", path);
 }
 
+/* Starts argv[] (a fresh file: truncated) with stdout+stderr into out_path; returns the pid (or
+ * -1). */
+static inline pid_t kd_test_start(const char *out_path, char *const argv[]) {
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_addopen(&fa, STDOUT_FILENO, out_path, O_WRONLY | O_CREAT | O_TRUNC,
+                                     0644);
+    posix_spawn_file_actions_adddup2(&fa, STDOUT_FILENO, STDERR_FILENO);
+    pid_t pid;
+    int rc = posix_spawn(&pid, argv[0], &fa, NULL, argv, environ);
+    posix_spawn_file_actions_destroy(&fa);
+    if (rc != 0) {
+        fprintf(stderr, "cannot start %s: %s\n", argv[0], strerror(rc));
+        return -1;
+    }
+    return pid;
+}
+
+/* Waits for pid until the deadline (seconds); on expiry stops it (SIGTERM, then SIGKILL after
+ * 40 s) and returns -1. Else the exit code (128 + signal when killed by one). */
+static inline int kd_test_finish(pid_t pid, double seconds) {
+    double deadline = kd_test_now() + seconds;
+    for (;;) {
+        int st;
+        pid_t p = waitpid(pid, &st, WNOHANG);
+        if (p == pid) return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+        if (p < 0) return -1;
+        if (kd_test_now() > deadline) {
+            fprintf(stderr, "pid %d still running after %.0f s: killing it\n", (int)pid, seconds);
+            kill(pid, SIGTERM); /* kdist forwards this as STOP, then its deadlines apply */
+            double hard = kd_test_now() + 40.0;
+            while (waitpid(pid, &st, WNOHANG) == 0 && kd_test_now() < hard) usleep(20000);
+            if (kd_test_now() >= hard) {
+                kill(pid, SIGKILL);
+                waitpid(pid, &st, 0);
+            }
+            return -1;
+        }
+        usleep(20000);
+    }
+}
+
 #endif

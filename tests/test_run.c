@@ -15,6 +15,7 @@
 #include <sys/wait.h>
 
 #include "kd_test.h"
+#include "kd_test_cluster.h"
 #include "kd_util.h"
 
 extern char **environ;
@@ -55,47 +56,6 @@ static void write_text(const char *path, const char *text) {
     }
 }
 
-/* Starts argv[] with stdout+stderr into out_path; returns the pid (or -1). */
-static pid_t start(const char *out_path, char *const argv[]) {
-    posix_spawn_file_actions_t fa;
-    posix_spawn_file_actions_init(&fa);
-    posix_spawn_file_actions_addopen(&fa, STDOUT_FILENO, out_path, O_WRONLY | O_CREAT | O_TRUNC,
-                                     0644);
-    posix_spawn_file_actions_adddup2(&fa, STDOUT_FILENO, STDERR_FILENO);
-    pid_t pid;
-    int rc = posix_spawn(&pid, argv[0], &fa, NULL, argv, environ);
-    posix_spawn_file_actions_destroy(&fa);
-    if (rc != 0) {
-        fprintf(stderr, "cannot start %s: %s\n", argv[0], strerror(rc));
-        return -1;
-    }
-    return pid;
-}
-
-/* Waits for pid until the deadline (seconds); on expiry kills it and returns -1. Else the exit
- * code (128 + signal when killed by one). */
-static int finish(pid_t pid, double seconds) {
-    double deadline = kd_now() + seconds;
-    for (;;) {
-        int st;
-        pid_t p = waitpid(pid, &st, WNOHANG);
-        if (p == pid) return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-        if (p < 0) return -1;
-        if (kd_now() > deadline) {
-            fprintf(stderr, "pid %d still running after %.0f s: killing it\n", (int)pid, seconds);
-            kill(pid, SIGTERM); /* kdist forwards this as STOP, then its deadlines apply */
-            double hard = kd_now() + 40.0;
-            while (waitpid(pid, &st, WNOHANG) == 0 && kd_now() < hard) usleep(20000);
-            if (kd_now() >= hard) {
-                kill(pid, SIGKILL);
-                waitpid(pid, &st, 0);
-            }
-            return -1;
-        }
-        usleep(20000);
-    }
-}
-
 static void slurp(const char *path) {
     FILE *f = fopen(path, "r");
     size_t n = f ? fread(out_buf, 1, sizeof out_buf - 1, f) : 0;
@@ -107,9 +67,9 @@ static void slurp(const char *path) {
 static int run_argv(const char *tmp, double seconds, char *const argv[]) {
     char out[KD_PATH_MAX + 32];
     snprintf(out, sizeof out, "%s/out.txt", tmp);
-    pid_t pid = start(out, argv);
+    pid_t pid = kd_test_start(out, argv);
     if (pid < 0) return -1;
-    int rc = finish(pid, seconds);
+    int rc = kd_test_finish(pid, seconds);
     slurp(out);
     return rc;
 }
@@ -199,7 +159,7 @@ static void test_status_and_stop(const char *tmp, const char *recipe) {
                     "data.val_size=500",
                     "data.test_subset=500",
                     NULL};
-    pid_t pid = start(out, argv);
+    pid_t pid = kd_test_start(out, argv);
     CHECK(pid > 0);
     if (pid <= 0) return;
 
@@ -249,7 +209,7 @@ static void test_status_and_stop(const char *tmp, const char *recipe) {
     CHECK(json_array_size(json_object_get(launcher, "children")) == 4);
 
     kill(pid, SIGINT);
-    int rc = finish(pid, 60);
+    int rc = kd_test_finish(pid, 60);
     slurp(out);
     CHECK(rc == 1); /* stopped early is not success */
     CHECK_ERR_HAS(out_buf, "stopped");

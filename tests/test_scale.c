@@ -71,47 +71,6 @@ static void write_text(const char *path, const char *text) {
     }
 }
 
-/* Starts argv[] with stdout+stderr into out_path; returns the pid (or -1). */
-static pid_t start(const char *out_path, char *const argv[]) {
-    posix_spawn_file_actions_t fa;
-    posix_spawn_file_actions_init(&fa);
-    posix_spawn_file_actions_addopen(&fa, STDOUT_FILENO, out_path, O_WRONLY | O_CREAT | O_TRUNC,
-                                     0644);
-    posix_spawn_file_actions_adddup2(&fa, STDOUT_FILENO, STDERR_FILENO);
-    pid_t pid;
-    int rc = posix_spawn(&pid, argv[0], &fa, NULL, argv, environ);
-    posix_spawn_file_actions_destroy(&fa);
-    if (rc != 0) {
-        fprintf(stderr, "cannot start %s: %s\n", argv[0], strerror(rc));
-        return -1;
-    }
-    return pid;
-}
-
-/* Waits for pid until the deadline (seconds); on expiry stops it (SIGTERM, then SIGKILL) and
- * returns -1. Else the exit code (128 + signal when killed by one). */
-static int finish(pid_t pid, double seconds) {
-    double deadline = kd_now() + seconds;
-    for (;;) {
-        int st;
-        pid_t p = waitpid(pid, &st, WNOHANG);
-        if (p == pid) return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-        if (p < 0) return -1;
-        if (kd_now() > deadline) {
-            fprintf(stderr, "pid %d still running after %.0f s: stopping it\n", (int)pid, seconds);
-            kill(pid, SIGTERM); /* kdist run forwards this as STOP, then its deadlines apply */
-            double hard = kd_now() + 40.0;
-            while (waitpid(pid, &st, WNOHANG) == 0 && kd_now() < hard) usleep(20000);
-            if (kd_now() >= hard) {
-                kill(pid, SIGKILL);
-                waitpid(pid, &st, 0);
-            }
-            return -1;
-        }
-        usleep(20000);
-    }
-}
-
 static void slurp(const char *path, char *buf, size_t n) {
     FILE *f = fopen(path, "r");
     size_t len = f ? fread(buf, 1, n - 1, f) : 0;
@@ -131,9 +90,9 @@ static int kd(const char *tmp, double seconds, ...) {
     argv[n] = NULL;
     char out[KD_PATH_MAX + 32];
     snprintf(out, sizeof out, "%s/cmd.txt", tmp);
-    pid_t pid = start(out, argv);
+    pid_t pid = kd_test_start(out, argv);
     if (pid < 0) return -1;
-    int rc = finish(pid, seconds);
+    int rc = kd_test_finish(pid, seconds);
     slurp(out, out_buf, sizeof out_buf);
     return rc;
 }
@@ -165,7 +124,7 @@ static bool start_run(cluster_t *c, const char *tmp, const char *recipe, const c
     argv[n++] = c->dir;
     for (int i = 0; i < n_extra && n < 31; i++) argv[n++] = (char *)extra[i];
     argv[n] = NULL;
-    c->pid = start(c->out, argv);
+    c->pid = kd_test_start(c->out, argv);
     return c->pid > 0;
 }
 
@@ -342,7 +301,7 @@ static void test_scale_and_drain(const char *tmp, const char *recipe) {
     json_decref(s);
 
 stop:;
-    int rc = finish(c.pid, RUN_DEADLINE);
+    int rc = kd_test_finish(c.pid, RUN_DEADLINE);
     slurp(c.out, out_buf, sizeof out_buf);
     CHECK(rc == 0);
     if (rc != 0) fprintf(stderr, "kdist run said:\n%s\n", out_buf);
@@ -411,7 +370,7 @@ static void test_restart_failed(const char *tmp, const char *recipe) {
     CHECK(wait_training(&c, 3, w012));
 
 stop:;
-    int rc = finish(c.pid, RUN_DEADLINE);
+    int rc = kd_test_finish(c.pid, RUN_DEADLINE);
     slurp(c.out, out_buf, sizeof out_buf);
     CHECK(rc == 0);
     if (rc != 0) fprintf(stderr, "kdist run said:\n%s\n", out_buf);
@@ -439,7 +398,7 @@ static void test_crash_fails(const char *tmp, const char *recipe) {
     CHECK(victim > 0);
     if (victim > 0) kill(victim, SIGKILL);
     double t0 = kd_now();
-    int rc = finish(c.pid, RUN_DEADLINE);
+    int rc = kd_test_finish(c.pid, RUN_DEADLINE);
     slurp(c.out, out_buf, sizeof out_buf);
     CHECK(rc == 1);
     CHECK(kd_now() - t0 < 60.0); /* the last worker gone: the run stops, it does not hang */
@@ -478,8 +437,8 @@ static void test_errors(const char *tmp) {
     /* A run whose launcher is gone (its pid is a reaped child of ours). */
     char *true_argv[] = {"/bin/true", NULL};
     snprintf(path, sizeof path, "%s/true.txt", tmp);
-    pid_t dead = start(path, true_argv);
-    CHECK(dead > 0 && finish(dead, 10) == 0);
+    pid_t dead = kd_test_start(path, true_argv);
+    CHECK(dead > 0 && kd_test_finish(dead, 10) == 0);
     snprintf(path, sizeof path, "%s/coordinator.endpoint", empty);
     write_text(path, "tcp://127.0.0.1:9\n");
     char json[256];
