@@ -11,6 +11,9 @@ packages=(
     clang-format
     # libFuzzer and the sanitizer runtimes for tests/fuzz (ctest -L fuzz)
     clang libclang-rt-14-dev
+    # deployment tests (tests/deploy): hosts as network namespaces reached over ssh, a one-node
+    # Slurm cluster, a packet capture of the CurveZMQ run, and a YAML parser for the k8s manifests
+    iproute2 openssh-server openssh-client rsync slurm-wlm munge tcpdump python3-yaml
 )
 # Reference fixtures and comparisons only (tests/data/make_fixtures.py); kdist never needs it.
 if [ "${KD_WITH_TORCH:-0}" = 1 ]; then packages+=(python3-torch); fi
