@@ -9,7 +9,9 @@
 volatile sig_atomic_t kd_node_stop_requested = 0;
 
 static void on_stop_signal(int sig) {
-    if (kd_node_stop_requested) _exit(128 + sig); /* a second Ctrl-C: leave now */
+    /* A second Ctrl-C: leave now. A repeated SIGTERM (scancel, systemd, Kubernetes resend it)
+     * must not cut a drain short: the goodbye spares the coordinator a heartbeat timeout. */
+    if (kd_node_stop_requested && sig == SIGINT) _exit(128 + sig);
     kd_node_stop_requested = 1;
 }
 
