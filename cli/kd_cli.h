@@ -15,9 +15,10 @@
 
 int kd_cmd_run(int argc, char **argv); /* kd_pipeline.c */
 int kd_cmd_status(int argc, char **argv);
-int kd_cmd_scale(int argc, char **argv); /* kd_scale.c */
-int kd_cmd_drain(int argc, char **argv); /* kd_scale.c */
-int kd_cmd_cache(int argc, char **argv); /* kd_cache_cmd.c */
+int kd_cmd_scale(int argc, char **argv);     /* kd_scale.c */
+int kd_cmd_drain(int argc, char **argv);     /* kd_scale.c */
+int kd_cmd_cache(int argc, char **argv);     /* kd_cache_cmd.c */
+int kd_cmd_inventory(int argc, char **argv); /* kd_inventory.c */
 
 /* A DEALER connected to the coordinator, routing id client-<pid>-<incarnation>. */
 typedef struct cli_client cli_client_t;

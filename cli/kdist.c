@@ -52,7 +52,10 @@ static void usage(FILE *out) {
         "        the worker finishes its step, says goodbye and exits\n"
         "  cache ls|verify|gc|export|import [--dir DIR] ...\n"
         "        the teacher-logit cache: list, check, delete, export to .npy, import logits\n"
-        "        computed elsewhere (kdist cache --help)\n");
+        "        computed elsewhere (kdist cache --help)\n"
+        "  inventory check|plan INVENTORY [RECIPE [section.key=value ...]]\n"
+        "        validate a deployment inventory (deploy/), or print the plan that\n"
+        "        deploy/kdist-cluster follows\n");
 }
 
 static int fail(const char *msg) {
@@ -282,6 +285,7 @@ int main(int argc, char **argv) {
     if (strcmp(cmd, "scale") == 0) return kd_cmd_scale(argc - 2, argv + 2);
     if (strcmp(cmd, "drain") == 0) return kd_cmd_drain(argc - 2, argv + 2);
     if (strcmp(cmd, "cache") == 0) return kd_cmd_cache(argc - 2, argv + 2);
+    if (strcmp(cmd, "inventory") == 0) return kd_cmd_inventory(argc - 2, argv + 2);
     fprintf(stderr, "kdist: unknown command '%s'\n", cmd);
     usage(stderr);
     return 2;
