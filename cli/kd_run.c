@@ -19,11 +19,13 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include "kd_cli.h"
+#include "kd_curve.h"
 #include "kd_recipe.h"
 #include "kd_util.h"
 
@@ -73,6 +75,10 @@ typedef struct {
     cli_client_t *client;
     void *control_ctx, *control; /* the REP socket `kdist scale` talks to */
     char control_endpoint[KD_PATH_MAX + 16];
+    char control_tmpdir[64]; /* a private directory of ours for it, removed at the end */
+    /* cluster.security.curve: every role's pair from keys_dir (made absolute) */
+    bool curve;
+    char keys_dir[KD_PATH_MAX];
     const char *stop_reason; /* set when the run cannot go on: supervise stops it */
     pid_t self;
     bool tty;
@@ -335,6 +341,14 @@ static void bin(run_args_t *a, const run_t *r, const char *name) {
     arg(a, path);
 }
 
+/* Under CurveZMQ: option FILE with FILE = keys_dir/name. */
+static void arg_key(run_args_t *a, const run_t *r, const char *option, const char *name) {
+    char path[KD_PATH_MAX + 64];
+    snprintf(path, sizeof path, "%s/%s", r->keys_dir, name);
+    arg(a, option);
+    arg(a, path);
+}
+
 /* A restarted coordinator resumes from the newest checkpoint on the endpoint it had, which
  * every node and client already dials (their DEALERs reconnect by themselves). */
 static int spawn_coordinator(run_t *r, run_child_t *c, const char *restart_why, char *err,
@@ -347,7 +361,13 @@ static int spawn_coordinator(run_t *r, run_child_t *c, const char *restart_why, 
     arg(&a, "--run-dir");
     arg(&a, r->dir);
     if (r->resume || restart_why) arg(&a, "--resume");
+    if (r->curve) arg_key(&a, r, "--key", "coordinator.key");
     arg_overrides(&a, r);
+    if (r->curve) { /* recorded absolute: `kdist status RUN_DIR` finds client.key from anywhere */
+        char dir[KD_PATH_MAX + 32];
+        snprintf(dir, sizeof dir, "cluster.security.keys_dir=%s", r->keys_dir);
+        arg(&a, dir);
+    }
     if (restart_why) {
         char bind[KD_PATH_MAX + 32];
         snprintf(bind, sizeof bind, "cluster.bind=%s", r->endpoint);
@@ -367,6 +387,10 @@ static int spawn_node(run_t *r, run_child_t *c, const char *restart_why, char *e
     arg(&a, r->endpoint);
     arg(&a, "--id");
     arg(&a, id);
+    if (r->curve) {
+        arg_key(&a, r, "--key", teacher ? "teacher.key" : "worker.key");
+        arg_key(&a, r, "--coordinator-key", "coordinator.pub");
+    }
     if (teacher) {
         arg(&a, "--recipe");
         arg(&a, r->recipe_path);
@@ -606,12 +630,46 @@ static const char *print_summary(run_t *r) {
  * same exposure as the coordinator's own control port. Messages are the protocol's own
  * (kd_wire): Control{SCALE, workers} -> StatusReply{json: {"before", "workers", "ids",
  * "started", "draining"}} or Refused{reason}. */
+/* Under CurveZMQ the control socket is not encrypted but private: a unix socket in a directory
+ * only we may enter (mode 0700): <run dir>/launcher/, or a fresh /tmp/kdist-launcher-XXXXXX when
+ * that path is too long for a unix socket address. Never TCP. */
+static int private_control_endpoint(run_t *r, const char *abs, char *endpoint, size_t n, char *err,
+                                    size_t errlen) {
+    struct sockaddr_un sun;
+    char dir[KD_PATH_MAX + 16];
+    snprintf(dir, sizeof dir, "%s/launcher", abs);
+    if (strlen(dir) + strlen("/launcher.ipc") < sizeof sun.sun_path) {
+        if (mkdir(dir, 0700) != 0 && errno != EEXIST)
+            return kd_err(err, errlen, "cannot create %s: %s", dir, strerror(errno));
+        struct stat st;
+        if (lstat(dir, &st) != 0 || !S_ISDIR(st.st_mode) || chmod(dir, 0700) != 0)
+            return kd_err(err, errlen, "%s: not a directory kdist can make private", dir);
+    } else {
+        snprintf(r->control_tmpdir, sizeof r->control_tmpdir, "/tmp/kdist-launcher-XXXXXX");
+        if (!mkdtemp(r->control_tmpdir)) { /* mode 0700 */
+            r->control_tmpdir[0] = 0;
+            return kd_err(err, errlen, "cannot create a private directory in /tmp: %s",
+                          strerror(errno));
+        }
+        snprintf(dir, sizeof dir, "%s", r->control_tmpdir);
+    }
+    snprintf(endpoint, n, "ipc://%s/launcher.ipc", dir);
+    return 0;
+}
+
 static int control_open(run_t *r, char *err, size_t errlen) {
     char abs[KD_PATH_MAX], endpoint[KD_PATH_MAX + 32];
     struct sockaddr_un sun;
     endpoint[0] = 0;
-    if (realpath(r->dir, abs) && strlen(abs) + strlen("/launcher.ipc") < sizeof sun.sun_path)
+    if (r->curve) {
+        if (!realpath(r->dir, abs))
+            return kd_err(err, errlen, "cannot resolve %s: %s", r->dir, strerror(errno));
+        if (private_control_endpoint(r, abs, endpoint, sizeof endpoint, err, errlen) != 0)
+            return -1;
+    } else if (realpath(r->dir, abs) &&
+               strlen(abs) + strlen("/launcher.ipc") < sizeof sun.sun_path) {
         snprintf(endpoint, sizeof endpoint, "ipc://%s/launcher.ipc", abs);
+    }
     r->control_ctx = zmq_ctx_new();
     if (!r->control_ctx)
         return kd_err(err, errlen, "cannot create a ZeroMQ context: %s", zmq_strerror(errno));
@@ -625,8 +683,10 @@ static int control_open(run_t *r, char *err, size_t errlen) {
     if (endpoint[0] && kd_socket_bind(r->control, endpoint, r->control_endpoint,
                                       sizeof r->control_endpoint, bind_err, sizeof bind_err) == 0)
         return 0;
-    if (kd_socket_bind(r->control, "tcp://127.0.0.1:*", r->control_endpoint,
-                       sizeof r->control_endpoint, err, errlen) == 0)
+    if (r->curve) { /* loopback TCP would be the one plaintext socket of the run */
+        kd_err(err, errlen, "%s", bind_err);
+    } else if (kd_socket_bind(r->control, "tcp://127.0.0.1:*", r->control_endpoint,
+                              sizeof r->control_endpoint, err, errlen) == 0)
         return 0;
     zmq_close(r->control);
     r->control = NULL;
@@ -640,6 +700,46 @@ static void control_close(run_t *r) {
     r->control = r->control_ctx = NULL;
     /* libzmq 4.3 leaves the socket file behind; a later bind would replace it anyway */
     if (strncmp(r->control_endpoint, "ipc://", 6) == 0) unlink(r->control_endpoint + 6);
+    if (r->control_tmpdir[0]) rmdir(r->control_tmpdir);
+}
+
+/* cluster.security.curve: every role's key pair must be in keys_dir before anything starts;
+ * this process's own clients (progress, drains) use client.key through the environment
+ * (cli_client_new). With curve off the environment must not turn the children's sockets into
+ * CurveZMQ ones. */
+static int setup_curve(run_t *r, char *err, size_t errlen) {
+    const char *dir = r->recipe.cluster.security.keys_dir;
+    r->curve = r->recipe.cluster.security.curve;
+    if (!r->curve) {
+        unsetenv(KD_CURVE_ENV_KEY);
+        unsetenv(KD_CURVE_ENV_SERVER);
+        return 0;
+    }
+    if (!dir[0])
+        return kd_err(err, errlen,
+                      "%s sets cluster.security.curve: kdist run needs cluster.security.keys_dir, "
+                      "a directory made by `kdist keygen --cluster DIR`",
+                      r->recipe_path);
+    if (!realpath(dir, r->keys_dir))
+        return kd_err(err, errlen, "%s: cluster.security.keys_dir '%s': %s", r->recipe_path, dir,
+                      strerror(errno));
+    static const char *const pairs[] = {"coordinator.key", "teacher.key", "worker.key",
+                                        "client.key"};
+    kd_curve_pair_t pair, coordinator;
+    for (size_t i = 0; i < sizeof pairs / sizeof pairs[0]; i++) {
+        char path[KD_PATH_MAX + 32], why[KD_ERR_LEN];
+        snprintf(path, sizeof path, "%s/%s", r->keys_dir, pairs[i]);
+        if (kd_curve_load_pair(path, i == 0 ? &coordinator : &pair, why, sizeof why) != 0)
+            return kd_err(err, errlen,
+                          "%s: cluster.security.keys_dir: %s (make the pairs with `kdist keygen "
+                          "--cluster %s`)",
+                          r->recipe_path, why, dir);
+    }
+    char client[KD_PATH_MAX + 32];
+    snprintf(client, sizeof client, "%s/client.key", r->keys_dir);
+    setenv(KD_CURVE_ENV_KEY, client, 1);
+    setenv(KD_CURVE_ENV_SERVER, coordinator.public_z85, 1);
+    return 0;
 }
 
 static json_t *id_text(int id) {
@@ -936,6 +1036,11 @@ int cli_run_cluster(const cli_run_spec_t *spec) {
     if (kd_recipe_load(r->recipe_path, r->overrides, r->n_overrides, &r->recipe, err, sizeof err) !=
             0 ||
         cli_run_dir(spec, &r->recipe, r->dir, sizeof r->dir, err, sizeof err) != 0) {
+        fprintf(stderr, "kdist run: %s\n", err);
+        rc = 2;
+        goto cleanup;
+    }
+    if (setup_curve(r, err, sizeof err) != 0) {
         fprintf(stderr, "kdist run: %s\n", err);
         rc = 2;
         goto cleanup;

@@ -12,6 +12,7 @@
 #include <sys/stat.h>
 
 #include "kd_cli.h"
+#include "kd_curve.h"
 #include "kd_util.h"
 
 #define STATUS_DEADLINE_MS 5000  /* one StatusReply */
@@ -28,6 +29,21 @@ static int check_run_dir(const char *dir, char *err, size_t errlen) {
     if (stat(dir, &st) != 0)
         return kd_err(err, errlen, "no such run directory: %s (%s)", dir, strerror(errno));
     if (!S_ISDIR(st.st_mode)) return kd_err(err, errlen, "%s is not a run directory", dir);
+    return 0;
+}
+
+/* "--key FILE" / "--coordinator-key FILE|Z85": the CurveZMQ credentials of the client
+ * (kd_curve_env_for_cli). 1 if not one of them, 0 when taken. */
+static int parse_curve_option(int argc, char **argv, int *i, const char **key,
+                              const char **server_key) {
+    const char *a = argv[*i];
+    if (*i + 1 >= argc) return 1;
+    if (strcmp(a, "--key") == 0)
+        *key = argv[++*i];
+    else if (strcmp(a, "--coordinator-key") == 0)
+        *server_key = argv[++*i];
+    else
+        return 1;
     return 0;
 }
 
@@ -148,18 +164,20 @@ static int watch_members(cli_client_t *c, const char *dir, const watch_goal_t *g
 /* ---- kdist drain ------------------------------------------------------------------------- */
 
 static void drain_usage(FILE *out) {
-    fprintf(out, "usage: kdist drain RUN_DIR WORKER_ID [--timeout SECONDS]\n"
+    fprintf(out, "usage: kdist drain RUN_DIR WORKER_ID [--timeout SECONDS] [--key FILE]\n"
+                 "                   [--coordinator-key FILE|Z85]\n"
                  "  the worker finishes its step, says goodbye and exits 0; waits (60 s by\n"
-                 "  default) until it has left the membership\n");
+                 "  default) until it has left the membership. CurveZMQ credentials as for\n"
+                 "  `kdist status`\n");
 }
 
 int kd_cmd_drain(int argc, char **argv) {
-    const char *dir = NULL, *id = NULL;
+    const char *dir = NULL, *id = NULL, *key = NULL, *server_key = NULL;
     double timeout = DEFAULT_TIMEOUT;
     for (int i = 0; i < argc; i++) {
         int t = parse_timeout("drain", argc, argv, &i, &timeout);
         if (t < 0) return 2;
-        if (t == 0) continue;
+        if (t == 0 || parse_curve_option(argc, argv, &i, &key, &server_key) == 0) continue;
         if (strcmp(argv[i], "-h") == 0 || strcmp(argv[i], "--help") == 0) {
             drain_usage(stdout);
             return 0;
@@ -186,6 +204,7 @@ int kd_cmd_drain(int argc, char **argv) {
     int rc = 1;
     if (check_run_dir(dir, err, sizeof err) != 0) goto out;
     if (cli_read_endpoint(dir, endpoint, sizeof endpoint, err, sizeof err) != 0) goto out;
+    if (kd_curve_env_for_cli(key, server_key, dir, err, sizeof err) != 0) goto out;
     if (!(c = cli_client_new(endpoint, err, sizeof err))) goto out;
     /* Membership first: the coordinator ignores a DRAIN for an id it does not know. */
     if (cli_client_status(c, STATUS_DEADLINE_MS, &json, err, sizeof err) != 0) goto out;
@@ -229,10 +248,12 @@ out:
 /* ---- kdist scale ------------------------------------------------------------------------- */
 
 static void scale_usage(FILE *out) {
-    fprintf(out, "usage: kdist scale RUN_DIR --workers N [--timeout SECONDS]\n"
+    fprintf(out, "usage: kdist scale RUN_DIR --workers N [--timeout SECONDS] [--key FILE]\n"
+                 "                   [--coordinator-key FILE|Z85]\n"
                  "  changes the number of local workers of a running `kdist run`: new workers\n"
                  "  are started, surplus ones drained; waits (60 s by default) until the\n"
-                 "  membership shows the change, then prints it\n");
+                 "  membership shows the change, then prints it. CurveZMQ credentials as for\n"
+                 "  `kdist status`\n");
 }
 
 /* launcher.json's launcher pid and control endpoint, checked to be a live launcher. */
@@ -335,13 +356,13 @@ out:
     return rc;
 }
 
-static int parse_scale_args(int argc, char **argv, const char **dir, long *workers,
-                            double *timeout) {
+static int parse_scale_args(int argc, char **argv, const char **dir, long *workers, double *timeout,
+                            const char **key, const char **server_key) {
     for (int i = 0; i < argc; i++) {
         const char *a = argv[i], *v = NULL;
         int t = parse_timeout("scale", argc, argv, &i, timeout);
         if (t < 0) return -1;
-        if (t == 0) continue;
+        if (t == 0 || parse_curve_option(argc, argv, &i, key, server_key) == 0) continue;
         if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) {
             scale_usage(stdout);
             exit(0);
@@ -373,10 +394,10 @@ static int parse_scale_args(int argc, char **argv, const char **dir, long *worke
 }
 
 int kd_cmd_scale(int argc, char **argv) {
-    const char *dir = NULL;
+    const char *dir = NULL, *key = NULL, *server_key = NULL;
     long workers = 0;
     double timeout = DEFAULT_TIMEOUT;
-    if (parse_scale_args(argc, argv, &dir, &workers, &timeout) != 0) {
+    if (parse_scale_args(argc, argv, &dir, &workers, &timeout, &key, &server_key) != 0) {
         scale_usage(stderr);
         return 2;
     }
@@ -388,6 +409,7 @@ int kd_cmd_scale(int argc, char **argv) {
     int rc = 1;
     if (check_run_dir(dir, err, sizeof err) != 0) goto out;
     if (cli_read_endpoint(dir, endpoint, sizeof endpoint, err, sizeof err) != 0) goto out;
+    if (kd_curve_env_for_cli(key, server_key, dir, err, sizeof err) != 0) goto out;
     if (read_launcher(dir, control, sizeof control, err, sizeof err) != 0) goto out;
     if (ask_launcher(control, workers, &reply, err, sizeof err) != 0) goto out;
     long before = (long)json_integer_value(json_object_get(reply, "before"));

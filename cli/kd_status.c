@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "kd_cli.h"
+#include "kd_curve.h"
 #include "kd_node.h"
 #include "kd_util.h"
 
@@ -23,6 +24,9 @@
 
 struct cli_client {
     void *ctx, *sock;
+    bool curve_on; /* KDIST_KEY names our key pair: a CurveZMQ client (kd_curve.h) */
+    kd_curve_client_t curve;
+    kd_curve_watch_t watch; /* a refused key or a plaintext/CurveZMQ mismatch, explained */
     char endpoint[KD_PATH_MAX];
     char node_id[32];
     uint64_t incarnation;
@@ -43,9 +47,16 @@ cli_client_t *cli_client_new(const char *endpoint, char *err, size_t errlen) {
         cli_client_destroy(&c);
         return NULL;
     }
+    /* credentials come from the environment (kd_curve_env_for_cli maps --key and run
+     * directories onto it), so every client a command opens uses the same */
+    if (kd_curve_client_from_args(NULL, NULL, NULL, &c->curve, &c->curve_on, err, errlen) != 0) {
+        cli_client_destroy(&c);
+        return NULL;
+    }
     char identity[96];
     kd_wire_identity(identity, sizeof identity, "client", c->node_id, c->incarnation);
-    c->sock = kd_socket_dealer(c->ctx, identity, endpoint, 0, err, errlen);
+    c->sock = kd_socket_dealer_curve(c->ctx, identity, endpoint, 0, c->curve_on ? &c->curve : NULL,
+                                     &c->watch.monitor, err, errlen);
     if (!c->sock) cli_client_destroy(&c);
     return c;
 }
@@ -53,6 +64,7 @@ cli_client_t *cli_client_new(const char *endpoint, char *err, size_t errlen) {
 void cli_client_destroy(cli_client_t **cp) {
     if (!cp || !*cp) return;
     cli_client_t *c = *cp;
+    kd_curve_watch_stop(&c->watch);
     if (c->sock) zmq_close(c->sock);
     if (c->ctx) zmq_ctx_term(c->ctx);
     free(c);
@@ -143,10 +155,17 @@ int cli_client_wait_status(cli_client_t *c, int timeout_ms, char **json, char *e
         }
         /* KD_WIRE_BAD: a malformed reply is dropped, as from any peer. */
         if (rc == KD_WIRE_BAD) continue;
+        char why[KD_ERR_LEN];
+        int verdict = kd_curve_watch_check(&c->watch, c->endpoint, c->curve_on ? &c->curve : NULL,
+                                           why, sizeof why);
+        if (verdict == KD_CURVE_REFUSED || verdict == KD_CURVE_MISMATCH)
+            return kd_err(err, errlen, "%s", why);
         int left = (int)((deadline - kd_now()) * 1000.0);
         if (left <= 0) return 1;
-        zmq_pollitem_t item = {c->sock, 0, ZMQ_POLLIN, 0};
-        if (zmq_poll(&item, 1, left) < 0) {
+        /* the monitor too: a refused handshake is news as soon as it happens */
+        zmq_pollitem_t items[2] = {{c->sock, 0, ZMQ_POLLIN, 0},
+                                   {c->watch.monitor, 0, ZMQ_POLLIN, 0}};
+        if (zmq_poll(items, c->watch.monitor ? 2 : 1, left) < 0) {
             if (errno == EINTR) return 1;
             return kd_err(err, errlen, "polling %s: %s", c->endpoint, zmq_strerror(errno));
         }
@@ -276,10 +295,15 @@ void cli_progress_line(const cli_progress_t *p, char *out, size_t n) {
 /* ---- kdist status ------------------------------------------------------------------------ */
 
 static void status_usage(FILE *out) {
-    fprintf(out, "usage: kdist status [RUN_DIR|ENDPOINT] [--json | --follow]\n"
+    fprintf(out, "usage: kdist status [RUN_DIR|ENDPOINT] [--json | --follow] [--key FILE]\n"
+                 "                    [--coordinator-key FILE|Z85]\n"
                  "  default: the newest run under ./runs that has a coordinator.endpoint\n"
                  "  --follow: then print joins, leaves, deaths and restarts as they happen,\n"
-                 "            with a progress line, until the run ends (Ctrl-C to stop)\n");
+                 "            with a progress line, until the run ends (Ctrl-C to stop)\n"
+                 "  --key, --coordinator-key: CurveZMQ credentials (default: $KDIST_KEY and\n"
+                 "            $KDIST_COORDINATOR_KEY; for a RUN_DIR whose recipe sets\n"
+                 "            cluster.security.curve, <keys_dir>/client.key and its\n"
+                 "            coordinator_key)\n");
 }
 
 int cli_read_endpoint(const char *dir, char *out, size_t outlen, char *err, size_t errlen) {
@@ -477,11 +501,15 @@ void cli_print_members(const char *json) {
 }
 
 int kd_cmd_status(int argc, char **argv) {
-    const char *target = NULL;
+    const char *target = NULL, *key = NULL, *server_key = NULL;
     bool raw = false, following = false;
     for (int i = 0; i < argc; i++) {
         if (strcmp(argv[i], "--json") == 0)
             raw = true;
+        else if (strcmp(argv[i], "--key") == 0 && i + 1 < argc)
+            key = argv[++i];
+        else if (strcmp(argv[i], "--coordinator-key") == 0 && i + 1 < argc)
+            server_key = argv[++i];
         else if (strcmp(argv[i], "--follow") == 0 || strcmp(argv[i], "-f") == 0)
             following = true;
         else if (strcmp(argv[i], "-h") == 0 || strcmp(argv[i], "--help") == 0) {
@@ -495,7 +523,8 @@ int kd_cmd_status(int argc, char **argv) {
             target = argv[i];
     }
     char err[KD_ERR_LEN], dir[KD_PATH_MAX], endpoint[KD_PATH_MAX];
-    if (target && strstr(target, "://")) {
+    bool is_endpoint = target && strstr(target, "://");
+    if (is_endpoint) {
         snprintf(endpoint, sizeof endpoint, "%s", target);
     } else {
         if (target)
@@ -508,6 +537,10 @@ int kd_cmd_status(int argc, char **argv) {
             fprintf(stderr, "kdist status: %s\n", err);
             return 1;
         }
+    }
+    if (kd_curve_env_for_cli(key, server_key, is_endpoint ? NULL : dir, err, sizeof err) != 0) {
+        fprintf(stderr, "kdist status: %s\n", err);
+        return 1;
     }
 
     int rc = 1;

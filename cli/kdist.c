@@ -53,6 +53,9 @@ static void usage(FILE *out) {
         "  cache ls|verify|gc|export|import [--dir DIR] ...\n"
         "        the teacher-logit cache: list, check, delete, export to .npy, import logits\n"
         "        computed elsewhere (kdist cache --help)\n"
+        "  keygen NAME [--dir DIR] [--force] | keygen --cluster DIR [--force]\n"
+        "        CurveZMQ key pairs: DIR/NAME.key (secret) and DIR/NAME.pub; --cluster: every\n"
+        "        role's pair and the recipe lines (docs/security.md)\n"
         "  inventory check|plan INVENTORY [RECIPE [section.key=value ...]]\n"
         "        validate a deployment inventory (deploy/), or print the plan that\n"
         "        deploy/kdist-cluster follows\n");
@@ -285,6 +288,7 @@ int main(int argc, char **argv) {
     if (strcmp(cmd, "scale") == 0) return kd_cmd_scale(argc - 2, argv + 2);
     if (strcmp(cmd, "drain") == 0) return kd_cmd_drain(argc - 2, argv + 2);
     if (strcmp(cmd, "cache") == 0) return kd_cmd_cache(argc - 2, argv + 2);
+    if (strcmp(cmd, "keygen") == 0) return kd_cmd_keygen(argc - 2, argv + 2);
     if (strcmp(cmd, "inventory") == 0) return kd_cmd_inventory(argc - 2, argv + 2);
     fprintf(stderr, "kdist: unknown command '%s'\n", cmd);
     usage(stderr);

@@ -14,7 +14,7 @@
 /* ---------------------------------------------------------------------------------------- */
 /* The schema                                                                               */
 
-typedef enum { T_STR, T_LONG, T_INT, T_FLOAT, T_BOOL, T_ENUM, T_LAYERS } vtype_t;
+typedef enum { T_STR, T_LONG, T_INT, T_FLOAT, T_BOOL, T_ENUM, T_LAYERS, T_STRLIST } vtype_t;
 
 enum {
     F_REQ = 1, /* must be given (layer lists: and non-empty) */
@@ -99,11 +99,11 @@ static int check_name(const char *s, char *msg, size_t n) {
 }
 
 typedef struct {
-    const char *key; /* dotted: "optim.lr"; layer fields: the field name */
+    const char *key; /* dotted: "optim.lr", "cluster.security.curve"; layer fields: the name */
     vtype_t type;
-    size_t off;  /* field (layers: n_layers) */
-    size_t off2; /* layers: the array */
-    size_t size; /* strings: buffer size */
+    size_t off;  /* field (layers, string lists: the count, an int) */
+    size_t off2; /* layers, string lists: the array */
+    size_t size; /* strings: buffer size (string lists: of one entry) */
     const enum_ops_t *ops;
     int (*check)(const char *s, char *msg, size_t n);
     double min, max;
@@ -134,6 +134,12 @@ typedef struct {
     { .key = k, .type = T_BOOL, .off = RFIELD(f), .def = d, .desc = doc }
 #define ENUM(k, f, o, d, doc)                                                                      \
     { .key = k, .type = T_ENUM, .off = RFIELD(f), .ops = &o, .def = d, .desc = doc }
+/* A list of strings: count field n, array field a of fixed-size entries, at most max of them. */
+#define STRLIST(k, n, a, max_, doc)                                                                \
+    {                                                                                              \
+        .key = k, .type = T_STRLIST, .off = RFIELD(n), .off2 = RFIELD(a), .size = RSIZE(a[0]),     \
+        .max = max_, .def = "[]", .desc = doc                                                      \
+    }
 #define LAYERS(k, sec, fl, doc)                                                                    \
     {                                                                                              \
         .key = k, .type = T_LAYERS, .off = RFIELD(sec.n_layers), .off2 = RFIELD(sec.layers),       \
@@ -259,6 +265,19 @@ static const row_t schema[] = {
     BOOL("cluster.shared_memory", cluster.shared_memory, "true",
          "workers on the coordinator's machine exchange weights and gradients through shared "
          "memory instead of TCP"),
+    /* a sub-section: these keys stay last in `cluster` (the writer nests them there) */
+    BOOL("cluster.security.curve", cluster.security.curve, "false",
+         "encrypt and authenticate every connection with CurveZMQ (docs/security.md)"),
+    STR("cluster.security.keys_dir", cluster.security.keys_dir, 0, NULL, "",
+        "kdist run: directory of the key pairs of every role, made by `kdist keygen --cluster "
+        "DIR`"),
+    STR("cluster.security.coordinator_key", cluster.security.coordinator_key, 0, NULL, "",
+        "the coordinator's public key (Z85, or a key file); the coordinator writes its own into "
+        "the resolved recipe"),
+    STRLIST("cluster.security.authorized_keys", cluster.security.n_authorized_keys,
+            cluster.security.authorized_keys, KD_MAX_AUTHORIZED_KEYS,
+            "public keys that may connect: Z85, key files or directories of .pub files (an "
+            "override takes them comma-separated)"),
 
     STR("logging.runs_dir", logging.runs_dir, 0, NULL, "runs", "directory holding run outputs"),
     LONG("logging.every_steps", logging.every_steps, BTW, 1, 1000000, "10",
@@ -431,6 +450,62 @@ static int check_range(const row_t *k, double v, const char *text, char *msg, si
     return kd_err(msg, n, "must be %s, got %s", range, text);
 }
 
+/* A string of len bytes into a field of size bytes, checked by k->check when set. */
+static int store_string(const row_t *k, char *field, const char *text, size_t len, char *msg,
+                        size_t n) {
+    if (len >= k->size)
+        return kd_err(msg, n, "is too long (%zu bytes, at most %zu)", len, k->size - 1);
+    for (size_t i = 0; i < len; i++)
+        if ((unsigned char)text[i] < 0x20 || text[i] == 0x7f)
+            return kd_err(msg, n, "contains a control character");
+    if (k->check && k->check(text, msg, n) != 0) return -1;
+    /* zero the tail too, so equal recipes are equal bytes (memcmp-able) */
+    memset(field, 0, k->size);
+    memcpy(field, text, len);
+    return 0;
+}
+
+/* A string list from override text: entries separated by commas (Z85 keys have none),
+ * surrounding blanks dropped; "" or "[]" is the empty list. All or nothing. */
+static int set_list_text(void *base, const row_t *k, const char *text, char *msg, size_t n) {
+    char *array = (char *)base + k->off2;
+    const int max = (int)k->max;
+    char *entries = kd_xcalloc((size_t)max, k->size);
+    int count = 0, rc = 0;
+    bool empty = strspn(text, " ") == strlen(text) || strcmp(text, "[]") == 0;
+    for (const char *p = text; !empty && rc == 0; p++) {
+        const char *end = strchr(p, ',');
+        if (!end) end = p + strlen(p);
+        while (p < end && *p == ' ') p++;
+        size_t len = (size_t)(end - p);
+        while (len && p[len - 1] == ' ') len--;
+        char piece[KD_ERR_LEN];
+        if (len == 0) {
+            rc = kd_err(msg, n, "entry %d is empty", count);
+        } else if (count == max) {
+            rc = kd_err(msg, n, "has more than %d entries", max);
+        } else if (len >= sizeof piece) {
+            rc = kd_err(msg, n, "entry %d is too long (%zu bytes, at most %zu)", count, len,
+                        k->size - 1);
+        } else {
+            memcpy(piece, p, len);
+            piece[len] = 0;
+            char why[KD_ERR_LEN];
+            if (store_string(k, entries + (size_t)count * k->size, piece, len, why, sizeof why))
+                rc = kd_err(msg, n, "entry %d %s", count, why);
+            count++;
+        }
+        p = end;
+        if (!*p) break;
+    }
+    if (rc == 0) {
+        memcpy(array, entries, (size_t)max * k->size);
+        *(int *)((char *)base + k->off) = count;
+    }
+    free(entries);
+    return rc;
+}
+
 /* Converts text for row k and stores it at base + k->off. Nothing is stored on error; msg
  * then says what is wrong (without location: callers add it). */
 static int set_value(void *base, const row_t *k, const char *text, size_t len, char *msg,
@@ -438,18 +513,10 @@ static int set_value(void *base, const row_t *k, const char *text, size_t len, c
     char *field = (char *)base + k->off;
     if (strlen(text) != len) return kd_err(msg, n, "contains a NUL byte");
     switch (k->type) {
-    case T_STR: {
-        if (len >= k->size)
-            return kd_err(msg, n, "is too long (%zu bytes, at most %zu)", len, k->size - 1);
-        for (size_t i = 0; i < len; i++)
-            if ((unsigned char)text[i] < 0x20 || text[i] == 0x7f)
-                return kd_err(msg, n, "contains a control character");
-        if (k->check && k->check(text, msg, n) != 0) return -1;
-        /* zero the tail too, so equal recipes are equal bytes (memcmp-able) */
-        memset(field, 0, k->size);
-        memcpy(field, text, len);
-        return 0;
-    }
+    case T_STR:
+        return store_string(k, field, text, len, msg, n);
+    case T_STRLIST:
+        return set_list_text(base, k, text, msg, n);
     case T_LONG:
     case T_INT: {
         double d;
@@ -548,6 +615,7 @@ static void format_value(const void *base, const row_t *k, char *out, size_t n) 
         snprintf(out, n, "%s", k->ops->name(k->ops->load(field)));
         return;
     case T_LAYERS:
+    case T_STRLIST:
         break;
     }
     KD_ASSERT(!"format_value: unsupported type");
@@ -674,6 +742,8 @@ static const char *type_word(vtype_t t) {
         return "one of the names listed in docs/recipe.md";
     case T_LAYERS:
         return "a list of layers";
+    case T_STRLIST:
+        return "a list of strings";
     }
     return "?";
 }
@@ -819,12 +889,81 @@ static int parse_layers(pctx_t *c, const row_t *k, yaml_node_t *v) {
     return 0;
 }
 
+/* A list of strings (cluster.security.authorized_keys): a YAML sequence of scalars. */
+static int parse_strlist(pctx_t *c, const row_t *k, yaml_node_t *v) {
+    if (v->type != YAML_SEQUENCE_NODE)
+        return loc_err(c, v->start_mark, "%s: expected a list of strings (- \"...\"), got %s",
+                       k->key, node_kind(v));
+    yaml_node_item_t *items = v->data.sequence.items.start;
+    long n = v->data.sequence.items.top - items;
+    if (n > (long)k->max)
+        return loc_err(c, v->start_mark, "%s: too many entries (%ld, at most %.0f)", k->key, n,
+                       k->max);
+    char *base = (char *)c->r;
+    char *array = kd_xcalloc((size_t)k->max, k->size);
+    for (long i = 0; i < n; i++) {
+        yaml_node_t *item = node_at(c, items[i]);
+        char label[160], msg[KD_ERR_LEN];
+        snprintf(label, sizeof label, "%s[%ld]", k->key, i);
+        int rc = 0;
+        if (item->type != YAML_SCALAR_NODE)
+            rc = loc_err(c, item->start_mark, "%s: expected a string, got %s", label,
+                         node_kind(item));
+        else if (item->data.scalar.length == 0 ||
+                 strlen(scalar_text(item)) != item->data.scalar.length)
+            rc = loc_err(c, item->start_mark, "%s: %s", label,
+                         item->data.scalar.length ? "contains a NUL byte" : "must not be empty");
+        else if (store_string(k, array + (size_t)i * k->size, scalar_text(item),
+                              item->data.scalar.length, msg, sizeof msg) != 0)
+            rc = loc_err(c, item->start_mark, "%s: %s", label, msg);
+        if (rc) {
+            free(array);
+            return -1;
+        }
+    }
+    memcpy(base + k->off2, array, (size_t)k->max * k->size);
+    *(int *)(base + k->off) = (int)n;
+    free(array);
+    return 0;
+}
+
 static int parse_entry(pctx_t *c, const row_t *k, yaml_node_t *v) {
-    int rc = k->type == T_LAYERS ? parse_layers(c, k, v) : set_node(c, c->r, k, k->key, v);
+    int rc = k->type == T_LAYERS    ? parse_layers(c, k, v)
+             : k->type == T_STRLIST ? parse_strlist(c, k, v)
+                                    : set_node(c, c->r, k, k->key, v);
     if (rc == 0) c->seen[k - schema] = true;
     return rc;
 }
 
+/* Whether some key lives below the dotted path `sec` ("cluster.security"). */
+static bool has_keys_below(const char *sec) {
+    size_t sl = strlen(sec);
+    for (int i = 0; i < N_ROWS; i++)
+        if (strncmp(schema[i].key, sec, sl) == 0 && schema[i].key[sl] == '.') return true;
+    return false;
+}
+
+/* The names one level below `sec` (keys and sub-sections, each once), for did-you-mean. */
+static int names_below(const char *sec, const char **out, char (*store)[32]) {
+    size_t sl = strlen(sec);
+    int n = 0;
+    for (int i = 0; i < N_ROWS; i++) {
+        const char *key = schema[i].key;
+        if (strncmp(key, sec, sl) != 0 || key[sl] != '.') continue;
+        const char *name = key + sl + 1;
+        size_t len = strcspn(name, ".");
+        snprintf(store[n], sizeof store[n], "%.*s", (int)len, name);
+        bool known = false;
+        for (int j = 0; j < n && !known; j++) known = strcmp(out[j], store[n]) == 0;
+        if (!known) {
+            out[n] = store[n];
+            n++;
+        }
+    }
+    return n;
+}
+
+/* A section's mapping (sec: "cluster", or a sub-section such as "cluster.security"). */
 static int parse_section(pctx_t *c, const char *sec, yaml_node_t *map) {
     for (yaml_node_pair_t *p = map->data.mapping.pairs.start; p < map->data.mapping.pairs.top;
          p++) {
@@ -832,20 +971,23 @@ static int parse_section(pctx_t *c, const char *sec, yaml_node_t *map) {
         if (!key) return -1;
         char full[160];
         snprintf(full, sizeof full, "%s.%s", sec, key);
+        yaml_node_t *v = node_at(c, p->value);
         const row_t *k = find_row(full);
-        if (!k) {
+        if (k) {
+            if (parse_entry(c, k, v) != 0) return -1;
+        } else if (has_keys_below(full)) {
+            if (v->type != YAML_MAPPING_NODE)
+                return loc_err(c, v->start_mark, "section '%s' must be a mapping of keys, got %s",
+                               full, node_kind(v));
+            if (parse_section(c, full, v) != 0) return -1;
+        } else {
             const char *names[N_ROWS];
-            int n = 0;
-            size_t sl = strlen(sec);
-            for (int i = 0; i < N_ROWS; i++)
-                if (section_len(schema[i].key) == sl && strncmp(schema[i].key, sec, sl) == 0)
-                    names[n++] = schema[i].key + sl + 1;
-            char dym[160];
+            char store[N_ROWS][32], dym[160];
+            int n = names_below(sec, names, store);
             did_you_mean(key, names, n, dym, sizeof dym);
             return loc_err(c, node_at(c, p->key)->start_mark, "unknown key '%s' in '%s'%s", key,
                            sec, dym);
         }
-        if (parse_entry(c, k, node_at(c, p->value)) != 0) return -1;
     }
     return 0;
 }
@@ -1078,22 +1220,55 @@ static void write_layers(buf_t *b, const kd_layer_spec_t *specs, int n) {
     }
 }
 
+static void write_strlist(buf_t *b, const row_t *k, const kd_recipe_t *r, int indent) {
+    const char *base = (const char *)r;
+    int n = *(const int *)(base + k->off);
+    if (n == 0) {
+        bprintf(b, " []\n");
+        return;
+    }
+    bprintf(b, "\n");
+    row_t one = *k; /* each entry written as a string of the entry's size */
+    one.type = T_STR;
+    for (int i = 0; i < n; i++) {
+        char v[2 * KD_AUTHORIZED_KEY_MAX + 8];
+        one.off = k->off2 + (size_t)i * k->size;
+        format_value(r, &one, v, sizeof v);
+        bprintf(b, "%*s- %s\n", indent + 2, "", v);
+    }
+}
+
+/* How many leading dotted components two keys share ("cluster.security.curve" and
+ * "cluster.bind" share 1), counting only section components (not the last). */
+static int shared_sections(const char *a, const char *b) {
+    int n = 0;
+    for (;;) {
+        const char *da = strchr(a, '.'), *db = strchr(b, '.');
+        if (!da || !db || da - a != db - b || strncmp(a, b, (size_t)(da - a)) != 0) return n;
+        n++;
+        a = da + 1;
+        b = db + 1;
+    }
+}
+
 char *kd_recipe_to_yaml(const kd_recipe_t *r) {
     buf_t b = {kd_xmalloc(4096), 0, 4096};
     b.p[0] = 0;
     bprintf(&b, "# kdist recipe (resolved: every key, defaults included)\n");
     for (int i = 0; i < N_ROWS; i++) {
         const row_t *k = &schema[i];
-        size_t sl = section_len(k->key);
-        const char *key = sl ? k->key + sl + 1 : k->key;
-        if (sl && (i == 0 || section_len(schema[i - 1].key) != sl ||
-                   strncmp(schema[i - 1].key, k->key, sl) != 0))
-            bprintf(&b, "%.*s:\n", (int)sl, k->key);
-        bprintf(&b, "%s%s:", sl ? "  " : "", key);
+        /* open the sections this key is in that the previous key was not */
+        int shared = i ? shared_sections(schema[i - 1].key, k->key) : 0, depth = 0;
+        const char *key = k->key;
+        for (const char *dot; (dot = strchr(key, '.')); key = dot + 1, depth++)
+            if (depth >= shared) bprintf(&b, "%*s%.*s:\n", 2 * depth, "", (int)(dot - key), key);
+        bprintf(&b, "%*s%s:", 2 * depth, "", key);
         if (k->type == T_LAYERS) {
             const char *base = (const char *)r;
             write_layers(&b, (const kd_layer_spec_t *)(base + k->off2),
                          *(const int *)(base + k->off));
+        } else if (k->type == T_STRLIST) {
+            write_strlist(&b, k, r, 2 * depth);
         } else {
             char v[2 * KD_PATH_MAX + 8];
             format_value(r, k, v, sizeof v);
@@ -1136,6 +1311,8 @@ static const char *type_name(const row_t *k) {
         return "enum";
     case T_LAYERS:
         return "layer list";
+    case T_STRLIST:
+        return "string list";
     }
     return "?";
 }
@@ -1147,6 +1324,8 @@ static void print_constraint(FILE *out, const row_t *k) {
     } else if (k->type == T_LAYERS) {
         snprintf(txt, sizeof txt, "%s, at most %d (see below)",
                  (k->flags & F_REQ) ? "non-empty" : "may be empty", KD_MAX_LAYERS);
+    } else if (k->type == T_STRLIST) {
+        snprintf(txt, sizeof txt, "at most %.0f entries of %zu bytes", k->max, k->size - 1);
     } else if (k->type == T_STR) {
         snprintf(txt, sizeof txt, "%s%zu bytes at most",
                  k->check == check_name ? "[A-Za-z0-9_.-]+, " : "", k->size - 1);

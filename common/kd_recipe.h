@@ -15,7 +15,9 @@
 #include "kd_optim.h"
 #include "kd_util.h"
 
-#define KD_NAME_MAX 128
+#define KD_NAME_MAX            128
+#define KD_MAX_AUTHORIZED_KEYS 64  /* cluster.security.authorized_keys entries */
+#define KD_AUTHORIZED_KEY_MAX  512 /* bytes per entry, NUL included */
 
 typedef enum { KD_CONSISTENCY_SYNC = 0, KD_CONSISTENCY_ASYNC, KD_CONSISTENCY_SSP } kd_consistency_t;
 
@@ -94,6 +96,13 @@ typedef struct {
         char bind[KD_PATH_MAX];   /* coordinator endpoint; a '*' port picks a free one */
         bool shared_memory;       /* same-host workers skip TCP for tensors (kd_shm.h) */
         bool restart_failed;      /* kdist run restarts a crashed process (same role, id) */
+        struct {                  /* CurveZMQ (docs/security.md, kd_curve.h) */
+            bool curve;           /* every connection encrypted and authenticated */
+            char keys_dir[KD_PATH_MAX];        /* kdist run: `kdist keygen --cluster DIR` */
+            char coordinator_key[KD_PATH_MAX]; /* Z85 or a key file; "" = not given */
+            int n_authorized_keys;             /* entries: Z85, key file or directory */
+            char authorized_keys[KD_MAX_AUTHORIZED_KEYS][KD_AUTHORIZED_KEY_MAX];
+        } security;
     } cluster;
 
     struct {

@@ -3,6 +3,7 @@
 
 #include <ctype.h>
 #include <errno.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -172,6 +173,9 @@ int kd_wire_recv(void *sock, bool router, int flags, kd_msg_t *msg, char *err, s
             kd_err(err, errlen, "receive failed: %s", zmq_strerror(errno));
             return KD_WIRE_CLOSED;
         }
+        /* the ZAP handler's verdict travels with every frame of the connection */
+        const char *user = zmq_msg_gets(&header, "User-Id");
+        if (user) snprintf(msg->user_id, sizeof msg->user_id, "%s", user);
     } else {
         header = first;
     }
@@ -389,14 +393,60 @@ int kd_socket_bind(void *sock, const char *endpoint, char *bound, size_t boundle
     return 0;
 }
 
+static int set_curve_opt(void *sock, int opt, const void *val, size_t len, const char *what,
+                         char *err, size_t errlen) {
+    if (zmq_setsockopt(sock, opt, val, len) == 0) return 0;
+    return kd_err(err, errlen, "cannot set %s: %s", what, zmq_strerror(errno));
+}
+
+int kd_wire_curve_server(void *sock, const kd_curve_pair_t *self, char *err, size_t errlen) {
+    int one = 1;
+    if (!self->secret_z85[0]) return kd_err(err, errlen, "a CurveZMQ server needs a secret key");
+    if (set_curve_opt(sock, ZMQ_CURVE_SERVER, &one, sizeof one, "ZMQ_CURVE_SERVER", err, errlen) ||
+        set_curve_opt(sock, ZMQ_CURVE_SECRETKEY, self->secret_z85, KD_CURVE_Z85_LEN,
+                      "ZMQ_CURVE_SECRETKEY", err, errlen))
+        return -1;
+    return 0;
+}
+
+int kd_wire_curve_client(void *sock, const kd_curve_client_t *c, char *err, size_t errlen) {
+    if (set_curve_opt(sock, ZMQ_CURVE_PUBLICKEY, c->self.public_z85, KD_CURVE_Z85_LEN,
+                      "ZMQ_CURVE_PUBLICKEY", err, errlen) ||
+        set_curve_opt(sock, ZMQ_CURVE_SECRETKEY, c->self.secret_z85, KD_CURVE_Z85_LEN,
+                      "ZMQ_CURVE_SECRETKEY", err, errlen))
+        return -1;
+    return c->server_z85[0] ? kd_wire_curve_server_key(sock, c->server_z85, err, errlen) : 0;
+}
+
+int kd_wire_curve_server_key(void *sock, const char *server_z85, char *err, size_t errlen) {
+    if (strlen(server_z85) != KD_CURVE_Z85_LEN)
+        return kd_err(err, errlen, "the server key '%.60s' is not a Z85 key", server_z85);
+    return set_curve_opt(sock, ZMQ_CURVE_SERVERKEY, server_z85, KD_CURVE_Z85_LEN,
+                         "ZMQ_CURVE_SERVERKEY (not a Z85 key?)", err, errlen);
+}
+
 void *kd_socket_dealer(void *ctx, const char *identity, const char *endpoint, int heartbeat_ms,
                        char *err, size_t errlen) {
+    return kd_socket_dealer_curve(ctx, identity, endpoint, heartbeat_ms, NULL, NULL, err, errlen);
+}
+
+void *kd_socket_dealer_curve(void *ctx, const char *identity, const char *endpoint,
+                             int heartbeat_ms, const kd_curve_client_t *curve, void **monitor,
+                             char *err, size_t errlen) {
     void *s = zmq_socket(ctx, ZMQ_DEALER);
     if (!s) return kd_err(err, errlen, "cannot create socket: %s", zmq_strerror(errno)), NULL;
     set_common_options(s, heartbeat_ms);
     zmq_setsockopt(s, ZMQ_ROUTING_ID, identity, strlen(identity));
+    if (monitor) *monitor = NULL;
+    if ((curve && kd_wire_curve_client(s, curve, err, errlen) != 0) ||
+        (monitor && !(*monitor = kd_wire_monitor_events(ctx, s, "dealer", KD_WIRE_HANDSHAKE_EVENTS,
+                                                        err, errlen)))) {
+        zmq_close(s);
+        return NULL;
+    }
     if (zmq_connect(s, endpoint) != 0) {
         kd_err(err, errlen, "cannot connect to %s: %s", endpoint, zmq_strerror(errno));
+        if (monitor) zmq_close(*monitor), *monitor = NULL;
         zmq_close(s);
         return NULL;
     }
@@ -405,9 +455,19 @@ void *kd_socket_dealer(void *ctx, const char *identity, const char *endpoint, in
 
 void *kd_socket_router(void *ctx, const char *endpoint, int heartbeat_ms, char *bound,
                        size_t boundlen, char *err, size_t errlen) {
+    return kd_socket_router_curve(ctx, endpoint, heartbeat_ms, NULL, bound, boundlen, err, errlen);
+}
+
+void *kd_socket_router_curve(void *ctx, const char *endpoint, int heartbeat_ms,
+                             const kd_curve_pair_t *server, char *bound, size_t boundlen, char *err,
+                             size_t errlen) {
     void *s = zmq_socket(ctx, ZMQ_ROUTER);
     if (!s) return kd_err(err, errlen, "cannot create socket: %s", zmq_strerror(errno)), NULL;
     set_common_options(s, heartbeat_ms);
+    if (server && kd_wire_curve_server(s, server, err, errlen) != 0) {
+        zmq_close(s);
+        return NULL;
+    }
     int one = 1;
     zmq_setsockopt(s, ZMQ_ROUTER_MANDATORY, &one, sizeof one);
     /* A reconnecting node with the same routing id takes over the old pipe. */
@@ -469,11 +529,18 @@ const char *kd_wire_body_name(const kd_env_t *env) {
      ZMQ_EVENT_HANDSHAKE_FAILED_AUTH)
 
 void *kd_wire_monitor(void *ctx, void *socket, const char *name, char *err, size_t errlen) {
+    return kd_wire_monitor_events(ctx, socket, name, REFUSED_EVENTS, err, errlen);
+}
+
+void *kd_wire_monitor_events(void *ctx, void *socket, const char *name, int events, char *err,
+                             size_t errlen) {
+    static atomic_long serial; /* a socket closed and another made at its address: new name */
     char endpoint[128];
-    snprintf(endpoint, sizeof endpoint, "inproc://kd-monitor-%s-%p", name, socket);
+    snprintf(endpoint, sizeof endpoint, "inproc://kd-monitor-%s-%p-%ld", name, socket,
+             atomic_fetch_add(&serial, 1));
     void *pair = NULL;
-    if (zmq_socket_monitor(socket, endpoint, REFUSED_EVENTS) != 0 ||
-        !(pair = zmq_socket(ctx, ZMQ_PAIR)) || zmq_connect(pair, endpoint) != 0) {
+    if (zmq_socket_monitor(socket, endpoint, events) != 0 || !(pair = zmq_socket(ctx, ZMQ_PAIR)) ||
+        zmq_connect(pair, endpoint) != 0) {
         kd_err(err, errlen, "cannot monitor the %s socket: %s", name, zmq_strerror(errno));
         if (pair) zmq_close(pair);
         return NULL;
@@ -502,10 +569,10 @@ long kd_wire_refused(void *monitor, const char *what, long *total) {
         if (complete && (event & REFUSED_EVENTS)) {
             n++;
             (*total)++;
-            if (kd_log_allow(&limit, 1.0))
+            if (event != ZMQ_EVENT_HANDSHAKE_FAILED_AUTH && kd_log_allow(&limit, 1.0))
                 kd_log(KD_LOG_WARN, "KD-WIRE-REFUSED",
-                       "%s refused a connection from %.*s: not ZeroMQ 3 or a broken handshake "
-                       "(%ld refused so far)",
+                       "%s refused a connection on %.*s: not ZeroMQ 3, plaintext against "
+                       "CurveZMQ (or the reverse), or a broken handshake (%ld refused so far)",
                        what, (int)zmq_msg_size(&addr), (const char *)zmq_msg_data(&addr), *total);
         }
         zmq_msg_close(&head);

@@ -11,6 +11,7 @@
 #include <stdint.h>
 #include <zmq.h>
 
+#include "kd_curve.h"
 #include "kd_safetensors.h" /* kd_dtype_t */
 #include "kdist.pb-c.h"
 
@@ -34,6 +35,9 @@ typedef struct {
     void *copies[KD_WIRE_MAX_TENSORS]; /* owned aligned copies of frames ZeroMQ left unaligned */
     uint8_t peer[KD_WIRE_MAX_PEER];    /* ROUTER sockets: the sender's routing id */
     size_t peer_len;
+    /* ROUTER sockets under CurveZMQ: the sender's public key (Z85) as the ZAP handler
+     * authenticated it; "" in plaintext */
+    char user_id[KD_CURVE_Z85_LEN + 1];
 } kd_msg_t;
 
 /* Unpacks and validates a header against the byte lengths of the payload frames that came
@@ -100,14 +104,38 @@ void *kd_socket_dealer(void *ctx, const char *identity, const char *endpoint, in
                        char *err, size_t errlen);
 void *kd_socket_router(void *ctx, const char *endpoint, int heartbeat_ms, char *bound,
                        size_t boundlen, char *err, size_t errlen);
+/* The same under CurveZMQ (kd_curve.h) when curve is not NULL: the dealer is a CURVE client of
+ * curve->server_z85 and, when monitor is not NULL, gets a monitor of its handshakes
+ * (KD_WIRE_HANDSHAKE_EVENTS, for kd_curve_watch_t) before it connects; the router is a CURVE
+ * server with the pair server (its context needs a ZAP handler, kd_zap_new, started first). */
+void *kd_socket_dealer_curve(void *ctx, const char *identity, const char *endpoint,
+                             int heartbeat_ms, const kd_curve_client_t *curve, void **monitor,
+                             char *err, size_t errlen);
+void *kd_socket_router_curve(void *ctx, const char *endpoint, int heartbeat_ms,
+                             const kd_curve_pair_t *server, char *bound, size_t boundlen, char *err,
+                             size_t errlen);
+/* CURVE options on any socket, before bind/connect: a server with its pair; a client with its
+ * pair and the server's public key (server_z85 may be "" and come later, per connect, through
+ * kd_wire_curve_server_key). 0, or -1 with err set. */
+int kd_wire_curve_server(void *sock, const kd_curve_pair_t *self, char *err, size_t errlen);
+int kd_wire_curve_client(void *sock, const kd_curve_client_t *c, char *err, size_t errlen);
+int kd_wire_curve_server_key(void *sock, const char *server_z85, char *err, size_t errlen);
 
 /* Connections libzmq refuses before any message reaches kdist (raw non-ZeroMQ bytes, ZMTP
- * 1.0/2.0 greetings, broken handshakes) are visible only through a socket monitor.
- * kd_wire_monitor starts one on a listening socket (name: for the inproc endpoint) and returns
- * the socket its events arrive on, or NULL with err set. kd_wire_refused drains it without
- * blocking, logs each refusal with the peer's address (at most once a second) and returns how
- * many there were; *total counts them over the process's life. */
+ * 1.0/2.0 greetings, broken handshakes, CurveZMQ keys the ZAP handler refused) are visible only
+ * through a socket monitor. kd_wire_monitor starts one on a listening socket (name: for the
+ * inproc endpoint) and returns the socket its events arrive on, or NULL with err set.
+ * kd_wire_refused drains it without blocking, logs each refusal with the address (at most once a
+ * second; refused keys are logged by the ZAP handler, which knows the key) and returns how many
+ * there were; *total counts them over the process's life. */
 void *kd_wire_monitor(void *ctx, void *socket, const char *name, char *err, size_t errlen);
+/* A monitor of other events (ZMQ_EVENT_* mask); the connecting side's handshakes: */
+#define KD_WIRE_HANDSHAKE_EVENTS                                                                   \
+    (ZMQ_EVENT_CONNECTED | ZMQ_EVENT_DISCONNECTED | ZMQ_EVENT_HANDSHAKE_SUCCEEDED |                \
+     ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL | ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL |                  \
+     ZMQ_EVENT_HANDSHAKE_FAILED_AUTH)
+void *kd_wire_monitor_events(void *ctx, void *socket, const char *name, int events, char *err,
+                             size_t errlen);
 long kd_wire_refused(void *monitor, const char *what, long *total);
 /* Binds sock to endpoint, reporting the resolved endpoint (for '*' ports). */
 int kd_socket_bind(void *sock, const char *endpoint, char *bound, size_t boundlen, char *err,

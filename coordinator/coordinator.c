@@ -2,7 +2,8 @@
  * student's weights and optimizer, the membership, the per-epoch ledger of applied batches,
  * the assignment of batches to teacher nodes, evaluation, checkpoints and the run's outputs.
  * Message flow: docs/protocol.md. Single-threaded apart from the evaluator actor.
- *   usage: kdist-coordinator --recipe RECIPE --run-dir DIR [--resume] [section.key=value ...] */
+ *   usage: kdist-coordinator --recipe RECIPE --run-dir DIR [--resume] [--key FILE]
+ *                            [section.key=value ...] */
 #include <errno.h>
 #include <jansson.h>
 #include <math.h>
@@ -15,6 +16,7 @@
 #include "checkpoint.h"
 #include "coordinator.h"
 #include "kd_checkpoint.h"
+#include "kd_curve.h"
 #include "kd_log.h"
 #include "kd_node.h"
 
@@ -30,6 +32,10 @@ typedef struct {
     char ckpt_dir[KD_PATH_MAX + 32];
     char endpoint[256];
     void *ctx, *router;
+    /* CurveZMQ (cluster.security.curve): our pair, the keys that may connect, their gatekeeper */
+    kd_curve_pair_t curve_pair;
+    kd_curve_keyset_t *authorized;
+    kd_zap_t *zap;
     kd_splits_t data;
     kd_model_t *model;
     kd_optim_t *opt;
@@ -791,12 +797,15 @@ static void on_push(member_t *m, kd_msg_t *msg) {
 
 /* ---- membership -------------------------------------------------------------------------- */
 
-/* The stream endpoints of the live teacher nodes (borrowed strings); returns the count. */
-static size_t teacher_endpoints(char **out) {
+/* The stream endpoints of the live teacher nodes and, under CurveZMQ, their public keys
+ * (borrowed strings; keys may be NULL); returns the count. */
+static size_t teacher_endpoints(char **out, char **keys) {
     size_t n = 0;
     for (int i = 0; i < COORD_MAX_MEMBERS; i++)
-        if (C.members[i].used && C.members[i].role == KDIST__ROLE__TEACHER)
+        if (C.members[i].used && C.members[i].role == KDIST__ROLE__TEACHER) {
+            if (keys) keys[n] = C.members[i].curve_key;
             out[n++] = C.members[i].stream_endpoint;
+        }
     return n;
 }
 
@@ -804,8 +813,8 @@ static void send_welcome(member_t *m) {
     char spec[2048];
     kd_model_describe(C.model, spec, sizeof spec);
     char *yaml = kd_recipe_to_yaml(&C.r);
-    char *endpoints[COORD_MAX_MEMBERS];
-    size_t n_endpoints = teacher_endpoints(endpoints);
+    char *endpoints[COORD_MAX_MEMBERS], *keys[COORD_MAX_MEMBERS];
+    size_t n_endpoints = teacher_endpoints(endpoints, keys);
     Kdist__Shape shape = KDIST__SHAPE__INIT;
     shape.c = C.model->input.c;
     shape.h = C.model->input.h;
@@ -819,6 +828,10 @@ static void send_welcome(member_t *m) {
     w.weights_version = C.s.version;
     w.n_teacher_endpoints = n_endpoints;
     w.teacher_endpoints = endpoints;
+    if (C.r.cluster.security.curve) {
+        w.n_teacher_keys = n_endpoints;
+        w.teacher_keys = keys;
+    }
     w.heartbeat_ms = (uint32_t)C.r.cluster.heartbeat_ms;
     w.n_params = C.model->n_params;
     Kdist__SharedMemory offer = KDIST__SHARED_MEMORY__INIT;
@@ -832,11 +845,15 @@ static void send_welcome(member_t *m) {
 }
 
 static void send_peers(void) {
-    char *endpoints[COORD_MAX_MEMBERS];
-    size_t n = teacher_endpoints(endpoints);
+    char *endpoints[COORD_MAX_MEMBERS], *keys[COORD_MAX_MEMBERS];
+    size_t n = teacher_endpoints(endpoints, keys);
     Kdist__Peers p = KDIST__PEERS__INIT;
     p.n_teacher_endpoints = n;
     p.teacher_endpoints = endpoints;
+    if (C.r.cluster.security.curve) {
+        p.n_teacher_keys = n;
+        p.teacher_keys = keys;
+    }
     kd_env_t env = KDIST__ENVELOPE__INIT;
     env.body_case = KDIST__ENVELOPE__BODY_PEERS;
     env.peers = &p;
@@ -927,6 +944,8 @@ static void on_hello(kd_msg_t *msg) {
     m->pid = h->pid;
     m->threads = h->threads;
     snprintf(m->stream_endpoint, sizeof m->stream_endpoint, "%s", h->stream_endpoint);
+    /* the key the ZAP handler checked, never one the node claims: workers trust it */
+    snprintf(m->curve_key, sizeof m->curve_key, "%s", msg->user_id);
     m->joined = m->last_seen = m->rate_t0 = kd_now();
     m->state = WORKER_COMPUTING;
     uint64_t lo = min_clock();
@@ -1256,8 +1275,51 @@ static int run_loop(void) {
 
 /* ---- set-up ------------------------------------------------------------------------------ */
 
+#define USAGE                                                                                      \
+    "usage: kdist-coordinator --recipe RECIPE --run-dir DIR [--resume] [--key FILE] "              \
+    "[section.key=value ...]\n"                                                                    \
+    "  --key FILE  the coordinator's CurveZMQ key pair (kdist keygen), when the recipe sets\n"     \
+    "              cluster.security.curve; default: $KDIST_KEY"
+
+/* cluster.security: our key pair (--key or KDIST_KEY) and the keys that may connect, checked
+ * against the recipe; our public key goes into the resolved recipe for the other nodes. */
+static int setup_curve(const char *recipe, const char *key_opt, char *err, size_t errlen) {
+    if (!C.r.cluster.security.curve) {
+        if (key_opt)
+            return kd_err(err, errlen,
+                          "--key %s given but %s has cluster.security.curve off: turn it on, or "
+                          "drop --key",
+                          key_opt, recipe);
+        return 0;
+    }
+    const char *env = getenv(KD_CURVE_ENV_KEY);
+    const char *key = key_opt ? key_opt : env && env[0] ? env : NULL;
+    if (!key)
+        return kd_err(err, errlen,
+                      "%s sets cluster.security.curve: give the coordinator its key pair with "
+                      "--key FILE (made by `kdist keygen`) or set %s",
+                      recipe, KD_CURVE_ENV_KEY);
+    char why[KD_ERR_LEN];
+    if (kd_curve_load_pair(key, &C.curve_pair, why, sizeof why) != 0)
+        return kd_err(err, errlen, "%s: %s", key_opt ? "--key" : KD_CURVE_ENV_KEY, why);
+    const char *given = C.r.cluster.security.coordinator_key;
+    if (given[0]) {
+        char pub[KD_CURVE_Z85_LEN + 1];
+        snprintf(why, sizeof why, "%s: cluster.security.coordinator_key", recipe);
+        if (kd_curve_load_public(given, why, pub, err, errlen) != 0) return -1;
+        if (strcmp(pub, C.curve_pair.public_z85) != 0)
+            return kd_err(err, errlen,
+                          "%s: cluster.security.coordinator_key is %s but %s holds the pair of "
+                          "%s: give the coordinator the pair that key belongs to",
+                          recipe, pub, key, C.curve_pair.public_z85);
+    }
+    snprintf(C.r.cluster.security.coordinator_key, sizeof C.r.cluster.security.coordinator_key,
+             "%s", C.curve_pair.public_z85);
+    return kd_curve_keyset_load(&C.r, recipe, &C.authorized, err, errlen);
+}
+
 static int setup(int argc, char **argv, bool *resume, char *err, size_t errlen) {
-    const char *recipe = NULL, *run_dir = NULL;
+    const char *recipe = NULL, *run_dir = NULL, *key = NULL;
     const char *overrides[MAX_OVERRIDES];
     int n_over = 0;
     for (int i = 1; i < argc; i++) {
@@ -1267,19 +1329,19 @@ static int setup(int argc, char **argv, bool *resume, char *err, size_t errlen) 
             run_dir = argv[++i];
         else if (strcmp(argv[i], "--resume") == 0)
             *resume = true;
-        else if (strchr(argv[i], '=') && argv[i][0] != '-' && n_over < MAX_OVERRIDES)
+        else if (strcmp(argv[i], "--key") == 0 && i + 1 < argc)
+            key = argv[++i];
+        else if (strcmp(argv[i], "-h") == 0 || strcmp(argv[i], "--help") == 0) {
+            printf("%s\n", USAGE);
+            exit(0);
+        } else if (strchr(argv[i], '=') && argv[i][0] != '-' && n_over < MAX_OVERRIDES)
             overrides[n_over++] = argv[i];
         else
-            return kd_err(err, errlen,
-                          "unexpected argument '%s'\nusage: kdist-coordinator --recipe RECIPE "
-                          "--run-dir DIR [--resume] [section.key=value ...]",
-                          argv[i]);
+            return kd_err(err, errlen, "unexpected argument '%s'\n%s", argv[i], USAGE);
     }
-    if (!recipe || !run_dir)
-        return kd_err(err, errlen,
-                      "usage: kdist-coordinator --recipe RECIPE --run-dir DIR "
-                      "[--resume] [section.key=value ...]");
+    if (!recipe || !run_dir) return kd_err(err, errlen, "%s", USAGE);
     if (kd_recipe_load(recipe, overrides, n_over, &C.r, err, errlen) != 0) return -1;
+    if (setup_curve(recipe, key, err, errlen) != 0) return -1;
     if (C.r.distill.loss.alpha > 0 && !C.r.cache.import[0] &&
         (C.r.teacher.n_layers == 0 || !C.r.teacher.checkpoint[0]))
         return kd_err(err, errlen,
@@ -1359,8 +1421,18 @@ int main(int argc, char **argv) {
     }
 
     C.ctx = zmq_ctx_new();
-    C.router = kd_socket_router(C.ctx, C.r.cluster.bind, (int)C.r.cluster.heartbeat_ms, C.endpoint,
-                                sizeof C.endpoint, err, sizeof err);
+    if (C.authorized) { /* the gatekeeper first: without it libzmq would let any key in */
+        if (!(C.zap = kd_zap_new(C.ctx, C.authorized, "COORD-CURVE-REFUSED", err, sizeof err))) {
+            kd_log(KD_LOG_ERROR, "COORD-CURVE", "%s", err);
+            goto out;
+        }
+        kd_log(KD_LOG_INFO, "COORD-CURVE",
+               "CurveZMQ on: public key %s, %d authorized key(s); every other key is refused",
+               C.curve_pair.public_z85, C.authorized->n);
+    }
+    C.router = kd_socket_router_curve(C.ctx, C.r.cluster.bind, (int)C.r.cluster.heartbeat_ms,
+                                      C.authorized ? &C.curve_pair : NULL, C.endpoint,
+                                      sizeof C.endpoint, err, sizeof err);
     if (!C.router) {
         kd_log(KD_LOG_ERROR, "COORD-BIND", "%s", err);
         goto out;
@@ -1424,6 +1496,8 @@ out:
     for (int k = 0; k < C.step_count; k++) kd_msg_close(&C.step_msgs[k]);
     if (C.router_monitor) zmq_close(C.router_monitor);
     if (C.router) zmq_close(C.router);
+    kd_zap_destroy(&C.zap);
+    free(C.authorized);
     if (C.ctx) zmq_ctx_term(C.ctx);
     kd_optim_destroy(&C.opt);
     kd_model_destroy(&C.model);

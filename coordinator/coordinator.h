@@ -31,6 +31,7 @@ typedef struct {
     char host[64];
     uint32_t pid, threads;
     char stream_endpoint[256];
+    char curve_key[KD_CURVE_Z85_LEN + 1]; /* CurveZMQ: its authenticated public key */
     double joined, last_seen, last_sent;
     uint64_t rss_bytes;
     uint64_t messages_dropped, connections_refused; /* as the node last reported them */

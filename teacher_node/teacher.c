@@ -4,13 +4,15 @@
  * The PUSH high-water mark is the back-pressure; one zmq_poll loop keeps control flowing while
  * workers are slow, so the node never blocks in a send.
  *   usage: kdist-teacher --coordinator ENDPOINT --id ID --recipe RECIPE
- *                        [--stream-bind ENDPOINT] [--log FILE] [section.key=value ...] */
+ *                        [--stream-bind ENDPOINT] [--log FILE] [--key FILE]
+ *                        [--coordinator-key FILE|Z85] [section.key=value ...] */
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
+#include "kd_curve.h"
 #include "kd_log.h"
 #include "kd_node.h"
 #include "kd_recipe.h"
@@ -19,14 +21,16 @@
 #include "kd_wire.h"
 #include "logits.h"
 
-#define MAX_OVERRIDES      64
-#define ENDPOINT_MAX       512
-#define SENDS_PER_ROUND    16  /* batches sent between two looks at the DEALER */
-#define STREAM_MAX_INBOUND 256 /* bytes: a PULL peer sends only READY and PING commands */
+#define MAX_OVERRIDES            64
+#define ENDPOINT_MAX             512
+#define SENDS_PER_ROUND          16   /* batches sent between two looks at the DEALER */
+#define STREAM_MAX_INBOUND       256  /* bytes: a PULL peer sends only READY and PING commands */
+#define STREAM_MAX_INBOUND_CURVE 1024 /* ... and, under CurveZMQ, a ~300-byte INITIATE */
 
 typedef struct {
     /* options */
     const char *coordinator, *id, *recipe_path, *stream_bind, *log_path;
+    const char *key_opt, *coordinator_key_opt;
     const char *overrides[MAX_OVERRIDES];
     int n_overrides;
 
@@ -53,6 +57,15 @@ typedef struct {
     uint64_t batches_streamed, assigns_dropped, messages_dropped;
     void *stream_monitor; /* connections libzmq refuses on the stream socket */
     long connections_refused;
+
+    /* CurveZMQ (cluster.security.curve): one key pair for both sides, client of the
+     * coordinator and server of the stream, whose ZAP handler admits only the recipe's keys */
+    bool curve_on;
+    kd_curve_client_t curve;
+    kd_curve_keyset_t *authorized;
+    kd_zap_t *zap;
+    kd_curve_watch_t watch; /* the DEALER's handshakes with the coordinator */
+    bool broken_told;
     kd_log_limit_t drop_limit, send_limit;
 } teacher_t;
 
@@ -60,8 +73,12 @@ typedef struct {
 
 static void usage(FILE *out) {
     fprintf(out, "usage: kdist-teacher --coordinator ENDPOINT --id ID --recipe RECIPE\n"
-                 "                     [--stream-bind ENDPOINT] [--log FILE] "
-                 "[section.key=value ...]\n");
+                 "                     [--stream-bind ENDPOINT] [--log FILE] [--key FILE]\n"
+                 "                     [--coordinator-key FILE|Z85] [section.key=value ...]\n"
+                 "  --key FILE  this node's CurveZMQ key pair, when the recipe sets\n"
+                 "              cluster.security.curve (default: $KDIST_KEY)\n"
+                 "  --coordinator-key  the coordinator's public key (default:\n"
+                 "              $KDIST_COORDINATOR_KEY, then cluster.security.coordinator_key)\n");
 }
 
 /* Network input that does not check out: count it, say so at most once a second. */
@@ -222,8 +239,10 @@ static int connect_coordinator(teacher_t *t, char *err, size_t errlen) {
     t->incarnation = kd_wire_new_incarnation();
     char identity[256];
     kd_wire_identity(identity, sizeof identity, "teacher", t->id, t->incarnation);
+    kd_curve_watch_stop(&t->watch);
     t->dealer =
-        kd_socket_dealer(t->ctx, identity, t->coordinator, (int)t->heartbeat_ms, err, errlen);
+        kd_socket_dealer_curve(t->ctx, identity, t->coordinator, (int)t->heartbeat_ms,
+                               t->curve_on ? &t->curve : NULL, &t->watch.monitor, err, errlen);
     if (!t->dealer) return -1;
     char host[256];
     kd_node_hostname(host, sizeof host);
@@ -252,6 +271,7 @@ static void lose_coordinator(teacher_t *t, const char *why) {
     kd_log(KD_LOG_WARN, "TEACHER-RECONNECT", "%s; saying hello again in %d ms", why, delay);
     zmq_close(t->dealer);
     t->dealer = NULL;
+    kd_curve_watch_stop(&t->watch);
     t->welcomed = false;
     clear_epoch(t);
     t->reconnect_at = kd_now() + delay / 1000.0;
@@ -548,6 +568,27 @@ static int poll_timeout_ms(const teacher_t *t, double now) {
     return ms < 0 ? 0 : (int)ms;
 }
 
+/* A refused key or a plaintext/CurveZMQ mismatch with the coordinator does not heal by
+ * retrying: it is fatal, with what to fix. A wrong coordinator key only shows as handshakes the
+ * coordinator closes: said (once) and retried. */
+static int check_handshakes(teacher_t *t) {
+    char why[KD_ERR_LEN];
+    int verdict = kd_curve_watch_check(&t->watch, t->coordinator, t->curve_on ? &t->curve : NULL,
+                                       why, sizeof why);
+    if (verdict == KD_CURVE_REFUSED || verdict == KD_CURVE_MISMATCH) {
+        kd_log(KD_LOG_ERROR, "TEACHER-CURVE", "%s", why);
+        return FATAL;
+    }
+    if (t->curve_on && t->watch.broken > 0 && !t->broken_told) {
+        kd_log(KD_LOG_WARN, "TEACHER-CURVE",
+               "the coordinator at %s closed %ld CurveZMQ handshake(s) unfinished: is %s its "
+               "public key (--coordinator-key, cluster.security.coordinator_key)?",
+               t->coordinator, t->watch.broken, t->curve.server_z85);
+        t->broken_told = true;
+    }
+    return KEEP_GOING;
+}
+
 static int run(teacher_t *t) {
     char err[KD_ERR_LEN];
     for (;;) {
@@ -560,6 +601,7 @@ static int run(teacher_t *t) {
             kd_log(KD_LOG_ERROR, "TEACHER-CONNECT", "%s", err);
             return FATAL;
         }
+        if (t->dealer && check_handshakes(t) != KEEP_GOING) return FATAL;
         if (t->dealer) {
             if (now - t->last_heard > t->recipe.cluster.heartbeat_timeout_ms / 1000.0) {
                 lose_coordinator(t, t->welcomed ? "no word from the coordinator"
@@ -616,6 +658,10 @@ static int parse_args(teacher_t *t, int argc, char **argv) {
             dst = &t->stream_bind;
         else if (strcmp(a, "--log") == 0)
             dst = &t->log_path;
+        else if (strcmp(a, "--key") == 0)
+            dst = &t->key_opt;
+        else if (strcmp(a, "--coordinator-key") == 0)
+            dst = &t->coordinator_key_opt;
         if (dst) {
             if (i + 1 >= argc) {
                 fprintf(stderr, "kdist-teacher: %s needs a value\n", a);
@@ -646,8 +692,37 @@ static int parse_args(teacher_t *t, int argc, char **argv) {
     return 0;
 }
 
+/* cluster.security from this node's recipe: its key pair and the coordinator's key (options,
+ * environment, then the recipe), and the workers' keys its stream admits. */
+static int setup_curve(teacher_t *t, char *err, size_t errlen) {
+    const kd_recipe_t *r = &t->recipe;
+    if (!r->cluster.security.curve) {
+        if (t->key_opt || t->coordinator_key_opt)
+            return kd_err(err, errlen,
+                          "%s given but %s has cluster.security.curve off: turn it on, or drop "
+                          "the option",
+                          t->key_opt ? "--key" : "--coordinator-key", t->recipe_path);
+        return 0;
+    }
+    char fallback[KD_PATH_MAX];
+    snprintf(fallback, sizeof fallback, "%s", r->cluster.security.coordinator_key);
+    if (kd_curve_client_from_args(t->key_opt, t->coordinator_key_opt, fallback, &t->curve,
+                                  &t->curve_on, err, errlen) != 0)
+        return -1;
+    if (!t->curve_on)
+        return kd_err(err, errlen,
+                      "%s sets cluster.security.curve: give this teacher node its key pair with "
+                      "--key FILE (made by `kdist keygen`) or set %s",
+                      t->recipe_path, KD_CURVE_ENV_KEY);
+    return kd_curve_keyset_load(r, t->recipe_path, &t->authorized, err, errlen);
+}
+
 /* Binds the stream socket; a wildcard address is announced under this host's name. */
 static int bind_stream(teacher_t *t, char *err, size_t errlen) {
+    /* the gatekeeper before the socket: without a handler libzmq lets any key in */
+    if (t->curve_on &&
+        !(t->zap = kd_zap_new(t->ctx, t->authorized, "TEACHER-CURVE-REFUSED", err, errlen)))
+        return -1;
     t->push = zmq_socket(t->ctx, ZMQ_PUSH);
     if (!t->push) return kd_err(err, errlen, "cannot create socket: %s", zmq_strerror(errno));
     int zero = 0, hwm = (int)t->recipe.cluster.stream_hwm;
@@ -655,8 +730,9 @@ static int bind_stream(teacher_t *t, char *err, size_t errlen) {
     zmq_setsockopt(t->push, ZMQ_SNDHWM, &hwm, sizeof hwm);
     /* Workers never send data here: anything larger than a handshake command is an outsider's
      * junk, refused before libzmq allocates the size it claims. */
-    int64_t max_in = STREAM_MAX_INBOUND;
+    int64_t max_in = t->curve_on ? STREAM_MAX_INBOUND_CURVE : STREAM_MAX_INBOUND;
     zmq_setsockopt(t->push, ZMQ_MAXMSGSIZE, &max_in, sizeof max_in);
+    if (t->curve_on && kd_wire_curve_server(t->push, &t->curve.self, err, errlen) != 0) return -1;
     /* A ZAP domain makes libzmq refuse ZMTP 1.0/2.0 peers, which skip the socket-type check
      * and could otherwise take batches; with no ZAP handler, NULL-mechanism peers still join. */
     zmq_setsockopt(t->push, ZMQ_ZAP_DOMAIN, KD_WIRE_ZAP_DOMAIN, strlen(KD_WIRE_ZAP_DOMAIN));
@@ -693,6 +769,11 @@ int main(int argc, char **argv) {
     }
     kd_log_level_t level;
     if (kd_log_level_parse(t.recipe.logging.level, &level) == 0) kd_log_threshold = level;
+    if (setup_curve(&t, err, sizeof err) != 0) {
+        kd_log(KD_LOG_ERROR, "TEACHER-CURVE", "%s", err);
+        status = 2;
+        goto cleanup;
+    }
     kd_set_threads((int)t.recipe.train.threads); /* the teacher's forward passes */
     if (load_train(&t, err, sizeof err) != 0) {
         kd_log(KD_LOG_ERROR, "TEACHER-DATA", "%s", err);
@@ -726,8 +807,11 @@ int main(int argc, char **argv) {
            (unsigned long long)t.assigns_dropped, t.connections_refused);
 cleanup:
     if (t.stream_monitor) zmq_close(t.stream_monitor);
+    kd_curve_watch_stop(&t.watch);
     if (t.dealer) zmq_close(t.dealer);
     if (t.push) zmq_close(t.push);
+    kd_zap_destroy(&t.zap);
+    free(t.authorized);
     if (t.ctx) zmq_ctx_term(t.ctx);
     clear_epoch(&t);
     teacher_logits_close(&t.logits);

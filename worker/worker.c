@@ -2,7 +2,8 @@
  * weights and teacher endpoints from the coordinator's Welcome; then, batch after batch, pulls
  * a batch from the teachers, computes the gradient, pushes it and waits for the answer.
  * One thread, one zmq_poll loop; nothing is allocated per step.
- *   usage: kdist-worker --coordinator ENDPOINT [--id ID] [--threads N] [--log FILE] */
+ *   usage: kdist-worker --coordinator ENDPOINT [--id ID] [--threads N] [--log FILE]
+ *                       [--key FILE --coordinator-key FILE|Z85] */
 #include <errno.h>
 #include <math.h>
 #include <stdatomic.h>
@@ -13,6 +14,7 @@
 #include <unistd.h>
 
 #include "kd_checkpoint.h"
+#include "kd_curve.h"
 #include "kd_log.h"
 #include "kd_node.h"
 #include "kd_recipe.h"
@@ -34,8 +36,17 @@ typedef enum { ST_HELLO, ST_IDLE, ST_WAIT_WEIGHTS } worker_state_t;
 typedef struct {
     /* options */
     const char *coordinator, *log_path;
+    const char *key_opt, *coordinator_key_opt;
     char id[128];
     int threads;
+
+    /* CurveZMQ: given a key pair, every connection is a CURVE client: of the coordinator's key,
+     * and of each teacher's key that Welcome and Peers bring (the coordinator authenticated it) */
+    bool curve_on;
+    kd_curve_client_t curve;
+    kd_curve_watch_t watch, pull_watch; /* handshakes with the coordinator, with the teachers */
+    bool broken_told;
+    kd_log_limit_t stream_limit;
 
     void *ctx, *dealer, *pull;
     uint64_t incarnation;
@@ -94,8 +105,12 @@ typedef struct {
 enum { KEEP_GOING = 0, STOP_NOW = 1, FATAL = -1 };
 
 static void usage(FILE *out) {
-    fprintf(out,
-            "usage: kdist-worker --coordinator ENDPOINT [--id ID] [--threads N] [--log FILE]\n");
+    fprintf(out, "usage: kdist-worker --coordinator ENDPOINT [--id ID] [--threads N] [--log FILE]\n"
+                 "                    [--key FILE --coordinator-key FILE|Z85]\n"
+                 "  --key FILE  this worker's CurveZMQ key pair (kdist keygen), for runs with\n"
+                 "              cluster.security.curve (default: $KDIST_KEY)\n"
+                 "  --coordinator-key  the coordinator's public key, Z85 or a key file (default:\n"
+                 "              $KDIST_COORDINATOR_KEY)\n");
 }
 
 /* Network input that does not check out: count it, say so at most once a second. */
@@ -170,7 +185,10 @@ static int connect_coordinator(worker_t *w, char *err, size_t errlen) {
     w->incarnation = kd_wire_new_incarnation();
     char identity[256];
     kd_wire_identity(identity, sizeof identity, "worker", w->id, w->incarnation);
-    w->dealer = kd_socket_dealer(w->ctx, identity, w->coordinator, w->heartbeat_ms, err, errlen);
+    kd_curve_watch_stop(&w->watch);
+    w->dealer =
+        kd_socket_dealer_curve(w->ctx, identity, w->coordinator, w->heartbeat_ms,
+                               w->curve_on ? &w->curve : NULL, &w->watch.monitor, err, errlen);
     if (!w->dealer) return -1;
     char host[256];
     kd_node_hostname(host, sizeof host);
@@ -199,12 +217,14 @@ static void lose_coordinator(worker_t *w, const char *why) {
     kd_log(KD_LOG_WARN, "WORKER-RECONNECT", "%s; saying hello again in %d ms", why, delay);
     zmq_close(w->dealer);
     w->dealer = NULL;
+    kd_curve_watch_stop(&w->watch);
     w->state = ST_HELLO;
     w->reconnect_at = kd_now() + delay / 1000.0;
 }
 
-/* Connects the PULL to every endpoint not connected yet. */
-static void connect_teachers(worker_t *w, char **endpoints, size_t n) {
+/* Connects the PULL to every endpoint not connected yet; under CurveZMQ as a client of the
+ * teacher's key at the same position in keys. */
+static void connect_teachers(worker_t *w, char **endpoints, size_t n, char **keys, size_t n_keys) {
     for (size_t i = 0; i < n; i++) {
         const char *ep = endpoints[i];
         size_t len = ep ? strlen(ep) : 0;
@@ -218,6 +238,14 @@ static void connect_teachers(worker_t *w, char **endpoints, size_t n) {
         if (w->n_endpoints == MAX_TEACHERS) {
             drop(w, "the coordinator", "more teacher endpoints than a worker follows");
             return;
+        }
+        char err[KD_ERR_LEN];
+        if (w->curve_on && (i >= n_keys || !keys[i] ||
+                            kd_wire_curve_server_key(w->pull, keys[i], err, sizeof err) != 0)) {
+            char what[ENDPOINT_MAX + 64];
+            snprintf(what, sizeof what, "no usable CurveZMQ key for teacher %s", ep);
+            drop(w, "the coordinator", what);
+            continue;
         }
         if (zmq_connect(w->pull, ep) != 0) {
             char what[ENDPOINT_MAX + 64];
@@ -379,11 +407,18 @@ static int on_welcome(worker_t *w, const kd_msg_t *m) {
         int64_t max = KD_WIRE_MAX_MESSAGE;
         zmq_setsockopt(w->pull, ZMQ_LINGER, &zero, sizeof zero);
         zmq_setsockopt(w->pull, ZMQ_MAXMSGSIZE, &max, sizeof max);
+        kd_curve_client_t self = {.self = w->curve.self}; /* server keys: one per connect */
+        if ((w->curve_on && kd_wire_curve_client(w->pull, &self, err, sizeof err) != 0) ||
+            kd_curve_watch_start(&w->pull_watch, w->ctx, w->pull, "pull", err, sizeof err) != 0) {
+            kd_log(KD_LOG_ERROR, "WORKER-SOCKET", "batch socket: %s", err);
+            return FATAL;
+        }
     }
     /* Applies to the connections made from now on. */
     int hwm = (int)r.cluster.stream_hwm;
     zmq_setsockopt(w->pull, ZMQ_RCVHWM, &hwm, sizeof hwm);
-    connect_teachers(w, wel->teacher_endpoints, wel->n_teacher_endpoints);
+    connect_teachers(w, wel->teacher_endpoints, wel->n_teacher_endpoints, wel->teacher_keys,
+                     wel->n_teacher_keys);
 
     w->heartbeat_ms = wel->heartbeat_ms > 0 ? (int)wel->heartbeat_ms : (int)r.cluster.heartbeat_ms;
     w->state = ST_IDLE;
@@ -616,7 +651,8 @@ static int on_coordinator_message(worker_t *w, const kd_msg_t *m) {
     case KDIST__ENVELOPE__BODY_PEERS:
         if (w->state == ST_HELLO)
             return drop(w, "the coordinator", "peers before welcome"), KEEP_GOING;
-        connect_teachers(w, env->peers->teacher_endpoints, env->peers->n_teacher_endpoints);
+        connect_teachers(w, env->peers->teacher_endpoints, env->peers->n_teacher_endpoints,
+                         env->peers->teacher_keys, env->peers->n_teacher_keys);
         return KEEP_GOING;
     case KDIST__ENVELOPE__BODY_CONTROL:
         if (env->control->kind == KDIST__CONTROL__KIND__STOP) {
@@ -705,9 +741,36 @@ static int poll_timeout_ms(const worker_t *w, double now) {
     return ms < 0 ? 0 : ms > 1000 ? 1000 : (int)ms;
 }
 
+/* A refused key or a plaintext/CurveZMQ mismatch with the coordinator does not heal by
+ * retrying: fatal, with what to fix. A teacher that refuses us is logged (this worker still
+ * gets batches from the others); a wrong coordinator key shows only as handshakes the
+ * coordinator closes: said once, retried. */
+static int check_handshakes(worker_t *w) {
+    char why[KD_ERR_LEN];
+    const kd_curve_client_t *curve = w->curve_on ? &w->curve : NULL;
+    int verdict = kd_curve_watch_check(&w->watch, w->coordinator, curve, why, sizeof why);
+    if (verdict == KD_CURVE_REFUSED || verdict == KD_CURVE_MISMATCH) {
+        kd_log(KD_LOG_ERROR, "WORKER-CURVE", "%s", why);
+        return FATAL;
+    }
+    if (w->curve_on && w->watch.broken > 0 && !w->broken_told) {
+        kd_log(KD_LOG_WARN, "WORKER-CURVE",
+               "the coordinator at %s closed %ld CurveZMQ handshake(s) unfinished: is %s its "
+               "public key (--coordinator-key)?",
+               w->coordinator, w->watch.broken, w->curve.server_z85);
+        w->broken_told = true;
+    }
+    verdict = kd_curve_watch_check(&w->pull_watch, "a teacher node", curve, why, sizeof why);
+    if ((verdict == KD_CURVE_REFUSED || verdict == KD_CURVE_MISMATCH) &&
+        kd_log_allow(&w->stream_limit, 1.0))
+        kd_log(KD_LOG_ERROR, "WORKER-CURVE", "batch stream: %s", why);
+    return KEEP_GOING;
+}
+
 static int run(worker_t *w) {
     char err[KD_ERR_LEN];
     for (;;) {
+        if (w->dealer && check_handshakes(w) != KEEP_GOING) return FATAL;
         /* A step in progress finishes first: its answer is awaited in ST_WAIT_WEIGHTS. */
         if (kd_node_stop_requested && (w->state != ST_WAIT_WEIGHTS || !w->dealer)) return STOP_NOW;
         double now = kd_now();
@@ -777,7 +840,8 @@ static int parse_args(worker_t *w, int argc, char **argv) {
             exit(0);
         }
         bool takes_value = strcmp(a, "--coordinator") == 0 || strcmp(a, "--id") == 0 ||
-                           strcmp(a, "--threads") == 0 || strcmp(a, "--log") == 0;
+                           strcmp(a, "--threads") == 0 || strcmp(a, "--log") == 0 ||
+                           strcmp(a, "--key") == 0 || strcmp(a, "--coordinator-key") == 0;
         if (!takes_value) {
             fprintf(stderr, "kdist-worker: unknown argument '%s'\n", a);
             usage(stderr);
@@ -794,6 +858,10 @@ static int parse_args(worker_t *w, int argc, char **argv) {
             id = v;
         else if (strcmp(a, "--log") == 0)
             w->log_path = v;
+        else if (strcmp(a, "--key") == 0)
+            w->key_opt = v;
+        else if (strcmp(a, "--coordinator-key") == 0)
+            w->coordinator_key_opt = v;
         else {
             long n;
             if (kd_parse_long(v, &n) != 0 || n < 0 || n > 1024) {
@@ -831,6 +899,16 @@ int main(int argc, char **argv) {
         fprintf(stderr, "kdist-worker: cannot open log file %s\n", w.log_path);
         return 1;
     }
+    char err[KD_ERR_LEN];
+    if (kd_curve_client_from_args(w.key_opt, w.coordinator_key_opt, NULL, &w.curve, &w.curve_on,
+                                  err, sizeof err) != 0) {
+        kd_log(KD_LOG_ERROR, "WORKER-CURVE", "%s", err);
+        kd_log_close();
+        return 2;
+    }
+    if (w.curve_on)
+        kd_log(KD_LOG_INFO, "WORKER-CURVE", "CurveZMQ on: public key %s, coordinator key %s",
+               w.curve.self.public_z85, w.curve.server_z85);
     /* Until a Welcome brings the recipe's cluster settings. */
     kd_recipe_defaults(&w.recipe);
     w.heartbeat_ms = (int)w.recipe.cluster.heartbeat_ms;
@@ -851,6 +929,8 @@ int main(int argc, char **argv) {
            (unsigned long long)w.steps, (unsigned long long)w.samples,
            (unsigned long long)w.dropped);
 cleanup:
+    kd_curve_watch_stop(&w.watch);
+    kd_curve_watch_stop(&w.pull_watch);
     if (w.dealer) zmq_close(w.dealer);
     if (w.pull) zmq_close(w.pull);
     if (w.ctx) zmq_ctx_term(w.ctx); /* releases any gradient still queued */
