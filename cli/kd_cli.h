@@ -8,6 +8,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 
+#include "kd_curve.h"
 #include "kd_data.h"
 #include "kd_model.h"
 #include "kd_recipe.h"
@@ -24,8 +25,10 @@ int kd_cmd_inventory(int argc, char **argv); /* kd_inventory.c */
 /* A DEALER connected to the coordinator, routing id client-<pid>-<incarnation>. */
 typedef struct cli_client cli_client_t;
 
-/* Caller owns the result (cli_client_destroy). Returns NULL with err set. */
-cli_client_t *cli_client_new(const char *endpoint, char *err, size_t errlen);
+/* Caller owns the result (cli_client_destroy). curve: this client's CurveZMQ credentials
+ * (copied; cli_curve_credentials), NULL for plaintext. Returns NULL with err set. */
+cli_client_t *cli_client_new(const char *endpoint, const kd_curve_client_t *curve, char *err,
+                             size_t errlen);
 void cli_client_destroy(cli_client_t **c);
 /* Queues Control{kind, target} (target may be NULL). 0, or -1 with err set. */
 int cli_client_control(cli_client_t *c, Kdist__Control__Kind kind, const char *target, char *err,
@@ -61,9 +64,25 @@ void cli_format_duration(double seconds, char *out, size_t outlen);
 /* The members table of a StatusReply.json: role, id, host, pid, state, last seen, steps, rate. */
 void cli_print_members(const char *json);
 
+/* The CurveZMQ credentials of `kdist status|drain|scale`: the --key and --coordinator-key
+ * values (NULL: not given), else $KDIST_KEY and $KDIST_COORDINATOR_KEY (read by
+ * kd_curve_client_from_args), else, when run_dir (may be NULL) holds a recipe.yaml that turns
+ * cluster.security.curve on, <keys_dir>/client.key and cluster.security.coordinator_key.
+ * *on false: plaintext. 0, or -1 with err set (a CurveZMQ run with no key to be found says
+ * which option to give). */
+int cli_curve_credentials(const char *key_opt, const char *server_opt, const char *run_dir,
+                          kd_curve_client_t *out, bool *on, char *err, size_t errlen);
+
 /* The endpoint in DIR/coordinator.endpoint (one line, written atomically by the coordinator).
  * 0, or -1 with err set (naming the file) when it is missing or malformed. */
 int cli_read_endpoint(const char *dir, char *out, size_t outlen, char *err, size_t errlen);
+
+/* ---- CurveZMQ keys of a cluster (kd_keygen.c) --------------------------------------------- */
+
+/* The roles whose key pairs `kdist keygen --cluster DIR` writes (DIR/ROLE.key, DIR/ROLE.pub) and
+ * `kdist run` reads from cluster.security.keys_dir. */
+enum { CLI_KEY_COORDINATOR, CLI_KEY_TEACHER, CLI_KEY_WORKER, CLI_KEY_CLIENT, CLI_KEY_ROLES };
+extern const char *const cli_key_roles[CLI_KEY_ROLES];
 
 /* ---- one run on a local cluster (kd_run.c) ------------------------------------------------ */
 

@@ -79,46 +79,7 @@ typedef struct {
     } ship;
 } cli_inventory_t;
 
-/* ---- did you mean ---------------------------------------------------------------------------
- * MINIMAL LOCAL VERSION of what common/kd_recipe.c has as static helpers (levenshtein, suggest,
- * did_you_mean). To be replaced by the shared one once kd_recipe.h exports it as
- * kd_did_you_mean() (see the deployment report). Written separately, not copied. */
-
-static size_t inv_edit_distance(const char *a, const char *b) {
-    size_t la = strlen(a), lb = strlen(b);
-    if (la > 63 || lb > 63) return 99;
-    size_t prev[64], cur[64];
-    for (size_t j = 0; j <= lb; j++) prev[j] = j;
-    for (size_t i = 1; i <= la; i++) {
-        cur[0] = i;
-        for (size_t j = 1; j <= lb; j++) {
-            size_t sub = prev[j - 1] + (a[i - 1] != b[j - 1]);
-            size_t del = prev[j] + 1, ins = cur[j - 1] + 1;
-            cur[j] = sub < del ? (sub < ins ? sub : ins) : (del < ins ? del : ins);
-        }
-        memcpy(prev, cur, (lb + 1) * sizeof *cur);
-    }
-    return prev[lb];
-}
-
-/* " (did you mean 'x'?)" for the nearest candidate within 2 edits, else "". */
-static void inv_did_you_mean(const char *word, const char *const *cands, int n, char *out,
-                             size_t outlen) {
-    const char *best = NULL;
-    size_t best_d = 3;
-    for (int i = 0; i < n; i++) {
-        size_t d = inv_edit_distance(word, cands[i]);
-        if (d < best_d) best_d = d, best = cands[i];
-    }
-    if (best)
-        snprintf(out, outlen, " (did you mean '%s'?)", best);
-    else if (outlen)
-        out[0] = 0;
-}
-
-/* ---- errors with the file, line and column ------------------------------------------------
- * MINIMAL LOCAL VERSION of kd_recipe.c's loc_err (file:line:col: message, the source line and a
- * caret), until kd_recipe.h exports one taking (name, text, len, mark). */
+/* ---- errors with the file, line and column (kd_loc_err) ---------------------------------- */
 
 typedef struct {
     const char *file;
@@ -133,28 +94,11 @@ typedef struct {
 static int inv_err(inv_ctx_t *c, yaml_mark_t m, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 static int inv_err(inv_ctx_t *c, yaml_mark_t m, const char *fmt, ...) {
-    char msg[KD_ERR_LEN];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
+    int rc = kd_loc_verr(c->err, c->errlen, c->file, c->text, c->len, m.line, m.column, fmt, ap);
     va_end(ap);
-    const char *line = c->text, *end = c->text + c->len;
-    for (size_t l = 0; l < m.line && line < end; line++)
-        if (*line == '\n') l++;
-    size_t n = 0;
-    while (line + n < end && line[n] != '\n' && line[n] != '\r' && n < 160) n++;
-    /* libyaml counts characters, not bytes: UTF-8 continuation bytes do not move the caret */
-    char caret[168];
-    size_t nc = 0, col = 0;
-    for (size_t i = 0; i < n && col < m.column && nc < 160; i++) {
-        if (((unsigned char)line[i] & 0xC0) == 0x80) continue;
-        caret[nc++] = line[i] == '\t' ? '\t' : ' ';
-        col++;
-    }
-    caret[nc++] = '^';
-    caret[nc] = 0;
-    return kd_err(c->err, c->errlen, "%s:%zu:%zu: %s\n  %.*s\n  %s", c->file, (size_t)m.line + 1,
-                  (size_t)m.column + 1, msg, (int)n, line, caret);
+    return rc;
 }
 
 /* ---- YAML nodes ---------------------------------------------------------------------------- */
@@ -360,7 +304,7 @@ static int inv_set(inv_ctx_t *c, const inv_field_t *f, void *base, const char *l
             int n = 0;
             while (f->choices[n]) n++;
             inv_choices_text(f->choices, all, sizeof all);
-            inv_did_you_mean(t, f->choices, n, dym, sizeof dym);
+            kd_did_you_mean(t, f->choices, n, dym, sizeof dym);
             return inv_err(c, v->start_mark, "%s must be one of %s, got '%s'%s", label, all, t,
                            dym);
         }
@@ -409,7 +353,7 @@ static int inv_unknown_key(inv_ctx_t *c, yaml_node_pair_t *p, const char *where,
     all[0] = 0;
     for (int i = 0; i < n && used < sizeof all; i++)
         used += (size_t)snprintf(all + used, sizeof all - used, "%s%s", i ? ", " : "", names[i]);
-    inv_did_you_mean(key, names, n, dym, sizeof dym);
+    kd_did_you_mean(key, names, n, dym, sizeof dym);
     return inv_err(c, inv_node(c, p->key)->start_mark, "unknown key '%s' in %s%s (valid keys: %s)",
                    key, where, dym, all);
 }
@@ -494,7 +438,7 @@ static int inv_host_ref(inv_ctx_t *c, yaml_node_t *v, const char *label) {
                 (size_t)snprintf(all + used, sizeof all - used, "%s%s", i ? ", " : "", names[i]);
     }
     char dym[96];
-    inv_did_you_mean(name, names, inv->n_hosts, dym, sizeof dym);
+    kd_did_you_mean(name, names, inv->n_hosts, dym, sizeof dym);
     return inv_err(c, v->start_mark, "%s: no host '%s' in hosts%s (hosts: %s)", label, name, dym,
                    all);
 }
@@ -697,23 +641,6 @@ static int inv_root(inv_ctx_t *c) {
     return inv_roles(c, n);
 }
 
-static int inv_syntax_error(inv_ctx_t *c, yaml_parser_t *ps) {
-    yaml_mark_t m = ps->problem_mark;
-    if (ps->error == YAML_READER_ERROR) {
-        m.line = m.column = 0; /* reader errors carry a byte offset, not a mark */
-        for (size_t i = 0; i < ps->problem_offset && i < c->len; i++) {
-            if (c->text[i] == '\n') {
-                m.line++;
-                m.column = 0;
-            } else {
-                m.column++;
-            }
-        }
-    }
-    return inv_err(c, m, "invalid YAML: %s%s%s", ps->problem ? ps->problem : "syntax error",
-                   ps->context ? " " : "", ps->context ? ps->context : "");
-}
-
 /* Parses and validates an inventory held in memory; file names it in messages and anchors its
  * relative local paths. 0, or -1 with err set ("file:line:col: message" and the line). */
 static int cli_inventory_parse(const char *file, const char *text, size_t len, cli_inventory_t *inv,
@@ -729,7 +656,7 @@ static int cli_inventory_parse(const char *file, const char *text, size_t len, c
     yaml_parser_set_input_string(&ps, (const unsigned char *)text, len);
     int rc = -1;
     if (!yaml_parser_load(&ps, &doc)) {
-        inv_syntax_error(&c, &ps);
+        kd_yaml_syntax_err(&ps, file, text, len, err, errlen);
     } else {
         rc = inv_root(&c);
         yaml_document_delete(&doc);

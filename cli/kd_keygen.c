@@ -10,9 +10,12 @@
 #include "kd_curve.h"
 #include "kd_util.h"
 
-/* The roles of a local cluster, in the order the recipe snippet lists them. */
-static const char *const cluster_roles[] = {"coordinator", "teacher", "worker", "client"};
-#define N_ROLES ((int)(sizeof cluster_roles / sizeof cluster_roles[0]))
+const char *const cli_key_roles[CLI_KEY_ROLES] = {
+    [CLI_KEY_COORDINATOR] = "coordinator",
+    [CLI_KEY_TEACHER] = "teacher",
+    [CLI_KEY_WORKER] = "worker",
+    [CLI_KEY_CLIENT] = "client",
+};
 
 static void keygen_usage(FILE *out) {
     fprintf(out,
@@ -60,10 +63,10 @@ static int one_pair(const char *dir, const char *name, bool force) {
 /* Every role's pair, all or nothing: nothing is written when one file already exists. */
 static int cluster_pairs(const char *dir, bool force) {
     char err[KD_ERR_LEN];
-    for (int i = 0; i < N_ROLES && !force; i++)
+    for (int i = 0; i < CLI_KEY_ROLES && !force; i++)
         for (int pub = 0; pub < 2; pub++) {
             char path[KD_PATH_MAX + 32];
-            snprintf(path, sizeof path, "%s/%s.%s", dir, cluster_roles[i], pub ? "pub" : "key");
+            snprintf(path, sizeof path, "%s/%s.%s", dir, cli_key_roles[i], pub ? "pub" : "key");
             if (kd_file_exists(path)) {
                 fprintf(stderr,
                         "kdist keygen: %s exists: key files are never overwritten (give --force "
@@ -72,9 +75,9 @@ static int cluster_pairs(const char *dir, bool force) {
                 return 1;
             }
         }
-    kd_curve_pair_t pairs[N_ROLES];
-    for (int i = 0; i < N_ROLES; i++)
-        if (kd_curve_generate(dir, cluster_roles[i], force, &pairs[i], err, sizeof err) != 0) {
+    kd_curve_pair_t pairs[CLI_KEY_ROLES];
+    for (int i = 0; i < CLI_KEY_ROLES; i++)
+        if (kd_curve_generate(dir, cli_key_roles[i], force, &pairs[i], err, sizeof err) != 0) {
             fprintf(stderr, "kdist keygen: %s\n", err);
             return 1;
         }
@@ -89,9 +92,10 @@ static int cluster_pairs(const char *dir, bool force) {
            "    keys_dir: \"%s\"\n"
            "    coordinator_key: \"%s\"\n"
            "    authorized_keys:\n",
-           dir, pairs[0].public_z85);
-    for (int i = 1; i < N_ROLES; i++)
-        printf("      - \"%s\"  # %s\n", pairs[i].public_z85, cluster_roles[i]);
+           dir, pairs[CLI_KEY_COORDINATOR].public_z85);
+    for (int i = 0; i < CLI_KEY_ROLES; i++)
+        if (i != CLI_KEY_COORDINATOR)
+            printf("      - \"%s\"  # %s\n", pairs[i].public_z85, cli_key_roles[i]);
     fflush(stdout);
     fprintf(stderr,
             "kdist run then starts every role with its pair from %s; elsewhere start them with\n"

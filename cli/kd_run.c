@@ -76,9 +76,11 @@ typedef struct {
     void *control_ctx, *control; /* the REP socket `kdist scale` talks to */
     char control_endpoint[KD_PATH_MAX + 16];
     char control_tmpdir[64]; /* a private directory of ours for it, removed at the end */
-    /* cluster.security.curve: every role's pair from keys_dir (made absolute) */
+    /* cluster.security.curve: every role's pair from keys_dir (made absolute); the client's
+     * for this process's own control client */
     bool curve;
     char keys_dir[KD_PATH_MAX];
+    kd_curve_client_t client_curve;
     const char *stop_reason; /* set when the run cannot go on: supervise stops it */
     pid_t self;
     bool tty;
@@ -704,9 +706,9 @@ static void control_close(run_t *r) {
 }
 
 /* cluster.security.curve: every role's key pair must be in keys_dir before anything starts;
- * this process's own clients (progress, drains) use client.key through the environment
- * (cli_client_new). With curve off the environment must not turn the children's sockets into
- * CurveZMQ ones. */
+ * the children get theirs as options, this process's control client (progress, drains) uses
+ * client.key. With curve off, a KDIST_KEY of the user's must not turn the children's sockets
+ * into CurveZMQ ones (kd_curve_client_from_args reads it): it is dropped. */
 static int setup_curve(run_t *r, char *err, size_t errlen) {
     const char *dir = r->recipe.cluster.security.keys_dir;
     r->curve = r->recipe.cluster.security.curve;
@@ -723,22 +725,19 @@ static int setup_curve(run_t *r, char *err, size_t errlen) {
     if (!realpath(dir, r->keys_dir))
         return kd_err(err, errlen, "%s: cluster.security.keys_dir '%s': %s", r->recipe_path, dir,
                       strerror(errno));
-    static const char *const pairs[] = {"coordinator.key", "teacher.key", "worker.key",
-                                        "client.key"};
-    kd_curve_pair_t pair, coordinator;
-    for (size_t i = 0; i < sizeof pairs / sizeof pairs[0]; i++) {
+    kd_curve_pair_t pair[CLI_KEY_ROLES];
+    for (int i = 0; i < CLI_KEY_ROLES; i++) {
         char path[KD_PATH_MAX + 32], why[KD_ERR_LEN];
-        snprintf(path, sizeof path, "%s/%s", r->keys_dir, pairs[i]);
-        if (kd_curve_load_pair(path, i == 0 ? &coordinator : &pair, why, sizeof why) != 0)
+        snprintf(path, sizeof path, "%s/%s.key", r->keys_dir, cli_key_roles[i]);
+        if (kd_curve_load_pair(path, &pair[i], why, sizeof why) != 0)
             return kd_err(err, errlen,
                           "%s: cluster.security.keys_dir: %s (make the pairs with `kdist keygen "
                           "--cluster %s`)",
                           r->recipe_path, why, dir);
     }
-    char client[KD_PATH_MAX + 32];
-    snprintf(client, sizeof client, "%s/client.key", r->keys_dir);
-    setenv(KD_CURVE_ENV_KEY, client, 1);
-    setenv(KD_CURVE_ENV_SERVER, coordinator.public_z85, 1);
+    r->client_curve.self = pair[CLI_KEY_CLIENT];
+    memcpy(r->client_curve.server_z85, pair[CLI_KEY_COORDINATOR].public_z85,
+           sizeof r->client_curve.server_z85);
     return 0;
 }
 
@@ -1079,7 +1078,7 @@ int cli_run_cluster(const cli_run_spec_t *spec) {
             goto cleanup;
         }
     }
-    r->client = cli_client_new(r->endpoint, err, sizeof err);
+    r->client = cli_client_new(r->endpoint, r->curve ? &r->client_curve : NULL, err, sizeof err);
     if (!r->client) {
         say(r, "%s", err);
         shut_down(r);

@@ -33,7 +33,7 @@ static int check_run_dir(const char *dir, char *err, size_t errlen) {
 }
 
 /* "--key FILE" / "--coordinator-key FILE|Z85": the CurveZMQ credentials of the client
- * (kd_curve_env_for_cli). 1 if not one of them, 0 when taken. */
+ * (cli_curve_credentials). 1 if not one of them, 0 when taken. */
 static int parse_curve_option(int argc, char **argv, int *i, const char **key,
                               const char **server_key) {
     const char *a = argv[*i];
@@ -201,11 +201,14 @@ int kd_cmd_drain(int argc, char **argv) {
     char *json = NULL;
     json_t *live = NULL;
     cli_client_t *c = NULL;
+    kd_curve_client_t curve;
+    bool curve_on = false;
     int rc = 1;
     if (check_run_dir(dir, err, sizeof err) != 0) goto out;
     if (cli_read_endpoint(dir, endpoint, sizeof endpoint, err, sizeof err) != 0) goto out;
-    if (kd_curve_env_for_cli(key, server_key, dir, err, sizeof err) != 0) goto out;
-    if (!(c = cli_client_new(endpoint, err, sizeof err))) goto out;
+    if (cli_curve_credentials(key, server_key, dir, &curve, &curve_on, err, sizeof err) != 0)
+        goto out;
+    if (!(c = cli_client_new(endpoint, curve_on ? &curve : NULL, err, sizeof err))) goto out;
     /* Membership first: the coordinator ignores a DRAIN for an id it does not know. */
     if (cli_client_status(c, STATUS_DEADLINE_MS, &json, err, sizeof err) != 0) goto out;
     if (!(live = worker_ids(json, status, sizeof status))) {
@@ -406,10 +409,13 @@ int kd_cmd_scale(int argc, char **argv) {
     json_t *reply = NULL, *live = NULL;
     char *json = NULL;
     cli_client_t *c = NULL;
+    kd_curve_client_t curve;
+    bool curve_on = false;
     int rc = 1;
     if (check_run_dir(dir, err, sizeof err) != 0) goto out;
     if (cli_read_endpoint(dir, endpoint, sizeof endpoint, err, sizeof err) != 0) goto out;
-    if (kd_curve_env_for_cli(key, server_key, dir, err, sizeof err) != 0) goto out;
+    if (cli_curve_credentials(key, server_key, dir, &curve, &curve_on, err, sizeof err) != 0)
+        goto out;
     if (read_launcher(dir, control, sizeof control, err, sizeof err) != 0) goto out;
     if (ask_launcher(control, workers, &reply, err, sizeof err) != 0) goto out;
     long before = (long)json_integer_value(json_object_get(reply, "before"));
@@ -424,7 +430,7 @@ int kd_cmd_scale(int argc, char **argv) {
            ids_text(json_object_get(reply, "started"), started, sizeof started),
            ids_text(goal.leave, draining, sizeof draining));
     fflush(stdout);
-    if (!(c = cli_client_new(endpoint, err, sizeof err))) goto out;
+    if (!(c = cli_client_new(endpoint, curve_on ? &curve : NULL, err, sizeof err))) goto out;
     if (watch_members(c, dir, &goal, timeout, &json, err, sizeof err) != 0) goto out;
     live = worker_ids(json, status, sizeof status);
     printf("%zu live worker%s: %s\n\n", json_array_size(live),

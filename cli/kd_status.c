@@ -24,7 +24,7 @@
 
 struct cli_client {
     void *ctx, *sock;
-    bool curve_on; /* KDIST_KEY names our key pair: a CurveZMQ client (kd_curve.h) */
+    bool curve_on; /* a CurveZMQ client (kd_curve.h) with the credentials in curve */
     kd_curve_client_t curve;
     kd_curve_watch_t watch; /* a refused key or a plaintext/CurveZMQ mismatch, explained */
     char endpoint[KD_PATH_MAX];
@@ -36,7 +36,61 @@ struct cli_client {
     double hello_time; /* kd_now() of the last Hello; 0 = never */
 };
 
-cli_client_t *cli_client_new(const char *endpoint, char *err, size_t errlen) {
+/* Whether the environment names a key for this client: kd_curve_client_from_args, the one place
+ * that reads KDIST_KEY, finds a key there or fails on one it cannot use. */
+static bool env_names_key(void) {
+    kd_curve_client_t probe;
+    bool on;
+    char why[KD_ERR_LEN];
+    return kd_curve_client_from_args(NULL, NULL, NULL, &probe, &on, why, sizeof why) != 0 || on;
+}
+
+/* What run_dir/recipe.yaml says about the run's CurveZMQ: 1 with the client's key file
+ * (<keys_dir>/client.key) and the coordinator's public key (may be ""), 0 for a plaintext run
+ * (or no recipe there), -1 with err set. */
+static int run_client_key(const char *run_dir, char *key, size_t keylen, char *server,
+                          size_t serverlen, char *err, size_t errlen) {
+    char path[KD_PATH_MAX + 32], why[KD_ERR_LEN];
+    snprintf(path, sizeof path, "%s/recipe.yaml", run_dir);
+    if (!kd_file_exists(path)) return 0; /* nothing to learn: plaintext unless told */
+    kd_recipe_t *r = kd_xmalloc(sizeof *r);
+    int rc = 1;
+    if (kd_recipe_load(path, NULL, 0, r, why, sizeof why) != 0) {
+        rc = kd_err(err, errlen, "cannot tell whether the run uses CurveZMQ: %s", why);
+    } else if (!r->cluster.security.curve) {
+        rc = 0;
+    } else {
+        const char *dir = r->cluster.security.keys_dir;
+        snprintf(key, keylen, "%s/client.key", dir);
+        snprintf(server, serverlen, "%s", r->cluster.security.coordinator_key);
+        if (!dir[0] || !kd_file_exists(key))
+            rc = kd_err(err, errlen,
+                        "the run in %s uses CurveZMQ: give --key FILE (a key pair whose public "
+                        "key is in its cluster.security.authorized_keys) or set %s%s%s%s",
+                        run_dir, KD_CURVE_ENV_KEY, dir[0] ? " (" : "", dir[0] ? key : "",
+                        dir[0] ? " does not exist)" : "");
+    }
+    free(r);
+    return rc;
+}
+
+int cli_curve_credentials(const char *key_opt, const char *server_opt, const char *run_dir,
+                          kd_curve_client_t *out, bool *on, char *err, size_t errlen) {
+    if (key_opt || !run_dir || env_names_key())
+        return kd_curve_client_from_args(key_opt, server_opt, NULL, out, on, err, errlen);
+    char key[KD_PATH_MAX + 32], server[KD_PATH_MAX], why[KD_ERR_LEN];
+    int found = run_client_key(run_dir, key, sizeof key, server, sizeof server, err, errlen);
+    if (found < 0) return -1;
+    if (found == 0) /* a plaintext run: --coordinator-key alone is the error it is elsewhere */
+        return kd_curve_client_from_args(NULL, server_opt, NULL, out, on, err, errlen);
+    if (kd_curve_client_from_args(key, server_opt, server, out, on, why, sizeof why) != 0)
+        return kd_err(err, errlen, "the run in %s uses CurveZMQ with %s as the client's key: %s",
+                      run_dir, key, why);
+    return 0;
+}
+
+cli_client_t *cli_client_new(const char *endpoint, const kd_curve_client_t *curve, char *err,
+                             size_t errlen) {
     cli_client_t *c = kd_xcalloc(1, sizeof *c);
     snprintf(c->endpoint, sizeof c->endpoint, "%s", endpoint);
     snprintf(c->node_id, sizeof c->node_id, "%d", (int)getpid());
@@ -47,12 +101,8 @@ cli_client_t *cli_client_new(const char *endpoint, char *err, size_t errlen) {
         cli_client_destroy(&c);
         return NULL;
     }
-    /* credentials come from the environment (kd_curve_env_for_cli maps --key and run
-     * directories onto it), so every client a command opens uses the same */
-    if (kd_curve_client_from_args(NULL, NULL, NULL, &c->curve, &c->curve_on, err, errlen) != 0) {
-        cli_client_destroy(&c);
-        return NULL;
-    }
+    c->curve_on = curve != NULL;
+    if (curve) c->curve = *curve;
     char identity[96];
     kd_wire_identity(identity, sizeof identity, "client", c->node_id, c->incarnation);
     c->sock = kd_socket_dealer_curve(c->ctx, identity, endpoint, 0, c->curve_on ? &c->curve : NULL,
@@ -538,14 +588,17 @@ int kd_cmd_status(int argc, char **argv) {
             return 1;
         }
     }
-    if (kd_curve_env_for_cli(key, server_key, is_endpoint ? NULL : dir, err, sizeof err) != 0) {
+    kd_curve_client_t curve;
+    bool curve_on;
+    if (cli_curve_credentials(key, server_key, is_endpoint ? NULL : dir, &curve, &curve_on, err,
+                              sizeof err) != 0) {
         fprintf(stderr, "kdist status: %s\n", err);
         return 1;
     }
 
     int rc = 1;
     char *json = NULL;
-    cli_client_t *c = cli_client_new(endpoint, err, sizeof err);
+    cli_client_t *c = cli_client_new(endpoint, curve_on ? &curve : NULL, err, sizeof err);
     if (!c) goto out;
     if (cli_client_status(c, STATUS_DEADLINE_MS, &json, err, sizeof err) != 0) goto out;
     if (raw)

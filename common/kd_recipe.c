@@ -334,13 +334,6 @@ static size_t section_len(const char *key) {
     return dot ? (size_t)(dot - key) : 0;
 }
 
-static bool is_section(const char *name) {
-    size_t n = strlen(name);
-    for (int i = 0; i < N_ROWS; i++)
-        if (section_len(schema[i].key) == n && strncmp(schema[i].key, name, n) == 0) return true;
-    return false;
-}
-
 /* ---------------------------------------------------------------------------------------- */
 /* Did you mean                                                                             */
 
@@ -383,31 +376,12 @@ static const char *suggest(const char *word, const char *const *cands, int n) {
     return NULL;
 }
 
-/* " (did you mean 'x'?)" or "" */
-static void did_you_mean(const char *word, const char *const *cands, int n, char *out,
-                         size_t outlen) {
+void kd_did_you_mean(const char *word, const char *const *cands, int n, char *out, size_t outlen) {
     const char *s = suggest(word, cands, n);
     if (s)
         snprintf(out, outlen, " (did you mean '%s'?)", s);
     else if (outlen)
         out[0] = 0;
-}
-
-/* Top-level words: sections and top-level keys, each once; store holds the section names. */
-static int top_level_names(const char **out, char (*store)[32]) {
-    int n = 0;
-    for (int i = 0; i < N_ROWS; i++) {
-        size_t sl = section_len(schema[i].key);
-        const char *name = schema[i].key;
-        if (sl == 0) {
-            out[n++] = name;
-        } else if (n == 0 || strncmp(out[n - 1], name, sl) != 0 || out[n - 1][sl] != 0) {
-            /* sections are contiguous: a new one starts when the previous name differs */
-            snprintf(store[i], sizeof store[i], "%.*s", (int)sl, name);
-            out[n++] = store[i];
-        }
-    }
-    return n;
 }
 
 static void enum_choices(const enum_ops_t *ops, char *out, size_t outlen) {
@@ -567,7 +541,7 @@ static int set_value(void *base, const row_t *k, const char *text, size_t len, c
         const char *names[64];
         for (int i = 0; i < k->ops->count; i++) names[i] = k->ops->name(i);
         enum_choices(k->ops, choices, sizeof choices);
-        did_you_mean(text, names, k->ops->count, dym, sizeof dym);
+        kd_did_you_mean(text, names, k->ops->count, dym, sizeof dym);
         return kd_err(msg, n, "expected one of: %s, got '%s'%s", choices, text, dym);
     }
     case T_LAYERS:
@@ -649,7 +623,7 @@ static int apply_override(kd_recipe_t *r, const char *assignment, bool *seen, ch
         const char *names[N_ROWS];
         char dym[160];
         for (int i = 0; i < N_ROWS; i++) names[i] = schema[i].key;
-        did_you_mean(key, names, N_ROWS, dym, sizeof dym);
+        kd_did_you_mean(key, names, N_ROWS, dym, sizeof dym);
         return kd_err(err, errlen, "override '%s': unknown key '%s'%s", assignment, key, dym);
     }
     if (k->type == T_LAYERS)
@@ -682,35 +656,48 @@ typedef struct {
     size_t errlen;
 } pctx_t;
 
-/* "NAME:LINE:COL: message", then the source line and a caret under the column. */
-static int loc_err(pctx_t *c, yaml_mark_t m, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static int loc_err(pctx_t *c, yaml_mark_t m, const char *fmt, ...) {
+int kd_loc_verr(char *err, size_t errlen, const char *name, const char *text, size_t len,
+                size_t line, size_t col, const char *fmt, va_list ap) {
     char msg[KD_ERR_LEN];
-    va_list ap;
-    va_start(ap, fmt);
     vsnprintf(msg, sizeof msg, fmt, ap);
-    va_end(ap);
-
-    const char *p = c->text, *end = c->text + c->len;
-    for (size_t line = 0; line < m.line && p < end; p++)
-        if (*p == '\n') line++;
+    const char *p = text, *end = text + len;
+    for (size_t l = 0; l < line && p < end; p++)
+        if (*p == '\n') l++;
     char src[161], caret[161];
-    size_t ns = 0, nc = 0, col = 0;
+    size_t ns = 0, nc = 0, c = 0;
     for (; p < end && *p != '\n' && *p != '\r' && ns < sizeof src - 1; p++) {
         unsigned char ch = (unsigned char)*p;
         src[ns++] = (ch < 0x20 && ch != '\t') || ch == 0x7f ? '?' : (char)ch;
         /* libyaml counts characters, not bytes: UTF-8 continuation bytes do not move it */
-        if (col < m.column && (ch & 0xC0) != 0x80 && nc < sizeof caret - 2) {
+        if (c < col && (ch & 0xC0) != 0x80 && nc < sizeof caret - 2) {
             caret[nc++] = ch == '\t' ? '\t' : ' ';
-            col++;
+            c++;
         }
     }
     src[ns] = 0;
     caret[nc++] = '^';
     caret[nc] = 0;
-    return kd_err(c->err, c->errlen, "%s:%zu:%zu: %s\n%s\n%s", c->name, (size_t)m.line + 1,
-                  (size_t)m.column + 1, msg, src, caret);
+    return kd_err(err, errlen, "%s:%zu:%zu: %s\n%s\n%s", name, line + 1, col + 1, msg, src, caret);
+}
+
+int kd_loc_err(char *err, size_t errlen, const char *name, const char *text, size_t len,
+               size_t line, size_t col, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    int rc = kd_loc_verr(err, errlen, name, text, len, line, col, fmt, ap);
+    va_end(ap);
+    return rc;
+}
+
+/* A located error at libyaml mark m of the document being parsed. */
+static int loc_err(pctx_t *c, yaml_mark_t m, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static int loc_err(pctx_t *c, yaml_mark_t m, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    int rc = kd_loc_verr(c->err, c->errlen, c->name, c->text, c->len, m.line, m.column, fmt, ap);
+    va_end(ap);
+    return rc;
 }
 
 static yaml_node_t *node_at(pctx_t *c, int id) {
@@ -817,7 +804,7 @@ static int parse_layer(pctx_t *c, const char *list, int idx, yaml_node_t *item,
     int kind;
     if (layer_ops.parse(scalar_text(type_node), &kind) != 0) {
         char dym[300];
-        did_you_mean(scalar_text(type_node), kinds, KD_LAYER_KIND_COUNT, dym, sizeof dym);
+        kd_did_you_mean(scalar_text(type_node), kinds, KD_LAYER_KIND_COUNT, dym, sizeof dym);
         if (!*dym) snprintf(dym, sizeof dym, " (expected one of: %s)", choices);
         return loc_err(c, type_node->start_mark, "%s: unknown layer type '%s'%s", where,
                        scalar_text(type_node), dym);
@@ -840,7 +827,7 @@ static int parse_layer(pctx_t *c, const char *list, int idx, yaml_node_t *item,
                 size_t u = strlen(list_txt);
                 snprintf(list_txt + u, sizeof list_txt - u, ", '%s'", layer_fields[i].key);
             }
-            did_you_mean(key, valid, nv, dym, sizeof dym);
+            kd_did_you_mean(key, valid, nv, dym, sizeof dym);
             if (!*dym) snprintf(dym, sizeof dym, " (valid keys: %s)", list_txt);
             return loc_err(c, node_at(c, p->key)->start_mark,
                            "%s: unknown key '%s' for a %s layer%s", where, key, kname, dym);
@@ -868,15 +855,25 @@ static int parse_layer(pctx_t *c, const char *list, int idx, yaml_node_t *item,
     return 0;
 }
 
-static int parse_layers(pctx_t *c, const row_t *k, yaml_node_t *v) {
+/* The items of v, a list (shape says what it should look like) of at most max of them (noun):
+ * their count, or -1 with the error set. */
+static long list_items(pctx_t *c, const row_t *k, yaml_node_t *v, const char *shape,
+                       const char *noun, long max, yaml_node_item_t **items) {
     if (v->type != YAML_SEQUENCE_NODE)
-        return loc_err(c, v->start_mark, "%s: expected a list of layers (- {type: ...}), got %s",
-                       k->key, node_kind(v));
-    yaml_node_item_t *items = v->data.sequence.items.start;
-    long n = v->data.sequence.items.top - items;
-    if (n > KD_MAX_LAYERS)
-        return loc_err(c, v->start_mark, "%s: too many layers (%ld, at most %d)", k->key, n,
-                       KD_MAX_LAYERS);
+        return loc_err(c, v->start_mark, "%s: expected %s, got %s", k->key, shape, node_kind(v));
+    *items = v->data.sequence.items.start;
+    long n = v->data.sequence.items.top - *items;
+    if (n > max)
+        return loc_err(c, v->start_mark, "%s: too many %s (%ld, at most %ld)", k->key, noun, n,
+                       max);
+    return n;
+}
+
+static int parse_layers(pctx_t *c, const row_t *k, yaml_node_t *v) {
+    yaml_node_item_t *items = NULL;
+    long n =
+        list_items(c, k, v, "a list of layers (- {type: ...})", "layers", KD_MAX_LAYERS, &items);
+    if (n < 0) return -1;
     if (n == 0 && (k->flags & F_REQ))
         return loc_err(c, v->start_mark, "%s: must list at least one layer", k->key);
     kd_layer_spec_t specs[KD_MAX_LAYERS];
@@ -891,14 +888,9 @@ static int parse_layers(pctx_t *c, const row_t *k, yaml_node_t *v) {
 
 /* A list of strings (cluster.security.authorized_keys): a YAML sequence of scalars. */
 static int parse_strlist(pctx_t *c, const row_t *k, yaml_node_t *v) {
-    if (v->type != YAML_SEQUENCE_NODE)
-        return loc_err(c, v->start_mark, "%s: expected a list of strings (- \"...\"), got %s",
-                       k->key, node_kind(v));
-    yaml_node_item_t *items = v->data.sequence.items.start;
-    long n = v->data.sequence.items.top - items;
-    if (n > (long)k->max)
-        return loc_err(c, v->start_mark, "%s: too many entries (%ld, at most %.0f)", k->key, n,
-                       k->max);
+    yaml_node_item_t *items = NULL;
+    long n = list_items(c, k, v, "a list of strings (- \"...\")", "entries", (long)k->max, &items);
+    if (n < 0) return -1;
     char *base = (char *)c->r;
     char *array = kd_xcalloc((size_t)k->max, k->size);
     for (long i = 0; i < n; i++) {
@@ -943,14 +935,15 @@ static bool has_keys_below(const char *sec) {
     return false;
 }
 
-/* The names one level below `sec` (keys and sub-sections, each once), for did-you-mean. */
+/* The names one level below `sec` (keys and sub-sections, each once; "": the top level), for
+ * did-you-mean. */
 static int names_below(const char *sec, const char **out, char (*store)[32]) {
     size_t sl = strlen(sec);
     int n = 0;
     for (int i = 0; i < N_ROWS; i++) {
         const char *key = schema[i].key;
-        if (strncmp(key, sec, sl) != 0 || key[sl] != '.') continue;
-        const char *name = key + sl + 1;
+        if (sl && (strncmp(key, sec, sl) != 0 || key[sl] != '.')) continue;
+        const char *name = sl ? key + sl + 1 : key;
         size_t len = strcspn(name, ".");
         snprintf(store[n], sizeof store[n], "%.*s", (int)len, name);
         bool known = false;
@@ -963,30 +956,43 @@ static int names_below(const char *sec, const char **out, char (*store)[32]) {
     return n;
 }
 
-/* A section's mapping (sec: "cluster", or a sub-section such as "cluster.security"). */
-static int parse_section(pctx_t *c, const char *sec, yaml_node_t *map) {
+/* An unknown key in the mapping of sec ("": the top level), with what to write instead. */
+static int unknown_key(pctx_t *c, const char *sec, yaml_node_pair_t *p, const char *key) {
+    const char *names[N_ROWS];
+    char store[N_ROWS][32], hint[160];
+    const char *dot = strchr(key, '.');
+    if (dot)
+        snprintf(hint, sizeof hint, " (write it nested: %.*s: {%.40s: ...})",
+                 (int)(dot - key < 40 ? dot - key : 40), key, dot + 1);
+    else
+        kd_did_you_mean(key, names, names_below(sec, names, store), hint, sizeof hint);
+    yaml_mark_t m = node_at(c, p->key)->start_mark;
+    if (sec[0]) return loc_err(c, m, "unknown key '%s' in '%s'%s", key, sec, hint);
+    return loc_err(c, m, "unknown %s '%s'%s",
+                   node_at(c, p->value)->type == YAML_MAPPING_NODE ? "section" : "key", key, hint);
+}
+
+/* The keys of a mapping: the document's (sec "") or a section's ("cluster", or a sub-section
+ * such as "cluster.security"). A key is a plain word: "train.epochs" is written nested. */
+static int parse_mapping(pctx_t *c, const char *sec, yaml_node_t *map) {
     for (yaml_node_pair_t *p = map->data.mapping.pairs.start; p < map->data.mapping.pairs.top;
          p++) {
         const char *key = mapping_key(c, map, p);
         if (!key) return -1;
         char full[160];
-        snprintf(full, sizeof full, "%s.%s", sec, key);
+        snprintf(full, sizeof full, "%s%s%s", sec, sec[0] ? "." : "", key);
         yaml_node_t *v = node_at(c, p->value);
-        const row_t *k = find_row(full);
+        bool dotted = strchr(key, '.') != NULL;
+        const row_t *k = dotted ? NULL : find_row(full);
         if (k) {
             if (parse_entry(c, k, v) != 0) return -1;
-        } else if (has_keys_below(full)) {
+        } else if (!dotted && has_keys_below(full)) {
             if (v->type != YAML_MAPPING_NODE)
                 return loc_err(c, v->start_mark, "section '%s' must be a mapping of keys, got %s",
                                full, node_kind(v));
-            if (parse_section(c, full, v) != 0) return -1;
+            if (parse_mapping(c, full, v) != 0) return -1;
         } else {
-            const char *names[N_ROWS];
-            char store[N_ROWS][32], dym[160];
-            int n = names_below(sec, names, store);
-            did_you_mean(key, names, n, dym, sizeof dym);
-            return loc_err(c, node_at(c, p->key)->start_mark, "unknown key '%s' in '%s'%s", key,
-                           sec, dym);
+            return unknown_key(c, sec, p, key);
         }
     }
     return 0;
@@ -1053,54 +1059,37 @@ static int parse_root(pctx_t *c) {
     if (root->type != YAML_MAPPING_NODE)
         return loc_err(c, root->start_mark, "a recipe must be a mapping of sections, got %s",
                        node_kind(root));
-    for (yaml_node_pair_t *p = root->data.mapping.pairs.start; p < root->data.mapping.pairs.top;
-         p++) {
-        const char *key = mapping_key(c, root, p);
-        if (!key) return -1;
-        yaml_node_t *v = node_at(c, p->value);
-        const row_t *k = section_len(key) == 0 ? find_row(key) : NULL;
-        if (k) {
-            if (parse_entry(c, k, v) != 0) return -1;
-        } else if (is_section(key)) {
-            if (v->type != YAML_MAPPING_NODE)
-                return loc_err(c, v->start_mark, "section '%s' must be a mapping of keys, got %s",
-                               key, node_kind(v));
-            if (parse_section(c, key, v) != 0) return -1;
-        } else {
-            const char *names[N_ROWS];
-            char dym[160], store[N_ROWS][32];
-            int n = top_level_names(names, store);
-            did_you_mean(key, names, n, dym, sizeof dym);
-            return loc_err(c, node_at(c, p->key)->start_mark, "unknown %s '%s'%s",
-                           v->type == YAML_MAPPING_NODE ? "section" : "key", key, dym);
-        }
-    }
-    return 0;
+    return parse_mapping(c, "", root);
 }
 
-static int syntax_error(pctx_t *c, yaml_parser_t *ps) {
-    yaml_mark_t m = ps->problem_mark;
-    if (ps->error == YAML_MEMORY_ERROR)
-        return kd_err(c->err, c->errlen, "%s: out of memory", c->name);
+int kd_yaml_syntax_err(const struct yaml_parser_s *ps, const char *name, const char *text,
+                       size_t len, char *err, size_t errlen) {
+    size_t line = ps->problem_mark.line, col = ps->problem_mark.column;
+    const char *problem = ps->problem ? ps->problem : "syntax error";
+    if (ps->error == YAML_MEMORY_ERROR) return kd_err(err, errlen, "%s: out of memory", name);
     if (ps->error == YAML_READER_ERROR) {
         /* reader errors carry a byte offset, not a mark */
-        m.line = m.column = 0;
-        for (size_t i = 0; i < ps->problem_offset && i < c->len; i++) {
-            if (c->text[i] == '\n') {
-                m.line++;
-                m.column = 0;
-            } else if (((unsigned char)c->text[i] & 0xC0) != 0x80) {
-                m.column++;
+        line = col = 0;
+        for (size_t i = 0; i < ps->problem_offset && i < len; i++) {
+            if (text[i] == '\n') {
+                line++;
+                col = 0;
+            } else if (((unsigned char)text[i] & 0xC0) != 0x80) {
+                col++;
             }
         }
-        return loc_err(c, m, "invalid YAML: %s (byte 0x%02x)",
-                       ps->problem ? ps->problem : "unreadable input", ps->problem_value & 0xff);
+        return kd_loc_err(err, errlen, name, text, len, line, col, "invalid YAML: %s (byte 0x%02x)",
+                          ps->problem ? ps->problem : "unreadable input", ps->problem_value & 0xff);
     }
     if (ps->context)
-        return loc_err(c, m, "invalid YAML: %s (%s at line %zu column %zu)",
-                       ps->problem ? ps->problem : "syntax error", ps->context,
-                       (size_t)ps->context_mark.line + 1, (size_t)ps->context_mark.column + 1);
-    return loc_err(c, m, "invalid YAML: %s", ps->problem ? ps->problem : "syntax error");
+        return kd_loc_err(err, errlen, name, text, len, line, col,
+                          "invalid YAML: %s (%s at line %zu column %zu)", problem, ps->context,
+                          (size_t)ps->context_mark.line + 1, (size_t)ps->context_mark.column + 1);
+    return kd_loc_err(err, errlen, name, text, len, line, col, "invalid YAML: %s", problem);
+}
+
+static int syntax_error(pctx_t *c, const yaml_parser_t *ps) {
+    return kd_yaml_syntax_err(ps, c->name, c->text, c->len, c->err, c->errlen);
 }
 
 int kd_recipe_parse(const char *name, const char *text, size_t len, const char *const *overrides,

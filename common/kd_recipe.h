@@ -5,6 +5,7 @@
 #ifndef KD_RECIPE_H
 #define KD_RECIPE_H
 
+#include <stdarg.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -142,5 +143,26 @@ void kd_recipe_print_reference(FILE *out);
 
 const char *kd_consistency_name(kd_consistency_t c);
 int kd_consistency_parse(const char *name, kd_consistency_t *out);
+
+/* ---- for other YAML readers (cli/kd_inventory.c): the recipe's messages, shared ---------- */
+
+/* " (did you mean 'x'?)" for the candidate nearest to word (at most 2 edits away, else the first
+ * one word is a prefix of), or "" when none is near. */
+void kd_did_you_mean(const char *word, const char *const *cands, int n, char *out, size_t outlen);
+
+/* An error located in a document: "name:LINE:COL: message", then the source line (cut at 160
+ * bytes, control characters shown as '?') and a caret under the column. line and col are
+ * 0-based, col in characters as libyaml's marks count them. Returns -1. */
+int kd_loc_err(char *err, size_t errlen, const char *name, const char *text, size_t len,
+               size_t line, size_t col, const char *fmt, ...) __attribute__((format(printf, 8, 9)));
+int kd_loc_verr(char *err, size_t errlen, const char *name, const char *text, size_t len,
+                size_t line, size_t col, const char *fmt, va_list ap)
+    __attribute__((format(printf, 8, 0)));
+
+/* libyaml's parser ps failed on text: its problem as a kd_loc_err ("invalid YAML: ...").
+ * Returns -1. (yaml_parser_t is struct yaml_parser_s; declared here to keep <yaml.h> out.) */
+struct yaml_parser_s;
+int kd_yaml_syntax_err(const struct yaml_parser_s *ps, const char *name, const char *text,
+                       size_t len, char *err, size_t errlen);
 
 #endif

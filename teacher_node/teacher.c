@@ -7,6 +7,7 @@
  *                        [--stream-bind ENDPOINT] [--log FILE] [--key FILE]
  *                        [--coordinator-key FILE|Z85] [section.key=value ...] */
 #include <errno.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -157,12 +158,38 @@ static void clear_epoch(teacher_t *t) {
     t->q_pos = t->q_len = 0;
 }
 
-/* The data.* settings (and the seed, which keys the validation hold-out) decide the split. */
+/* The recipe keys that name files. They are read on this node's machine, so a node that adopts
+ * the coordinator's recipe (resolved on the coordinator's host) keeps its own. */
+static const struct {
+    const char *key;
+    size_t off; /* of a char[KD_PATH_MAX] in kd_recipe_t */
+} local_paths[] = {
+    {"data.dir", offsetof(kd_recipe_t, data.dir)},
+    {"data.train_images", offsetof(kd_recipe_t, data.train_images)},
+    {"data.train_labels", offsetof(kd_recipe_t, data.train_labels)},
+    {"data.test_images", offsetof(kd_recipe_t, data.test_images)},
+    {"data.test_labels", offsetof(kd_recipe_t, data.test_labels)},
+    {"teacher.checkpoint", offsetof(kd_recipe_t, teacher.checkpoint)},
+    {"cache.dir", offsetof(kd_recipe_t, cache.dir)},
+};
+
+static void keep_local_paths(kd_recipe_t *adopted, const kd_recipe_t *own) {
+    for (size_t i = 0; i < sizeof local_paths / sizeof local_paths[0]; i++) {
+        char *theirs = (char *)adopted + local_paths[i].off;
+        const char *ours = (const char *)own + local_paths[i].off;
+        if (strcmp(theirs, ours) == 0) continue;
+        kd_log(KD_LOG_INFO, "TEACHER-LOCAL-PATH", "%s: this node's %s, not the coordinator's %s",
+               local_paths[i].key, ours[0] ? ours : "\"\"", theirs[0] ? theirs : "\"\"");
+        memcpy(theirs, ours, KD_PATH_MAX);
+    }
+}
+
+/* The data settings and the seed (which keys the validation hold-out) decide the split. The
+ * paths are this node's on both sides (keep_local_paths): whether its files hold the
+ * coordinator's data, the paths cannot tell. */
 static bool same_split(const kd_recipe_t *a, const kd_recipe_t *b) {
-    return a->seed == b->seed && strcmp(a->data.dir, b->data.dir) == 0 &&
-           strcmp(a->data.train_images, b->data.train_images) == 0 &&
-           strcmp(a->data.train_labels, b->data.train_labels) == 0 &&
-           a->data.val_size == b->data.val_size && a->data.train_subset == b->data.train_subset;
+    return a->seed == b->seed && a->data.val_size == b->data.val_size &&
+           a->data.train_subset == b->data.train_subset;
 }
 
 static int load_train(teacher_t *t, char *err, size_t errlen) {
@@ -176,13 +203,17 @@ static int load_train(teacher_t *t, char *err, size_t errlen) {
     return 0;
 }
 
-/* The settings that decide which logits a distilling teacher node serves. */
+/* The settings that decide which logits a distilling teacher node serves. teacher.checkpoint
+ * and cache.dir are this node's on both sides; the cache entry is chosen by the fingerprints of
+ * the teacher's weights and of the data (teacher_logits). */
 static bool same_logits(const kd_recipe_t *a, const kd_recipe_t *b) {
     return (a->distill.loss.alpha > 0) == (b->distill.loss.alpha > 0) &&
-           strcmp(a->teacher.checkpoint, b->teacher.checkpoint) == 0 &&
+           a->teacher.n_layers == b->teacher.n_layers &&
+           memcmp(a->teacher.layers, b->teacher.layers,
+                  (size_t)a->teacher.n_layers * sizeof a->teacher.layers[0]) == 0 &&
            a->teacher.batch_size == b->teacher.batch_size &&
-           strcmp(a->cache.dir, b->cache.dir) == 0 && a->cache.encoding == b->cache.encoding &&
-           a->cache.topk == b->cache.topk && strcmp(a->cache.import, b->cache.import) == 0;
+           a->cache.encoding == b->cache.encoding && a->cache.topk == b->cache.topk &&
+           strcmp(a->cache.import, b->cache.import) == 0;
 }
 
 /* This node's place among cluster.teachers, to spread the cache fill: a numeric id, or a
@@ -288,6 +319,7 @@ static int on_welcome(teacher_t *t, const Kdist__Welcome *w) {
                w->recipe_yaml ? err : "no recipe");
         return -1;
     }
+    keep_local_paths(&r, &t->recipe);
     bool reload = !same_split(&t->recipe, &r);
     bool new_logits = reload || !t->logits_ready || !same_logits(&t->recipe, &r);
     t->recipe = r;

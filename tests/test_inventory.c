@@ -191,9 +191,9 @@ static void test_errors(void) {
     expect_error("- a\n- b\n", "an inventory must be a mapping", NULL);
     expect_error("ssh: {identity: /nonexistent/key}\n",
                  "ssh.identity: /nonexistent/key: no such file", NULL);
-    /* the message shows the line and a caret under the column */
-    expect_error("hosts:\n  - {name: h1, port: twenty}\n", "\n    - {name: h1, port: twenty}\n",
-                 "\n                       ^", NULL);
+    /* the message shows the line and a caret under the column, as the recipe's do */
+    expect_error("hosts:\n  - {name: h1, port: twenty}\n", "\n  - {name: h1, port: twenty}\n",
+                 "\n                     ^", NULL);
 }
 
 /* Truncated, oversized and malformed input: an error (never a crash), and never a silent
@@ -236,7 +236,7 @@ static void test_hostile(void) {
     expect_error("hosts: \xc3\x28\n", "invalid YAML", NULL); /* not UTF-8 */
     /* the caret counts characters as libyaml does, not bytes */
     expect_error("ssh: {user: \xc3\xa9t\xc3\xa9, port: x}\n", "ssh.port must be a whole number",
-                 "\n                         ^", NULL);
+                 "\n                       ^", NULL);
     expect_error("hosts:\n\t- a\n", "invalid YAML", NULL);
     /* more hosts than fit */
     char *many = kd_xmalloc(40 * (INV_MAX_HOSTS + 2) + 64);

@@ -374,6 +374,11 @@ static void test_errors(void) {
     expect_err(MINIMAL "train:\n  batch: 3\n", 5, 3, "(did you mean 'batch_size'?)", NULL);
     expect_err(MINIMAL "nmae: x\n", 4, 1, "unknown key 'nmae' (did you mean 'name'?)", NULL);
     expect_err(MINIMAL "zzzzzz: {a: 1}\n", 4, 1, "unknown section 'zzzzzz'", NULL);
+    /* a key is a plain word, at the top level as in a section */
+    expect_err(MINIMAL "train.epochs: 3\n", 4, 1,
+               "unknown key 'train.epochs' (write it nested: train: {epochs: ...})", NULL);
+    expect_err(MINIMAL "cluster:\n  security.curve: true\n", 5, 3,
+               "unknown key 'security.curve' in 'cluster'", "security: {curve: ...}");
     /* wrong types */
     expect_err(MINIMAL "optim:\n  lr: abc\n", 5, 7, "optim.lr: expected a number, got 'abc'", NULL);
     expect_err(MINIMAL "optim:\n  nesterov: maybe\n", 5, 13,
@@ -583,6 +588,35 @@ static void test_garbage(void) {
     CHECK(bad_msgs == 0);
 }
 
+/* The helpers other YAML readers share (kdist inventory): did-you-mean and located errors. */
+static void test_shared_messages(void) {
+    const char *cands[] = {"hosts", "roles", "teacher_checkpoint"};
+    char dym[96];
+    kd_did_you_mean("hots", cands, 3, dym, sizeof dym);
+    CHECK(strcmp(dym, " (did you mean 'hosts'?)") == 0);
+    kd_did_you_mean("teacher", cands, 3, dym, sizeof dym); /* a prefix, 11 edits away */
+    CHECK(strcmp(dym, " (did you mean 'teacher_checkpoint'?)") == 0);
+    kd_did_you_mean("zzzzzz", cands, 3, dym, sizeof dym);
+    CHECK(dym[0] == 0);
+    kd_did_you_mean("x", cands, 0, dym, sizeof dym);
+    CHECK(dym[0] == 0);
+
+    /* 0-based line and column in; 1-based out, with the line and a caret */
+    const char *doc = "a: 1\nb:\t[x\x01y]\nc: 3\n";
+    CHECK(kd_loc_err(err, sizeof err, "d.yaml", doc, strlen(doc), 1, 4, "bad %s", "list") == -1);
+    CHECK(strcmp(err, "d.yaml:2:5: bad list\nb:\t[x?y]\n  \t ^") == 0);
+    /* a mark past the end (libyaml's at end of input): the message, an empty line, a caret */
+    CHECK(kd_loc_err(err, sizeof err, "d.yaml", doc, strlen(doc), 9, 0, "end") == -1);
+    CHECK(strcmp(err, "d.yaml:10:1: end\n\n^") == 0);
+    /* a long line is cut; the caret stays within it */
+    char line[400];
+    memset(line, 'a', sizeof line - 1);
+    line[sizeof line - 1] = 0;
+    CHECK(kd_loc_err(err, sizeof err, "l.yaml", line, strlen(line), 0, 300, "far") == -1);
+    const char *l2 = strchr(err, '\n'), *l3 = l2 ? strchr(l2 + 1, '\n') : NULL;
+    CHECK(l3 && l3 - l2 - 1 == 160 && strlen(l3 + 1) <= 160 && l3[strlen(l3) - 1] == '^');
+}
+
 int main(void) {
     test_full();
     test_defaults();
@@ -593,5 +627,6 @@ int main(void) {
     test_files();
     test_reference();
     test_garbage();
+    test_shared_messages();
     return kd_test_done("test_recipe");
 }

@@ -8,28 +8,17 @@
 # completes with every batch applied once; `down` leaves nothing running. An inventory whose
 # host has no sshd makes `up` fail naming that host and the step. Needs root; about a minute.
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-[ "$(id -u)" = 0 ] || {
-    echo "SKIP: test_cluster_ssh needs root (network namespaces, sshd)"
-    exit 77
-}
-BIN=${KD_BIN_DIR:?set KD_BIN_DIR to the bin directory of a build}
-SRC=${KD_SRC_DIR:?KD_SRC_DIR must name the source tree}
-CLUSTER=$SRC/deploy/kdist-cluster
-DATA=/usr/share/datasets/fashion-mnist
+skip_unless_root "network namespaces, sshd"
+BIN=$KD_BIN_DIR
+CLUSTER=$KD_SRC_DIR/deploy/kdist-cluster
+DATA=$KD_DATA
 RUN_DEADLINE=150 # seconds for the whole run to complete after up
 EPOCHS=300       # 25 s of training on an idle machine, 80 s on a busy one: the scaling
                  # takes half of the first
 
-fail() {
-    echo "FAIL: $*" >&2
-    exit 1
-}
-t0=$(date +%s)
-ok() { echo "ok [$(($(date +%s) - t0))s]: $*"; }
-for tool in ip sshd ssh ssh-keygen rsync setsid unshare flock python3; do
-    command -v "$tool" >/dev/null || fail "$tool is not installed (scripts/install-deps.sh)"
-done
+require_tools ip sshd ssh ssh-keygen rsync setsid unshare flock python3
 [ -f "$DATA/train-images-idx3-ubyte.gz" ] || fail "no Fashion-MNIST in $DATA (dataset-fashion-mnist)"
 
 # One of this test's four subnets, held with a lock so that concurrent runs (two build trees)
@@ -45,13 +34,10 @@ for n in 46 47 48 49; do
 done
 [ -n "$SUBNET" ] || fail "10.118.46-49.0/24, this test's subnets, are all in use (other runs of it?)"
 
-mkdir -p "${KD_TEST_TMP:-/tmp}"
-T=$(mktemp -d "${KD_TEST_TMP:-/tmp}/cluster_ssh.XXXXXX")
+make_test_dir
 TAG=$$
 BR=kdsb$TAG
 NS=()
-SSHD_PIDS=()
-MADE_RUN_SSHD=0
 export XDG_STATE_HOME=$T/state # kdist-cluster's local state goes here
 
 # Pids whose command line holds the text $1 (one grep for all of them; the grep itself, which
@@ -69,47 +55,21 @@ test_pids() { pids_matching "$T/"; }
 # The cluster's processes: binaries and kdist-node live under the hosts' directories $T/h*.
 role_pids() { pids_matching "$T/h"; }
 
-cleanup() {
-    local rc=$? ns p
-    set +e
+kill_test_pids() {
+    local p
     for p in $(test_pids); do kill -KILL "$p" 2>/dev/null; done
-    for ns in "${NS[@]}"; do
-        # everything in the namespace is this test's: sshd and its sessions, the roles
-        for p in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$p" 2>/dev/null; done
-    done
-    for p in "${SSHD_PIDS[@]}"; do kill -KILL "$p" 2>/dev/null; done
-    for ns in "${NS[@]}"; do ip netns del "$ns" 2>/dev/null; done
-    ip link del "$BR" 2>/dev/null
-    [ $MADE_RUN_SSHD = 0 ] || rmdir /run/sshd 2>/dev/null
-    if [ $rc = 0 ]; then
-        rm -rf "$T"
-    else
-        echo "test_cluster_ssh: failed; files kept in $T" >&2
-    fi
-    exit $rc
-}
-trap cleanup EXIT
-trap 'exit 1' INT TERM
-
-# Polls "$@" until it succeeds or SECONDS pass.
-wait_for() {
-    local seconds=$1 what=$2 deadline
-    shift 2
-    deadline=$(($(date +%s) + seconds))
-    until "$@" >/dev/null 2>&1; do
-        [ "$(date +%s)" -lt "$deadline" ] || fail "$what did not happen within ${seconds}s"
-        sleep 0.2
-    done
+    return 0
 }
 
 # ---- three hosts ------------------------------------------------------------------------------
 
 ip link add "$BR" type bridge
+at_exit ip link del "$BR"
 ip addr add "$SUBNET.254/24" dev "$BR"
 ip link set "$BR" up
 for i in 1 2 3; do
     ns=kdssh$TAG-h$i
-    ip netns add "$ns"
+    make_netns "$ns" # with everything in it: sshd and its sessions, the roles
     NS+=("$ns")
     ip link add "kd${TAG}v$i" type veth peer name "kd${TAG}p$i"
     ip link set "kd${TAG}p$i" netns "$ns"
@@ -126,7 +86,7 @@ ssh-keygen -q -t ed25519 -N '' -C kdist-test-client -f "$T/ssh/client_key"
 cp "$T/ssh/client_key.pub" "$T/ssh/authorized_keys"
 if [ ! -d /run/sshd ]; then
     mkdir -p /run/sshd # sshd's privilege-separation directory
-    MADE_RUN_SSHD=1
+    at_exit rmdir /run/sshd
 fi
 for i in 1 2 3; do
     cat >"$T/ssh/sshd_h$i.conf" <<EOF
@@ -149,11 +109,12 @@ EOF
     # its own hostname (UTS namespace), so each host looks like a machine of its own
     ip netns exec "kdssh$TAG-h$i" unshare --uts sh -c \
         "hostname h$i && exec /usr/sbin/sshd -D -f '$T/ssh/sshd_h$i.conf' -E '$T/ssh/sshd_h$i.log'" &
-    SSHD_PIDS+=($!)
-    disown # no job report when the cleanup kills it
+    track_pid $!
+    disown # no job report when the clean-up kills it
 done
+at_exit kill_test_pids # the roles' supervisors, which left this test's process tree
 for i in 1 2 3; do
-    wait_for 20 "sshd on h$i listening" bash -c "exec 3<>/dev/tcp/$SUBNET.$i/22"
+    wait_for 20 "sshd on h$i listening" bash -c "exec 2>/dev/null 3<>/dev/tcp/$SUBNET.$i/22"
 done
 
 # ---- inventory, teacher, recipe ---------------------------------------------------------------
@@ -185,36 +146,22 @@ inventory "$T/no_sshd.yaml" 2222 # nothing listens there on h2
 
 # A small teacher, trained here, that the cluster ships to h1 and h2.
 mkdir -p "$T/teacher"
-cat >"$T/teacher/teacher.yaml" <<EOF
-name: ssh_teacher
-seed: 2
-student:
-  layers:
-    - {type: flatten}
-    - {type: linear, out_features: 128}
-    - {type: relu}
-    - {type: linear, out_features: 10}
-optim: {name: sgd, lr: 0.05, momentum: 0.9}
-schedule: {name: constant}
-train: {epochs: 1, batch_size: 128, threads: 1}
+{
+    mlp_recipe ssh_teacher 2 128
+    cat <<EOF
 data: {dir: $DATA, train_subset: 6000, val_size: 500, test_subset: 500}
 logging: {runs_dir: $T/teacher/runs}
 EOF
+} >"$T/teacher/teacher.yaml"
 (cd "$T/teacher" && "$BIN/kdist" train teacher.yaml >"$T/teacher/train.log" 2>&1) ||
     fail "training the teacher failed: $(tail -n 5 "$T/teacher/train.log")"
 TEACHER=$T/teacher/runs/ssh_teacher/student.safetensors
 [ -f "$TEACHER" ] || fail "kdist train wrote no $TEACHER"
 
 # The student run: long enough (epochs) to outlast the scaling by far.
-cat >"$T/recipe.yaml" <<EOF
-name: ssh_cluster
-seed: 5
-student:
-  layers:
-    - {type: flatten}
-    - {type: linear, out_features: 64}
-    - {type: relu}
-    - {type: linear, out_features: 10}
+{
+    mlp_recipe ssh_cluster 5 64
+    cat <<EOF
 teacher:
   checkpoint: $TEACHER
   layers:
@@ -223,14 +170,12 @@ teacher:
     - {type: relu}
     - {type: linear, out_features: 10}
 distill: {alpha: 0.5, temperature: 4}
-optim: {name: sgd, lr: 0.05, momentum: 0.9}
-schedule: {name: constant}
-train: {epochs: 1, batch_size: 128, threads: 1}
 data: {dir: $DATA, train_subset: 12000, val_size: 1000, test_subset: 1000}
 cluster:
   restream_timeout_ms: 3000
   heartbeat_timeout_ms: 4000
 EOF
+} >"$T/recipe.yaml"
 
 kc() { "$CLUSTER" "$T/cluster.yaml" "$@" --bin-dir "$BIN"; }
 
@@ -242,11 +187,11 @@ fi
 grep -q "host h2 ($SUBNET.2): ssh connection (root@$SUBNET.2, port 2222) failed: .*Connection refused" \
     "$T/no_sshd.out" || fail "up's error does not name host h2 and the ssh step: $(cat "$T/no_sshd.out")"
 grep -q "nothing was started" "$T/no_sshd.out" || fail "up did not say that nothing started"
-ok "up against a host without sshd: $(grep 'host h2' "$T/no_sshd.out")"
+log "ok: up against a host without sshd: $(grep 'host h2' "$T/no_sshd.out")"
 
 # ---- up ---------------------------------------------------------------------------------------
 
-t0=$(date +%s)
+t0=$SECONDS
 kc up "$T/recipe.yaml" train.epochs=$EPOCHS >"$T/up.out" 2>&1 || fail "up failed: $(cat "$T/up.out")"
 cat "$T/up.out"
 grep -Eq "^h1 +$SUBNET.1 +coordinator +0 +[0-9]+ +tcp://$SUBNET.1:5555" "$T/up.out" ||
@@ -279,25 +224,21 @@ expect_workers() { # N WHEN
     workers_line | grep -q "^workers: $1 live at the coordinator, $1 running on the hosts" ||
         fail "$2: status does not show $1 live and running workers: $(workers_line)
 $(cat "$T/status.out")"
-    ok "$2: $(workers_line)"
+    log "ok: $2: $(workers_line)"
 }
 
 # steps grow: the run goes on after each change
-expect_progress() { # WHEN
-    local before after deadline
+step_grew() {
     status
-    before=$(step_now)
-    [ -n "$before" ] || fail "$1: no progress line in status: $(cat "$T/status.out")"
-    deadline=$(($(date +%s) + 20))
-    while :; do
-        status
-        after=$(step_now)
-        [ -n "$after" ] && [ "$after" -gt "$before" ] && break
-        [ ! -f "$SUMMARY" ] || break
-        [ "$(date +%s)" -lt "$deadline" ] || fail "$1: the run does not move on (step $before, then ${after:-?})"
-        sleep 0.5
-    done
-    ok "$1: the run goes on (step $before -> ${after:-end})"
+    step_after=$(step_now)
+    [ -f "$SUMMARY" ] || { [ -n "$step_after" ] && [ "$step_after" -gt "$step_before" ]; }
+}
+expect_progress() { # WHEN
+    status
+    step_before=$(step_now)
+    [ -n "$step_before" ] || fail "$1: no progress line in status: $(cat "$T/status.out")"
+    wait_for 20 "$1: the run moving on from step $step_before" step_grew
+    log "ok: $1: the run goes on (step $step_before -> ${step_after:-end})"
 }
 
 expect_workers 2 "after up"
@@ -320,24 +261,13 @@ grep -Eq "^h3 +worker +3 +exited:0 " "$T/status.out" || fail "drained worker 3 d
 expect_progress "with 1 worker"
 kc logs worker 0 -n 5 >"$T/logs.out" 2>&1 || fail "logs worker 0 failed: $(cat "$T/logs.out")"
 [ -s "$T/logs.out" ] || fail "logs worker 0 printed nothing"
-ok "scaled 2 -> 4 -> 3 -> 1 workers in $(($(date +%s) - t0))s after up"
+log "ok: scaled 2 -> 4 -> 3 -> 1 workers in $((SECONDS - t0))s after up"
 
 # ---- the run completes, every batch applied once -----------------------------------------------
 
 wait_for "$RUN_DEADLINE" "the run's summary.json on h1" test -f "$SUMMARY"
-python3 - "$SUMMARY" <<'EOF' || fail "the summary is not right: $(cat "$SUMMARY")"
-import json, sys
-s = json.load(open(sys.argv[1]))
-l = s["ledger"]
-print(f"ok: summary: {s['status']}, ledger {l['batches_applied']}/{l['batches_expected']} applied, "
-      f"{l['duplicates_dropped']} duplicates dropped, {l['restreamed']} restreamed, "
-      f"test accuracy {s.get('test_accuracy', float('nan')):.3f}")
-assert s["status"] == "completed", s["status"]
-assert l["batches_expected"] > 0
-assert l["batches_applied"] == l["batches_expected"], l
-assert l["duplicates_dropped"] >= 0
-EOF
-ok "the run completed $(($(date +%s) - t0))s after up"
+check_summary "$SUMMARY"
+log "ok: the run completed $((SECONDS - t0))s after up"
 # no role crashed on the way (a supervisor would have restarted it) nor tripped a sanitizer
 if grep -lE "exited with [0-9]+.*restart|AddressSanitizer|runtime error:" "$T"/h*/run/ssh_cluster/logs/*.log; then
     fail "a role crashed or a sanitizer complained (the logs above)"
@@ -359,4 +289,4 @@ for ns in "${NS[@]}"; do
 done
 kc status >"$T/status.out" 2>&1 || true
 [ "$(awk '$4=="running"' "$T/status.out" | wc -l)" = 0 ] || fail "status after down shows running roles"
-ok "down: nothing left running; test_cluster_ssh passed in $(($(date +%s) - t0))s after up"
+log "ok: down: nothing left running; test_cluster_ssh passed in $((SECONDS - t0))s after up"

@@ -11,55 +11,21 @@
 # worker while no teacher is there yet, then teacher and worker) and then `kdist run`.
 #   env: KD_BIN_DIR (the binaries), KD_SRC_DIR, KD_TEST_TMP. Needs root; exit 77 otherwise.
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-if [ "$(id -u)" != 0 ]; then
-    echo "test_curve_capture: SKIP: needs root (network namespace, tcpdump)"
-    exit 77
-fi
-BIN=${KD_BIN_DIR:?KD_BIN_DIR must name the directory of the kdist binaries}
-PY=/usr/bin/python3
-for tool in ip tcpdump "$PY"; do
-    command -v "$tool" >/dev/null || {
-        echo "test_curve_capture: FAIL: $tool is not installed (scripts/install-deps.sh)"
-        exit 1
-    }
-done
-mkdir -p "${KD_TEST_TMP:-/tmp}"
-T=$(mktemp -d "${KD_TEST_TMP:-/tmp}/test_curve_capture.XXXXXX")
+skip_unless_root "network namespace, tcpdump"
+BIN=$KD_BIN_DIR
+PY=$KD_PY
+DATA=$KD_DATA
+require_tools ip tcpdump "$PY"
+make_test_dir
 NS="kdcurve$$"
 NAME="kd-curve-known-plaintext-run-name-7Q2XW9MZ"
-DATA=/usr/share/datasets/fashion-mnist
 unset KDIST_KEY KDIST_COORDINATOR_KEY
-PIDS=()
-OK=0
 
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
-    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-    ip netns del "$NS" 2>/dev/null || true
-    if [ "$OK" = 1 ]; then rm -rf "$T"; else echo "test_curve_capture: files kept in $T"; fi
-}
-trap cleanup EXIT
-
-fail() {
-    echo "test_curve_capture: FAIL: $*" >&2
-    exit 1
-}
 # `"${IN_NS[@]}" cmd &` makes $! the command's own pid (ip execs it); a shell function would
 # put a subshell in between that signals never pass.
 IN_NS=(ip netns exec "$NS")
-
-# Polls (every 20 ms) until CMD succeeds, failing after SECONDS: wait_for SECONDS WHAT CMD...
-wait_for() {
-    local seconds=$1 what=$2 deadline
-    shift 2
-    deadline=$(($(date +%s%N) + seconds * 1000000000))
-    until "$@"; do
-        [ "$(date +%s%N)" -lt "$deadline" ] || fail "no $what within $seconds s"
-        sleep 0.02
-    done
-}
 
 # Whether a child of ours has exited (gone, or a zombie until we wait for it).
 exited() {
@@ -76,7 +42,7 @@ wait_exit() {
     wait "$pid" || EXIT_CODE=$?
 }
 
-ip netns add "$NS" || fail "cannot create network namespace $NS"
+make_netns "$NS"
 "${IN_NS[@]}" ip link set lo up
 
 # ---- keys and recipes --------------------------------------------------------------------------
@@ -92,18 +58,9 @@ grep -q "never overwritten" "$T/keygen2.err" || fail "keygen: $(cat "$T/keygen2.
 "$BIN/kdist" keygen rogue --dir "$T/rogue" >"$T/rogue.pub.txt" 2>/dev/null || fail "keygen rogue"
 ROGUE_PUB=$(cat "$T/rogue.pub.txt")
 
-cat >"$T/plain.yaml" <<EOF
-name: $NAME
-seed: 5
-student:
-  layers:
-    - {type: flatten}
-    - {type: linear, out_features: 16}
-    - {type: relu}
-    - {type: linear, out_features: 10}
-optim: {name: sgd, lr: 0.05, momentum: 0.9}
-schedule: {name: constant}
-train: {epochs: 1, batch_size: 100, threads: 1}
+{
+    mlp_recipe "$NAME" 5 16 100
+    cat <<EOF
 data: {dir: $DATA, train_subset: 3000, val_size: 200, test_subset: 500}
 logging: {runs_dir: $T/runs}
 cluster:
@@ -111,6 +68,7 @@ cluster:
   teachers: 1
   shared_memory: false
 EOF
+} >"$T/plain.yaml"
 cp "$T/plain.yaml" "$T/curve.yaml"
 cat >>"$T/curve.yaml" <<EOF
   security:
@@ -136,7 +94,7 @@ EOF
 start_capture() {
     "${IN_NS[@]}" tcpdump -i lo -U -s 0 -Z root -w "$1" tcp >"$1.log" 2>&1 &
     TCPDUMP=$!
-    PIDS+=("$TCPDUMP")
+    track_pid "$TCPDUMP"
     wait_for 20 "tcpdump listening on lo" grep -q "listening on lo" "$1.log"
 }
 
@@ -150,12 +108,18 @@ stop_capture() {
 run_cluster() {
     local mode=$1 dir=$T/$1/manual keys=()
     mkdir -p "$dir"
+    # Each node reads the data through a path of its own, as on machines of their own: the
+    # coordinator's is gone before the teacher joins, so a teacher that took the coordinator's
+    # data.dir along with the rest of its recipe would find no data.
+    ln -s "$DATA" "$dir/coordinator_data"
+    ln -s "$DATA" "$dir/teacher_data"
     [ "$mode" = curve ] && keys=(--key "$T/keys/coordinator.key")
     "${IN_NS[@]}" "$BIN/kdist-coordinator" --recipe "$T/$mode.yaml" --run-dir "$dir" \
-        "${keys[@]}" >"$dir/coordinator.log" 2>&1 &
+        "${keys[@]}" "data.dir=$dir/coordinator_data" >"$dir/coordinator.log" 2>&1 &
     local coord=$!
-    PIDS+=("$coord")
+    track_pid "$coord"
     wait_for 30 "$dir/coordinator.endpoint" test -s "$dir/coordinator.endpoint"
+    rm "$dir/coordinator_data" # read: the coordinator loads its data before it binds
     local ep
     ep=$(cat "$dir/coordinator.endpoint")
 
@@ -165,7 +129,7 @@ run_cluster() {
             --key "$T/rogue/rogue.key" --coordinator-key "$T/keys/coordinator.pub" \
             --log "$dir/rogue.log" >"$dir/rogue.err" 2>&1 &
         local rogue=$!
-        PIDS+=("$rogue")
+        track_pid "$rogue"
         wait_exit "$rogue" 30 "the rogue worker"
         [ "$EXIT_CODE" != 0 ] || fail "the rogue worker exited 0"
         grep -qF "refused this node's CurveZMQ public key $ROGUE_PUB" "$dir/rogue.log" ||
@@ -178,6 +142,13 @@ run_cluster() {
         fi
         grep -q "uses CurveZMQ" "$dir/status_plain.out" ||
             fail "kdist status without a key: $(cat "$dir/status_plain.out")"
+        # the client's keys as options, and as the environment the binaries read
+        "${IN_NS[@]}" "$BIN/kdist" status "$ep" --key "$T/keys/client.key" \
+            --coordinator-key "$T/keys/coordinator.pub" >"$dir/status_opt.out" 2>&1 ||
+            fail "kdist status --key: $(cat "$dir/status_opt.out")"
+        KDIST_KEY=$T/keys/client.key KDIST_COORDINATOR_KEY=$T/keys/coordinator.pub \
+            "${IN_NS[@]}" "$BIN/kdist" status "$ep" >"$dir/status_env.out" 2>&1 ||
+            fail "kdist status with KDIST_KEY: $(cat "$dir/status_env.out")"
     fi
     # the control client: over CurveZMQ it finds client.key through the run directory's recipe
     "${IN_NS[@]}" "$BIN/kdist" status "$dir" --json >"$dir/status.json" 2>"$dir/status.err" ||
@@ -195,14 +166,15 @@ EOF
     [ "$mode" = curve ] && node_keys=(--coordinator-key "$T/keys/coordinator.pub")
     [ "$mode" = curve ] && keys=(--key "$T/keys/teacher.key")
     "${IN_NS[@]}" "$BIN/kdist-teacher" --coordinator "$ep" --id 0 --recipe "$T/$mode.yaml" \
-        "${keys[@]}" "${node_keys[@]}" --log "$dir/teacher.log" >"$dir/teacher.err" 2>&1 &
+        "${keys[@]}" "${node_keys[@]}" --log "$dir/teacher.log" "data.dir=$dir/teacher_data" \
+        >"$dir/teacher.err" 2>&1 &
     local teacher=$!
-    PIDS+=("$teacher")
+    track_pid "$teacher"
     [ "$mode" = curve ] && keys=(--key "$T/keys/worker.key")
     "${IN_NS[@]}" "$BIN/kdist-worker" --coordinator "$ep" --id 0 "${keys[@]}" "${node_keys[@]}" \
         --log "$dir/worker.log" >"$dir/worker.err" 2>&1 &
     local worker=$!
-    PIDS+=("$worker")
+    track_pid "$worker"
     local role pid
     for role in coordinator teacher worker; do
         pid=$coord
@@ -214,17 +186,12 @@ EOF
     done
     grep -q "WORKER-SHM tensors go over TCP" "$dir/worker.log" ||
         fail "the $mode worker did not use TCP for its tensors"
-    "$PY" - "$dir/summary.json" "$mode" <<'EOF' || fail "$mode summary: $(cat "$dir/summary.json")"
-import json, sys
-s = json.load(open(sys.argv[1]))
-l = s["ledger"]
-assert s["status"] == "completed", s["status"]
-assert l["batches_applied"] == l["batches_expected"] > 0, l
-assert l["duplicates_dropped"] == 0, l
-assert s["workers_max"] == 1, "workers_max %d: the rogue joined?" % s["workers_max"]
-if sys.argv[2] == "curve":
-    assert l["connections_refused"] >= 1, l
-EOF
+    grep -qF "data.dir: this node's $dir/teacher_data, not the coordinator's" "$dir/teacher.log" ||
+        fail "the $mode teacher does not say it kept its own data.dir: $(cat "$dir/teacher.log")"
+    local refused=True
+    [ "$mode" = curve ] && refused='l["connections_refused"] >= 1' # the rogue's
+    check_summary "$dir/summary.json" 'l["duplicates_dropped"] == 0' \
+        's["workers_max"] == 1  # more: the rogue joined' "$refused"
     if grep -q "worker rogue joined" "$dir/coordinator.log"; then fail "the rogue worker joined"; fi
 }
 
@@ -335,5 +302,4 @@ echo "test_curve_capture: CurveZMQ capture: $curve_streams TCP streams, $curve_b
 [ "$curve_names" = 0 ] || fail "the run name is readable in the CurveZMQ capture"
 [ "$curve_images" = 0 ] || fail "$curve_images image windows are readable in the CurveZMQ capture"
 
-OK=1
-echo "test_curve_capture: PASS"
+log "PASS"

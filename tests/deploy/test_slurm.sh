@@ -5,60 +5,38 @@
 # of that job makes the worker drain (a goodbye, not a heartbeat timeout); the run completes
 # with every batch applied once. Needs root (munged runs as munge, slurmd starts jobs).
 set -euo pipefail
-
-here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-KD_SRC_DIR=${KD_SRC_DIR:-$(cd "$here/../.." && pwd)}
-KD_BIN_DIR=${KD_BIN_DIR:-$KD_SRC_DIR/build/bin}
-KD_TEST_TMP=${KD_TEST_TMP:-/tmp}
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 START_DEADLINE=30  # seconds for the daemons to come up and the node to be idle
 EVENT_DEADLINE=60  # seconds for one step of the scenario (endpoint, a worker training, ...)
 RUN_DEADLINE=120   # seconds from the scale-down to the end of the run
 EPOCHS=400         # 30-60 s of training on this 2-core machine, idle or busy
 
-t0=$SECONDS
-log() { echo "test_slurm [$((SECONDS - t0))s]: $*" >&2; }
-fail() {
-    echo "test_slurm: FAIL: $*" >&2
-    exit 1
-}
-
-if [ "$(id -u)" != 0 ]; then
-    echo "test_slurm: SKIP: needs root (munged runs as the munge user, slurmd starts jobs)" >&2
-    exit 77
-fi
-for tool in munged slurmctld slurmd sbatch squeue scancel sinfo setpriv python3; do
-    command -v "$tool" >/dev/null ||
-        fail "$tool is not installed (scripts/install-deps.sh installs slurm-wlm and munge)"
-done
+skip_unless_root "munged runs as the munge user, slurmd starts jobs"
+require_tools munged slurmctld slurmd sbatch squeue scancel sinfo setpriv python3
 id munge >/dev/null 2>&1 || fail "there is no munge user (install the munge package)"
-for b in kdist kdist-coordinator kdist-teacher kdist-worker; do
-    [ -x "$KD_BIN_DIR/$b" ] || fail "$KD_BIN_DIR/$b is missing: build first (KD_BIN_DIR)"
-done
+require_binaries kdist kdist-coordinator kdist-teacher kdist-worker
 kdist=$KD_BIN_DIR/kdist
 
 # Slurm variables of an enclosing job would redirect our client commands.
 for v in $(compgen -v SLURM_ || true); do unset "$v"; done
 
-mkdir -p "$KD_TEST_TMP"
-S=$(cd "$KD_TEST_TMP" && pwd)/slurm.$$
-rm -rf "$S"
-mkdir -p "$S"/{munge,state,spool,log,work}
-chmod 755 "$S" # munged wants every directory above its socket searchable by all
-run=$S/work/run
+make_test_dir
+mkdir -p "$T"/{munge,state,spool,log,work}
+run=$T/work/run
 node=$(hostname -s)
-# Every process this test starts (daemons, job steps) inherits this tag: the cleanup finds
+# Every process this test starts (daemons, job steps) inherits this tag: the clean-up finds
 # stragglers by it, and by nothing broader.
-export KD_SLURM_TEST_TAG=$S
-export SLURM_CONF=$S/slurm.conf
+export KD_SLURM_TEST_TAG=$T
+export SLURM_CONF=$T/slurm.conf
 
 slurmctld_pid='' slurmd_pid='' jobs=()
-ok=0
 
 # Prints the logs a failure needs, at most the last lines of each.
 show_logs() {
     local f
-    for f in "$S"/log/slurmctld.log "$S"/log/slurmd.log "$S"/munge/munged.log "$S"/work/*.out \
+    [ "$KD_RC" != 0 ] || return 0
+    for f in "$T"/log/slurmctld.log "$T"/log/slurmd.log "$T"/munge/munged.log "$T"/work/*.out \
         "$run"/logs/*.log; do
         [ -f "$f" ] || continue
         echo "----- last lines of $f -----" >&2
@@ -72,31 +50,14 @@ pids_tagged() {
         p=${p#/proc/}
         [ "$p" = $$ ] && continue
         env=$({ tr '\0' '\n' <"/proc/$p/environ"; } 2>/dev/null) || continue
-        grep -qxF "KD_SLURM_TEST_TAG=$S" <<<"$env" && echo "$p"
+        grep -qxF "KD_SLURM_TEST_TAG=$T" <<<"$env" && echo "$p"
     done
     return 0
 }
 
-stop_pid() { # PID NAME: SIGTERM, up to 10 s, then SIGKILL
-    local pid=$1 _
-    [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 0
-    kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 100); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    if kill -0 "$pid" 2>/dev/null; then
-        log "$2 (pid $pid) ignored SIGTERM for 10 s: SIGKILL"
-        kill -KILL "$pid" 2>/dev/null || true
-    fi
-    wait "$pid" 2>/dev/null || true
-}
-
-cleanup() {
-    local rc=$? p _
-    trap - EXIT
-    set +e
-    if [ "$ok" != 1 ]; then show_logs; fi
+# The jobs, the daemons, then job steps that outlived their slurmd (only on a failure).
+stop_slurm() {
+    local p _
     if [ ${#jobs[@]} -gt 0 ] && [ -n "$slurmctld_pid" ] && kill -0 "$slurmctld_pid" 2>/dev/null; then
         scancel --quiet "${jobs[@]}" 2>/dev/null
         for _ in $(seq 40); do # KillWait is 20 s
@@ -106,30 +67,16 @@ cleanup() {
     fi
     stop_pid "$slurmd_pid" slurmd
     stop_pid "$slurmctld_pid" slurmctld
-    if [ -s "$S/munge/munged.pid" ]; then
-        stop_pid "$(cat "$S/munge/munged.pid")" munged
+    if [ -s "$T/munge/munged.pid" ]; then
+        stop_pid "$(cat "$T/munge/munged.pid")" munged
     fi
-    # Job steps that outlived their slurmd (only on a failure).
     for p in $(pids_tagged); do
         log "killing leftover process $p: $(tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null)"
         kill -KILL "$p" 2>/dev/null
     done
-    rm -rf "$S"
-    [ "$rc" = 0 ] && [ "$ok" = 1 ] && log "PASS in $((SECONDS - t0)) s"
-    exit "$rc"
 }
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-# until_deadline SECONDS WHAT CMD...: polls CMD every 0.25 s until it succeeds.
-until_deadline() {
-    local seconds=$1 what=$2 end=$((SECONDS + $1))
-    shift 2
-    until "$@"; do
-        [ $SECONDS -lt $end ] || fail "$what: not within $seconds s"
-        sleep 0.25
-    done
-}
+at_exit stop_slurm
+at_exit show_logs
 
 free_port() {
     python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
@@ -137,16 +84,16 @@ free_port() {
 
 # ---- munge -----------------------------------------------------------------------------------
 # Its own key, socket, pid, log and seed files: a system munged, if any, is left alone.
-dd if=/dev/urandom of="$S/munge/munge.key" bs=1024 count=1 status=none
-chown -R munge:munge "$S/munge"
-chmod 0755 "$S/munge" # the socket's directory must be searchable by everyone
-chmod 0400 "$S/munge/munge.key"
+dd if=/dev/urandom of="$T/munge/munge.key" bs=1024 count=1 status=none
+chown -R munge:munge "$T/munge"
+chmod 0755 "$T/munge" # the socket's directory must be searchable by everyone
+chmod 0400 "$T/munge/munge.key"
 setpriv --reuid=munge --regid=munge --init-groups munged \
-    --socket="$S/munge/munge.socket" --key-file="$S/munge/munge.key" \
-    --pid-file="$S/munge/munged.pid" --log-file="$S/munge/munged.log" \
-    --seed-file="$S/munge/munged.seed" ||
-    fail "munged did not start: $(tail -n 3 "$S/munge/munged.log" 2>/dev/null)"
-until_deadline "$START_DEADLINE" "munged's socket $S/munge/munge.socket" test -S "$S/munge/munge.socket"
+    --socket="$T/munge/munge.socket" --key-file="$T/munge/munge.key" \
+    --pid-file="$T/munge/munged.pid" --log-file="$T/munge/munged.log" \
+    --seed-file="$T/munge/munged.seed" ||
+    fail "munged did not start: $(tail -n 3 "$T/munge/munged.log" 2>/dev/null)"
+wait_for "$START_DEADLINE" "munged's socket $T/munge/munge.socket" test -S "$T/munge/munge.socket"
 
 # ---- slurmctld and slurmd ---------------------------------------------------------------------
 # This machine as slurmd sees it (CPUs, sockets, memory), so the node registers as idle.
@@ -165,13 +112,13 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$S/munge/munge.socket
-StateSaveLocation=$S/state
-SlurmdSpoolDir=$S/spool
-SlurmctldPidFile=$S/slurmctld.pid
-SlurmdPidFile=$S/slurmd.pid
-SlurmctldLogFile=$S/log/slurmctld.log
-SlurmdLogFile=$S/log/slurmd.log
+AuthInfo=socket=$T/munge/munge.socket
+StateSaveLocation=$T/state
+SlurmdSpoolDir=$T/spool
+SlurmctldPidFile=$T/slurmctld.pid
+SlurmdPidFile=$T/slurmd.pid
+SlurmctldLogFile=$T/log/slurmctld.log
+SlurmdLogFile=$T/log/slurmd.log
 MailProg=/bin/true
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -190,40 +137,24 @@ NodeName=$node NodeAddr=127.0.0.1 $hw State=UNKNOWN
 # Jobs share the node's CPUs: the run's job and the worker-only job run side by side.
 PartitionName=kdtest Nodes=$node Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:8
 EOF
-slurmctld -D -f "$SLURM_CONF" >"$S/log/slurmctld.out" 2>&1 &
+slurmctld -D -f "$SLURM_CONF" >"$T/log/slurmctld.out" 2>&1 &
 slurmctld_pid=$!
-slurmd -D -f "$SLURM_CONF" >"$S/log/slurmd.out" 2>&1 &
+slurmd -D -f "$SLURM_CONF" >"$T/log/slurmd.out" 2>&1 &
 slurmd_pid=$!
 node_idle() {
-    kill -0 "$slurmctld_pid" 2>/dev/null || fail "slurmctld exited: $(tail -n 5 "$S/log/slurmctld.out")"
-    kill -0 "$slurmd_pid" 2>/dev/null || fail "slurmd exited: $(tail -n 5 "$S/log/slurmd.out")"
+    kill -0 "$slurmctld_pid" 2>/dev/null || fail "slurmctld exited: $(tail -n 5 "$T/log/slurmctld.out")"
+    kill -0 "$slurmd_pid" 2>/dev/null || fail "slurmd exited: $(tail -n 5 "$T/log/slurmd.out")"
     [ "$(sinfo -h -n "$node" -o %t 2>/dev/null)" = idle ]
 }
-until_deadline "$START_DEADLINE" "node $node idle in sinfo" node_idle
+wait_for "$START_DEADLINE" "node $node idle in sinfo" node_idle
 log "one-node Slurm cluster up (slurmctld :$ctld_port, slurmd :$slurmd_port)"
 
 # ---- the run --------------------------------------------------------------------------------
-cat >"$S/work/recipe.yaml" <<'EOF'
-name: slurm_test
-seed: 5
-student:
-  layers:
-    - {type: flatten}
-    - {type: linear, out_features: 64}
-    - {type: relu}
-    - {type: linear, out_features: 10}
+{
+    mlp_recipe slurm_test 5 64
+    cat <<'EOF'
 distill:
   alpha: 0.0
-optim:
-  name: sgd
-  lr: 0.05
-  momentum: 0.9
-schedule:
-  name: constant
-train:
-  epochs: 1
-  batch_size: 128
-  threads: 1
 data:
   train_subset: 12000
   val_size: 1000
@@ -233,10 +164,11 @@ cluster:
   restream_timeout_ms: 3000
   heartbeat_timeout_ms: 4000
 EOF
+} >"$T/work/recipe.yaml"
 
 submit() { # sbatch ARGS...: prints the job id
     local id
-    id=$(cd "$S/work" && sbatch --parsable --export=ALL,KDIST_BIN_DIR="$KD_BIN_DIR" "$@") ||
+    id=$(cd "$T/work" && sbatch --parsable --export=ALL,KDIST_BIN_DIR="$KD_BIN_DIR" "$@") ||
         fail "sbatch $* was refused"
     id=${id%%;*}
     [[ $id =~ ^[0-9]+$ ]] || fail "sbatch printed '$id', not a job id"
@@ -245,7 +177,7 @@ submit() { # sbatch ARGS...: prints the job id
 job_running() { [ "$(squeue -h -j "$1" -o %T 2>/dev/null)" = RUNNING ]; }
 job_gone() { [ -z "$(squeue -h -j "$1" -o %T 2>/dev/null)" ]; }
 
-main_job=$(submit --output="$S/work/kdist-%j.out" "$KD_SRC_DIR/deploy/slurm/kdist.sbatch" \
+main_job=$(submit --output="$T/work/kdist-%j.out" "$KD_SRC_DIR/deploy/slurm/kdist.sbatch" \
     --run-dir "$run" recipe.yaml train.epochs=$EPOCHS)
 jobs+=("$main_job")
 log "submitted the run as job $main_job"
@@ -253,7 +185,7 @@ endpoint_written() {
     job_gone "$main_job" && fail "job $main_job ended before its coordinator wrote $run/coordinator.endpoint"
     [ -s "$run/coordinator.endpoint" ]
 }
-until_deadline "$EVENT_DEADLINE" "$run/coordinator.endpoint" endpoint_written
+wait_for "$EVENT_DEADLINE" "$run/coordinator.endpoint" endpoint_written
 endpoint=$(cat "$run/coordinator.endpoint")
 [[ $endpoint =~ ^tcp://127\.0\.0\.1:[0-9]+$ ]] || fail "coordinator endpoint '$endpoint' is not tcp://127.0.0.1:PORT"
 log "coordinator at $endpoint"
@@ -261,8 +193,8 @@ log "coordinator at $endpoint"
 # status_check PY_EXPR: true when the expression holds for the coordinator's StatusReply `s`
 # (members by (role, id) in `m`, events in `ev`).
 status_check() {
-    "$kdist" status "$run" --json 2>/dev/null >"$S/status.json" || return 1
-    python3 - "$S/status.json" "$1" <<'EOF'
+    "$kdist" status "$run" --json 2>/dev/null >"$T/status.json" || return 1
+    python3 - "$T/status.json" "$1" <<'EOF'
 import json, sys
 s = json.load(open(sys.argv[1]))
 m = {(x.get("role"), x.get("id")): x for x in s.get("members", [])}
@@ -274,68 +206,56 @@ steps_of() { # the steps of worker $1 in the last status
     python3 -c 'import json, sys
 s = json.load(open(sys.argv[1]))
 print(next((x.get("steps", 0) for x in s.get("members", [])
-            if x.get("role") == "worker" and x.get("id") == sys.argv[2]), -1))' "$S/status.json" "$1"
+            if x.get("role") == "worker" and x.get("id") == sys.argv[2]), -1))' "$T/status.json" "$1"
 }
 running_with() { job_running "$main_job" || fail "job $main_job ended early"; status_check "$1"; }
 
 w0=j$main_job-0
-until_deadline "$EVENT_DEADLINE" "worker $w0 and teacher j$main_job-0 training" running_with \
+wait_for "$EVENT_DEADLINE" "worker $w0 and teacher j$main_job-0 training" running_with \
     "m.get(('worker', '$w0'), {}).get('steps', 0) > 0 and ('teacher', 'j$main_job-0') in m"
 log "worker $w0 and teacher j$main_job-0 of job $main_job are training"
 
 # ---- scale up: a worker-only job -------------------------------------------------------------
-worker_job=$(submit --output="$S/work/workers-%j.out" \
+worker_job=$(submit --output="$T/work/workers-%j.out" \
     "$KD_SRC_DIR/deploy/slurm/kdist-workers.sbatch" "$run")
 jobs+=("$worker_job")
 w1=j$worker_job-0
 log "submitted worker job $worker_job"
-until_deadline "$EVENT_DEADLINE" "worker $w1 of job $worker_job joined and pushing" running_with \
+wait_for "$EVENT_DEADLINE" "worker $w1 of job $worker_job joined and pushing" running_with \
     "m.get(('worker', '$w1'), {}).get('steps', 0) > 0 and m.get(('worker', '$w0'), {}).get('steps', 0) > 0"
 first=$(steps_of "$w1")
-until_deadline "$EVENT_DEADLINE" "worker $w1's steps growing past $((first + 50))" running_with \
+wait_for "$EVENT_DEADLINE" "worker $w1's steps growing past $((first + 50))" running_with \
     "m.get(('worker', '$w1'), {}).get('steps', 0) > $first + 50"
 log "worker $w1 joined and pushes: steps $first -> $(steps_of "$w1")"
 job_running "$worker_job" || fail "worker job $worker_job is not running"
 
 # ---- scale down: scancel ---------------------------------------------------------------------
 scancel "$worker_job"
-until_deadline "$EVENT_DEADLINE" "worker job $worker_job gone from squeue after scancel" job_gone "$worker_job"
-until_deadline "$EVENT_DEADLINE" "worker $w1 gone from the coordinator's members" running_with \
+wait_for "$EVENT_DEADLINE" "worker job $worker_job gone from squeue after scancel" job_gone "$worker_job"
+wait_for "$EVENT_DEADLINE" "worker $w1 gone from the coordinator's members" running_with \
     "('worker', '$w1') not in m"
 status_check "('leave', 'worker', '$w1') in ev" ||
-    fail "worker $w1 did not say goodbye (events: $(python3 -c 'import json,sys; print(json.load(open(sys.argv[1])).get("events"))' "$S/status.json"))"
+    fail "worker $w1 did not say goodbye (events: $(python3 -c 'import json,sys; print(json.load(open(sys.argv[1])).get("events"))' "$T/status.json"))"
 status_check "('dead', 'worker', '$w1') not in ev" || fail "worker $w1 was declared dead"
 grep -q "COORD-MEMBER-GONE worker $w1 (.*) leave" "$run/logs/coordinator.log" ||
     fail "the coordinator's log does not show worker $w1 leaving"
 grep -q "WORKER-EXIT" "$run/logs/worker-$w1.log" ||
     fail "worker $w1 did not reach its clean exit (log $run/logs/worker-$w1.log)"
-grep -q "workers exited with status 0" "$S/work/workers-$worker_job.out" ||
+grep -q "workers exited with status 0" "$T/work/workers-$worker_job.out" ||
     fail "the workers of job $worker_job did not exit 0"
 status_check "m.get(('worker', '$w0'), {}).get('steps', 0) > 0" || fail "worker $w0 is gone too"
 log "scancel $worker_job: worker $w1 drained (goodbye, exit 0); $w0 trains on"
 
 # ---- the end of the run ---------------------------------------------------------------------
 main_ended() { job_gone "$main_job"; }
-until_deadline "$RUN_DEADLINE" "job $main_job to end" main_ended
-grep -q "coordinator exited with status 0" "$S/work/kdist-$main_job.out" ||
+wait_for "$RUN_DEADLINE" "job $main_job to end" main_ended
+grep -q "coordinator exited with status 0" "$T/work/kdist-$main_job.out" ||
     fail "job $main_job did not report the coordinator's status 0"
 [ ! -e "$run/coordinator.endpoint" ] || fail "the finished job left $run/coordinator.endpoint behind"
-python3 - "$run/summary.json" <<'EOF' || fail "summary $run/summary.json is not a complete run"
-import json, sys
-s = json.load(open(sys.argv[1]))
-l = s.get("ledger", {})
-print(f"test_slurm: summary: status {s.get('status')}, {l.get('batches_applied')}/"
-      f"{l.get('batches_expected')} batches applied, {l.get('restreamed')} restreamed, "
-      f"{l.get('duplicates_dropped')} duplicates dropped, workers_max {s.get('workers_max')}",
-      file=sys.stderr)
 # A dropped duplicate needs a second copy of its batch, which only a restream makes.
-ok = (s.get("status") == "completed" and l.get("batches_expected", 0) > 0
-      and l.get("batches_applied") == l.get("batches_expected")
-      and 0 <= l.get("duplicates_dropped", -1) <= l.get("restreamed", -1)
-      and s.get("workers_max") == 2)
-sys.exit(0 if ok else 1)
-EOF
+check_summary "$run/summary.json" 'l["duplicates_dropped"] <= l["restreamed"]' \
+    's.get("workers_max") == 2'
 for f in "$run/logs/worker-$w0.log" "$run/logs/teacher-j$main_job-0.log"; do
     grep -Eq "WORKER-EXIT|TEACHER-EXIT" "$f" || fail "$f shows no clean exit"
 done
-ok=1
+log "PASS"
