@@ -131,6 +131,28 @@ wait_for() {
     done
 }
 
+# wait_while_growing STALL MAX WHAT FILE COMMAND...: like wait_for, for something that takes as
+# long as the machine makes it (a run under ASan on a loaded machine): fails when FILE (a log)
+# has not grown for STALL seconds, or after MAX seconds in all.
+wait_while_growing() {
+    local stall=$1 max=$2 what=$3 file=$4 now size last_size=-1 last_growth end
+    shift 4
+    now=$(date +%s)
+    end=$((now + max))
+    last_growth=$now
+    until "$@"; do
+        now=$(date +%s)
+        size=$(stat -c %s "$file" 2>/dev/null || echo 0)
+        if [ "$size" != "$last_size" ]; then
+            last_size=$size
+            last_growth=$now
+        fi
+        [ $((now - last_growth)) -lt "$stall" ] || fail "$what: $file stopped growing for $stall s"
+        [ "$now" -lt "$end" ] || fail "$what: not within $max s"
+        sleep 0.2
+    done
+}
+
 # mlp_recipe NAME SEED HIDDEN [BATCH]: the head of a short recipe, a flatten-linear-relu-linear
 # student trained by SGD at a constant rate for one epoch on one thread; the test appends its
 # data:, teacher:, cluster: ... sections.

@@ -9,7 +9,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 START_DEADLINE=30  # seconds for the daemons to come up and the node to be idle
 EVENT_DEADLINE=60  # seconds for one step of the scenario (endpoint, a worker training, ...)
-RUN_DEADLINE=120   # seconds from the scale-down to the end of the run
+RUN_STALL=60       # after the scale-down the run fails when the coordinator's log stands still
+RUN_DEADLINE=400   # this long, or when it has not ended within this (ASan, loaded machine)
 EPOCHS=400         # 30-60 s of training on this 2-core machine, idle or busy
 
 skip_unless_root "munged runs as the munge user, slurmd starts jobs"
@@ -248,7 +249,8 @@ log "scancel $worker_job: worker $w1 drained (goodbye, exit 0); $w0 trains on"
 
 # ---- the end of the run ---------------------------------------------------------------------
 main_ended() { job_gone "$main_job"; }
-wait_for "$RUN_DEADLINE" "job $main_job to end" main_ended
+wait_while_growing "$RUN_STALL" "$RUN_DEADLINE" "job $main_job to end" "$run/logs/coordinator.log" \
+    main_ended
 grep -q "coordinator exited with status 0" "$T/work/kdist-$main_job.out" ||
     fail "job $main_job did not report the coordinator's status 0"
 [ ! -e "$run/coordinator.endpoint" ] || fail "the finished job left $run/coordinator.endpoint behind"
