@@ -622,37 +622,3 @@ int kd_curve_client_from_args(const char *key_opt, const char *server_opt,
     *on = true;
     return 0;
 }
-
-int kd_curve_env_for_cli(const char *key_opt, const char *server_opt, const char *run_dir,
-                         char *err, size_t errlen) {
-    if (key_opt) setenv(KD_CURVE_ENV_KEY, key_opt, 1);
-    if (server_opt) setenv(KD_CURVE_ENV_SERVER, server_opt, 1);
-    const char *have = getenv(KD_CURVE_ENV_KEY);
-    if ((have && have[0]) || !run_dir) return 0;
-    char path[KD_PATH_MAX + 32];
-    snprintf(path, sizeof path, "%s/recipe.yaml", run_dir);
-    if (!kd_file_exists(path)) return 0; /* nothing to learn: plaintext unless told */
-    kd_recipe_t *r = kd_xmalloc(sizeof *r);
-    int rc = 0;
-    char why[KD_ERR_LEN];
-    if (kd_recipe_load(path, NULL, 0, r, why, sizeof why) != 0) {
-        rc = kd_err(err, errlen, "cannot tell whether the run uses CurveZMQ: %s", why);
-    } else if (r->cluster.security.curve) {
-        char client[KD_PATH_MAX + 32];
-        snprintf(client, sizeof client, "%s/client.key", r->cluster.security.keys_dir);
-        if (!r->cluster.security.keys_dir[0] || !kd_file_exists(client))
-            rc = kd_err(err, errlen,
-                        "the run in %s uses CurveZMQ: give --key FILE (a key pair whose public "
-                        "key is in its cluster.security.authorized_keys) or set %s%s%s%s",
-                        run_dir, KD_CURVE_ENV_KEY, r->cluster.security.keys_dir[0] ? " (" : "",
-                        r->cluster.security.keys_dir[0] ? client : "",
-                        r->cluster.security.keys_dir[0] ? " does not exist)" : "");
-        else
-            setenv(KD_CURVE_ENV_KEY, client, 1);
-        const char *server = getenv(KD_CURVE_ENV_SERVER);
-        if (rc == 0 && !(server && server[0]) && r->cluster.security.coordinator_key[0])
-            setenv(KD_CURVE_ENV_SERVER, r->cluster.security.coordinator_key, 1);
-    }
-    free(r);
-    return rc;
-}

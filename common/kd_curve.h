@@ -122,13 +122,5 @@ int kd_curve_watch_check(kd_curve_watch_t *w, const char *endpoint, const kd_cur
 int kd_curve_client_from_args(const char *key_opt, const char *server_opt,
                               const char *server_fallback, kd_curve_client_t *out, bool *on,
                               char *err, size_t errlen);
-/* For `kdist status|drain|scale`: command-line clients take their credentials from KDIST_KEY
- * and KDIST_COORDINATOR_KEY (cli_client_new reads them). This sets them from the --key and
- * --coordinator-key options (NULL: not given), then, when run_dir is not NULL and KDIST_KEY is
- * still unset, from run_dir/recipe.yaml: with cluster.security.curve on, the key is
- * <keys_dir>/client.key and the server key cluster.security.coordinator_key. 0, or -1 with err
- * set (a run that uses CurveZMQ and no key to be found says which option to give). */
-int kd_curve_env_for_cli(const char *key_opt, const char *server_opt, const char *run_dir,
-                         char *err, size_t errlen);
 
 #endif
