@@ -600,25 +600,14 @@ static int poll_timeout_ms(const teacher_t *t, double now) {
     return ms < 0 ? 0 : (int)ms;
 }
 
-/* A refused key or a plaintext/CurveZMQ mismatch with the coordinator does not heal by
- * retrying: it is fatal, with what to fix. A wrong coordinator key only shows as handshakes the
- * coordinator closes: said (once) and retried. */
+/* A refused key or a plaintext/CurveZMQ mismatch is fatal; a wrong coordinator key is said
+ * once and retried (kd_curve_check_coordinator). */
 static int check_handshakes(teacher_t *t) {
-    char why[KD_ERR_LEN];
-    int verdict = kd_curve_watch_check(&t->watch, t->coordinator, t->curve_on ? &t->curve : NULL,
-                                       why, sizeof why);
-    if (verdict == KD_CURVE_REFUSED || verdict == KD_CURVE_MISMATCH) {
-        kd_log(KD_LOG_ERROR, "TEACHER-CURVE", "%s", why);
-        return FATAL;
-    }
-    if (t->curve_on && t->watch.broken > 0 && !t->broken_told) {
-        kd_log(KD_LOG_WARN, "TEACHER-CURVE",
-               "the coordinator at %s closed %ld CurveZMQ handshake(s) unfinished: is %s its "
-               "public key (--coordinator-key, cluster.security.coordinator_key)?",
-               t->coordinator, t->watch.broken, t->curve.server_z85);
-        t->broken_told = true;
-    }
-    return KEEP_GOING;
+    return kd_curve_check_coordinator(&t->watch, t->coordinator, t->curve_on ? &t->curve : NULL,
+                                      &t->broken_told, "TEACHER-CURVE",
+                                      "--coordinator-key, cluster.security.coordinator_key") == 0
+               ? KEEP_GOING
+               : FATAL;
 }
 
 static int run(teacher_t *t) {

@@ -746,21 +746,12 @@ static int poll_timeout_ms(const worker_t *w, double now) {
  * gets batches from the others); a wrong coordinator key shows only as handshakes the
  * coordinator closes: said once, retried. */
 static int check_handshakes(worker_t *w) {
-    char why[KD_ERR_LEN];
     const kd_curve_client_t *curve = w->curve_on ? &w->curve : NULL;
-    int verdict = kd_curve_watch_check(&w->watch, w->coordinator, curve, why, sizeof why);
-    if (verdict == KD_CURVE_REFUSED || verdict == KD_CURVE_MISMATCH) {
-        kd_log(KD_LOG_ERROR, "WORKER-CURVE", "%s", why);
+    if (kd_curve_check_coordinator(&w->watch, w->coordinator, curve, &w->broken_told,
+                                   "WORKER-CURVE", "--coordinator-key") != 0)
         return FATAL;
-    }
-    if (w->curve_on && w->watch.broken > 0 && !w->broken_told) {
-        kd_log(KD_LOG_WARN, "WORKER-CURVE",
-               "the coordinator at %s closed %ld CurveZMQ handshake(s) unfinished: is %s its "
-               "public key (--coordinator-key)?",
-               w->coordinator, w->watch.broken, w->curve.server_z85);
-        w->broken_told = true;
-    }
-    verdict = kd_curve_watch_check(&w->pull_watch, "a teacher node", curve, why, sizeof why);
+    char why[KD_ERR_LEN];
+    int verdict = kd_curve_watch_check(&w->pull_watch, "a teacher node", curve, why, sizeof why);
     if ((verdict == KD_CURVE_REFUSED || verdict == KD_CURVE_MISMATCH) &&
         kd_log_allow(&w->stream_limit, 1.0))
         kd_log(KD_LOG_ERROR, "WORKER-CURVE", "batch stream: %s", why);
