@@ -797,10 +797,12 @@ static void test_teacher_killed_mid_fill(void) {
                 survivor, node.forward, node.hits, node.misses, node.corrupt, sum.forward, sum.hits,
                 sum.misses, sum.corrupt, accuracy(s));
         CHECK(node.hits + node.misses + node.corrupt == (long)n_blocks);
-        /* it used blocks the victim wrote (how many depends on where each node's fill was
-         * when the other reached it: both may compute a block at the same moment) */
-        CHECK(node.hits + node.corrupt >= 1);
-        CHECK(node.forward > 0 && node.forward < (long)N);
+        /* How many blocks the survivor took from the victim depends on where each node's fill
+         * was when the other reached it: on a loaded machine one node can finish its half before
+         * the other computes much, and then both compute the same blocks at the same moment
+         * (seen once in CI: 0 taken). Reuse is reported, not asserted; the cache's consistency
+         * is (verify and export below). */
+        CHECK(node.forward > 0 && node.forward <= (long)N);
         CHECK(sum.forward >= node.forward);
         CHECK(sum.hits + sum.misses + sum.corrupt >= (long)n_blocks);
         /* The victim's batches went to the survivor. */
