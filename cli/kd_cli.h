@@ -5,6 +5,7 @@
 #ifndef KD_CLI_H
 #define KD_CLI_H
 
+#include <stdarg.h>
 #include <stdbool.h>
 #include <stddef.h>
 
@@ -15,6 +16,8 @@
 #include "kd_wire.h"
 
 int kd_cmd_run(int argc, char **argv); /* kd_pipeline.c */
+/* "kdist run: <message>\n" on stderr, flushed (kd_run.c). */
+void cli_vnote(const char *fmt, va_list ap) __attribute__((format(printf, 1, 0)));
 int kd_cmd_status(int argc, char **argv);
 int kd_cmd_scale(int argc, char **argv);     /* kd_scale.c */
 int kd_cmd_drain(int argc, char **argv);     /* kd_scale.c */

@@ -51,11 +51,8 @@ static void note(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 static void note(const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
-    fputs("kdist run: ", stderr);
-    vfprintf(stderr, fmt, ap);
-    fputc('\n', stderr);
+    cli_vnote(fmt, ap);
     va_end(ap);
-    fflush(stderr);
 }
 
 static int parse_args(plan_t *p, int argc, char **argv) {

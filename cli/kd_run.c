@@ -105,6 +105,13 @@ static void install_signals(void) {
     sigaction(SIGTERM, &sa, NULL);
 }
 
+void cli_vnote(const char *fmt, va_list ap) {
+    fputs("kdist run: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    fflush(stderr);
+}
+
 /* Messages go to stderr below any live progress line, which is cleared first. */
 static void say(run_t *r, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static void say(run_t *r, const char *fmt, ...) {
@@ -112,11 +119,8 @@ static void say(run_t *r, const char *fmt, ...) {
     r->line_shown = false;
     va_list ap;
     va_start(ap, fmt);
-    fputs("kdist run: ", stderr);
-    vfprintf(stderr, fmt, ap);
-    fputc('\n', stderr);
+    cli_vnote(fmt, ap);
     va_end(ap);
-    fflush(stderr);
 }
 
 static void describe_wstatus(int st, char *out, size_t n) {
