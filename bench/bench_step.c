@@ -8,7 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "kd_kernels.h"
+#include "kd_bench.h"
 #include "kd_optim.h"
 #include "kd_recipe.h"
 #include "kd_rng.h"
@@ -16,6 +16,7 @@
 
 #define BATCH     128
 #define MAX_TRACE 8192
+#define WARMUPS   3 /* untimed calls before each timing */
 
 typedef struct {
     const char *recipe;
@@ -26,20 +27,6 @@ static const bench_case_t default_cases[] = {
     {"recipes/fashion_mlp_student.yaml", 0.60},
     {"recipes/fashion_cnn_teacher.yaml", 0.40},
 };
-
-/* Runs fn(arg) repeatedly for at least `seconds`; returns seconds per call. */
-typedef void (*work_fn)(void *arg);
-static double time_per_call(work_fn fn, void *arg, double seconds) {
-    for (int i = 0; i < 3; i++) fn(arg); /* warm caches, workspace, BLAS threads */
-    long calls = 0;
-    double t0 = kd_now(), t;
-    do {
-        fn(arg);
-        calls++;
-        t = kd_now();
-    } while (t - t0 < seconds);
-    return (t - t0) / calls;
-}
 
 typedef struct {
     kd_model_t *m;
@@ -56,23 +43,6 @@ static void train_step(void *arg) {
                       kd_batch_key(1, 0, (uint32_t)s->step), s->dlogits, NULL);
     kd_optim_step(s->opt, s->m->params, s->m->grads, 0.01f);
     s->step++;
-}
-
-typedef struct {
-    const kd_sgemm_call_t *calls;
-    int n;
-    float *A, *B, *C;
-} gemm_ctx_t;
-
-static void gemm_replay(void *arg) {
-    gemm_ctx_t *g = arg;
-    for (int i = 0; i < g->n; i++) {
-        const kd_sgemm_call_t *c = &g->calls[i];
-        int lda = c->ta == CblasNoTrans ? c->K : c->M;
-        int ldb = c->tb == CblasNoTrans ? c->N : c->K;
-        cblas_sgemm(CblasRowMajor, c->ta, c->tb, c->M, c->N, c->K, 1.0f, g->A, lda, g->B, ldb, 0.0f,
-                    g->C, c->N);
-    }
 }
 
 static int bench_one(const bench_case_t *bc, double seconds, int threads, int *below) {
@@ -102,31 +72,17 @@ static int bench_one(const bench_case_t *bc, double seconds, int threads, int *b
 
     /* The GEMM shapes of one step. */
     static kd_sgemm_call_t calls[MAX_TRACE];
-    train_step(&s);
-    kd_sgemm_trace_begin(calls, MAX_TRACE);
-    train_step(&s);
-    int n_calls = kd_sgemm_trace_end();
+    int n_calls = kd_bench_trace(train_step, &s, calls, MAX_TRACE);
     if (n_calls > MAX_TRACE) {
         fprintf(stderr, "kd_bench_step: %s: %d GEMMs in one step, more than the trace holds (%d)\n",
                 r.name, n_calls, MAX_TRACE);
         return -1;
     }
-    size_t max_a = 1, max_b = 1, max_c = 1;
-    double flops = 0;
-    for (int i = 0; i < n_calls; i++) {
-        size_t M = (size_t)calls[i].M, N = (size_t)calls[i].N, K = (size_t)calls[i].K;
-        if (M * K > max_a) max_a = M * K;
-        if (K * N > max_b) max_b = K * N;
-        if (M * N > max_c) max_c = M * N;
-        flops += 2.0 * M * N * K;
-    }
-    gemm_ctx_t g = {calls, n_calls, kd_alloc_floats(max_a), kd_alloc_floats(max_b),
-                    kd_alloc_floats(max_c)};
-    for (size_t i = 0; i < max_a; i++) g.A[i] = kd_rng_uniform(&rng);
-    for (size_t i = 0; i < max_b; i++) g.B[i] = kd_rng_uniform(&rng);
+    kd_gemm_replay_t g;
+    double flops = kd_gemm_replay_init(&g, calls, n_calls);
 
-    double t_gemm = time_per_call(gemm_replay, &g, seconds);
-    double t_step = time_per_call(train_step, &s, seconds);
+    double t_gemm = kd_bench_time(kd_gemm_replay, &g, WARMUPS, seconds).wall;
+    double t_step = kd_bench_time(train_step, &s, WARMUPS, seconds).wall;
     double ratio = t_gemm / t_step;
     if (ratio < bc->target) (*below)++;
     printf("%-36s %7d %6d %10.2f %10.2f %8.1f %8.1f %7.1f%%   >= %.0f%% %s\n", r.name, threads,
@@ -134,9 +90,7 @@ static int bench_one(const bench_case_t *bc, double seconds, int threads, int *b
            100.0 * ratio, 100.0 * bc->target, ratio >= bc->target ? "ok" : "BELOW TARGET");
     printf("%-36s %.0f samples/s\n", "", BATCH / t_step);
 
-    free(g.A);
-    free(g.B);
-    free(g.C);
+    kd_gemm_replay_free(&g);
     free(s.x);
     free(s.dlogits);
     free(s.y);

@@ -25,14 +25,15 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "kd_bench.h"
 #include "kd_checkpoint.h"
-#include "kd_kernels.h"
 #include "kd_log.h"
 #include "kd_recipe.h"
 #include "kd_train.h"
 #include "logits.h"
 
 #define MAX_TRACE       4096
+#define WARMUPS         2 /* untimed calls before each timing */
 #define MAX_SEGMENTS    32
 #define MAX_REPEAT      64
 #define FILL_DEADLINE_S 1800.0
@@ -59,49 +60,7 @@ static void die(const char *what) {
     exit(1);
 }
 
-/* ---- timing -------------------------------------------------------------------------------- */
-
-static double cpu_now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
-    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
-typedef struct {
-    double wall, cpu; /* seconds per call */
-    long calls;
-} timing_t;
-
-/* Runs fn(arg) repeatedly for at least `seconds` of wall time. */
-typedef void (*work_fn)(void *arg);
-static timing_t time_per_call(work_fn fn, void *arg, double seconds) {
-    for (int i = 0; i < 2; i++) fn(arg); /* warm caches, workspace, BLAS threads */
-    long calls = 0;
-    double t0 = kd_now(), c0 = cpu_now(), t;
-    do {
-        fn(arg);
-        calls++;
-        t = kd_now();
-    } while (t - t0 < seconds);
-    return (timing_t){(t - t0) / calls, (cpu_now() - c0) / calls, calls};
-}
-
-typedef struct {
-    const kd_sgemm_call_t *calls;
-    int n;
-    float *A, *B, *C;
-} gemm_ctx_t;
-
-static void gemm_replay(void *arg) {
-    gemm_ctx_t *g = arg;
-    for (int i = 0; i < g->n; i++) {
-        const kd_sgemm_call_t *c = &g->calls[i];
-        int lda = c->ta == CblasNoTrans ? c->K : c->M;
-        int ldb = c->tb == CblasNoTrans ? c->N : c->K;
-        cblas_sgemm(CblasRowMajor, c->ta, c->tb, c->M, c->N, c->K, 1.0f, g->A, lda, g->B, ldb, 0.0f,
-                    g->C, c->N);
-    }
-}
+/* ---- the forward pass, as work to time ----------------------------------------------------- */
 
 typedef struct {
     kd_model_t *m;
@@ -123,8 +82,8 @@ typedef struct {
     float *x; /* (S, D) real training images */
     forward_ctx_t f;
     kd_sgemm_call_t calls[MAX_TRACE];
-    gemm_ctx_t g;
-    gemm_ctx_t seg[MAX_SEGMENTS];
+    kd_gemm_replay_t g;
+    kd_gemm_replay_t seg[MAX_SEGMENTS];
     int n_seg;
     double gflop; /* of the GEMMs of one pass */
 } probe_t;
@@ -139,7 +98,7 @@ static void cut_segments(probe_t *p) {
             continue;
         }
         if (p->n_seg == MAX_SEGMENTS) die("more GEMM shapes in one forward pass than expected");
-        p->seg[p->n_seg++] = (gemm_ctx_t){c, 1, p->g.A, p->g.B, p->g.C};
+        p->seg[p->n_seg++] = (kd_gemm_replay_t){c, 1, p->g.A, p->g.B, p->g.C};
     }
 }
 
@@ -155,33 +114,15 @@ static probe_t *probe_new(const kd_recipe_t *r, const kd_dataset_t *train) {
     for (int i = 0; i < S; i++)
         kd_pixels_to_float(train->pixels + (size_t)i % train->n * D, D, p->x + (size_t)i * D);
     p->f = (forward_ctx_t){p->m, p->x, S};
-    forward_pass(&p->f);
-    kd_sgemm_trace_begin(p->calls, MAX_TRACE);
-    forward_pass(&p->f);
-    int n = kd_sgemm_trace_end();
+    int n = kd_bench_trace(forward_pass, &p->f, p->calls, MAX_TRACE);
     if (n > MAX_TRACE) die("more GEMMs in one forward pass than the trace holds");
-    size_t max_a = 1, max_b = 1, max_c = 1;
-    double flops = 0;
-    for (int i = 0; i < n; i++) {
-        size_t M = (size_t)p->calls[i].M, N = (size_t)p->calls[i].N, K = (size_t)p->calls[i].K;
-        if (M * K > max_a) max_a = M * K;
-        if (K * N > max_b) max_b = K * N;
-        if (M * N > max_c) max_c = M * N;
-        flops += 2.0 * M * N * K;
-    }
-    p->g = (gemm_ctx_t){p->calls, n, kd_alloc_floats(max_a), kd_alloc_floats(max_b),
-                        kd_alloc_floats(max_c)};
-    for (size_t i = 0; i < max_a; i++) p->g.A[i] = (float)(i % 97) / 97.0f;
-    for (size_t i = 0; i < max_b; i++) p->g.B[i] = (float)(i % 89) / 89.0f;
-    p->gflop = flops * 1e-9;
+    p->gflop = kd_gemm_replay_init(&p->g, p->calls, n) * 1e-9;
     cut_segments(p);
     return p;
 }
 
 static void probe_free(probe_t **p) {
-    free((*p)->g.A);
-    free((*p)->g.B);
-    free((*p)->g.C);
+    kd_gemm_replay_free(&(*p)->g);
     free((*p)->x);
     kd_model_destroy(&(*p)->m);
     free(*p);
@@ -189,24 +130,24 @@ static void probe_free(probe_t **p) {
 }
 
 /* One forward pass; layer_s gets each layer's seconds per pass. */
-static timing_t time_forward(probe_t *p, double seconds, double *layer_s) {
+static kd_bench_timing_t time_forward(probe_t *p, double seconds, double *layer_s) {
     memset(p->m->forward_seconds, 0, sizeof p->m->forward_seconds);
-    timing_t t = time_per_call(forward_pass, &p->f, seconds);
+    kd_bench_timing_t t = kd_bench_time(forward_pass, &p->f, WARMUPS, seconds);
     for (int i = 0; i < p->m->n_layers; i++)
-        layer_s[i] = p->m->forward_seconds[i] / (double)(t.calls + 2); /* + the warm-up calls */
+        layer_s[i] = p->m->forward_seconds[i] / (double)(t.calls + WARMUPS);
     return t;
 }
 
 /* Fills a fresh cache under dir with teacher_logits: wall and process CPU seconds from the
  * fill's start to the last block in the table, and its statistics. */
-static timing_t time_fill(const kd_recipe_t *base, const kd_dataset_t *train, const char *dir,
-                          teacher_logits_stats_t *st) {
+static kd_bench_timing_t time_fill(const kd_recipe_t *base, const kd_dataset_t *train,
+                                   const char *dir, teacher_logits_stats_t *st) {
     kd_recipe_t r = *base;
     snprintf(r.cache.dir, sizeof r.cache.dir, "%s", dir);
     char err[KD_ERR_LEN];
     teacher_logits_t *tl = teacher_logits_open(&r, train, err, sizeof err);
     if (!tl) die(err);
-    double t0 = kd_now(), c0 = cpu_now();
+    double t0 = kd_now(), c0 = kd_bench_cpu_now();
     if (teacher_logits_start_fill(tl, 0, 1, err, sizeof err) != 0) die(err);
     const struct timespec poll = {0, 1000000}; /* 1 ms: the fill takes seconds */
     while (!teacher_logits_complete(tl)) {
@@ -214,7 +155,7 @@ static timing_t time_fill(const kd_recipe_t *base, const kd_dataset_t *train, co
         if (kd_now() - t0 > FILL_DEADLINE_S) die("the fill did not complete in 30 minutes");
         nanosleep(&poll, NULL);
     }
-    timing_t t = {kd_now() - t0, cpu_now() - c0, 1};
+    kd_bench_timing_t t = {kd_now() - t0, kd_bench_cpu_now() - c0, 1};
     teacher_logits_stats(tl, st);
     teacher_logits_close(&tl);
     return t;
@@ -228,7 +169,8 @@ static void print_profile(probe_t *p, const double *layer_s, double seconds) {
     printf("\n%8s sgemm ms per shape (MxNxK x calls):", "");
     for (int s = 0; s < p->n_seg; s++) {
         const kd_sgemm_call_t *c = p->seg[s].calls;
-        timing_t t = time_per_call(gemm_replay, &p->seg[s], seconds / p->n_seg);
+        kd_bench_timing_t t =
+            kd_bench_time(kd_gemm_replay, &p->seg[s], WARMUPS, seconds / p->n_seg);
         printf(" %dx%dx%d x%d %.1f", c->M, c->N, c->K, p->seg[s].n, t.wall * 1e3);
     }
     printf("\n");
@@ -237,7 +179,7 @@ static void print_profile(probe_t *p, const double *layer_s, double seconds) {
 /* What one thread count measured. */
 typedef struct {
     int threads;
-    timing_t before, after, fwd, fill; /* sgemm replay before and after the fill */
+    kd_bench_timing_t before, after, fwd, fill; /* sgemm replay before and after the fill */
     teacher_logits_stats_t st;
     double layer_s[KD_MAX_LAYERS];
 } logits_run_t;
@@ -269,7 +211,7 @@ static int bench_logits_at(const options_t *o, const kd_recipe_t *r, const kd_da
                            probe_t *p, int threads) {
     logits_run_t m = {.threads = threads};
     kd_set_threads(threads);
-    m.before = time_per_call(gemm_replay, &p->g, o->seconds);
+    m.before = kd_bench_time(kd_gemm_replay, &p->g, WARMUPS, o->seconds);
     m.fwd = time_forward(p, o->seconds, m.layer_s);
     char dir[sizeof tmp_dir + 32];
     snprintf(dir, sizeof dir, "%s/cache_t%d", tmp_dir, threads);
@@ -279,7 +221,7 @@ static int bench_logits_at(const options_t *o, const kd_recipe_t *r, const kd_da
     lanes.train.threads = threads;
     m.fill = time_fill(&lanes, train, dir, &m.st);
     kd_set_threads(threads);
-    m.after = time_per_call(gemm_replay, &p->g, o->seconds);
+    m.after = kd_bench_time(kd_gemm_replay, &p->g, WARMUPS, o->seconds);
     bool below = print_logits_run(&m, p, (double)r->teacher.batch_size, train->n);
     print_profile(p, m.layer_s, o->seconds);
     return below;
