@@ -14,6 +14,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "kd_util.h"
+
 extern char **environ;
 
 static inline double kd_test_now(void) {
@@ -134,6 +136,106 @@ static inline int kd_test_finish(pid_t pid, double seconds) {
         }
         usleep(20000);
     }
+}
+
+/* Reads a whole small text file into buf like kd_test_read_text, leaving buf empty when the file
+ * cannot be read (a process that wrote nothing). */
+static inline void kd_test_slurp(const char *path, char *buf, size_t len) {
+    if (!kd_test_read_text(path, buf, len)) buf[0] = 0;
+}
+
+/* Writes a test's input file (a recipe, a planted endpoint); a test cannot go on without it. */
+static inline void kd_test_write_text(const char *path, const char *text) {
+    char err[KD_ERR_LEN];
+    if (kd_write_file_atomic(path, text, strlen(text), err, sizeof err) != 0) {
+        fprintf(stderr, "%s\n", err);
+        exit(1);
+    }
+}
+
+/* Whether dir/name exists (an output of a run, a file a process wrote). */
+static inline bool kd_test_exists_in(const char *dir, const char *name) {
+    char path[KD_PATH_MAX + 128];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    return kd_file_exists(path);
+}
+
+/* Runs argv to completion with its stdout and stderr in log (emptied first), then in buf.
+ * Returns the exit code; -1 when it cannot start (buf untouched) or passes the deadline
+ * (seconds), where kd_test_wait kills it. */
+static inline int kd_test_capture_wait(char *const argv[], const char *log, double seconds,
+                                       char *buf, size_t len) {
+    remove(log); /* kd_test_spawn appends */
+    pid_t pid = kd_test_spawn(argv, log);
+    if (pid < 0) return -1;
+    int rc = kd_test_wait(pid, seconds);
+    kd_test_slurp(log, buf, len);
+    return rc;
+}
+
+/* kd_test_capture_wait for a process that should stop cleanly: past the deadline kd_test_finish
+ * sends SIGTERM first (kdist then stops what it started), SIGKILL only later. */
+static inline int kd_test_capture_finish(char *const argv[], const char *log, double seconds,
+                                         char *buf, size_t len) {
+    pid_t pid = kd_test_start(log, argv);
+    if (pid < 0) return -1;
+    int rc = kd_test_finish(pid, seconds);
+    kd_test_slurp(log, buf, len);
+    return rc;
+}
+
+/* ---- argv of kdist's processes, for tests that start a cluster node by node ------------------ */
+
+/* `kdist-coordinator --recipe R --run-dir D` into argv; returns the count so far (overrides may
+ * follow; see kd_test_add_overrides, which ends argv). */
+static inline int kd_test_coordinator_argv(char **argv, const char *recipe, const char *run_dir) {
+    int argc = 0;
+    argv[argc++] = (char *)kd_test_bin("kdist-coordinator");
+    argv[argc++] = "--recipe";
+    argv[argc++] = (char *)recipe;
+    argv[argc++] = "--run-dir";
+    argv[argc++] = (char *)run_dir;
+    return argc;
+}
+
+/* `kdist-teacher --coordinator EP --id ID --recipe R` into argv; returns the count so far. */
+static inline int kd_test_teacher_argv(char **argv, const char *endpoint, const char *id,
+                                       const char *recipe) {
+    int argc = 0;
+    argv[argc++] = (char *)kd_test_bin("kdist-teacher");
+    argv[argc++] = "--coordinator";
+    argv[argc++] = (char *)endpoint;
+    argv[argc++] = "--id";
+    argv[argc++] = (char *)id;
+    argv[argc++] = "--recipe";
+    argv[argc++] = (char *)recipe;
+    return argc;
+}
+
+/* Keeps the first (at most max) of a NULL-terminated override list (NULL: none); returns how
+ * many. */
+static inline int kd_test_take_overrides(const char **kept, int max, const char *const *overrides) {
+    int n = 0;
+    for (; overrides && overrides[n] && n < max; n++) kept[n] = overrides[n];
+    return n;
+}
+
+/* Appends name_arg and the n overrides at argv[argc], then the NULL; returns the new count.
+ * Every process of a run gets the same ones, so they all agree on the recipe. */
+static inline int kd_test_add_overrides(char **argv, int argc, const char *name_arg,
+                                        const char *const *overrides, int n) {
+    argv[argc++] = (char *)name_arg;
+    for (int i = 0; i < n; i++) argv[argc++] = (char *)overrides[i];
+    argv[argc] = NULL;
+    return argc;
+}
+
+/* Creates path and its parents (a run's logs directory); false, with the reason printed, if not. */
+static inline bool kd_test_make_dirs(const char *path) {
+    char err[KD_ERR_LEN];
+    if (kd_mkdirs(path, err, sizeof err) == 0) return true;
+    fprintf(stderr, "%s\n", err);
+    return false;
 }
 
 #endif

@@ -87,14 +87,6 @@ static char out_buf[1 << 17]; /* the last kdist command's output */
 
 /* ---- small helpers ------------------------------------------------------------------------- */
 
-static void write_text(const char *path, const char *text) {
-    char err[KD_ERR_LEN];
-    if (kd_write_file_atomic(path, text, strlen(text), err, sizeof err) != 0) {
-        fprintf(stderr, "%s\n", err);
-        exit(1);
-    }
-}
-
 static bool same_file_bytes(const char *a, const char *b) {
     uint8_t *x = NULL, *y = NULL;
     size_t nx = 0, ny = 0;
@@ -120,12 +112,7 @@ static int kdist_cmd(const char *first, ...) {
     argv[argc] = NULL;
     char log[KD_PATH_MAX + 32];
     snprintf(log, sizeof log, "%s/kdist.out", tmp);
-    remove(log);
-    pid_t pid = kd_test_spawn(argv, log);
-    if (pid < 0) return -1;
-    int rc = kd_test_wait(pid, CLI_SECONDS);
-    if (!kd_test_read_text(log, out_buf, sizeof out_buf)) out_buf[0] = 0;
-    return rc;
+    return kd_test_capture_wait(argv, log, CLI_SECONDS, out_buf, sizeof out_buf);
 }
 
 /* The number of entries `kdist cache ls` lists (its last line, "N entr(y|ies), ..."). */
@@ -165,10 +152,7 @@ typedef struct {
 } cluster_t;
 
 static int add_overrides(const cluster_t *c, char **argv, int argc) {
-    argv[argc++] = (char *)c->name_arg;
-    for (int i = 0; i < c->n_overrides; i++) argv[argc++] = (char *)c->overrides[i];
-    argv[argc] = NULL;
-    return argc;
+    return kd_test_add_overrides(argv, argc, c->name_arg, c->overrides, c->n_overrides);
 }
 
 /* Starts the coordinator (and waits until it listens), then the teacher nodes and the
@@ -179,22 +163,15 @@ static bool cluster_start(cluster_t *c, const char *name, int teachers, int work
     snprintf(c->name, sizeof c->name, "%s", name);
     snprintf(c->dir, sizeof c->dir, "%s/runs/%s", tmp, name);
     snprintf(c->name_arg, sizeof c->name_arg, "name=%s", name);
-    for (int i = 0; overrides && overrides[i] && c->n_overrides < 16; i++)
-        c->overrides[c->n_overrides++] = overrides[i];
-    char logs[KD_PATH_MAX + 80], err[KD_ERR_LEN];
+    c->n_overrides = kd_test_take_overrides(c->overrides, 16, overrides);
+    char logs[KD_PATH_MAX + 80];
     snprintf(logs, sizeof logs, "%s/logs", c->dir);
-    if (kd_mkdirs(logs, err, sizeof err) != 0) {
-        fprintf(stderr, "%s\n", err);
+    if (!kd_test_make_dirs(logs)) {
         CHECK(false);
         return false;
     }
     char *argv[MAX_ARGS];
-    int argc = 0;
-    argv[argc++] = (char *)kd_test_bin("kdist-coordinator");
-    argv[argc++] = "--recipe";
-    argv[argc++] = recipe;
-    argv[argc++] = "--run-dir";
-    argv[argc++] = c->dir;
+    int argc = kd_test_coordinator_argv(argv, recipe, c->dir);
     add_overrides(c, argv, argc);
     snprintf(c->coord_log, sizeof c->coord_log, "%s/coordinator-0.log", logs);
     c->coord = kd_test_spawn(argv, c->coord_log);
@@ -213,14 +190,7 @@ static bool cluster_start(cluster_t *c, const char *name, int teachers, int work
     for (int t = 0; t < teachers; t++) {
         char id[16];
         snprintf(id, sizeof id, "%d", t);
-        argc = 0;
-        argv[argc++] = (char *)kd_test_bin("kdist-teacher");
-        argv[argc++] = "--coordinator";
-        argv[argc++] = c->endpoint;
-        argv[argc++] = "--id";
-        argv[argc++] = id;
-        argv[argc++] = "--recipe";
-        argv[argc++] = recipe;
+        argc = kd_test_teacher_argv(argv, c->endpoint, id, recipe);
         add_overrides(c, argv, argc);
         snprintf(c->teacher_log[t], sizeof c->teacher_log[t], "%s/teacher-%d.log", logs, t);
         c->teachers[t] = kd_test_spawn(argv, c->teacher_log[t]);
@@ -364,7 +334,7 @@ static void student_path(const cluster_t *c, char *out, size_t outlen) {
 static double train_teacher(void) {
     char path[KD_PATH_MAX + 32], err[KD_ERR_LEN];
     snprintf(path, sizeof path, "%s/teacher.yaml", tmp);
-    write_text(path, teacher_text);
+    kd_test_write_text(path, teacher_text);
     kd_recipe_t r;
     kd_splits_t d = {0};
     kd_model_t *m = NULL;
@@ -850,7 +820,7 @@ int main(void) {
     snprintf(text, sizeof text,
              "%s  checkpoint: \"%s\"\ncache: {dir: \"%s\"}\nlogging: {runs_dir: \"%s/runs\"}\n",
              distill_text, teacher_ckpt, cache_dir, tmp);
-    write_text(recipe, text);
+    kd_test_write_text(recipe, text);
     double t0 = kd_test_now();
     double teacher_accuracy = train_teacher();
     CHECK(teacher_accuracy > 0.6);

@@ -60,14 +60,6 @@ static const char *distill_text = "name: dc_distill\n"
                                   "    - {type: relu}\n"
                                   "    - {type: linear, out_features: 10}\n";
 
-static void write_text(const char *path, const char *text) {
-    char err[KD_ERR_LEN];
-    if (kd_write_file_atomic(path, text, strlen(text), err, sizeof err) != 0) {
-        fprintf(stderr, "%s\n", err);
-        exit(1);
-    }
-}
-
 /* Writes the distillation recipe with these teacher keys (NULL: left out) to path. */
 static void write_distill(const char *path, const char *checkpoint, const char *teacher_recipe) {
     char text[8192];
@@ -77,7 +69,7 @@ static void write_distill(const char *path, const char *checkpoint, const char *
         n += snprintf(text + n, sizeof text - n, "  recipe: \"%s\"\n", teacher_recipe);
     /* the logit cache in the test's directory, not in the working directory */
     n += snprintf(text + n, sizeof text - n, "cache:\n  dir: \"%s/cache\"\n", tmp);
-    write_text(path, text);
+    kd_test_write_text(path, text);
 }
 
 /* Runs kdist with args (NULL-terminated after the recipe) to completion; output (stdout and
@@ -85,24 +77,13 @@ static void write_distill(const char *path, const char *checkpoint, const char *
 static int run_kdist(char *const argv[]) {
     char log[KD_PATH_MAX + 32];
     snprintf(log, sizeof log, "%s/out.txt", tmp);
-    remove(log);
-    pid_t pid = kd_test_spawn(argv, log);
-    if (pid < 0) return -1;
-    int rc = kd_test_wait(pid, RUN_DEADLINE);
-    if (!kd_test_read_text(log, out_buf, sizeof out_buf)) out_buf[0] = 0;
-    return rc;
+    return kd_test_capture_wait(argv, log, RUN_DEADLINE, out_buf, sizeof out_buf);
 }
 
 static json_t *load_json(const char *dir, const char *file) {
     char path[KD_PATH_MAX + 64];
     snprintf(path, sizeof path, "%s/%s", dir, file);
     return json_load_file(path, 0, NULL);
-}
-
-static bool exists_in(const char *dir, const char *file) {
-    char path[KD_PATH_MAX + 64];
-    snprintf(path, sizeof path, "%s/%s", dir, file);
-    return kd_file_exists(path);
 }
 
 /* A table row: a line that starts with label followed by spaces and holds a percentage. */
@@ -205,7 +186,7 @@ static void test_teacher_first(const char *runs_arg, const char *recipe) {
     CHECK_ERR_HAS(out_buf, "not passed to the teacher's run: train.epochs=2");
 
     /* The teacher's own run: its recipe's single epoch, the teacher_run. subset. */
-    CHECK(exists_in(teacher_dir, "student.safetensors"));
+    CHECK(kd_test_exists_in(teacher_dir, "student.safetensors"));
     json_t *ts = load_json(teacher_dir, "summary.json");
     const char *status = json_string_value(json_object_get(ts, "status"));
     CHECK(status && strcmp(status, "completed") == 0);
@@ -220,7 +201,7 @@ static void test_teacher_first(const char *runs_arg, const char *recipe) {
     json_t *s = load_json(dir, "summary.json");
     CHECK(json_integer_value(json_object_get(s, "epochs")) == 2);
     json_decref(s);
-    CHECK(exists_in(alone, "student.safetensors"));
+    CHECK(kd_test_exists_in(alone, "student.safetensors"));
     CHECK(has_row(out_buf, "teacher"));
     CHECK(has_row(out_buf, "student alone"));
     CHECK(has_row(out_buf, "distilled student"));
@@ -241,7 +222,7 @@ static void test_table_and_reuse(const char *runs_arg, const char *recipe) {
     CHECK(rc == 0);
     if (rc != 0) fprintf(stderr, "kdist run said:\n%s\n", out_buf);
     CHECK_ERR_HAS(out_buf, "training the student alone");
-    CHECK(exists_in(alone, "student.safetensors"));
+    CHECK(kd_test_exists_in(alone, "student.safetensors"));
     CHECK(has_row(out_buf, "teacher"));
     CHECK(has_row(out_buf, "student alone"));
     CHECK(has_row(out_buf, "student (alpha 0)"));
@@ -281,8 +262,7 @@ static void test_table_and_reuse(const char *runs_arg, const char *recipe) {
 }
 
 int main(void) {
-    const char *bin = getenv("KD_BIN_DIR");
-    snprintf(kdist, sizeof kdist, "%s/kdist", bin ? bin : "../build/bin");
+    snprintf(kdist, sizeof kdist, "%s", kd_test_bin("kdist"));
     snprintf(tmp, sizeof tmp, "%s", kd_test_tmpdir("test_distill_cli"));
     char teacher_recipe[KD_PATH_MAX + 32], recipe[KD_PATH_MAX + 32], ckpt[KD_PATH_MAX + 64];
     char runs_arg[KD_PATH_MAX + 64];
@@ -291,7 +271,7 @@ int main(void) {
     snprintf(ckpt, sizeof ckpt, "%s/runs/dc_teacher/student.safetensors", tmp);
     /* Forwarded to the teacher's run too: both land in tmp/runs. */
     snprintf(runs_arg, sizeof runs_arg, "logging.runs_dir=%s/runs", tmp);
-    write_text(teacher_recipe, teacher_text);
+    kd_test_write_text(teacher_recipe, teacher_text);
     write_distill(recipe, ckpt, teacher_recipe);
 
     test_missing_teacher_without_recipe(runs_arg);

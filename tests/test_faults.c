@@ -187,10 +187,7 @@ static bool log_line_has(const char *path, const char *a, const char *b) {
 /* ---- the cluster ------------------------------------------------------------------------- */
 
 static int add_args(const cluster_t *c, char **argv, int argc) {
-    argv[argc++] = (char *)c->name_arg;
-    for (int i = 0; i < c->n_overrides; i++) argv[argc++] = (char *)c->overrides[i];
-    argv[argc] = NULL;
-    return argc;
+    return kd_test_add_overrides(argv, argc, c->name_arg, c->overrides, c->n_overrides);
 }
 
 /* Starts (or restarts, with --resume, on the same endpoint) the coordinator and waits until it
@@ -200,12 +197,7 @@ static bool start_coordinator(cluster_t *c, bool resume) {
     snprintf(endpoint_file, sizeof endpoint_file, "%s/coordinator.endpoint", c->dir);
     unlink(endpoint_file);
     char *argv[MAX_ARGS];
-    int argc = 0;
-    argv[argc++] = (char *)kd_test_bin("kdist-coordinator");
-    argv[argc++] = "--recipe";
-    argv[argc++] = recipe;
-    argv[argc++] = "--run-dir";
-    argv[argc++] = c->dir;
+    int argc = kd_test_coordinator_argv(argv, recipe, c->dir);
     if (resume) argv[argc++] = "--resume";
     argc = add_args(c, argv, argc);
     /* Nodes reconnect to the endpoint they know, so a restart binds the same one. */
@@ -235,14 +227,7 @@ static void start_teacher(cluster_t *c, int t) {
     char id[16];
     snprintf(id, sizeof id, "%d", t);
     char *argv[MAX_ARGS];
-    int argc = 0;
-    argv[argc++] = (char *)kd_test_bin("kdist-teacher");
-    argv[argc++] = "--coordinator";
-    argv[argc++] = c->endpoint;
-    argv[argc++] = "--id";
-    argv[argc++] = id;
-    argv[argc++] = "--recipe";
-    argv[argc++] = recipe;
+    int argc = kd_test_teacher_argv(argv, c->endpoint, id, recipe);
     add_args(c, argv, argc);
     proc_start(&c->teachers[t], argv);
 }
@@ -273,12 +258,10 @@ static bool cluster_start(cluster_t *c, const char *name, int workers, int teach
     snprintf(c->name, sizeof c->name, "%s", name);
     snprintf(c->dir, sizeof c->dir, "%s/%s", tmp, name);
     snprintf(c->name_arg, sizeof c->name_arg, "name=%s", name);
-    for (int i = 0; overrides && overrides[i] && c->n_overrides < MAX_OVR; i++)
-        c->overrides[c->n_overrides++] = overrides[i];
-    char logs[KD_PATH_MAX + 16], err[KD_ERR_LEN];
+    c->n_overrides = kd_test_take_overrides(c->overrides, MAX_OVR, overrides);
+    char logs[KD_PATH_MAX + 16];
     snprintf(logs, sizeof logs, "%s/logs", c->dir);
-    if (kd_mkdirs(logs, err, sizeof err) != 0) {
-        fprintf(stderr, "%s\n", err);
+    if (!kd_test_make_dirs(logs)) {
         CHECK(false);
         return false;
     }

@@ -48,36 +48,11 @@ static const char *recipe_text = "name: run_test\n"
                                  "  workers: 2\n"
                                  "  teachers: 1\n";
 
-static void write_text(const char *path, const char *text) {
-    char err[KD_ERR_LEN];
-    if (kd_write_file_atomic(path, text, strlen(text), err, sizeof err) != 0) {
-        fprintf(stderr, "%s\n", err);
-        exit(1);
-    }
-}
-
-static void slurp(const char *path) {
-    FILE *f = fopen(path, "r");
-    size_t n = f ? fread(out_buf, 1, sizeof out_buf - 1, f) : 0;
-    out_buf[n] = 0;
-    if (f) fclose(f);
-}
-
 /* Runs argv to completion (deadline), output in out_buf; returns the exit code. */
 static int run_argv(const char *tmp, double seconds, char *const argv[]) {
     char out[KD_PATH_MAX + 32];
     snprintf(out, sizeof out, "%s/out.txt", tmp);
-    pid_t pid = kd_test_start(out, argv);
-    if (pid < 0) return -1;
-    int rc = kd_test_finish(pid, seconds);
-    slurp(out);
-    return rc;
-}
-
-static bool exists_in(const char *dir, const char *name) {
-    char path[KD_PATH_MAX + 128];
-    snprintf(path, sizeof path, "%s/%s", dir, name);
-    return kd_file_exists(path);
+    return kd_test_capture_finish(argv, out, seconds, out_buf, sizeof out_buf);
 }
 
 /* A short run to the end: exit 0, every output of DESIGN §7, the ledger exactly once. */
@@ -106,11 +81,11 @@ static void test_run_completes(const char *tmp, const char *recipe) {
         "launcher.json",     "checkpoints",      "logs/coordinator-0.log", "logs/teacher-0.log",
         "logs/worker-0.log", "logs/worker-1.log"};
     for (size_t i = 0; i < sizeof files / sizeof files[0]; i++) {
-        bool ok = exists_in(dir, files[i]);
+        bool ok = kd_test_exists_in(dir, files[i]);
         CHECK(ok);
         if (!ok) fprintf(stderr, "missing %s/%s\n", dir, files[i]);
     }
-    CHECK(!exists_in(dir, "coordinator.endpoint")); /* the coordinator is gone */
+    CHECK(!kd_test_exists_in(dir, "coordinator.endpoint")); /* the coordinator is gone */
     char pattern[KD_PATH_MAX + 128];
     snprintf(pattern, sizeof pattern, "%s/events.out.tfevents.*", dir);
     glob_t g;
@@ -210,7 +185,7 @@ static void test_status_and_stop(const char *tmp, const char *recipe) {
 
     kill(pid, SIGINT);
     int rc = kd_test_finish(pid, 60);
-    slurp(out);
+    kd_test_slurp(out, out_buf, sizeof out_buf);
     CHECK(rc == 1); /* stopped early is not success */
     CHECK_ERR_HAS(out_buf, "stopped");
     snprintf(path, sizeof path, "%s/summary.json", dir);
@@ -232,7 +207,7 @@ static void test_status_and_stop(const char *tmp, const char *recipe) {
 static void test_errors(const char *tmp) {
     char bad[KD_PATH_MAX + 32];
     snprintf(bad, sizeof bad, "%s/bad.yaml", tmp);
-    write_text(bad, "name: bad\ntrain:\n  epoch: 3\n");
+    kd_test_write_text(bad, "name: bad\ntrain:\n  epoch: 3\n");
     char *argv[] = {kdist, "run", bad, NULL};
     CHECK(run_argv(tmp, 30, argv) == 2);
     CHECK_ERR_HAS(out_buf, "bad.yaml:3:3:");
@@ -255,12 +230,11 @@ static void test_errors(const char *tmp) {
 }
 
 int main(void) {
-    const char *bin = getenv("KD_BIN_DIR");
-    snprintf(kdist, sizeof kdist, "%s/kdist", bin ? bin : "../build/bin");
+    snprintf(kdist, sizeof kdist, "%s", kd_test_bin("kdist"));
     const char *tmp = kd_test_tmpdir("test_run");
     char recipe[KD_PATH_MAX + 32];
     snprintf(recipe, sizeof recipe, "%s/small.yaml", tmp);
-    write_text(recipe, recipe_text);
+    kd_test_write_text(recipe, recipe_text);
 
     test_errors(tmp);
     test_run_completes(tmp, recipe);

@@ -63,21 +63,6 @@ static const char *recipe_text = "name: scale_test\n"
                                  "  restream_timeout_ms: 3000\n"
                                  "  heartbeat_timeout_ms: 4000\n";
 
-static void write_text(const char *path, const char *text) {
-    char err[KD_ERR_LEN];
-    if (kd_write_file_atomic(path, text, strlen(text), err, sizeof err) != 0) {
-        fprintf(stderr, "%s\n", err);
-        exit(1);
-    }
-}
-
-static void slurp(const char *path, char *buf, size_t n) {
-    FILE *f = fopen(path, "r");
-    size_t len = f ? fread(buf, 1, n - 1, f) : 0;
-    buf[len] = 0;
-    if (f) fclose(f);
-}
-
 /* Runs a kdist command to completion (deadline), its output in out_buf; the exit code. */
 static int kd(const char *tmp, double seconds, ...) {
     char *argv[16];
@@ -90,11 +75,7 @@ static int kd(const char *tmp, double seconds, ...) {
     argv[n] = NULL;
     char out[KD_PATH_MAX + 32];
     snprintf(out, sizeof out, "%s/cmd.txt", tmp);
-    pid_t pid = kd_test_start(out, argv);
-    if (pid < 0) return -1;
-    int rc = kd_test_finish(pid, seconds);
-    slurp(out, out_buf, sizeof out_buf);
-    return rc;
+    return kd_test_capture_finish(argv, out, seconds, out_buf, sizeof out_buf);
 }
 
 /* ---- a running cluster, seen through `kdist status --json` and launcher.json ------------- */
@@ -302,7 +283,7 @@ static void test_scale_and_drain(const char *tmp, const char *recipe) {
 
 stop:;
     int rc = kd_test_finish(c.pid, RUN_DEADLINE);
-    slurp(c.out, out_buf, sizeof out_buf);
+    kd_test_slurp(c.out, out_buf, sizeof out_buf);
     CHECK(rc == 0);
     if (rc != 0) fprintf(stderr, "kdist run said:\n%s\n", out_buf);
     CHECK_ERR_HAS(out_buf, "worker 2 (pid");
@@ -363,7 +344,7 @@ static void test_restart_failed(const char *tmp, const char *recipe) {
     /* Scaling over TCP; the new worker gets a fresh id, not the restarted one's. */
     char path[DIR_MAX + 64], text[8192];
     snprintf(path, sizeof path, "%s/launcher.json", dir);
-    slurp(path, text, sizeof text);
+    kd_test_slurp(path, text, sizeof text);
     CHECK_ERR_HAS(text, "\"control_endpoint\": \"tcp://127.0.0.1:");
     CHECK(kd(tmp, 90, "scale", dir, "--workers", "3", NULL) == 0);
     CHECK_ERR_HAS(out_buf, "started: 2");
@@ -371,7 +352,7 @@ static void test_restart_failed(const char *tmp, const char *recipe) {
 
 stop:;
     int rc = kd_test_finish(c.pid, RUN_DEADLINE);
-    slurp(c.out, out_buf, sizeof out_buf);
+    kd_test_slurp(c.out, out_buf, sizeof out_buf);
     CHECK(rc == 0);
     if (rc != 0) fprintf(stderr, "kdist run said:\n%s\n", out_buf);
     CHECK_ERR_HAS(out_buf, "worker 1 (pid");
@@ -380,7 +361,7 @@ stop:;
     CHECK_ERR_HAS(out_buf, "restarts             worker 1 (1x)");
     check_summary(dir);
     snprintf(path, sizeof path, "%s/logs/worker-1.log", dir);
-    slurp(path, text, sizeof text);
+    kd_test_slurp(path, text, sizeof text);
     CHECK_ERR_HAS(text, "worker 1 crashed (killed by signal 9");
 }
 
@@ -399,7 +380,7 @@ static void test_crash_fails(const char *tmp, const char *recipe) {
     if (victim > 0) kill(victim, SIGKILL);
     double t0 = kd_now();
     int rc = kd_test_finish(c.pid, RUN_DEADLINE);
-    slurp(c.out, out_buf, sizeof out_buf);
+    kd_test_slurp(c.out, out_buf, sizeof out_buf);
     CHECK(rc == 1);
     CHECK(kd_now() - t0 < 60.0); /* the last worker gone: the run stops, it does not hang */
     CHECK_ERR_HAS(out_buf, "error: worker 0 (pid");
@@ -440,12 +421,12 @@ static void test_errors(const char *tmp) {
     pid_t dead = kd_test_start(path, true_argv);
     CHECK(dead > 0 && kd_test_finish(dead, 10) == 0);
     snprintf(path, sizeof path, "%s/coordinator.endpoint", empty);
-    write_text(path, "tcp://127.0.0.1:9\n");
+    kd_test_write_text(path, "tcp://127.0.0.1:9\n");
     char json[256];
     snprintf(json, sizeof json,
              "{\"launcher_pid\": %d, \"control_endpoint\": \"tcp://127.0.0.1:9\"}", (int)dead);
     snprintf(path, sizeof path, "%s/launcher.json", empty);
-    write_text(path, json);
+    kd_test_write_text(path, json);
     CHECK(kd(tmp, 30, "scale", empty, "--workers", "2", NULL) == 1);
     CHECK_ERR_HAS(out_buf, "is not running");
     /* ... and a coordinator that does not answer: drain says so within its deadline */
@@ -456,12 +437,11 @@ static void test_errors(const char *tmp) {
 }
 
 int main(void) {
-    const char *bin = getenv("KD_BIN_DIR");
-    snprintf(kdist, sizeof kdist, "%s/kdist", bin ? bin : "../build/bin");
+    snprintf(kdist, sizeof kdist, "%s", kd_test_bin("kdist"));
     const char *tmp = kd_test_tmpdir("test_scale");
     char recipe[KD_PATH_MAX + 32];
     snprintf(recipe, sizeof recipe, "%s/scale.yaml", tmp);
-    write_text(recipe, recipe_text);
+    kd_test_write_text(recipe, recipe_text);
 
     double t0 = kd_now();
     test_errors(tmp);
