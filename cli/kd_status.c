@@ -188,7 +188,9 @@ int cli_client_wait_status(cli_client_t *c, int timeout_ms, char **json, char *e
                                          ? msg.env->refused->reason
                                          : "(no reason)";
                 /* The coordinator may want every routing id to introduce itself first. */
-                bool retry = strstr(reason, "hello") && c->have_last &&
+                bool retry = msg.env->refused &&
+                             msg.env->refused->code == KDIST__REFUSAL_CODE__UNKNOWN_MEMBER &&
+                             c->have_last &&
                              (c->hello_time == 0 || kd_now() - c->hello_time > HELLO_INTERVAL);
                 if (retry && client_hello(c, err, errlen) == 0 &&
                     client_send_control(c, err, errlen) == 0) {

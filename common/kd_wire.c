@@ -7,7 +7,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 #include <sys/time.h>
+#include <unistd.h>
 
 #include "kd_log.h"
 #include "kd_util.h"
@@ -487,10 +489,26 @@ void kd_wire_identity(char *out, size_t outlen, const char *role, const char *no
     snprintf(out, outlen, "%s-%s-%llu", role, node_id, (unsigned long long)incarnation);
 }
 
+/* Random, not the time: a clock that steps back must not make a restarted node look older. */
 uint64_t kd_wire_new_incarnation(void) {
-    struct timeval tv;
-    gettimeofday(&tv, NULL);
-    return (uint64_t)tv.tv_sec * 1000000u + (uint64_t)tv.tv_usec;
+    uint64_t x = 0;
+    if (getrandom(&x, sizeof x, 0) != sizeof x) {
+        struct timeval tv;
+        gettimeofday(&tv, NULL);
+        x = ((uint64_t)tv.tv_sec * 1000000u + (uint64_t)tv.tv_usec) ^ ((uint64_t)getpid() << 40);
+    }
+    return (x >> 1) | 1; /* positive as a signed 64-bit number too, never 0 */
+}
+
+int kd_wire_send_refused(void *sock, const uint8_t *peer, size_t peer_len, Kdist__RefusalCode code,
+                         const char *reason) {
+    Kdist__Refused ref = KDIST__REFUSED__INIT;
+    ref.reason = (char *)reason;
+    ref.code = code;
+    kd_env_t env = KDIST__ENVELOPE__INIT;
+    env.body_case = KDIST__ENVELOPE__BODY_REFUSED;
+    env.refused = &ref;
+    return kd_wire_send(sock, peer, peer_len, &env, NULL, 0, ZMQ_DONTWAIT);
 }
 
 const char *kd_wire_body_name(const kd_env_t *env) {
@@ -519,6 +537,8 @@ const char *kd_wire_body_name(const kd_env_t *env) {
         return "status";
     case KDIST__ENVELOPE__BODY_PEERS:
         return "peers";
+    case KDIST__ENVELOPE__BODY_NACK:
+        return "nack";
     default:
         return "unknown";
     }

@@ -144,9 +144,12 @@ int kd_socket_bind(void *sock, const char *endpoint, char *bound, size_t boundle
 /* "<role>-<id>-<incarnation>", the routing id every node uses. */
 void kd_wire_identity(char *out, size_t outlen, const char *role, const char *node_id,
                       uint64_t incarnation);
-/* A fresh incarnation number: microseconds since the epoch (grows across restarts). */
+/* A fresh incarnation number: random, so a restart never depends on the clock. */
 uint64_t kd_wire_new_incarnation(void);
 
+/* Refused{code, reason} to peer (ROUTER) or to the other end (peer NULL), without blocking. */
+int kd_wire_send_refused(void *sock, const uint8_t *peer, size_t peer_len, Kdist__RefusalCode code,
+                         const char *reason);
 const char *kd_wire_body_name(const kd_env_t *env); /* "hello", "push", ... for logs */
 
 #endif

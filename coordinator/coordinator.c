@@ -91,6 +91,7 @@ typedef struct {
     void *router_monitor;     /* connections libzmq refuses on the ROUTER */
     long connections_refused; /* never became a message: raw bytes, old protocols */
     long stale_dropped;       /* pushes from before a coordinator restart */
+    long hellos_refused;      /* Hellos for an id that is live on another connection */
     member_t teachers_gone;   /* the logit counters of teacher incarnations that left, summed */
     kd_log_limit_t drop_limit;
     eval_result_t last_eval;
@@ -174,6 +175,17 @@ static int send_to(member_t *m, kd_env_t *env, const kd_wire_tensor_t *t, int n)
         kd_log(KD_LOG_WARN, "COORD-SEND-FAIL", "cannot send %s to %s %s: %s",
                kd_wire_body_name(env), role_name(m->role), m->node_id, zmq_strerror(errno));
     return rc;
+}
+
+/* Whether libzmq still has a connection for m: a heartbeat to it does not come back
+ * EHOSTUNREACH (ROUTER_MANDATORY). */
+static bool member_reachable(member_t *m) {
+    Kdist__Heartbeat h = KDIST__HEARTBEAT__INIT;
+    kd_env_t env = KDIST__ENVELOPE__INIT;
+    env.body_case = KDIST__ENVELOPE__BODY_HEARTBEAT;
+    env.heartbeat = &h;
+    return kd_wire_send(C.router, m->rid, m->rid_len, &env, NULL, 0, ZMQ_DONTWAIT) == 0 ||
+           errno != EHOSTUNREACH;
 }
 
 static void free_snapshot(void *data, void *hint) {
@@ -327,13 +339,9 @@ static void send_weights(member_t *m, bool wait, bool stop, bool redo, bool dupl
     m->state = w.wait ? WORKER_HELD : WORKER_COMPUTING;
 }
 
-static void send_refused(const uint8_t *rid, size_t len, const char *reason) {
-    Kdist__Refused ref = KDIST__REFUSED__INIT;
-    ref.reason = (char *)reason;
-    kd_env_t env = KDIST__ENVELOPE__INIT;
-    env.body_case = KDIST__ENVELOPE__BODY_REFUSED;
-    env.refused = &ref;
-    kd_wire_send(C.router, rid, len, &env, NULL, 0, ZMQ_DONTWAIT);
+static void send_refused(const uint8_t *rid, size_t len, Kdist__RefusalCode code,
+                         const char *reason) {
+    kd_wire_send_refused(C.router, rid, len, code, reason);
 }
 
 static void send_control(member_t *m, Kdist__Control__Kind kind) {
@@ -890,7 +898,8 @@ static void remove_member(member_t *m, const char *event) {
 static void on_hello(kd_msg_t *msg) {
     const Kdist__Hello *h = msg->env->hello;
     if (h->role != KDIST__ROLE__WORKER && h->role != KDIST__ROLE__TEACHER) {
-        send_refused(msg->peer, msg->peer_len, "only workers and teacher nodes say hello");
+        send_refused(msg->peer, msg->peer_len, KDIST__REFUSAL_CODE__BAD_HELLO,
+                     "only workers and teacher nodes say hello");
         drop(msg, "hello from an unexpected role");
         return;
     }
@@ -898,39 +907,50 @@ static void on_hello(kd_msg_t *msg) {
         char reason[256];
         snprintf(reason, sizeof reason, "this coordinator runs '%s', not '%s'", C.s.run_id,
                  h->run_id);
-        send_refused(msg->peer, msg->peer_len, reason);
+        send_refused(msg->peer, msg->peer_len, KDIST__REFUSAL_CODE__WRONG_RUN, reason);
         return;
     }
     if (!h->node_id[0] || strlen(h->node_id) >= sizeof C.members[0].node_id ||
         (h->role == KDIST__ROLE__TEACHER &&
          (!h->stream_endpoint[0] || strlen(h->stream_endpoint) >= 256))) {
-        send_refused(msg->peer, msg->peer_len, "hello needs a node id (and a teacher endpoint)");
+        send_refused(msg->peer, msg->peer_len, KDIST__REFUSAL_CODE__BAD_HELLO,
+                     "hello needs a node id (and a teacher endpoint)");
         drop(msg, "hello with a missing or oversized field");
         return;
     }
     if (C.phase != RUN_RUNNING) {
-        send_refused(msg->peer, msg->peer_len, "the run is finishing");
+        send_refused(msg->peer, msg->peer_len, KDIST__REFUSAL_CODE__RUN_FINISHING,
+                     "the run is finishing");
         return;
     }
-    /* An earlier incarnation of the same node is gone for good. */
+    /* A node id belongs to one live connection. A second Hello for it replaces the holder only
+     * when the holder's connection is gone (a killed node's socket closes at once, and libzmq
+     * then refuses to route to it); a live holder keeps its place and the newcomer is refused,
+     * so nobody can evict a member by claiming its id. The holder's own re-Hello is a restart. */
     bool restart = false;
     for (int i = 0; i < COORD_MAX_MEMBERS; i++) {
         member_t *old = &C.members[i];
-        if (old->used && old->role == h->role && strcmp(old->node_id, h->node_id) == 0) {
-            if (h->incarnation <= old->incarnation) {
-                send_refused(msg->peer, msg->peer_len, "stale incarnation");
-                return;
-            }
-            remove_member(old, "restart");
-            restart = true;
+        if (!old->used || old->role != h->role || strcmp(old->node_id, h->node_id) != 0) continue;
+        bool same_connection =
+            old->rid_len == msg->peer_len && memcmp(old->rid, msg->peer, msg->peer_len) == 0;
+        if (!same_connection && member_reachable(old)) {
+            char reason[160];
+            snprintf(reason, sizeof reason, "%s %s is live on another connection",
+                     role_name(h->role), h->node_id);
+            send_refused(msg->peer, msg->peer_len, KDIST__REFUSAL_CODE__ID_IN_USE, reason);
+            C.hellos_refused++;
+            return;
         }
+        remove_member(old, "restart");
+        restart = true;
     }
     member_t *m = find_member(msg->peer, msg->peer_len);
     if (m) remove_member(m, "restart");
     for (int i = 0; i < COORD_MAX_MEMBERS && !m; i++)
         if (!C.members[i].used) m = &C.members[i];
     if (!m) {
-        send_refused(msg->peer, msg->peer_len, "too many members");
+        send_refused(msg->peer, msg->peer_len, KDIST__REFUSAL_CODE__TOO_MANY_MEMBERS,
+                     "too many members");
         return;
     }
     memset(m, 0, sizeof *m);
@@ -1121,7 +1141,8 @@ static void on_message(kd_msg_t *msg) {
     }
     member_t *m = find_member(msg->peer, msg->peer_len);
     if (!m) {
-        send_refused(msg->peer, msg->peer_len, "unknown member: say hello");
+        send_refused(msg->peer, msg->peer_len, KDIST__REFUSAL_CODE__UNKNOWN_MEMBER,
+                     "unknown member: say hello");
         drop(msg, "message from a node that is not a member");
         return;
     }

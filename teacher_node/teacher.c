@@ -439,16 +439,23 @@ static int on_message(teacher_t *t, kd_msg_t *m) {
         return on_welcome(t, env->welcome) == 0 ? KEEP_GOING : FATAL;
     case KDIST__ENVELOPE__BODY_REFUSED: {
         const char *reason = env->refused->reason ? env->refused->reason : "";
-        if (strncmp(reason, "unknown member", 14) == 0) {
+        switch (env->refused->code) {
+        case KDIST__REFUSAL_CODE__UNKNOWN_MEMBER:
             lose_coordinator(t, "the coordinator does not know this incarnation");
             return KEEP_GOING;
-        }
-        if (strcmp(reason, "the run is finishing") == 0) { /* nothing left to do: a clean end */
+        case KDIST__REFUSAL_CODE__STALE_INCARNATION:
+        case KDIST__REFUSAL_CODE__ID_IN_USE:
+        case KDIST__REFUSAL_CODE__TOO_MANY_MEMBERS: /* transient: a fresh hello after back-off */
+            lose_coordinator(t, reason);
+            return KEEP_GOING;
+        case KDIST__REFUSAL_CODE__RUN_FINISHING: /* nothing left to do: a clean end */
             kd_log(KD_LOG_INFO, "TEACHER-REFUSED", "the run is finishing: exiting");
             return STOP_NOW;
+        default:
+            kd_log(KD_LOG_ERROR, "TEACHER-REFUSED", "the coordinator refused this teacher: %s",
+                   reason);
+            return FATAL;
         }
-        kd_log(KD_LOG_ERROR, "TEACHER-REFUSED", "the coordinator refused this teacher: %s", reason);
-        return FATAL;
     }
     case KDIST__ENVELOPE__BODY_HEARTBEAT:
         return KEEP_GOING;
@@ -804,6 +811,7 @@ int main(int argc, char **argv) {
     t.ctx = zmq_ctx_new();
     if (!t.ctx || bind_stream(&t, err, sizeof err) != 0) {
         kd_log(KD_LOG_ERROR, "TEACHER-BIND", "%s", t.ctx ? err : "cannot create a ZeroMQ context");
+        status = 2;
         goto cleanup;
     }
     int rc = run(&t);

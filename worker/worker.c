@@ -631,16 +631,23 @@ static int on_coordinator_message(worker_t *w, const kd_msg_t *m) {
         return on_welcome(w, m);
     case KDIST__ENVELOPE__BODY_REFUSED: {
         const char *reason = env->refused->reason ? env->refused->reason : "";
-        if (strncmp(reason, "unknown member", 14) == 0) {
+        switch (env->refused->code) {
+        case KDIST__REFUSAL_CODE__UNKNOWN_MEMBER:
             lose_coordinator(w, "the coordinator does not know this incarnation");
             return KEEP_GOING;
-        }
-        if (strcmp(reason, "the run is finishing") == 0) { /* nothing left to do: a clean end */
+        case KDIST__REFUSAL_CODE__STALE_INCARNATION:
+        case KDIST__REFUSAL_CODE__ID_IN_USE:
+        case KDIST__REFUSAL_CODE__TOO_MANY_MEMBERS: /* transient: a fresh hello after back-off */
+            lose_coordinator(w, reason);
+            return KEEP_GOING;
+        case KDIST__REFUSAL_CODE__RUN_FINISHING: /* nothing left to do: a clean end */
             kd_log(KD_LOG_INFO, "WORKER-REFUSED", "the run is finishing: exiting");
             return STOP_NOW;
+        default:
+            kd_log(KD_LOG_ERROR, "WORKER-REFUSED", "the coordinator refused this worker: %s",
+                   reason);
+            return FATAL;
         }
-        kd_log(KD_LOG_ERROR, "WORKER-REFUSED", "the coordinator refused this worker: %s", reason);
-        return FATAL;
     }
     case KDIST__ENVELOPE__BODY_HEARTBEAT:
         return KEEP_GOING;
