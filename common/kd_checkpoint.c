@@ -91,7 +91,17 @@ void kd_checkpoint_add_model(kd_st_writer_t *w, const kd_model_t *m) {
     kd_st_writer_metadata(w, "format", "pt");
 }
 
+int kd_checkpoint_check_finite(const kd_model_t *m, const char *path, char *err, size_t errlen) {
+    size_t bad = kd_first_nonfinite(m->params, m->n_params);
+    if (bad == m->n_params) return 0;
+    return kd_err(err, errlen,
+                  "%s: not written: parameter %zu of %zu is %g (the weights are not finite: "
+                  "training diverged; try a lower optim.lr)",
+                  path, bad, m->n_params, (double)m->params[bad]);
+}
+
 int kd_checkpoint_save(const kd_model_t *m, const char *path, char *err, size_t errlen) {
+    if (kd_checkpoint_check_finite(m, path, err, errlen) != 0) return -1;
     kd_st_writer_t *w = kd_st_writer_new();
     kd_checkpoint_add_model(w, m);
     int rc = kd_st_writer_write(w, path, err, errlen);

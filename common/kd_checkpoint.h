@@ -18,6 +18,9 @@ void kd_checkpoint_add_model(kd_st_writer_t *w, const kd_model_t *m);
 
 /* Writes params as safetensors at path, atomically. */
 int kd_checkpoint_save(const kd_model_t *m, const char *path, char *err, size_t errlen);
+/* 0 when every parameter of m is finite; else -1 with err naming path and the first bad value.
+ * Every writer of weights checks this: non-finite weights are never saved. */
+int kd_checkpoint_check_finite(const kd_model_t *m, const char *path, char *err, size_t errlen);
 
 /* Loads params from an open file into m: every parameter of m must be present as F32 with
  * the exact shape; unexpected `layers.*` tensors are an error too. Errors name the file and

@@ -165,6 +165,10 @@ void kd_metrics_scalar(kd_metrics_t *m, const char *tag, double value) {
     m->slots[m->n_slots++] = (kd_metric_slot_t){kd_xstrdup(tag), value, true};
 }
 
+json_t *kd_json_number(double v) {
+    return isfinite(v) ? json_real(v) : json_null();
+}
+
 static int write_jsonl(kd_metrics_t *m, long step, double wall_time, char *err, size_t errlen) {
     json_t *line = json_object();
     json_object_set_new(line, "step", json_integer(step));
@@ -172,7 +176,7 @@ static int write_jsonl(kd_metrics_t *m, long step, double wall_time, char *err, 
     for (int i = 0; i < m->n_slots; i++) {
         const kd_metric_slot_t *s = &m->slots[i];
         if (!s->set) continue;
-        json_t *v = isfinite(s->value) ? json_real(s->value) : json_null();
+        json_t *v = kd_json_number(s->value);
         if (json_object_set_new(line, s->tag, v) != 0) {
             json_decref(line);
             return kd_err(err, errlen, "%s: tag \"%s\" is not valid UTF-8", m->jsonl_path, s->tag);

@@ -4,11 +4,16 @@
 #ifndef KD_METRICS_H
 #define KD_METRICS_H
 
+#include <jansson.h>
 #include <stddef.h>
 
 #include "kd_model.h"
 
 typedef struct kd_metrics kd_metrics_t;
+
+/* A JSON number for v, or null when v is NaN or infinite (which JSON cannot spell; jansson
+ * refuses them). Every kdist JSON writer puts doubles through this. New reference. */
+json_t *kd_json_number(double v);
 
 /* Creates run_dir if needed and opens (appending) run_dir/events.out.tfevents.<unix
  * seconds>.<hostname> and run_dir/metrics.jsonl; the event file starts with the

@@ -265,6 +265,18 @@ static const row_t schema[] = {
     BOOL("cluster.shared_memory", cluster.shared_memory, "true",
          "workers on the coordinator's machine exchange weights and gradients through shared "
          "memory instead of TCP"),
+    FLOAT("cluster.max_gradient_norm", cluster.max_gradient_norm, GE, 0, 0, "10000",
+          "a pushed gradient whose L2 norm is larger is rejected like a non-finite one (0 = no "
+          "bound)"),
+    LONG("cluster.evict_after", cluster.evict_after, BTW, 1, 1000000, "3",
+         "rejected gradients in a row from one member (while others are accepted) before it is "
+         "evicted"),
+    LONG("cluster.fail_after", cluster.fail_after, BTW, 1, 1000000, "20",
+         "rejected gradients in a row across the cluster, none accepted between, before the run "
+         "fails (training diverged)"),
+    LONG("cluster.max_nacks", cluster.max_nacks, BTW, 1, 1000000, "5",
+         "times one batch may be refused by workers (a nack) and recomputed before the run "
+         "fails"),
     /* a sub-section: these keys stay last in `cluster` (the writer nests them there) */
     BOOL("cluster.security.curve", cluster.security.curve, "false",
          "encrypt and authenticate every connection with CurveZMQ (docs/security.md)"),

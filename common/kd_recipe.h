@@ -97,6 +97,10 @@ typedef struct {
         char bind[KD_PATH_MAX];   /* coordinator endpoint; a '*' port picks a free one */
         bool shared_memory;       /* same-host workers skip TCP for tensors (kd_shm.h) */
         bool restart_failed;      /* kdist run restarts a crashed process (same role, id) */
+        float max_gradient_norm;  /* pushes with a larger L2 norm are rejected (0 = no bound) */
+        long evict_after;         /* rejected pushes in a row before a member is evicted */
+        long fail_after;          /* rejected pushes in a row, cluster-wide, before the run fails */
+        long max_nacks;           /* nacks of one batch before the run fails */
         struct {                  /* CurveZMQ (docs/security.md, kd_curve.h) */
             bool curve;           /* every connection encrypted and authenticated */
             char keys_dir[KD_PATH_MAX];        /* kdist run: `kdist keygen --cluster DIR` */

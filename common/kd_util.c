@@ -43,6 +43,16 @@ char *kd_xstrdup_at(const char *s, const char *file, int line) {
     return p;
 }
 
+size_t kd_first_nonfinite(const float *x, size_t n) {
+    /* x - x is 0 for finite x and NaN otherwise: a branch-free scan, then the exact index */
+    float acc = 0.0f;
+    for (size_t i = 0; i < n; i++) acc += x[i] - x[i];
+    if (acc == 0.0f) return n;
+    for (size_t i = 0; i < n; i++)
+        if (!isfinite(x[i])) return i;
+    return n;
+}
+
 float *kd_alloc_floats(size_t n) {
     size_t bytes = (n ? n : 1) * sizeof(float);
     bytes = (bytes + 63) & ~(size_t)63;

@@ -26,6 +26,8 @@ void *kd_xcalloc_at(size_t n, size_t size, const char *file, int line);
 char *kd_xstrdup_at(const char *s, const char *file, int line);
 /* 64-byte aligned, zeroed float buffer for kernels; free with free(). */
 float *kd_alloc_floats(size_t n);
+/* The index of the first NaN or infinity in x (n), or n when every value is finite. */
+size_t kd_first_nonfinite(const float *x, size_t n);
 
 /* Tier-2 errors: formats into the caller's buffer (NULL-safe), returns -1 so callers can
  * write `return kd_err(err, errlen, "...")`. */

@@ -57,6 +57,7 @@ int coord_checkpoint_save(const char *dir, const coord_state_t *s, const kd_mode
                           long keep, char *err, size_t errlen) {
     char path[KD_PATH_MAX + 64];
     snprintf(path, sizeof path, "%s/ckpt-%09ld.safetensors", dir, s->step);
+    if (kd_checkpoint_check_finite(m, path, err, errlen) != 0) return -1;
     kd_st_writer_t *w = kd_st_writer_new();
     kd_checkpoint_add_model(w, m);
     int64_t n = (int64_t)opt->n, nb = (int64_t)n_batches;
@@ -71,6 +72,7 @@ int coord_checkpoint_save(const char *dir, const coord_state_t *s, const kd_mode
         "duplicates", (json_int_t)s->duplicates, "restreamed", (json_int_t)s->restreamed, "optim_t",
         (json_int_t)opt->t, "elapsed", s->elapsed, "best_val_accuracy", s->best_val_accuracy,
         "best_step", (json_int_t)s->best_step);
+    json_object_set_new(j, "evals_since_best", json_integer(s->evals_since_best));
     char *text = json_dumps(j, JSON_COMPACT);
     json_decref(j);
     kd_st_writer_metadata(w, "kdist.state", text);
@@ -153,6 +155,9 @@ static int load_one(const char *path, coord_state_t *s, kd_model_t *m, kd_optim_
     s->elapsed = elapsed;
     s->best_val_accuracy = best;
     s->best_step = best_step;
+    json_int_t since = 0;
+    json_unpack(j, "{s?I}", "evals_since_best", &since);
+    s->evals_since_best = since;
     opt->t = t;
     rc = 0;
 out:

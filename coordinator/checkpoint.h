@@ -22,6 +22,7 @@ typedef struct {
     double elapsed;
     double best_val_accuracy;
     long best_step;
+    long evals_since_best; /* patience spent */
 } coord_state_t;
 
 /* dir/ckpt-<step>.safetensors, atomically; keeps the newest `keep`. */

@@ -7,6 +7,7 @@
 #include <errno.h>
 #include <jansson.h>
 #include <math.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -57,6 +58,7 @@ typedef struct {
     size_t n_batches, applied_count;
     uint8_t *applied; /* (n_batches) 1 = applied this epoch */
     uint8_t *in_step; /* (n_batches) 1 = collected in the open sync step */
+    uint32_t *nacked; /* (n_batches) times workers refused the batch this epoch */
     int *owner;       /* (n_batches) the member index of the teacher node it was assigned to */
     bool assigned;    /* this epoch's batches went out */
     double assign_at; /* when to hand them out with fewer teacher nodes than cluster.teachers */
@@ -92,7 +94,18 @@ typedef struct {
     long connections_refused; /* never became a message: raw bytes, old protocols */
     long stale_dropped;       /* pushes from before a coordinator restart */
     long hellos_refused;      /* Hellos for an id that is live on another connection */
-    member_t teachers_gone;   /* the logit counters of teacher incarnations that left, summed */
+    /* gradients that never reach the optimizer: non-finite, or beyond max_gradient_norm */
+    long gradients_rejected;
+    long rejected_in_a_row; /* across the cluster, since the last accepted push */
+    long pushes_accepted;
+    long evicted;
+    long nacks;           /* batches workers could not use */
+    long control_refused; /* control commands from peers that may not give them */
+    char evicted_keys[16][KD_CURVE_Z85_LEN + 1]; /* refused if they say hello again */
+    int n_evicted_keys;
+    char fail_reason[512];  /* why the run ended "failed" */
+    bool weights_poisoned;  /* an update made them non-finite: nothing is saved or evaluated */
+    member_t teachers_gone; /* the logit counters of teacher incarnations that left, summed */
     kd_log_limit_t drop_limit;
     eval_result_t last_eval;
     bool have_eval;
@@ -311,14 +324,28 @@ static void keep_step_gradients(member_t *m) {
         }
 }
 
-/* Weights {flags} to a worker, with the current weights unless wait/stop. */
-static void send_weights(member_t *m, bool wait, bool stop, bool redo, bool duplicate) {
+/* The answer to a worker's push (or to a waiting worker): the Weights message's flags. */
+typedef enum {
+    REPLY_WEIGHTS = 0, /* the current weights: go on */
+    REPLY_WAIT,        /* SSP: too far ahead, hold until the next Weights */
+    REPLY_STOP,        /* the run is over for it: say goodbye */
+    REPLY_REDO,        /* sync: too late for its step, the same batch again on these weights */
+    REPLY_DROPPED,     /* the gradient was not applied (already counted, stale or rejected) */
+} reply_t;
+
+/* The reply that lets a worker go on: the weights, or stop once the run is finishing. */
+static reply_t go_on(void) {
+    return C.phase == RUN_FINISHING ? REPLY_STOP : REPLY_WEIGHTS;
+}
+
+/* Weights to a worker, with the current weights unless it waits or stops. */
+static void send_weights(member_t *m, reply_t reply) {
     Kdist__Weights w = KDIST__WEIGHTS__INIT;
     w.version = C.s.version;
-    w.wait = wait;
-    w.stop = stop || m->drain;
-    w.redo = redo;
-    w.duplicate = duplicate;
+    w.wait = reply == REPLY_WAIT;
+    w.stop = reply == REPLY_STOP || m->drain;
+    w.redo = reply == REPLY_REDO;
+    w.duplicate = reply == REPLY_DROPPED;
     kd_env_t env = KDIST__ENVELOPE__INIT;
     env.body_case = KDIST__ENVELOPE__BODY_WEIGHTS;
     env.weights = &w;
@@ -417,6 +444,7 @@ static void start_epoch(uint32_t epoch) {
     C.s.epoch = epoch;
     memset(C.applied, 0, C.n_batches);
     memset(C.in_step, 0, C.n_batches);
+    memset(C.nacked, 0, C.n_batches * sizeof *C.nacked);
     C.applied_count = 0;
     C.s.batches_expected += (long)C.n_batches;
     C.assigned = false;
@@ -492,6 +520,7 @@ static void handle_eval_result(const eval_result_t *res) {
     C.have_eval = true;
     C.s.best_val_accuracy = res->best_val_accuracy;
     C.s.best_step = res->best_step;
+    C.s.evals_since_best = res->evals_since_best;
     kd_metrics_scalar(C.metrics, "eval/val_accuracy", res->val.accuracy);
     kd_metrics_scalar(C.metrics, "eval/val_loss", res->val.loss);
     kd_metrics_scalar(C.metrics, "eval/test_accuracy", res->test.accuracy);
@@ -577,6 +606,19 @@ static void finish(const char *status) {
     C.phase = RUN_FINISHING;
 }
 
+/* The run cannot go on: it ends "failed" with the reason in the log and summary.json. */
+static void fail_run(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void fail_run(const char *fmt, ...) {
+    if (C.fail_reason[0]) return; /* the first cause is the one to fix */
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(C.fail_reason, sizeof C.fail_reason, fmt, ap);
+    va_end(ap);
+    kd_log(KD_LOG_ERROR, "COORD-RUN-FAILED", "%s", C.fail_reason);
+    C.status = "failed";
+    C.phase = RUN_FINISHING;
+}
+
 /* After every optimizer step: periodic work and the end of the epoch or run. */
 static void after_step(void) {
     C.win_steps++;
@@ -603,6 +645,14 @@ static void after_step(void) {
 
 static void apply_gradient(float *grad, long batches, long samples) {
     kd_optim_step(C.opt, C.model->params, grad, kd_schedule_lr(&C.sched, C.s.position));
+    size_t bad = kd_first_nonfinite(C.model->params, C.model->n_params);
+    if (bad < C.model->n_params) {
+        C.weights_poisoned = true;
+        fail_run("the weights became non-finite at step %ld (parameter %zu is %g) from finite "
+                 "gradients: the update overflowed; try a lower optim.lr. The weights are not "
+                 "saved; the last checkpoint and best/ hold the last finite ones",
+                 C.s.step + 1, bad, (double)C.model->params[bad]);
+    }
     C.s.position += batches;
     C.s.step++;
     C.s.version++;
@@ -689,15 +739,14 @@ static void close_sync_step(void) {
     C.step_count = 0;
     for (int k = 0; k < count; k++) {
         member_t *m = &C.members[C.step_member[k]];
-        if (m->used && m->state == WORKER_PUSHED)
-            send_weights(m, false, C.phase == RUN_FINISHING, false, false);
+        if (m->used && m->state == WORKER_PUSHED) send_weights(m, go_on());
     }
     after_step();
     /* the end of the run is known only now: tell the collected workers */
     if (C.phase == RUN_FINISHING)
         for (int k = 0; k < count; k++) {
             member_t *m = &C.members[C.step_member[k]];
-            if (m->used && m->state == WORKER_COMPUTING) send_weights(m, false, true, false, false);
+            if (m->used && m->state == WORKER_COMPUTING) send_weights(m, REPLY_STOP);
         }
 }
 
@@ -718,8 +767,135 @@ static void release_held_workers(void) {
         member_t *m = &C.members[i];
         if (m->used && m->role == KDIST__ROLE__WORKER && m->state == WORKER_HELD &&
             (lo == UINT64_MAX || m->clock <= lo + (uint64_t)C.r.cluster.staleness))
-            send_weights(m, false, C.phase == RUN_FINISHING, false, false);
+            send_weights(m, go_on());
     }
+}
+
+/* Why a gradient must not reach the optimizer (true, with why set): a non-finite loss or value,
+ * or a norm beyond cluster.max_gradient_norm. One pass in double, so huge values do not
+ * overflow the sum. */
+static bool gradient_problem(const float *grad, const Kdist__PushGradient *p, char *why,
+                             size_t whylen) {
+    if (!isfinite(p->loss_sum)) {
+        kd_err(why, whylen, "its loss is %g", p->loss_sum);
+        return true;
+    }
+    double sum = 0;
+    for (size_t i = 0; i < C.model->n_params; i++) sum += (double)grad[i] * (double)grad[i];
+    if (!isfinite(sum)) {
+        size_t bad = kd_first_nonfinite(grad, C.model->n_params);
+        kd_err(why, whylen, "gradient value %zu is %g", bad,
+               bad < C.model->n_params ? (double)grad[bad] : sum);
+        return true;
+    }
+    const double bound = C.r.cluster.max_gradient_norm;
+    if (bound > 0 && sqrt(sum) > bound) {
+        kd_err(why, whylen, "its norm %.4g exceeds cluster.max_gradient_norm %.4g", sqrt(sum),
+               bound);
+        return true;
+    }
+    return false;
+}
+
+/* The batch of a rejected or refused push goes back to its teacher (it was never applied). */
+static void requeue_batch(const Kdist__BatchRef *ref) {
+    if (C.phase != RUN_RUNNING || !C.assigned || !ref || ref->epoch != C.s.epoch ||
+        ref->batch_id >= C.n_batches || C.applied[ref->batch_id] || C.in_step[ref->batch_id])
+        return;
+    uint32_t id = ref->batch_id;
+    assign_batches(&id, 1, true);
+    C.s.restreamed++;
+}
+
+static void remove_member(member_t *m, const char *event);
+
+/* A member that keeps sending unusable gradients while others' are applied is removed and may
+ * not come back under its key. */
+static void evict_member(member_t *m, const char *why) {
+    C.evicted++;
+    kd_log(KD_LOG_WARN, "COORD-EVICT",
+           "%s %s (%s) evicted: %ld gradients in a row rejected, the "
+           "last because %s",
+           role_name(m->role), m->node_id, m->host, m->rejected_in_a_row, why);
+    if (m->curve_key[0] &&
+        C.n_evicted_keys < (int)(sizeof C.evicted_keys / sizeof C.evicted_keys[0]))
+        snprintf(C.evicted_keys[C.n_evicted_keys++], sizeof C.evicted_keys[0], "%s", m->curve_key);
+    char reason[KD_ERR_LEN + 64];
+    snprintf(reason, sizeof reason, "evicted: its gradients were rejected (%s)", why);
+    send_refused(m->rid, m->rid_len, KDIST__REFUSAL_CODE__EVICTED, reason);
+    remove_member(m, "evicted");
+}
+
+/* A gradient collected into a sync step or applied: the rejection streaks end. */
+static void accept_push(member_t *m) {
+    C.pushes_accepted++;
+    C.rejected_in_a_row = 0;
+    m->rejected_in_a_row = 0;
+}
+
+/* A gradient that failed gradient_problem: counted, never applied; its batch goes back to the
+ * queue. A member whose streak goes on while others' gradients are applied is evicted; a
+ * streak across the whole cluster (training diverged) fails the run. */
+static void reject_push(member_t *m, const Kdist__BatchRef *ref, const char *why) {
+    C.gradients_rejected++;
+    C.rejected_in_a_row++;
+    if (m->rejected_in_a_row++ == 0) m->accepted_at_first_rejection = C.pushes_accepted;
+    if (kd_log_allow(&C.drop_limit, 1.0))
+        kd_log(KD_LOG_WARN, "COORD-GRADIENT-REJECTED",
+               "gradient of batch %u/%u from %s %s rejected: %s (%ld rejected so far)", ref->epoch,
+               ref->batch_id, role_name(m->role), m->node_id, why, C.gradients_rejected);
+    requeue_batch(ref);
+    if (C.rejected_in_a_row >= C.r.cluster.fail_after) {
+        send_weights(m, REPLY_DROPPED);
+        fail_run("the last %ld gradients pushed were all rejected (the last because %s): the "
+                 "training diverged or every worker is broken; try a lower optim.lr or "
+                 "optim.clip_norm",
+                 C.rejected_in_a_row, why);
+        return;
+    }
+    if (m->rejected_in_a_row >= C.r.cluster.evict_after &&
+        C.pushes_accepted > m->accepted_at_first_rejection) {
+        evict_member(m, why);
+        return;
+    }
+    send_weights(m, REPLY_DROPPED);
+}
+
+static const char *nack_reason_name(Kdist__NackReason r) {
+    switch (r) {
+    case KDIST__NACK_REASON__NACK_TEACHER_LOGITS:
+        return "its teacher logits";
+    case KDIST__NACK_REASON__NACK_LABELS:
+        return "its labels";
+    case KDIST__NACK_REASON__NACK_INPUTS:
+        return "its inputs";
+    default:
+        return "it";
+    }
+}
+
+/* A worker could not use a batch: it goes back to its teacher, a bounded number of times. */
+static void on_nack(member_t *m, kd_msg_t *msg) {
+    const Kdist__Nack *n = msg->env->nack;
+    const Kdist__BatchRef *ref = n->ref;
+    if (!ref || ref->batch_id >= C.n_batches) {
+        drop(msg, "nack for a batch that does not exist");
+        return;
+    }
+    C.nacks++;
+    const char *detail = n->detail && n->detail[0] ? n->detail : "no detail";
+    if (ref->epoch != C.s.epoch || C.applied[ref->batch_id] || C.phase != RUN_RUNNING) return;
+    uint32_t times = ++C.nacked[ref->batch_id];
+    kd_log(KD_LOG_WARN, "COORD-NACK", "worker %s cannot use batch %u/%u (%s: %s): time %u of %ld",
+           m->node_id, ref->epoch, ref->batch_id, nack_reason_name(n->reason), detail, times,
+           C.r.cluster.max_nacks);
+    if ((long)times >= C.r.cluster.max_nacks) {
+        fail_run("batch %u/%u was refused %u times by workers because of %s (%s): fix the data or "
+                 "the teacher, or raise cluster.max_nacks",
+                 ref->epoch, ref->batch_id, times, nack_reason_name(n->reason), detail);
+        return;
+    }
+    requeue_batch(ref);
 }
 
 static void on_push(member_t *m, kd_msg_t *msg) {
@@ -729,26 +905,29 @@ static void on_push(member_t *m, kd_msg_t *msg) {
     float *grad = p->ref ? push_gradient(m, msg, err, sizeof err) : NULL;
     if (!grad) {
         drop(msg, p->ref ? err : "push without a batch reference");
-        send_weights(m, false, false, false, true); /* a member is never left without an answer */
+        send_weights(m, REPLY_DROPPED); /* a member is never left without an answer */
         return;
     }
-    if (p->samples == 0 || p->samples > (uint32_t)C.r.train.batch_size || p->correct > p->samples ||
-        !isfinite(p->loss_sum)) {
+    if (p->samples == 0 || p->samples > (uint32_t)C.r.train.batch_size || p->correct > p->samples) {
         drop(msg, "push with impossible counters");
-        send_weights(m, false, false, false, true); /* a member is never left without an answer */
+        send_weights(m, REPLY_DROPPED); /* a member is never left without an answer */
         return;
     }
     m->waiting_for_batch = false;
-    if (C.first_push == 0) C.first_push = kd_now();
     if (C.phase == RUN_FINISHING) {
-        send_weights(m, false, true, false, false);
+        send_weights(m, REPLY_STOP);
         return;
     }
+    if (gradient_problem(grad, p, err, sizeof err)) {
+        reject_push(m, p->ref, err);
+        return;
+    }
+    if (C.first_push == 0) C.first_push = kd_now();
     const Kdist__BatchRef *ref = p->ref;
     bool past = ref->epoch < C.s.epoch;
     if (ref->batch_id >= C.n_batches || ref->epoch >= (uint32_t)C.r.train.epochs) {
         drop(msg, "push for a batch that does not exist");
-        send_weights(m, false, false, false, true);
+        send_weights(m, REPLY_DROPPED);
         return;
     }
     /* Computed on weights or batches this coordinator never handed out — the worker was
@@ -756,14 +935,14 @@ static void on_push(member_t *m, kd_msg_t *msg) {
      * the batch comes again when its epoch does. */
     if (ref->epoch > C.s.epoch || p->base_version > C.s.version) {
         C.stale_dropped++;
-        send_weights(m, false, false, false, true);
+        send_weights(m, REPLY_DROPPED);
         return;
     }
     if (past || C.applied[ref->batch_id] || C.in_step[ref->batch_id]) {
         C.s.duplicates++;
         kd_log(KD_LOG_INFO, "COORD-DUPLICATE", "batch %u/%u from %s-%s already counted: dropped",
                ref->epoch, ref->batch_id, role_name(m->role), m->node_id);
-        send_weights(m, false, false, false, true);
+        send_weights(m, REPLY_DROPPED);
         return;
     }
     switch (C.r.cluster.consistency) {
@@ -773,10 +952,11 @@ static void on_push(member_t *m, kd_msg_t *msg) {
             return;
         }
         if (p->base_version < C.s.version) { /* its step closed without it: same batch again */
-            send_weights(m, false, false, true, false);
+            send_weights(m, REPLY_REDO);
             return;
         }
         if (C.step_count == COORD_MAX_MEMBERS) close_sync_step(); /* churn cannot overflow it */
+        accept_push(m);
         account_push(m, p);
         C.in_step[ref->batch_id] = 1;
         C.step_member[C.step_count] = (int)(m - C.members);
@@ -788,17 +968,17 @@ static void on_push(member_t *m, kd_msg_t *msg) {
         return;
     case KD_CONSISTENCY_ASYNC:
     case KD_CONSISTENCY_SSP:
+        accept_push(m);
         account_push(m, p);
         apply_gradient(grad, 1, p->samples);
         mark_applied(ref);
         m->clock++;
         bool hold = C.r.cluster.consistency == KD_CONSISTENCY_SSP && min_clock() != UINT64_MAX &&
                     m->clock > min_clock() + (uint64_t)C.r.cluster.staleness;
-        send_weights(m, hold, false, false, false);
+        send_weights(m, hold ? REPLY_WAIT : REPLY_WEIGHTS);
         after_step();
         if (C.r.cluster.consistency == KD_CONSISTENCY_SSP) release_held_workers();
-        if (C.phase == RUN_FINISHING && m->state == WORKER_COMPUTING)
-            send_weights(m, false, true, false, false);
+        if (C.phase == RUN_FINISHING && m->state == WORKER_COMPUTING) send_weights(m, REPLY_STOP);
         return;
     }
 }
@@ -918,6 +1098,13 @@ static void on_hello(kd_msg_t *msg) {
         drop(msg, "hello with a missing or oversized field");
         return;
     }
+    for (int i = 0; i < C.n_evicted_keys; i++)
+        if (msg->user_id[0] && strcmp(C.evicted_keys[i], msg->user_id) == 0) {
+            send_refused(msg->peer, msg->peer_len, KDIST__REFUSAL_CODE__EVICTED,
+                         "this key was evicted from the run");
+            drop(msg, "hello from an evicted key");
+            return;
+        }
     if (C.phase != RUN_RUNNING) {
         send_refused(msg->peer, msg->peer_len, KDIST__REFUSAL_CODE__RUN_FINISHING,
                      "the run is finishing");
@@ -1030,7 +1217,7 @@ static json_t *status_json(void) {
     double done = total > 0 ? (double)C.s.position / (double)total : 0.0;
     double rate = train_rate();
     json_t *j = json_pack(
-        "{s:s, s:s, s:s, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:f, s:f, s:f}",
+        "{s:s, s:s, s:s, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:o, s:o, s:o}",
         "run_id", C.s.run_id, "name", C.r.name, "status",
         C.phase == RUN_RUNNING ? "running" : (C.status ? C.status : "finishing"), "epoch",
         (json_int_t)C.s.epoch, "epochs", (json_int_t)C.r.train.epochs, "step",
@@ -1038,23 +1225,29 @@ static json_t *status_json(void) {
         (json_int_t)C.s.version, "batches_applied", (json_int_t)C.s.batches_applied,
         "batches_expected", (json_int_t)C.s.batches_expected, "duplicates_dropped",
         (json_int_t)C.s.duplicates, "restreamed", (json_int_t)C.s.restreamed, "messages_dropped",
-        (json_int_t)C.messages_dropped, "samples_per_sec", rate, "elapsed", t, "eta",
-        done > 0 ? t * (1.0 - done) / done : 0.0);
+        (json_int_t)C.messages_dropped, "samples_per_sec", kd_json_number(rate), "elapsed",
+        kd_json_number(t), "eta", kd_json_number(done > 0 ? t * (1.0 - done) / done : 0.0));
     /* step/total_steps count batches (the schedule's clock), so progress does not depend on
      * how many batches a sync step averages; updates counts optimizer steps. */
     json_object_set_new(j, "updates", json_integer(C.s.step));
     json_object_set_new(j, "stale_dropped", json_integer(C.stale_dropped));
     json_object_set_new(j, "connections_refused", json_integer(C.connections_refused));
     json_object_set_new(j, "teacher", teacher_work_json());
-    json_object_set_new(j, "lr", json_real(kd_schedule_lr(&C.sched, C.s.position)));
+    json_object_set_new(j, "gradients_rejected", json_integer(C.gradients_rejected));
+    json_object_set_new(j, "nacks", json_integer(C.nacks));
+    json_object_set_new(j, "members_evicted", json_integer(C.evicted));
+    json_object_set_new(j, "hellos_refused", json_integer(C.hellos_refused));
+    json_object_set_new(j, "control_refused", json_integer(C.control_refused));
+    if (C.fail_reason[0]) json_object_set_new(j, "error", json_string(C.fail_reason));
+    json_object_set_new(j, "lr", kd_json_number(kd_schedule_lr(&C.sched, C.s.position)));
     if (C.win_samples) {
-        json_object_set_new(j, "loss", json_real(C.win_loss / (double)C.win_samples));
+        json_object_set_new(j, "loss", kd_json_number(C.win_loss / (double)C.win_samples));
         json_object_set_new(j, "train_accuracy",
-                            json_real((double)C.win_correct / (double)C.win_samples));
+                            kd_json_number((double)C.win_correct / (double)C.win_samples));
     }
     if (C.have_eval) {
-        json_object_set_new(j, "val_accuracy", json_real(C.last_eval.val.accuracy));
-        json_object_set_new(j, "test_accuracy", json_real(C.last_eval.test.accuracy));
+        json_object_set_new(j, "val_accuracy", kd_json_number(C.last_eval.val.accuracy));
+        json_object_set_new(j, "test_accuracy", kd_json_number(C.last_eval.test.accuracy));
     }
     json_t *members = json_array();
     double now = kd_now();
@@ -1065,12 +1258,12 @@ static json_t *status_json(void) {
                             : m->waiting_for_batch          ? "idle"
                             : m->state == WORKER_COMPUTING  ? "computing"
                                                             : "waiting";
-        json_t *member =
-            json_pack("{s:s, s:s, s:I, s:s, s:i, s:f, s:I, s:f, s:s, s:I}", "role",
-                      role_name(m->role), "id", m->node_id, "incarnation",
-                      (json_int_t)m->incarnation, "host", m->host, "pid", (int)m->pid, "last_seen",
-                      now - m->last_seen, "steps", (json_int_t)m->steps, "samples_per_sec",
-                      m->samples_per_sec, "state", state, "rss_bytes", (json_int_t)m->rss_bytes);
+        json_t *member = json_pack(
+            "{s:s, s:s, s:I, s:s, s:i, s:o, s:I, s:o, s:s, s:I}", "role", role_name(m->role), "id",
+            m->node_id, "incarnation", (json_int_t)m->incarnation, "host", m->host, "pid",
+            (int)m->pid, "last_seen", kd_json_number(now - m->last_seen), "steps",
+            (json_int_t)m->steps, "samples_per_sec", kd_json_number(m->samples_per_sec), "state",
+            state, "rss_bytes", (json_int_t)m->rss_bytes);
         json_object_set_new(member, "messages_dropped",
                             json_integer((json_int_t)m->messages_dropped));
         json_object_set_new(member, "connections_refused",
@@ -1080,9 +1273,10 @@ static json_t *status_json(void) {
     json_object_set_new(j, "members", members);
     json_t *events = json_array();
     for (int i = 0; i < C.n_events; i++)
-        json_array_append_new(events, json_pack("{s:f, s:s, s:s, s:s}", "time", C.events[i].time,
-                                                "event", C.events[i].event, "role",
-                                                C.events[i].role, "id", C.events[i].id));
+        json_array_append_new(events, json_pack("{s:o, s:s, s:s, s:s}", "time",
+                                                kd_json_number(C.events[i].time), "event",
+                                                C.events[i].event, "role", C.events[i].role, "id",
+                                                C.events[i].id));
     json_object_set_new(j, "events", events);
     return j;
 }
@@ -1092,8 +1286,12 @@ static void on_control(kd_msg_t *msg) {
     switch (c->kind) {
     case KDIST__CONTROL__KIND__STATUS: {
         json_t *j = status_json();
-        char *text = json_dumps(j, JSON_COMPACT);
+        char *text = j ? json_dumps(j, JSON_COMPACT) : NULL;
         json_decref(j);
+        if (!text) {
+            drop(msg, "cannot encode the status");
+            return;
+        }
         Kdist__StatusReply s = KDIST__STATUS_REPLY__INIT;
         s.json = text;
         kd_env_t env = KDIST__ENVELOPE__INIT;
@@ -1117,7 +1315,7 @@ static void on_control(kd_msg_t *msg) {
                 m->drain = true;
                 kd_log(KD_LOG_INFO, "COORD-DRAIN", "worker %s will stop after its step",
                        m->node_id);
-                if (m->state != WORKER_PUSHED) send_weights(m, false, true, false, false);
+                if (m->state != WORKER_PUSHED) send_weights(m, REPLY_STOP);
             }
         }
         return;
@@ -1154,6 +1352,10 @@ static void on_message(kd_msg_t *msg) {
     case KDIST__ENVELOPE__BODY_PUSH:
         if (m->role != KDIST__ROLE__WORKER) break;
         on_push(m, msg);
+        return;
+    case KDIST__ENVELOPE__BODY_NACK:
+        if (m->role != KDIST__ROLE__WORKER) break;
+        on_nack(m, msg);
         return;
     case KDIST__ENVELOPE__BODY_GOODBYE:
         m->said_goodbye = true;
@@ -1203,7 +1405,7 @@ static void stop_nodes(void) {
         member_t *m = &C.members[i];
         if (!m->used) continue;
         if (m->role == KDIST__ROLE__WORKER)
-            send_weights(m, false, true, false, false);
+            send_weights(m, REPLY_STOP);
         else if (m->role == KDIST__ROLE__TEACHER)
             send_control(m, KDIST__CONTROL__KIND__STOP);
     }
@@ -1212,32 +1414,47 @@ static void stop_nodes(void) {
 static int write_summary(const eval_result_t *final) {
     double t = elapsed();
     json_t *j = json_pack(
-        "{s:s, s:s, s:s, s:f, s:f, s:f, s:f, s:I, s:f, s:I, s:I, s:f, s:f, s:i, s:I, s:s, "
+        "{s:s, s:s, s:s, s:o, s:o, s:o, s:o, s:I, s:o, s:I, s:I, s:o, s:o, s:i, s:I, s:s, "
         "s:{s:I, s:I, s:I, s:I, s:I, s:I}}",
         "status", C.status ? C.status : "completed", "name", C.r.name, "run_id", C.s.run_id,
-        "test_accuracy", final->test.accuracy, "test_loss", final->test.loss, "val_accuracy",
-        final->val.accuracy, "val_loss", final->val.loss, "best_step",
-        (json_int_t) final->best_step, "best_val_accuracy", final->best_val_accuracy, "epochs",
+        "test_accuracy", kd_json_number(final->test.accuracy), "test_loss",
+        kd_json_number(final->test.loss), "val_accuracy", kd_json_number(final->val.accuracy),
+        "val_loss", kd_json_number(final->val.loss), "best_step", (json_int_t) final->best_step,
+        "best_val_accuracy", kd_json_number(final->best_val_accuracy), "epochs",
         (json_int_t)(C.applied_count == C.n_batches ? C.s.epoch + 1 : C.s.epoch), "steps",
-        (json_int_t)C.s.step, "samples_per_sec", train_rate(), "wall_seconds", t, "workers_max",
-        C.workers_max, "parameters", (json_int_t)C.model->n_params, "consistency",
-        kd_consistency_name(C.r.cluster.consistency), "ledger", "batches_expected",
-        (json_int_t)C.s.batches_expected, "batches_applied", (json_int_t)C.s.batches_applied,
-        "duplicates_dropped", (json_int_t)C.s.duplicates, "restreamed", (json_int_t)C.s.restreamed,
-        "stale_dropped", (json_int_t)C.stale_dropped, "messages_dropped",
-        (json_int_t)C.messages_dropped);
-    json_object_set_new(json_object_get(j, "ledger"), "connections_refused",
-                        json_integer(C.connections_refused));
+        (json_int_t)C.s.step, "samples_per_sec", kd_json_number(train_rate()), "wall_seconds",
+        kd_json_number(t), "workers_max", C.workers_max, "parameters",
+        (json_int_t)C.model->n_params, "consistency", kd_consistency_name(C.r.cluster.consistency),
+        "ledger", "batches_expected", (json_int_t)C.s.batches_expected, "batches_applied",
+        (json_int_t)C.s.batches_applied, "duplicates_dropped", (json_int_t)C.s.duplicates,
+        "restreamed", (json_int_t)C.s.restreamed, "stale_dropped", (json_int_t)C.stale_dropped,
+        "messages_dropped", (json_int_t)C.messages_dropped);
+    if (!j) {
+        kd_log(KD_LOG_ERROR, "COORD-SUMMARY-FAIL", "cannot encode the summary");
+        return -1;
+    }
+    if (C.fail_reason[0]) json_object_set_new(j, "error", json_string(C.fail_reason));
+    json_t *ledger = json_object_get(j, "ledger");
+    json_object_set_new(ledger, "connections_refused", json_integer(C.connections_refused));
+    json_object_set_new(ledger, "gradients_rejected", json_integer(C.gradients_rejected));
+    json_object_set_new(ledger, "nacks", json_integer(C.nacks));
+    json_object_set_new(ledger, "members_evicted", json_integer(C.evicted));
+    json_object_set_new(ledger, "hellos_refused", json_integer(C.hellos_refused));
+    json_object_set_new(ledger, "control_refused", json_integer(C.control_refused));
     json_object_set_new(j, "teacher", teacher_work_json());
     if (!isnan(final->test.agreement)) { /* the student against the teacher */
         json_t *vs = json_object_get(j, "teacher");
-        json_object_set_new(vs, "test_agreement", json_real(final->test.agreement));
-        json_object_set_new(vs, "test_kl", json_real(final->test.teacher_kl));
-        json_object_set_new(vs, "val_agreement", json_real(final->val.agreement));
-        json_object_set_new(vs, "val_kl", json_real(final->val.teacher_kl));
+        json_object_set_new(vs, "test_agreement", kd_json_number(final->test.agreement));
+        json_object_set_new(vs, "test_kl", kd_json_number(final->test.teacher_kl));
+        json_object_set_new(vs, "val_agreement", kd_json_number(final->val.agreement));
+        json_object_set_new(vs, "val_kl", kd_json_number(final->val.teacher_kl));
     }
     char *text = json_dumps(j, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
     json_decref(j);
+    if (!text) {
+        kd_log(KD_LOG_ERROR, "COORD-SUMMARY-FAIL", "cannot encode the summary");
+        return -1;
+    }
     char path[KD_PATH_MAX + 32], err[KD_ERR_LEN];
     snprintf(path, sizeof path, "%s/summary.json", C.run_dir);
     int rc = kd_write_file_atomic(path, text, strlen(text), err, sizeof err);
@@ -1385,6 +1602,7 @@ static int setup(int argc, char **argv, bool *resume, char *err, size_t errlen) 
     C.n_batches = kd_epoch_count(C.data.train->n, (size_t)C.r.train.batch_size);
     C.applied = kd_xcalloc(C.n_batches ? C.n_batches : 1, 1);
     C.in_step = kd_xcalloc(C.n_batches ? C.n_batches : 1, 1);
+    C.nacked = kd_xcalloc(C.n_batches ? C.n_batches : 1, sizeof *C.nacked);
     C.owner = kd_xcalloc(C.n_batches ? C.n_batches : 1, sizeof *C.owner);
     C.step_grad = kd_alloc_floats(C.model->n_params);
     C.win_layer_fwd = kd_xcalloc((size_t)C.model->n_layers, sizeof(double));
@@ -1468,7 +1686,22 @@ int main(int argc, char **argv) {
         kd_log(KD_LOG_WARN, "COORD-METRICS", "%s", err);
     char best[KD_PATH_MAX + 96];
     snprintf(best, sizeof best, "%s/best/student.safetensors", C.ckpt_dir);
-    C.eval = evaluator_new(C.ctx, &C.r, C.model, &C.data, best);
+    /* What to beat: the checkpoint's best, or the best file's if that came later */
+    evaluator_best_t to_beat = {.step = C.s.best_step,
+                                .val_accuracy = C.s.best_val_accuracy,
+                                .evals_since = (int)C.s.evals_since_best},
+                     on_disk;
+    if (resumed == 0 && evaluator_read_best(best, &on_disk) == 0 &&
+        (to_beat.step < 0 || on_disk.val_accuracy > to_beat.val_accuracy)) {
+        kd_log(KD_LOG_INFO, "COORD-RESUME-BEST",
+               "%s holds the best so far (step %ld, val accuracy %.4f), newer than the "
+               "checkpoint's",
+               best, on_disk.step, on_disk.val_accuracy);
+        to_beat = (evaluator_best_t){.step = on_disk.step, .val_accuracy = on_disk.val_accuracy};
+        C.s.best_step = on_disk.step;
+        C.s.best_val_accuracy = on_disk.val_accuracy;
+    }
+    C.eval = evaluator_new(C.ctx, &C.r, C.model, &C.data, best, &to_beat);
     C.t0 = C.win_t0 = kd_now();
     setup_shared_memory();
     if (resumed == 0) add_event("restart", "coordinator", "0"); /* from its checkpoint */
@@ -1501,11 +1734,15 @@ int main(int argc, char **argv) {
     else if (C.have_eval && C.last_eval.step == C.s.step)
         final = C.last_eval; /* it came in while the nodes said goodbye */
     snprintf(path, sizeof path, "%s/student.safetensors", C.run_dir);
-    if (kd_checkpoint_save(C.model, path, err, sizeof err) != 0)
+    bool saved = kd_checkpoint_save(C.model, path, err, sizeof err) == 0;
+    if (!saved) {
         kd_log(KD_LOG_ERROR, "COORD-SAVE", "%s", err);
-    save_checkpoint();
+        fail_run("the final weights were not saved: %s", err);
+    }
+    if (!C.weights_poisoned) save_checkpoint();
     write_metrics();
-    exit_code = write_summary(&final) == 0 ? 0 : 1;
+    /* 0 only for a run that ended as planned with its outputs written */
+    exit_code = write_summary(&final) == 0 && saved && strcmp(C.status, "failed") != 0 ? 0 : 1;
     kd_log(KD_LOG_INFO, "COORD-DONE",
            "%s after %ld steps: test accuracy %.4f, %ld/%ld batches applied, %ld duplicates",
            C.status, C.s.step, final.test.accuracy, C.s.batches_applied, C.s.batches_expected,
@@ -1525,6 +1762,7 @@ out:
     kd_splits_destroy(&C.data);
     free(C.applied);
     free(C.in_step);
+    free(C.nacked);
     free(C.owner);
     free(C.step_grad);
     free(C.win_layer_fwd);

@@ -39,9 +39,11 @@ typedef struct {
     bool said_goodbye;
     /* workers */
     worker_state_t state;
-    bool waiting_for_batch; /* last report: no batch in hand */
-    bool drain;             /* stop it after its next push */
-    uint64_t clock;         /* pushes applied or collected (SSP) */
+    bool waiting_for_batch;           /* last report: no batch in hand */
+    bool drain;                       /* stop it after its next push */
+    uint64_t clock;                   /* pushes applied or collected (SSP) */
+    long rejected_in_a_row;           /* its pushes rejected since its last accepted one */
+    long accepted_at_first_rejection; /* the cluster's accepted pushes when that streak began */
     long steps;
     long samples;
     double rate_t0;
@@ -74,12 +76,27 @@ typedef struct {
 } eval_result_t;
 
 typedef struct evaluator evaluator_t;
+
+/* What the next evaluation has to beat: the best so far and the evaluations since. */
+typedef struct {
+    long step; /* -1: none yet */
+    double val_accuracy;
+    int evals_since;
+} evaluator_best_t;
+
 /* Starts the evaluator actor on its own copy of the model; it saves the best weights to
- * best_path when validation accuracy improves. */
+ * best_path when validation accuracy improves on *best (NULL: nothing to beat yet). */
 evaluator_t *evaluator_new(void *ctx, const kd_recipe_t *r, const kd_model_t *model,
-                           const kd_splits_t *data, const char *best_path);
-/* Asks for an evaluation of params (copied now) at step. Non-blocking. */
+                           const kd_splits_t *data, const char *best_path,
+                           const evaluator_best_t *best);
+/* The step and score stored in a best-weights file the evaluator wrote; -1 if there is none
+ * or it does not say. */
+int evaluator_read_best(const char *best_path, evaluator_best_t *out);
+/* Asks for an evaluation of params (copied now) at step. Non-blocking; it replaces a request
+ * that still waits, so at most one snapshot is ever queued. */
 void evaluator_request(evaluator_t *ev, const float *params, long step);
+/* Requests replaced by a newer one before they were evaluated. */
+long evaluator_superseded(evaluator_t *ev);
 /* The socket to poll for results (ZMQ_POLLIN), and reading one result. */
 void *evaluator_socket(evaluator_t *ev);
 int evaluator_result(evaluator_t *ev, eval_result_t *out);

@@ -1,8 +1,12 @@
 /* evaluator: the coordinator's evaluation actor. It owns a copy of the student model and the
- * validation and test sets; the coordinator sends it parameter snapshots over an inproc pipe
- * and goes on serving workers while it evaluates. It keeps the best weights on disk. When the
+ * validation and test sets; the coordinator hands it parameter snapshots and goes on serving
+ * workers while it evaluates. At most one snapshot waits: a newer request replaces it, so a
+ * fast schedule cannot queue copies of the weights without bound. Results come back over an
+ * inproc pipe. It keeps the best weights on disk (never non-finite ones). When the
  * run distils from a teacher whose weights it can load, it also compares the student with the
  * teacher (top-1 agreement, mean KL) on both sets, from teacher logits computed once. */
+#include <jansson.h>
+#include <math.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -12,15 +16,17 @@
 #include "kd_checkpoint.h"
 #include "kd_log.h"
 
-typedef struct {
-    long step;
-    float *params; /* owned by the message; NULL = quit */
-} eval_request_t;
-
 struct evaluator {
-    void *pipe;   /* coordinator's end */
+    void *pipe;   /* coordinator's end: results */
     void *worker; /* actor's end */
     pthread_t thread;
+    /* the waiting snapshot, under lock: the newest request not yet taken by the actor */
+    pthread_mutex_t lock;
+    pthread_cond_t wake;
+    float *waiting; /* (n_params) */
+    long waiting_step;
+    bool has_waiting, quit;
+    long superseded; /* requests replaced by a newer one before they were evaluated */
     kd_model_t *model;
     const kd_splits_t *data;
     int batch_size;
@@ -64,26 +70,78 @@ static void load_teacher_logits(evaluator_t *ev) {
     kd_model_destroy(&t);
 }
 
+#define BEST_METADATA "kdist.best"
+
+/* The model as best/student.safetensors, with its step and score beside the weights, so a
+ * resumed coordinator knows what it has to beat even when the best came after the checkpoint. */
+static int save_best(evaluator_t *ev, char *err, size_t errlen) {
+    char meta[128];
+    snprintf(meta, sizeof meta, "{\"step\": %ld, \"val_accuracy\": %.17g}", ev->best_step,
+             ev->best_val_accuracy);
+    kd_st_writer_t *w = kd_st_writer_new();
+    kd_checkpoint_add_model(w, ev->model);
+    kd_st_writer_metadata(w, BEST_METADATA, meta);
+    int rc = kd_st_writer_write(w, ev->best_path, err, errlen);
+    kd_st_writer_destroy(&w);
+    return rc;
+}
+
+int evaluator_read_best(const char *best_path, evaluator_best_t *out) {
+    kd_safetensors_t *st = NULL;
+    char err[KD_ERR_LEN];
+    if (!kd_file_exists(best_path) || kd_st_open(best_path, &st, err, sizeof err) != 0) return -1;
+    const char *meta = kd_st_metadata(st, BEST_METADATA);
+    json_error_t jerr;
+    json_t *j = meta ? json_loads(meta, 0, &jerr) : NULL;
+    json_int_t step = -1;
+    double acc = 0;
+    int rc = j && json_unpack(j, "{s:I, s:F}", "step", &step, "val_accuracy", &acc) == 0 &&
+                     step >= 0 && isfinite(acc)
+                 ? 0
+                 : -1;
+    if (rc == 0) {
+        out->step = (long)step;
+        out->val_accuracy = acc;
+    }
+    json_decref(j);
+    kd_st_close(&st);
+    return rc;
+}
+
+/* Waits for a snapshot and copies it into the model; false when told to quit. */
+static bool take_snapshot(evaluator_t *ev, long *step) {
+    pthread_mutex_lock(&ev->lock);
+    while (!ev->has_waiting && !ev->quit) pthread_cond_wait(&ev->wake, &ev->lock);
+    bool go = !ev->quit;
+    if (go) {
+        memcpy(ev->model->params, ev->waiting, ev->model->n_params * sizeof(float));
+        *step = ev->waiting_step;
+        ev->has_waiting = false;
+    }
+    pthread_mutex_unlock(&ev->lock);
+    return go;
+}
+
 static void *evaluator_main(void *arg) {
     evaluator_t *ev = arg;
-    for (;;) {
-        eval_request_t req;
-        if (zmq_recv(ev->worker, &req, sizeof req, 0) != (int)sizeof req || !req.params) break;
+    long step;
+    while (take_snapshot(ev, &step)) {
         if (!ev->teacher_tried) load_teacher_logits(ev);
-        memcpy(ev->model->params, req.params, ev->model->n_params * sizeof(float));
-        eval_result_t res = {.step = req.step};
+        eval_result_t res = {.step = step};
         if (ev->data->val && ev->data->val->n)
             kd_evaluate(ev->model, ev->data->val, ev->batch_size, ev->teacher_val, &res.val, NULL);
         if (ev->data->test && ev->data->test->n)
             kd_evaluate(ev->model, ev->data->test, ev->batch_size, ev->teacher_test, &res.test,
                         NULL);
-        res.improved = ev->best_step < 0 || res.val.accuracy > ev->best_val_accuracy;
+        /* non-finite weights are never the best, whatever their accuracy */
+        char err[KD_ERR_LEN];
+        bool finite = kd_checkpoint_check_finite(ev->model, ev->best_path, err, sizeof err) == 0;
+        res.improved = finite && (ev->best_step < 0 || res.val.accuracy > ev->best_val_accuracy);
         if (res.improved) {
             ev->best_val_accuracy = res.val.accuracy;
-            ev->best_step = req.step;
+            ev->best_step = step;
             ev->evals_since_best = 0;
-            char err[KD_ERR_LEN];
-            if (kd_checkpoint_save(ev->model, ev->best_path, err, sizeof err) != 0)
+            if (save_best(ev, err, sizeof err) != 0)
                 kd_log(KD_LOG_ERROR, "COORD-BEST-SAVE", "%s", err);
         } else {
             ev->evals_since_best++;
@@ -91,14 +149,14 @@ static void *evaluator_main(void *arg) {
         res.best_step = ev->best_step;
         res.best_val_accuracy = ev->best_val_accuracy;
         res.evals_since_best = ev->evals_since_best;
-        free(req.params);
         zmq_send(ev->worker, &res, sizeof res, 0);
     }
     return NULL;
 }
 
 evaluator_t *evaluator_new(void *ctx, const kd_recipe_t *r, const kd_model_t *model,
-                           const kd_splits_t *data, const char *best_path) {
+                           const kd_splits_t *data, const char *best_path,
+                           const evaluator_best_t *best) {
     evaluator_t *ev = kd_xcalloc(1, sizeof *ev);
     char endpoint[64];
     snprintf(endpoint, sizeof endpoint, "inproc://evaluator-%p", (void *)ev);
@@ -118,16 +176,34 @@ evaluator_t *evaluator_new(void *ctx, const kd_recipe_t *r, const kd_model_t *mo
     ev->batch_size = (int)r->eval.batch_size;
     ev->recipe = *r;
     snprintf(ev->best_path, sizeof ev->best_path, "%s", best_path);
-    ev->best_step = -1;
+    ev->best_step = best ? best->step : -1;
+    ev->best_val_accuracy = best ? best->val_accuracy : 0;
+    ev->evals_since_best = best ? best->evals_since : 0;
+    ev->waiting = kd_alloc_floats(model->n_params);
+    pthread_mutex_init(&ev->lock, NULL);
+    pthread_cond_init(&ev->wake, NULL);
     pthread_create(&ev->thread, NULL, evaluator_main, ev);
     return ev;
 }
 
 void evaluator_request(evaluator_t *ev, const float *params, long step) {
-    eval_request_t req = {.step = step, .params = kd_xmalloc(ev->model->n_params * sizeof(float))};
-    memcpy(req.params, params, ev->model->n_params * sizeof(float));
-    zmq_send(ev->pipe, &req, sizeof req, 0);
-    ev->outstanding++;
+    pthread_mutex_lock(&ev->lock);
+    if (ev->has_waiting)
+        ev->superseded++; /* its result will never come: the newer one answers instead */
+    else
+        ev->outstanding++;
+    memcpy(ev->waiting, params, ev->model->n_params * sizeof(float));
+    ev->waiting_step = step;
+    ev->has_waiting = true;
+    pthread_cond_signal(&ev->wake);
+    pthread_mutex_unlock(&ev->lock);
+}
+
+long evaluator_superseded(evaluator_t *ev) {
+    pthread_mutex_lock(&ev->lock);
+    long n = ev->superseded;
+    pthread_mutex_unlock(&ev->lock);
+    return n;
 }
 
 void *evaluator_socket(evaluator_t *ev) {
@@ -153,9 +229,14 @@ int evaluator_drain(evaluator_t *ev, eval_result_t *last) {
 void evaluator_destroy(evaluator_t **self_p) {
     evaluator_t *ev = *self_p;
     if (!ev) return;
-    eval_request_t quit = {.step = -1, .params = NULL};
-    zmq_send(ev->pipe, &quit, sizeof quit, 0);
+    pthread_mutex_lock(&ev->lock);
+    ev->quit = true;
+    pthread_cond_signal(&ev->wake);
+    pthread_mutex_unlock(&ev->lock);
     pthread_join(ev->thread, NULL);
+    pthread_mutex_destroy(&ev->lock);
+    pthread_cond_destroy(&ev->wake);
+    free(ev->waiting);
     zmq_close(ev->pipe);
     zmq_close(ev->worker);
     kd_model_destroy(&ev->model);
