@@ -5,6 +5,7 @@
  * match its digest (damaged on disk, or cut short before the digest was written) is reported
  * and skipped, like a torn or foreign file. */
 #include <dirent.h>
+#include <stdbool.h>
 #include <jansson.h>
 #include <sodium.h>
 #include <stdio.h>
@@ -52,11 +53,79 @@ static int check_digest(const char *path, char *err, size_t errlen) {
     return rc;
 }
 
+/* A checkpoint file's name: ckpt-<step>-<seq>.safetensors (seq tells apart saves at one step;
+ * ckpt-<step>.safetensors from older versions reads as seq 0). */
+typedef struct {
+    long step;
+    int seq;
+    char name[256];
+} ckpt_name_t;
+
+static bool parse_ckpt_name(const char *name, ckpt_name_t *out) {
+    const char *suffix = ".safetensors";
+    size_t n = strlen(name), k = strlen(suffix);
+    if (strncmp(name, "ckpt-", 5) != 0 || n <= k || n >= sizeof out->name ||
+        strcmp(name + n - k, suffix) != 0 || strstr(name, ".tmp."))
+        return false;
+    char tail[16];
+    long step;
+    int seq = 0, used = 0;
+    if (sscanf(name, "ckpt-%ld%n", &step, &used) != 1 || step < 0) return false;
+    bool with_seq = name[used] == '-' && sscanf(name + used, "-%d%15s", &seq, tail) == 2 &&
+                    seq >= 0 && strcmp(tail, suffix) == 0;
+    if (!with_seq && strcmp(name + used, suffix) != 0) return false;
+    out->step = step;
+    out->seq = seq;
+    snprintf(out->name, sizeof out->name, "%s", name);
+    return true;
+}
+
+static int newest_first(const void *a, const void *b) {
+    const ckpt_name_t *x = a, *y = b;
+    if (x->step != y->step) return x->step < y->step ? 1 : -1;
+    return x->seq < y->seq ? 1 : x->seq > y->seq ? -1 : 0;
+}
+
+/* The checkpoint files of dir, newest first (caller frees *out); their count, -1 if dir cannot
+ * be read. */
+static int list_checkpoints(const char *dir, ckpt_name_t **out) {
+    *out = NULL;
+    DIR *d = opendir(dir);
+    if (!d) return -1;
+    int n = 0, cap = 0;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        ckpt_name_t c;
+        if (!parse_ckpt_name(e->d_name, &c)) continue;
+        if (n == cap) {
+            cap = cap ? 2 * cap : 16;
+            *out = realloc(*out, (size_t)cap * sizeof **out);
+            KD_ASSERT(*out);
+        }
+        (*out)[n++] = c;
+    }
+    closedir(d);
+    if (n) qsort(*out, (size_t)n, sizeof **out, newest_first);
+    return n;
+}
+
+int coord_checkpoint_count(const char *dir) {
+    ckpt_name_t *list;
+    int n = list_checkpoints(dir, &list);
+    free(list);
+    return n < 0 ? 0 : n;
+}
+
 int coord_checkpoint_save(const char *dir, const coord_state_t *s, const kd_model_t *m,
                           const kd_optim_t *opt, const uint8_t *applied, size_t n_batches,
                           long keep, char *err, size_t errlen) {
+    /* a new name every time: a checkpoint is never overwritten in place, so a crash between the
+     * file and its digest can only spoil the new one */
     char path[KD_PATH_MAX + 64];
-    snprintf(path, sizeof path, "%s/ckpt-%09ld.safetensors", dir, s->step);
+    for (int seq = 0;; seq++) {
+        snprintf(path, sizeof path, "%s/ckpt-%09ld-%03d.safetensors", dir, s->step, seq);
+        if (!kd_file_exists(path)) break;
+    }
     if (kd_checkpoint_check_finite(m, path, err, errlen) != 0) return -1;
     kd_st_writer_t *w = kd_st_writer_new();
     kd_checkpoint_add_model(w, m);
@@ -72,40 +141,66 @@ int coord_checkpoint_save(const char *dir, const coord_state_t *s, const kd_mode
         "duplicates", (json_int_t)s->duplicates, "restreamed", (json_int_t)s->restreamed, "optim_t",
         (json_int_t)opt->t, "elapsed", s->elapsed, "best_val_accuracy", s->best_val_accuracy,
         "best_step", (json_int_t)s->best_step);
-    json_object_set_new(j, "evals_since_best", json_integer(s->evals_since_best));
-    char *text = json_dumps(j, JSON_COMPACT);
+    char *text = j ? json_dumps(j, JSON_COMPACT) : NULL;
     json_decref(j);
+    if (!text) {
+        kd_st_writer_destroy(&w);
+        return kd_err(err, errlen, "%s: cannot encode the run state", path);
+    }
     kd_st_writer_metadata(w, "kdist.state", text);
     free(text);
     int rc = kd_st_writer_write(w, path, err, errlen);
     kd_st_writer_destroy(&w);
     if (rc == 0) rc = write_digest(path, err, errlen);
-    if (rc == 0) coord_checkpoint_prune(dir, keep);
+    if (rc == 0) coord_checkpoint_prune(dir, keep, s->run_id);
     return rc;
 }
 
-static int is_ckpt(const struct dirent *e) {
-    const char *suffix = ".safetensors";
-    size_t n = strlen(e->d_name), k = strlen(suffix);
-    return strncmp(e->d_name, "ckpt-", 5) == 0 && n > k && strcmp(e->d_name + n - k, suffix) == 0 &&
-           !strstr(e->d_name, ".tmp.");
+/* The run a checkpoint belongs to, from its metadata; -1 if it cannot be read. */
+static int checkpoint_run_id(const char *path, char *run_id, size_t len) {
+    kd_safetensors_t *st = NULL;
+    char err[KD_ERR_LEN];
+    if (kd_st_open(path, &st, err, sizeof err) != 0) return -1;
+    const char *meta = kd_st_metadata(st, "kdist.state");
+    json_error_t jerr;
+    json_t *j = meta ? json_loads(meta, 0, &jerr) : NULL;
+    const char *id = NULL;
+    int rc = j && json_unpack(j, "{s:s}", "run_id", &id) == 0 ? 0 : -1;
+    if (rc == 0) snprintf(run_id, len, "%s", id);
+    json_decref(j);
+    kd_st_close(&st);
+    return rc;
 }
 
-void coord_checkpoint_prune(const char *dir, long keep) {
-    struct dirent **names;
-    int n = scandir(dir, &names, is_ckpt, alphasort);
-    if (n < 0) return;
+static void remove_checkpoint(const char *path) {
+    char digest[KD_PATH_MAX + 400];
+    snprintf(digest, sizeof digest, "%s" DIGEST_SUFFIX, path);
+    unlink(path);
+    unlink(digest);
+}
+
+void coord_checkpoint_prune(const char *dir, long keep, const char *run_id) {
+    ckpt_name_t *list;
+    int n = list_checkpoints(dir, &list);
+    long kept = 0;
     for (int i = 0; i < n; i++) {
-        if (i < n - keep) {
-            char path[KD_PATH_MAX + 300];
-            snprintf(path, sizeof path, "%s/%s", dir, names[i]->d_name);
-            unlink(path);
-            strncat(path, DIGEST_SUFFIX, sizeof path - strlen(path) - 1);
-            unlink(path);
+        char path[KD_PATH_MAX + 300], err[KD_ERR_LEN], owner[KD_NAME_MAX + 64];
+        snprintf(path, sizeof path, "%s/%s", dir, list[i].name);
+        if (check_digest(path, err, sizeof err) != 0) {
+            /* damaged or cut short: it could never be resumed from, and must not take the place
+             * of one that can */
+            kd_log(KD_LOG_WARN, "COORD-CKPT-PRUNE", "removing %s", err);
+            remove_checkpoint(path);
+        } else if (checkpoint_run_id(path, owner, sizeof owner) != 0 ||
+                   strcmp(owner, run_id) != 0) {
+            continue; /* another run's: neither counted nor touched */
+        } else if (kept < keep) {
+            kept++;
+        } else {
+            remove_checkpoint(path);
         }
-        free(names[i]);
     }
-    free(names);
+    free(list);
 }
 
 static int load_one(const char *path, coord_state_t *s, kd_model_t *m, kd_optim_t *opt,
@@ -168,23 +263,19 @@ out:
 
 int coord_checkpoint_resume(const char *dir, coord_state_t *s, kd_model_t *m, kd_optim_t *opt,
                             uint8_t **applied, size_t *n_batches, char *found, size_t foundlen) {
-    struct dirent **names;
-    int n = scandir(dir, &names, is_ckpt, alphasort);
-    if (n <= 0) return 1;
+    ckpt_name_t *list;
+    int n = list_checkpoints(dir, &list);
     int rc = 1;
-    for (int i = n - 1; i >= 0; i--) { /* newest first; a torn one is skipped */
+    for (int i = 0; i < n && rc == 1; i++) { /* newest first; a damaged one is skipped */
         char path[KD_PATH_MAX + 300], err[KD_ERR_LEN];
-        snprintf(path, sizeof path, "%s/%s", dir, names[i]->d_name);
-        if (rc == 1) {
-            if (load_one(path, s, m, opt, applied, n_batches, err, sizeof err) == 0) {
-                snprintf(found, foundlen, "%s", path);
-                rc = 0;
-            } else {
-                kd_log(KD_LOG_WARN, "COORD-CKPT-SKIP", "skipping checkpoint: %s", err);
-            }
+        snprintf(path, sizeof path, "%s/%s", dir, list[i].name);
+        if (load_one(path, s, m, opt, applied, n_batches, err, sizeof err) == 0) {
+            snprintf(found, foundlen, "%s", path);
+            rc = 0;
+        } else {
+            kd_log(KD_LOG_WARN, "COORD-CKPT-SKIP", "skipping checkpoint: %s", err);
         }
-        free(names[i]);
     }
-    free(names);
+    free(list);
     return rc;
 }

@@ -25,11 +25,16 @@ typedef struct {
     long evals_since_best; /* patience spent */
 } coord_state_t;
 
-/* dir/ckpt-<step>.safetensors, atomically; keeps the newest `keep`. */
+/* dir/ckpt-<step>-<seq>.safetensors, atomically, under a name no file has (never in place),
+ * then its digest; then prunes. Refuses non-finite weights. */
 int coord_checkpoint_save(const char *dir, const coord_state_t *s, const kd_model_t *m,
                           const kd_optim_t *opt, const uint8_t *applied, size_t n_batches,
                           long keep, char *err, size_t errlen);
-void coord_checkpoint_prune(const char *dir, long keep);
+/* Keeps the newest `keep` checkpoints of run_id that match their digest: damaged ones are
+ * removed, valid ones beyond `keep` too, other runs' files are left alone and not counted. */
+void coord_checkpoint_prune(const char *dir, long keep, const char *run_id);
+/* How many checkpoint files (valid or not) dir holds. */
+int coord_checkpoint_count(const char *dir);
 /* Loads the newest valid checkpoint of dir (torn or foreign ones are logged and skipped).
  * Returns 0 and its path in found, 1 when there is none, fills everything else. *applied is
  * malloc'd (n_batches bytes, 0/1). */

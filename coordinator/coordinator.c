@@ -549,6 +549,7 @@ static void save_checkpoint(void) {
     char err[KD_ERR_LEN];
     C.s.elapsed = elapsed();
     C.t0 = kd_now();
+    if (C.weights_poisoned) return; /* the last finite checkpoint stays the newest */
     if (coord_checkpoint_save(C.ckpt_dir, &C.s, C.model, C.opt, C.applied, C.n_batches,
                               C.r.checkpoint.keep, err, sizeof err) != 0)
         kd_log(KD_LOG_ERROR, "COORD-CKPT-FAIL", "%s", err);
@@ -1621,8 +1622,13 @@ static int resume_from_checkpoint(char *err, size_t errlen) {
     int rc =
         coord_checkpoint_resume(C.ckpt_dir, &s, C.model, C.opt, &applied, &n, found, sizeof found);
     if (rc == 1) {
-        kd_log(KD_LOG_INFO, "COORD-RESUME", "no valid checkpoint in %s: starting afresh",
-               C.ckpt_dir);
+        int files = coord_checkpoint_count(C.ckpt_dir);
+        if (files > 0) /* starting afresh would throw the run away: say so instead */
+            return kd_err(err, errlen,
+                          "--resume: none of the %d checkpoint(s) in %s is valid (see the "
+                          "COORD-CKPT-SKIP lines): move them away to start the run afresh",
+                          files, C.ckpt_dir);
+        kd_log(KD_LOG_INFO, "COORD-RESUME", "no checkpoint in %s yet: starting afresh", C.ckpt_dir);
         return 1;
     }
     if (n != C.n_batches) {
@@ -1653,6 +1659,13 @@ int main(int argc, char **argv) {
     kd_log_level_t level;
     if (kd_log_level_parse(C.r.logging.level, &level) == 0) kd_log_threshold = level;
     kd_set_threads((int)C.r.train.threads);
+    if (!resume && coord_checkpoint_count(C.ckpt_dir) > 0) {
+        fprintf(stderr,
+                "kdist-coordinator: %s holds checkpoints of an earlier run: resume it with "
+                "--resume, or give another --run-dir\n",
+                C.ckpt_dir);
+        return 2;
+    }
     int resumed = resume ? resume_from_checkpoint(err, sizeof err) : 1;
     if (resumed < 0) {
         kd_log(KD_LOG_ERROR, "COORD-RESUME-FAIL", "%s", err);
@@ -1739,7 +1752,7 @@ int main(int argc, char **argv) {
         kd_log(KD_LOG_ERROR, "COORD-SAVE", "%s", err);
         fail_run("the final weights were not saved: %s", err);
     }
-    if (!C.weights_poisoned) save_checkpoint();
+    save_checkpoint();
     write_metrics();
     /* 0 only for a run that ended as planned with its outputs written */
     exit_code = write_summary(&final) == 0 && saved && strcmp(C.status, "failed") != 0 ? 0 : 1;
