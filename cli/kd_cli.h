@@ -79,6 +79,10 @@ int cli_curve_credentials(const char *key_opt, const char *server_opt, const cha
 /* The endpoint in DIR/coordinator.endpoint (one line, written atomically by the coordinator).
  * 0, or -1 with err set (naming the file) when it is missing or malformed. */
 int cli_read_endpoint(const char *dir, char *out, size_t outlen, char *err, size_t errlen);
+/* The coordinator's local control channel (ipc://, in a 0700 directory) from
+ * DIR/coordinator.control: the way for stop, drain and checkpoint without an operator key.
+ * 0, or -1 with err set when the file is missing (another machine, or no coordinator). */
+int cli_read_control_endpoint(const char *dir, char *out, size_t outlen, char *err, size_t errlen);
 
 /* ---- CurveZMQ keys of a cluster (kd_keygen.c) --------------------------------------------- */
 

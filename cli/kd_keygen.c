@@ -91,11 +91,11 @@ static int cluster_pairs(const char *dir, bool force) {
            "    curve: true\n"
            "    keys_dir: \"%s\"\n"
            "    coordinator_key: \"%s\"\n"
-           "    authorized_keys:\n",
-           dir, pairs[CLI_KEY_COORDINATOR].public_z85);
-    for (int i = 0; i < CLI_KEY_ROLES; i++)
-        if (i != CLI_KEY_COORDINATOR)
-            printf("      - \"%s\"  # %s\n", pairs[i].public_z85, cli_key_roles[i]);
+           "    worker_keys: [\"%s\"]\n"
+           "    teacher_keys: [\"%s\"]\n"
+           "    operator_keys: [\"%s\"]  # client: stop, drain, checkpoint, status\n",
+           dir, pairs[CLI_KEY_COORDINATOR].public_z85, pairs[CLI_KEY_WORKER].public_z85,
+           pairs[CLI_KEY_TEACHER].public_z85, pairs[CLI_KEY_CLIENT].public_z85);
     fflush(stdout);
     fprintf(stderr,
             "kdist run then starts every role with its pair from %s; elsewhere start them with\n"

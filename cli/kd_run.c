@@ -69,6 +69,7 @@ typedef struct {
     char dir[KD_PATH_MAX];
     char bin_dir[KD_PATH_MAX];
     char endpoint[KD_PATH_MAX];
+    char coord_control[KD_PATH_MAX + 64]; /* the coordinator's control channel (ipc://) */
     run_child_t *children; /* [0] is the coordinator; the array grows when workers are added */
     int n_children, cap_children;
     int next_worker_id; /* scaled-up workers get fresh ids: logs and membership never mix */
@@ -631,14 +632,11 @@ static const char *print_summary(run_t *r) {
  * socket costs a non-blocking receive per turn; request/reply gives `kdist scale` an immediate
  * answer (what was started, what drains, or why not) instead of a request file and a second
  * file for the answer; and REP answers one request at a time, so two `kdist scale` at once are
- * serialized without a lock. The endpoint is ipc:// in the run directory when the path fits a
- * unix socket address (the directory's permissions then guard it), else loopback TCP, the
- * same exposure as the coordinator's own control port. Messages are the protocol's own
- * (kd_wire): Control{SCALE, workers} -> StatusReply{json: {"before", "workers", "ids",
- * "started", "draining"}} or Refused{reason}. */
-/* Under CurveZMQ the control socket is not encrypted but private: a unix socket in a directory
- * only we may enter (mode 0700): <run dir>/launcher/, or a fresh /tmp/kdist-launcher-XXXXXX when
- * that path is too long for a unix socket address. Never TCP. */
+ * serialized without a lock. Messages are the protocol's own (kd_wire): Control{SCALE, workers}
+ * -> StatusReply{json: {"before", "workers", "ids", "started", "draining"}} or Refused{reason}.
+ * The socket is not encrypted but private: a unix socket in a directory only we may enter (mode
+ * 0700): <run dir>/launcher/, or a fresh /tmp/kdist-launcher-XXXXXX when that path is too long
+ * for a unix socket address. Never TCP: any local process can reach loopback (DESIGN §10). */
 static int private_control_endpoint(run_t *r, const char *abs, char *endpoint, size_t n, char *err,
                                     size_t errlen) {
     struct sockaddr_un sun;
@@ -665,17 +663,9 @@ static int private_control_endpoint(run_t *r, const char *abs, char *endpoint, s
 
 static int control_open(run_t *r, char *err, size_t errlen) {
     char abs[KD_PATH_MAX], endpoint[KD_PATH_MAX + 32];
-    struct sockaddr_un sun;
-    endpoint[0] = 0;
-    if (r->curve) {
-        if (!realpath(r->dir, abs))
-            return kd_err(err, errlen, "cannot resolve %s: %s", r->dir, strerror(errno));
-        if (private_control_endpoint(r, abs, endpoint, sizeof endpoint, err, errlen) != 0)
-            return -1;
-    } else if (realpath(r->dir, abs) &&
-               strlen(abs) + strlen("/launcher.ipc") < sizeof sun.sun_path) {
-        snprintf(endpoint, sizeof endpoint, "ipc://%s/launcher.ipc", abs);
-    }
+    if (!realpath(r->dir, abs))
+        return kd_err(err, errlen, "cannot resolve %s: %s", r->dir, strerror(errno));
+    if (private_control_endpoint(r, abs, endpoint, sizeof endpoint, err, errlen) != 0) return -1;
     r->control_ctx = zmq_ctx_new();
     if (!r->control_ctx)
         return kd_err(err, errlen, "cannot create a ZeroMQ context: %s", zmq_strerror(errno));
@@ -685,14 +675,8 @@ static int control_open(run_t *r, char *err, size_t errlen) {
     int64_t max = CONTROL_MAX_BYTES;
     zmq_setsockopt(r->control, ZMQ_LINGER, &zero, sizeof zero);
     zmq_setsockopt(r->control, ZMQ_MAXMSGSIZE, &max, sizeof max);
-    char bind_err[KD_ERR_LEN];
-    if (endpoint[0] && kd_socket_bind(r->control, endpoint, r->control_endpoint,
-                                      sizeof r->control_endpoint, bind_err, sizeof bind_err) == 0)
-        return 0;
-    if (r->curve) { /* loopback TCP would be the one plaintext socket of the run */
-        kd_err(err, errlen, "%s", bind_err);
-    } else if (kd_socket_bind(r->control, "tcp://127.0.0.1:*", r->control_endpoint,
-                              sizeof r->control_endpoint, err, errlen) == 0)
+    if (kd_socket_bind(r->control, endpoint, r->control_endpoint, sizeof r->control_endpoint, err,
+                       errlen) == 0)
         return 0;
     zmq_close(r->control);
     r->control = NULL;
@@ -1082,7 +1066,14 @@ int cli_run_cluster(const cli_run_spec_t *spec) {
             goto cleanup;
         }
     }
-    r->client = cli_client_new(r->endpoint, r->curve ? &r->client_curve : NULL, err, sizeof err);
+    /* stop and drain go over the coordinator's local control channel, which needs no key */
+    if (cli_read_control_endpoint(r->dir, r->coord_control, sizeof r->coord_control, err,
+                                  sizeof err) != 0) {
+        say(r, "%s", err);
+        shut_down(r);
+        goto cleanup;
+    }
+    r->client = cli_client_new(r->coord_control, NULL, err, sizeof err);
     if (!r->client) {
         say(r, "%s", err);
         shut_down(r);

@@ -171,6 +171,20 @@ static void drain_usage(FILE *out) {
                  "  `kdist status`\n");
 }
 
+int cli_read_control_endpoint(const char *dir, char *out, size_t outlen, char *err, size_t errlen) {
+    char path[KD_PATH_MAX + 32];
+    snprintf(path, sizeof path, "%s/coordinator.control", dir);
+    uint8_t *data = NULL;
+    size_t len = 0;
+    if (kd_read_file(path, &data, &len, err, errlen) != 0) return -1;
+    int rc = len > 6 && len < outlen && strncmp((const char *)data, "ipc://", 6) == 0
+                 ? 0
+                 : kd_err(err, errlen, "%s: expected one ipc:// endpoint", path);
+    if (rc == 0) snprintf(out, outlen, "%.*s", (int)len, (const char *)data);
+    free(data);
+    return rc;
+}
+
 int kd_cmd_drain(int argc, char **argv) {
     const char *dir = NULL, *id = NULL, *key = NULL, *server_key = NULL;
     double timeout = DEFAULT_TIMEOUT;
@@ -206,8 +220,14 @@ int kd_cmd_drain(int argc, char **argv) {
     int rc = 1;
     if (check_run_dir(dir, err, sizeof err) != 0) goto out;
     if (cli_read_endpoint(dir, endpoint, sizeof endpoint, err, sizeof err) != 0) goto out;
-    if (cli_curve_credentials(key, server_key, dir, &curve, &curve_on, err, sizeof err) != 0)
+    /* On the coordinator's machine the local control channel; elsewhere an operator key. */
+    char why[KD_ERR_LEN];
+    if (cli_read_control_endpoint(dir, endpoint, sizeof endpoint, why, sizeof why) == 0) {
+        curve_on = false;
+    } else if (cli_curve_credentials(key, server_key, dir, &curve, &curve_on, err, sizeof err) !=
+               0) {
         goto out;
+    }
     if (!(c = cli_client_new(endpoint, curve_on ? &curve : NULL, err, sizeof err))) goto out;
     /* Membership first: the coordinator ignores a DRAIN for an id it does not know. */
     if (cli_client_status(c, STATUS_DEADLINE_MS, &json, err, sizeof err) != 0) goto out;

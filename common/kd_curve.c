@@ -296,21 +296,14 @@ static int keyset_add_dir(kd_curve_keyset_t *set, const char *dir, const char *l
     return rc;
 }
 
-int kd_curve_keyset_load(const kd_recipe_t *r, const char *recipe_name, kd_curve_keyset_t **out,
-                         char *err, size_t errlen) {
-    *out = NULL;
-    const int n = r->cluster.security.n_authorized_keys;
-    if (n == 0)
-        return kd_err(err, errlen,
-                      "%s: cluster.security.curve is on but cluster.security.authorized_keys is "
-                      "empty: list the public keys (Z85, .pub files or a directory of them) of "
-                      "the teachers, workers and clients that may connect",
-                      recipe_name);
-    kd_curve_keyset_t *set = kd_xcalloc(1, sizeof *set);
+/* Adds one recipe list's entries (Z85 keys, key files, directories of .pub files) to set. */
+static int keyset_add_entries(kd_curve_keyset_t *set, const char (*entries)[KD_AUTHORIZED_KEY_MAX],
+                              int n, const char *list, const char *recipe_name, char *err,
+                              size_t errlen) {
     for (int i = 0; i < n; i++) {
-        const char *entry = r->cluster.security.authorized_keys[i];
-        char label[160];
-        snprintf(label, sizeof label, "%s: cluster.security.authorized_keys[%d]", recipe_name, i);
+        const char *entry = entries[i];
+        char label[192];
+        snprintf(label, sizeof label, "%s: cluster.security.%s[%d]", recipe_name, list, i);
         struct stat st;
         int rc;
         if (kd_curve_is_z85(entry)) {
@@ -322,10 +315,101 @@ int kd_curve_keyset_load(const kd_recipe_t *r, const char *recipe_name, kd_curve
             rc = kd_curve_load_public(entry, label, key, err, errlen);
             if (rc == 0) rc = keyset_add(set, key, label, err, errlen);
         }
-        if (rc != 0) {
-            free(set);
+        if (rc != 0) return -1;
+    }
+    return 0;
+}
+
+/* The recipe's list of keys for role. */
+static void role_entries(const kd_recipe_t *r, kd_curve_role_t role,
+                         const char (**entries)[KD_AUTHORIZED_KEY_MAX], int *n) {
+#define LIST(field)                                                                                \
+    do {                                                                                           \
+        *entries = (const char(*)[KD_AUTHORIZED_KEY_MAX])r->cluster.security.field;                \
+        *n = r->cluster.security.n_##field;                                                        \
+    } while (0)
+    switch (role) {
+    case KD_CURVE_MEMBER:
+        LIST(authorized_keys);
+        break;
+    case KD_CURVE_WORKER:
+        LIST(worker_keys);
+        break;
+    case KD_CURVE_TEACHER:
+        LIST(teacher_keys);
+        break;
+    case KD_CURVE_OPERATOR:
+        LIST(operator_keys);
+        break;
+    default:
+        LIST(status_keys);
+        break;
+    }
+#undef LIST
+}
+
+const char *kd_curve_role_list(kd_curve_role_t role) {
+    static const char *const names[KD_CURVE_ROLES] = {
+        "authorized_keys", "worker_keys", "teacher_keys", "operator_keys", "status_keys"};
+    return role < KD_CURVE_ROLES ? names[role] : "?";
+}
+
+int kd_curve_roles_load(const kd_recipe_t *r, const char *recipe_name, kd_curve_roles_t *out,
+                        char *err, size_t errlen) {
+    memset(out, 0, sizeof *out);
+    out->all = kd_xcalloc(1, sizeof *out->all);
+    for (int role = 0; role < KD_CURVE_ROLES; role++) {
+        const char(*entries)[KD_AUTHORIZED_KEY_MAX];
+        int n;
+        role_entries(r, (kd_curve_role_t)role, &entries, &n);
+        out->sets[role] = kd_xcalloc(1, sizeof *out->sets[role]);
+        if (keyset_add_entries(out->sets[role], entries, n, kd_curve_role_list(role), recipe_name,
+                               err, errlen) != 0 ||
+            keyset_add_entries(out->all, entries, n, kd_curve_role_list(role), recipe_name, err,
+                               errlen) != 0) {
+            kd_curve_roles_free(out);
             return -1;
         }
+    }
+    if (out->all->n == 0) {
+        kd_curve_roles_free(out);
+        return kd_err(err, errlen,
+                      "%s: cluster.security.curve is on but no key may connect: list the public "
+                      "keys (Z85, .pub files or a directory of them) of the workers and teachers "
+                      "(worker_keys, teacher_keys, or authorized_keys for either role) and of the "
+                      "operators (operator_keys) and status readers (status_keys)",
+                      recipe_name);
+    }
+    return 0;
+}
+
+void kd_curve_roles_free(kd_curve_roles_t *roles) {
+    for (int i = 0; i < KD_CURVE_ROLES; i++) free(roles->sets[i]);
+    free(roles->all);
+    memset(roles, 0, sizeof *roles);
+}
+
+bool kd_curve_role_has(const kd_curve_roles_t *roles, kd_curve_role_t role, const char *z85) {
+    return z85 && z85[0] && roles->sets[role] && kd_curve_keyset_has(roles->sets[role], z85);
+}
+
+int kd_curve_keyset_load(const kd_recipe_t *r, const char *recipe_name, kd_curve_keyset_t **out,
+                         char *err, size_t errlen) {
+    *out = NULL;
+    kd_curve_roles_t roles;
+    if (kd_curve_roles_load(r, recipe_name, &roles, err, errlen) != 0) return -1;
+    kd_curve_keyset_t *set = kd_xcalloc(1, sizeof *set);
+    /* the keys that may stream from a teacher: workers' */
+    for (int role = KD_CURVE_MEMBER; role <= KD_CURVE_WORKER; role++)
+        for (int i = 0; i < roles.sets[role]->n; i++)
+            keyset_add(set, roles.sets[role]->keys[i], "", err, errlen);
+    kd_curve_roles_free(&roles);
+    if (set->n == 0) {
+        free(set);
+        return kd_err(err, errlen,
+                      "%s: cluster.security.curve is on but no worker key is listed "
+                      "(cluster.security.worker_keys or authorized_keys)",
+                      recipe_name);
     }
     *out = set;
     return 0;

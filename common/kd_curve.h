@@ -62,13 +62,37 @@ typedef struct {
     char keys[KD_CURVE_MAX_KEYS][KD_CURVE_Z85_LEN + 1];
 } kd_curve_keyset_t;
 
-/* The recipe's cluster.security.authorized_keys: each entry a Z85 key, a key file (its public
- * half) or a directory (every *.pub file in it). An empty result is an error: a server that
- * admits nobody is a mistake. recipe_name names the recipe in messages. Caller owns *out
- * (free it with free()). */
+/* The keys a teacher's stream admits: the recipe's cluster.security.authorized_keys and
+ * worker_keys, each entry a Z85 key, a key file (its public half) or a directory (every *.pub
+ * file in it). An empty result is an error: a server that admits nobody is a mistake.
+ * recipe_name names the recipe in messages. Caller owns *out (free it with free()). */
 int kd_curve_keyset_load(const kd_recipe_t *r, const char *recipe_name, kd_curve_keyset_t **out,
                          char *err, size_t errlen);
 bool kd_curve_keyset_has(const kd_curve_keyset_t *set, const char *z85);
+
+/* What a key may do (DESIGN §10). Member keys (authorized_keys) join as a worker or a teacher
+ * node, worker_keys and teacher_keys only as that role; operator_keys may also stop, drain and
+ * checkpoint; status_keys may only ask for status. */
+typedef enum {
+    KD_CURVE_MEMBER = 0, /* cluster.security.authorized_keys */
+    KD_CURVE_WORKER,     /* cluster.security.worker_keys */
+    KD_CURVE_TEACHER,    /* cluster.security.teacher_keys */
+    KD_CURVE_OPERATOR,   /* cluster.security.operator_keys */
+    KD_CURVE_STATUS,     /* cluster.security.status_keys */
+    KD_CURVE_ROLES
+} kd_curve_role_t;
+
+typedef struct {
+    kd_curve_keyset_t *sets[KD_CURVE_ROLES];
+    kd_curve_keyset_t *all; /* every listed key: what the coordinator's ZAP handler admits */
+} kd_curve_roles_t;
+
+/* Loads every role's list; no key at all is an error. Free with kd_curve_roles_free. */
+int kd_curve_roles_load(const kd_recipe_t *r, const char *recipe_name, kd_curve_roles_t *out,
+                        char *err, size_t errlen);
+void kd_curve_roles_free(kd_curve_roles_t *roles);
+bool kd_curve_role_has(const kd_curve_roles_t *roles, kd_curve_role_t role, const char *z85);
+const char *kd_curve_role_list(kd_curve_role_t role); /* "worker_keys", ... */
 
 /* ---- the server side (socket options: kd_wire_curve_server, _client, _server_key) -------- */
 

@@ -288,8 +288,21 @@ static const row_t schema[] = {
         "the resolved recipe"),
     STRLIST("cluster.security.authorized_keys", cluster.security.n_authorized_keys,
             cluster.security.authorized_keys, KD_MAX_AUTHORIZED_KEYS,
-            "public keys that may connect: Z85, key files or directories of .pub files (an "
-            "override takes them comma-separated)"),
+            "public keys that may join as a worker or a teacher node: Z85, key files or "
+            "directories of .pub files (an override takes them comma-separated)"),
+    STRLIST("cluster.security.worker_keys", cluster.security.n_worker_keys,
+            cluster.security.worker_keys, KD_MAX_ROLE_KEYS,
+            "public keys that may join as workers only (entries as in authorized_keys)"),
+    STRLIST("cluster.security.teacher_keys", cluster.security.n_teacher_keys,
+            cluster.security.teacher_keys, KD_MAX_ROLE_KEYS,
+            "public keys that may join as teacher nodes only"),
+    STRLIST("cluster.security.operator_keys", cluster.security.n_operator_keys,
+            cluster.security.operator_keys, KD_MAX_ROLE_KEYS,
+            "public keys that may stop, drain and checkpoint the run and read its status over "
+            "the network (without them control goes only over the run directory's ipc channel)"),
+    STRLIST("cluster.security.status_keys", cluster.security.n_status_keys,
+            cluster.security.status_keys, KD_MAX_ROLE_KEYS,
+            "public keys that may only read the run's status"),
 
     STR("logging.runs_dir", logging.runs_dir, 0, NULL, "runs", "directory holding run outputs"),
     LONG("logging.every_steps", logging.every_steps, BTW, 1, 1000000, "10",

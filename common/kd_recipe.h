@@ -19,6 +19,7 @@
 #define KD_NAME_MAX            128
 #define KD_MAX_AUTHORIZED_KEYS 64  /* cluster.security.authorized_keys entries */
 #define KD_AUTHORIZED_KEY_MAX  512 /* bytes per entry, NUL included */
+#define KD_MAX_ROLE_KEYS       16  /* entries of worker_keys, teacher_keys, ... */
 
 typedef enum { KD_CONSISTENCY_SYNC = 0, KD_CONSISTENCY_ASYNC, KD_CONSISTENCY_SSP } kd_consistency_t;
 
@@ -107,6 +108,12 @@ typedef struct {
             char coordinator_key[KD_PATH_MAX]; /* Z85 or a key file; "" = not given */
             int n_authorized_keys;             /* entries: Z85, key file or directory */
             char authorized_keys[KD_MAX_AUTHORIZED_KEYS][KD_AUTHORIZED_KEY_MAX];
+            /* keys of one role each (kd_curve_role_t) */
+            int n_worker_keys, n_teacher_keys, n_operator_keys, n_status_keys;
+            char worker_keys[KD_MAX_ROLE_KEYS][KD_AUTHORIZED_KEY_MAX];
+            char teacher_keys[KD_MAX_ROLE_KEYS][KD_AUTHORIZED_KEY_MAX];
+            char operator_keys[KD_MAX_ROLE_KEYS][KD_AUTHORIZED_KEY_MAX];
+            char status_keys[KD_MAX_ROLE_KEYS][KD_AUTHORIZED_KEY_MAX];
         } security;
     } cluster;
 

@@ -472,12 +472,25 @@ void *kd_socket_router_curve(void *ctx, const char *endpoint, int heartbeat_ms,
     }
     int one = 1;
     zmq_setsockopt(s, ZMQ_ROUTER_MANDATORY, &one, sizeof one);
-    /* A reconnecting node with the same routing id takes over the old pipe. */
-    zmq_setsockopt(s, ZMQ_ROUTER_HANDOVER, &one, sizeof one);
+    /* No ROUTER_HANDOVER: with it, anyone who connects under a member's routing id would take
+     * over its pipe. A node whose connection is still held reconnects under a new identity. */
     /* A ZAP domain makes libzmq refuse ZMTP 1.0/2.0 peers, which would otherwise hand raw
      * bytes up as messages; with no ZAP handler, NULL-mechanism (ZMTP 3) peers still join. */
     zmq_setsockopt(s, ZMQ_ZAP_DOMAIN, KD_WIRE_ZAP_DOMAIN, strlen(KD_WIRE_ZAP_DOMAIN));
     if (kd_socket_bind(s, endpoint, bound, boundlen, err, errlen) != 0) {
+        zmq_close(s);
+        return NULL;
+    }
+    return s;
+}
+
+void *kd_socket_router_local(void *ctx, const char *endpoint, char *err, size_t errlen) {
+    void *s = zmq_socket(ctx, ZMQ_ROUTER);
+    if (!s) return kd_err(err, errlen, "cannot create socket: %s", zmq_strerror(errno)), NULL;
+    set_common_options(s, 0);
+    int one = 1;
+    zmq_setsockopt(s, ZMQ_ROUTER_MANDATORY, &one, sizeof one);
+    if (kd_socket_bind(s, endpoint, NULL, 0, err, errlen) != 0) {
         zmq_close(s);
         return NULL;
     }

@@ -117,6 +117,9 @@ void *kd_socket_router_curve(void *ctx, const char *endpoint, int heartbeat_ms,
 /* CURVE options on any socket, before bind/connect: a server with its pair; a client with its
  * pair and the server's public key (server_z85 may be "" and come later, per connect, through
  * kd_wire_curve_server_key). 0, or -1 with err set. */
+/* A ROUTER for a local ipc:// channel whose directory's permissions are its authentication: no
+ * CurveZMQ and no ZAP domain (a context's ZAP handler would otherwise judge its NULL peers). */
+void *kd_socket_router_local(void *ctx, const char *endpoint, char *err, size_t errlen);
 int kd_wire_curve_server(void *sock, const kd_curve_pair_t *self, char *err, size_t errlen);
 int kd_wire_curve_client(void *sock, const kd_curve_client_t *c, char *err, size_t errlen);
 int kd_wire_curve_server_key(void *sock, const char *server_z85, char *err, size_t errlen);

@@ -11,7 +11,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <limits.h>
 #include <sys/random.h>
+#include <sys/stat.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include "checkpoint.h"
@@ -35,8 +38,15 @@ typedef struct {
     void *ctx, *router;
     /* CurveZMQ (cluster.security.curve): our pair, the keys that may connect, their gatekeeper */
     kd_curve_pair_t curve_pair;
-    kd_curve_keyset_t *authorized;
+    kd_curve_roles_t keys; /* what each key may do */
+    bool curve;
     kd_zap_t *zap;
+    /* the local control channel: ipc:// in a 0700 directory, for stop, drain and checkpoint
+     * from this machine's owner of the run (the launcher, `kdist drain`) */
+    void *control;
+    char control_endpoint[KD_PATH_MAX + 64];
+    char control_dir[KD_PATH_MAX + 32];
+    bool control_dir_temporary;
     kd_splits_t data;
     kd_model_t *model;
     kd_optim_t *opt;
@@ -1099,6 +1109,20 @@ static void on_hello(kd_msg_t *msg) {
         drop(msg, "hello with a missing or oversized field");
         return;
     }
+    if (C.curve && !kd_curve_role_has(&C.keys, KD_CURVE_MEMBER, msg->user_id) &&
+        !kd_curve_role_has(&C.keys,
+                           h->role == KDIST__ROLE__WORKER ? KD_CURVE_WORKER : KD_CURVE_TEACHER,
+                           msg->user_id)) {
+        char reason[256];
+        snprintf(reason, sizeof reason,
+                 "key %s may not join as a %s: list it in cluster.security.%s or authorized_keys",
+                 msg->user_id, role_name(h->role),
+                 h->role == KDIST__ROLE__WORKER ? "worker_keys" : "teacher_keys");
+        send_refused(msg->peer, msg->peer_len, KDIST__REFUSAL_CODE__NOT_AUTHORIZED, reason);
+        C.hellos_refused++;
+        drop(msg, "hello from a key without that role");
+        return;
+    }
     for (int i = 0; i < C.n_evicted_keys; i++)
         if (msg->user_id[0] && strcmp(C.evicted_keys[i], msg->user_id) == 0) {
             send_refused(msg->peer, msg->peer_len, KDIST__REFUSAL_CODE__EVICTED,
@@ -1282,8 +1306,55 @@ static json_t *status_json(void) {
     return j;
 }
 
-static void on_control(kd_msg_t *msg) {
+/* Where a control command came from: the local ipc channel (whoever can open the run's 0700
+ * directory owns the run) or the network socket (then its key decides). */
+typedef enum { FROM_LOCAL_CHANNEL, FROM_NETWORK } control_origin_t;
+
+static const char *control_kind_name(Kdist__Control__Kind kind) {
+    switch (kind) {
+    case KDIST__CONTROL__KIND__STATUS:
+        return "status";
+    case KDIST__CONTROL__KIND__STOP:
+        return "stop";
+    case KDIST__CONTROL__KIND__DRAIN:
+        return "drain";
+    case KDIST__CONTROL__KIND__SCALE:
+        return "scale";
+    case KDIST__CONTROL__KIND__CHECKPOINT_NOW:
+        return "checkpoint-now";
+    default:
+        return "unknown";
+    }
+}
+
+/* Whether a command may be obeyed (DESIGN §10): anything over the local channel; over the
+ * network, status from any admitted key (or from anyone in plaintext, which binds loopback
+ * only), everything else only from an operator key. */
+static bool control_allowed(const kd_msg_t *msg, control_origin_t from) {
+    if (from == FROM_LOCAL_CHANNEL) return true;
+    if (msg->env->control->kind == KDIST__CONTROL__KIND__STATUS) return true;
+    return C.curve && kd_curve_role_has(&C.keys, KD_CURVE_OPERATOR, msg->user_id);
+}
+
+static void on_control(kd_msg_t *msg, control_origin_t from) {
     const Kdist__Control *c = msg->env->control;
+    void *reply_sock = from == FROM_LOCAL_CHANNEL ? C.control : C.router;
+    if (!control_allowed(msg, from)) {
+        C.control_refused++;
+        char peer[300], reason[KD_PATH_MAX + 512];
+        kd_msg_peer_text(msg, peer, sizeof peer);
+        snprintf(reason, sizeof reason,
+                 "'%s' is not allowed from %s: control commands come over the run directory's "
+                 "control channel (%s) or from a key in cluster.security.operator_keys",
+                 control_kind_name(c->kind), msg->user_id[0] ? "this key" : "the network",
+                 C.control_endpoint);
+        if (kd_log_allow(&C.drop_limit, 1.0))
+            kd_log(KD_LOG_WARN, "COORD-CONTROL-REFUSED", "%s from '%s' refused (%ld so far)",
+                   control_kind_name(c->kind), peer, C.control_refused);
+        kd_wire_send_refused(reply_sock, msg->peer, msg->peer_len,
+                             KDIST__REFUSAL_CODE__NOT_AUTHORIZED, reason);
+        return;
+    }
     switch (c->kind) {
     case KDIST__CONTROL__KIND__STATUS: {
         json_t *j = status_json();
@@ -1298,7 +1369,7 @@ static void on_control(kd_msg_t *msg) {
         kd_env_t env = KDIST__ENVELOPE__INIT;
         env.body_case = KDIST__ENVELOPE__BODY_STATUS;
         env.status = &s;
-        kd_wire_send(C.router, msg->peer, msg->peer_len, &env, NULL, 0, ZMQ_DONTWAIT);
+        kd_wire_send(reply_sock, msg->peer, msg->peer_len, &env, NULL, 0, ZMQ_DONTWAIT);
         free(text);
         return;
     }
@@ -1326,6 +1397,72 @@ static void on_control(kd_msg_t *msg) {
     }
 }
 
+/* ---- the local control channel ------------------------------------------------------------ */
+
+/* Binds the control ROUTER at ipc://<run_dir>/control/coordinator.ipc (the directory 0700, so
+ * only the run's owner connects), or in a private /tmp/kdist-control-* directory when that path
+ * is too long for a socket address, and names it in <run_dir>/coordinator.control. */
+static int setup_control_channel(char *err, size_t errlen) {
+    char abs[PATH_MAX];
+    if (!realpath(C.run_dir, abs)) return kd_err(err, errlen, "%s: %s", C.run_dir, strerror(errno));
+    if (strlen(abs) + 16 > sizeof C.control_dir)
+        return kd_err(err, errlen, "%s: the run directory's path is too long", abs);
+    memcpy(C.control_dir, abs, strlen(abs));
+    memcpy(C.control_dir + strlen(abs), "/control", sizeof "/control");
+    const size_t sun_path_max = sizeof(((struct sockaddr_un *)0)->sun_path) - 1;
+    if (strlen(C.control_dir) + strlen("/coordinator.ipc") > sun_path_max) {
+        snprintf(C.control_dir, sizeof C.control_dir, "/tmp/kdist-control-XXXXXX");
+        if (!mkdtemp(C.control_dir)) /* mkdtemp makes it 0700 */
+            return kd_err(err, errlen, "cannot create %s: %s", C.control_dir, strerror(errno));
+        C.control_dir_temporary = true;
+    } else if (mkdir(C.control_dir, 0700) != 0 && errno != EEXIST) {
+        return kd_err(err, errlen, "cannot create %s: %s", C.control_dir, strerror(errno));
+    }
+    struct stat st;
+    if (lstat(C.control_dir, &st) != 0 || !S_ISDIR(st.st_mode) || st.st_uid != geteuid() ||
+        chmod(C.control_dir, 0700) != 0)
+        return kd_err(err, errlen,
+                      "%s must be a directory of ours (mode 0700) for the control channel",
+                      C.control_dir);
+    snprintf(C.control_endpoint, sizeof C.control_endpoint, "ipc://%s/coordinator.ipc",
+             C.control_dir);
+    unlink(C.control_endpoint + 6); /* a socket file left by a killed coordinator */
+    /* No CurveZMQ and no ZAP domain here: the directory's permissions are the authentication. */
+    C.control = kd_socket_router_local(C.ctx, C.control_endpoint, err, errlen);
+    if (!C.control) return -1;
+    char path[KD_PATH_MAX + 64];
+    snprintf(path, sizeof path, "%s/coordinator.control", C.run_dir);
+    return kd_write_file_atomic(path, C.control_endpoint, strlen(C.control_endpoint), err, errlen);
+}
+
+static void close_control_channel(void) {
+    if (C.control) zmq_close(C.control);
+    C.control = NULL;
+    if (!C.control_endpoint[0]) return;
+    unlink(C.control_endpoint + 6);
+    char path[KD_PATH_MAX + 64];
+    snprintf(path, sizeof path, "%s/coordinator.control", C.run_dir);
+    unlink(path);
+    if (C.control_dir_temporary) rmdir(C.control_dir);
+}
+
+/* Commands from the control channel: control only (nodes talk on the network socket). */
+static void serve_control_channel(void) {
+    for (int k = 0; k < 64; k++) {
+        kd_msg_t msg;
+        char err[KD_ERR_LEN];
+        int r = kd_wire_recv(C.control, true, ZMQ_DONTWAIT, &msg, err, sizeof err);
+        if (r == KD_WIRE_NONE || r == KD_WIRE_CLOSED) return;
+        if (r == KD_WIRE_BAD)
+            drop(&msg, err);
+        else if (msg.env->body_case == KDIST__ENVELOPE__BODY_CONTROL)
+            on_control(&msg, FROM_LOCAL_CHANNEL);
+        else
+            drop(&msg, "the control channel takes control commands only");
+        kd_msg_close(&msg);
+    }
+}
+
 /* ---- the loop ---------------------------------------------------------------------------- */
 
 static void on_message(kd_msg_t *msg) {
@@ -1335,7 +1472,7 @@ static void on_message(kd_msg_t *msg) {
         return;
     }
     if (env->body_case == KDIST__ENVELOPE__BODY_CONTROL) {
-        on_control(msg);
+        on_control(msg, FROM_NETWORK);
         return;
     }
     member_t *m = find_member(msg->peer, msg->peer_len);
@@ -1343,6 +1480,10 @@ static void on_message(kd_msg_t *msg) {
         send_refused(msg->peer, msg->peer_len, KDIST__REFUSAL_CODE__UNKNOWN_MEMBER,
                      "unknown member: say hello");
         drop(msg, "message from a node that is not a member");
+        return;
+    }
+    if (C.curve && strcmp(msg->user_id, m->curve_key) != 0) { /* a member is bound to its key */
+        drop(msg, "a message for a member from another key than the one it joined with");
         return;
     }
     m->last_seen = kd_now();
@@ -1476,9 +1617,10 @@ static int run_loop(void) {
             (live_count(KDIST__ROLE__WORKER) + live_count(KDIST__ROLE__TEACHER) == 0 ||
              kd_now() > C.finish_deadline))
             break;
-        zmq_pollitem_t items[2] = {{C.router, 0, ZMQ_POLLIN, 0},
-                                   {evaluator_socket(C.eval), 0, ZMQ_POLLIN, 0}};
-        int rc = zmq_poll(items, 2, 50);
+        zmq_pollitem_t items[3] = {{C.router, 0, ZMQ_POLLIN, 0},
+                                   {evaluator_socket(C.eval), 0, ZMQ_POLLIN, 0},
+                                   {C.control, 0, ZMQ_POLLIN, 0}};
+        int rc = zmq_poll(items, 3, 50);
         if (rc < 0 && errno != EINTR) {
             kd_log(KD_LOG_ERROR, "COORD-POLL", "zmq_poll: %s", zmq_strerror(errno));
             return -1;
@@ -1499,6 +1641,7 @@ static int run_loop(void) {
             on_message(&msg);
             kd_msg_close(&msg);
         }
+        if (items[2].revents & ZMQ_POLLIN) serve_control_channel();
         eval_result_t res;
         while (evaluator_result(C.eval, &res) == 0) handle_eval_result(&res);
         if (kd_now() - last_housekeeping >= 0.05) {
@@ -1554,7 +1697,9 @@ static int setup_curve(const char *recipe, const char *key_opt, char *err, size_
     }
     snprintf(C.r.cluster.security.coordinator_key, sizeof C.r.cluster.security.coordinator_key,
              "%s", C.curve_pair.public_z85);
-    return kd_curve_keyset_load(&C.r, recipe, &C.authorized, err, errlen);
+    if (kd_curve_roles_load(&C.r, recipe, &C.keys, err, errlen) != 0) return -1;
+    C.curve = true;
+    return 0;
 }
 
 static int setup(int argc, char **argv, bool *resume, char *err, size_t errlen) {
@@ -1673,20 +1818,24 @@ int main(int argc, char **argv) {
     }
 
     C.ctx = zmq_ctx_new();
-    if (C.authorized) { /* the gatekeeper first: without it libzmq would let any key in */
-        if (!(C.zap = kd_zap_new(C.ctx, C.authorized, "COORD-CURVE-REFUSED", err, sizeof err))) {
+    if (C.curve) { /* the gatekeeper first: without it libzmq would let any key in */
+        if (!(C.zap = kd_zap_new(C.ctx, C.keys.all, "COORD-CURVE-REFUSED", err, sizeof err))) {
             kd_log(KD_LOG_ERROR, "COORD-CURVE", "%s", err);
             goto out;
         }
         kd_log(KD_LOG_INFO, "COORD-CURVE",
                "CurveZMQ on: public key %s, %d authorized key(s); every other key is refused",
-               C.curve_pair.public_z85, C.authorized->n);
+               C.curve_pair.public_z85, C.keys.all->n);
     }
     C.router = kd_socket_router_curve(C.ctx, C.r.cluster.bind, (int)C.r.cluster.heartbeat_ms,
-                                      C.authorized ? &C.curve_pair : NULL, C.endpoint,
-                                      sizeof C.endpoint, err, sizeof err);
+                                      C.curve ? &C.curve_pair : NULL, C.endpoint, sizeof C.endpoint,
+                                      err, sizeof err);
     if (!C.router) {
         kd_log(KD_LOG_ERROR, "COORD-BIND", "%s", err);
+        goto out;
+    }
+    if (setup_control_channel(err, sizeof err) != 0) {
+        kd_log(KD_LOG_ERROR, "COORD-CONTROL", "%s", err);
         goto out;
     }
     if (!(C.router_monitor = kd_wire_monitor(C.ctx, C.router, "coordinator", err, sizeof err)))
@@ -1767,8 +1916,9 @@ out:
     for (int k = 0; k < C.step_count; k++) kd_msg_close(&C.step_msgs[k]);
     if (C.router_monitor) zmq_close(C.router_monitor);
     if (C.router) zmq_close(C.router);
+    close_control_channel();
     kd_zap_destroy(&C.zap);
-    free(C.authorized);
+    kd_curve_roles_free(&C.keys);
     if (C.ctx) zmq_ctx_term(C.ctx);
     kd_optim_destroy(&C.opt);
     kd_model_destroy(&C.model);

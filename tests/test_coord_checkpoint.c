@@ -76,13 +76,11 @@ int main(void) {
     /* Two saves at one step: two files; the first is not rewritten. */
     CHECK(save(m, opt, "runA", 5, 3) == 0);
     CHECK(save(m, opt, "runA", 5, 3) == 0);
-    CHECK(strcmp(listing(), "ckpt-000000005-000.safetensors ckpt-000000005-001.safetensors ") ==
-          0);
+    CHECK(strcmp(listing(), "ckpt-000000005-000.safetensors ckpt-000000005-001.safetensors ") == 0);
 
     /* keep: the newest valid ones of this run. */
     CHECK(save(m, opt, "runA", 6, 2) == 0);
-    CHECK(strcmp(listing(), "ckpt-000000005-001.safetensors ckpt-000000006-000.safetensors ") ==
-          0);
+    CHECK(strcmp(listing(), "ckpt-000000005-001.safetensors ckpt-000000006-000.safetensors ") == 0);
 
     /* Resume takes the newest; a damaged newest is skipped for the one before. */
     coord_state_t s = {0};
@@ -105,14 +103,12 @@ int main(void) {
     /* Pruning drops the damaged file instead of keeping it in a valid one's place (keep 2: the
      * new one and 5-001). */
     CHECK(save(m, opt, "runA", 7, 2) == 0);
-    CHECK(strcmp(listing(), "ckpt-000000005-001.safetensors ckpt-000000007-000.safetensors ") ==
-          0);
+    CHECK(strcmp(listing(), "ckpt-000000005-001.safetensors ckpt-000000007-000.safetensors ") == 0);
 
     /* Another run's checkpoint (newer) is neither counted nor removed. */
     CHECK(save(m, opt, "runB", 100, 5) == 0);
     CHECK(save(m, opt, "runA", 8, 1) == 0);
-    CHECK(strcmp(listing(), "ckpt-000000008-000.safetensors ckpt-000000100-000.safetensors ") ==
-          0);
+    CHECK(strcmp(listing(), "ckpt-000000008-000.safetensors ckpt-000000100-000.safetensors ") == 0);
     CHECK(coord_checkpoint_count(dir) == 2);
 
     /* A file cut short before its digest was written is invalid and is skipped. */

@@ -300,13 +300,14 @@ stop:;
 }
 
 /* cluster.restart_failed: a SIGKILLed worker is restarted with its id; the run completes. The
- * run directory is too long for an ipc:// address, so `kdist scale` goes over loopback TCP. */
+ * run directory is too long for an ipc:// address, so the launcher's and the coordinator's
+ * control channels live in private /tmp directories (never TCP). */
 static void test_restart_failed(const char *tmp, const char *recipe) {
     cluster_t c;
     char dir[DIR_MAX];
     snprintf(dir, sizeof dir,
              "%s/runs/a_run_directory_whose_path_is_longer_than_a_unix_socket_address_can_hold_"
-             "so_that_the_launcher_falls_back_to_tcp",
+             "so_that_the_control_channels_go_to_tmp",
              tmp);
     const char *extra[] = {"cluster.restart_failed=true", "cluster.workers=2", SCALE_EPOCHS};
     CHECK(start_run(&c, tmp, recipe, "restarted", dir, extra, 3));
@@ -341,11 +342,12 @@ static void test_restart_failed(const char *tmp, const char *recipe) {
     }
     CHECK(back);
 
-    /* Scaling over TCP; the new worker gets a fresh id, not the restarted one's. */
+    /* Scaling through the private /tmp directory; the new worker gets a fresh id, not the
+     * restarted one's. */
     char path[DIR_MAX + 64], text[8192];
     snprintf(path, sizeof path, "%s/launcher.json", dir);
     kd_test_slurp(path, text, sizeof text);
-    CHECK_ERR_HAS(text, "\"control_endpoint\": \"tcp://127.0.0.1:");
+    CHECK_ERR_HAS(text, "\"control_endpoint\": \"ipc:///tmp/kdist-launcher-");
     CHECK(kd(tmp, 90, "scale", dir, "--workers", "3", NULL) == 0);
     CHECK_ERR_HAS(out_buf, "started: 2");
     CHECK(wait_training(&c, 3, w012));
