@@ -24,7 +24,7 @@
 #include "kd_util.h"
 #include "kd_wire.h"
 
-#define MAX_TEACHERS    256
+#define MAX_TEACHERS    1024 /* teacher endpoints a worker follows; more are refused */
 #define ENDPOINT_MAX    512
 #define WAITING_AFTER   0.020 /* s without a batch before the coordinator hears we are idle */
 #define MAX_INPUT_DIM   4096
@@ -59,7 +59,7 @@ typedef struct {
     int num_classes;
     size_t sample_dim;
     uint64_t version, clock;
-    char *endpoints[MAX_TEACHERS]; /* connected PULL endpoints */
+    char **endpoints; /* (n_endpoints) connected PULL endpoints: the last list, as connected */
     int n_endpoints;
 
     /* Step buffers, sized for recipe.train.batch_size. */
@@ -94,7 +94,7 @@ typedef struct {
     double fwd[KD_MAX_LAYERS], bwd[KD_MAX_LAYERS];
 
     /* Counters and rate limits. */
-    uint64_t steps, samples, dropped;
+    uint64_t steps, samples, dropped, nacks;
     double report_t, report_samples;
     kd_log_limit_t drop_limit, step_limit;
 } worker_t;
@@ -161,9 +161,26 @@ static void lose_coordinator(worker_t *w, const char *why) {
     w->state = ST_HELLO;
 }
 
-/* Connects the PULL to every endpoint not connected yet; under CurveZMQ as a client of the
- * teacher's key at the same position in keys. */
-static void connect_teachers(worker_t *w, char **endpoints, size_t n, char **keys, size_t n_keys) {
+static int find_endpoint(char *const *list, int n, const char *ep) {
+    for (int i = 0; i < n; i++)
+        if (list[i] && strcmp(list[i], ep) == 0) return i;
+    return -1;
+}
+
+/* Follows the teacher set of a Welcome or Peers exactly: the PULL connects to every listed
+ * endpoint not connected yet (under CurveZMQ as a client of the teacher's key at the same
+ * position in keys) and disconnects from every one no longer listed, so that whoever binds a
+ * departed teacher's port later does not feed this worker. At most MAX_TEACHERS. */
+static void follow_teachers(worker_t *w, char **endpoints, size_t n, char **keys, size_t n_keys) {
+    if (n > MAX_TEACHERS) {
+        char what[128];
+        snprintf(what, sizeof what, "%zu teacher endpoints; a worker follows the first %d", n,
+                 MAX_TEACHERS);
+        drop(w, "the coordinator", what);
+        n = MAX_TEACHERS;
+    }
+    char **next = kd_xcalloc(n ? n : 1, sizeof *next);
+    int n_next = 0;
     for (size_t i = 0; i < n; i++) {
         const char *ep = endpoints[i];
         size_t len = ep ? strlen(ep) : 0;
@@ -171,31 +188,42 @@ static void connect_teachers(worker_t *w, char **endpoints, size_t n, char **key
             drop(w, "the coordinator", "a teacher endpoint that is empty or too long");
             continue;
         }
-        bool known = false;
-        for (int j = 0; j < w->n_endpoints && !known; j++) known = strcmp(w->endpoints[j], ep) == 0;
-        if (known) continue;
-        if (w->n_endpoints == MAX_TEACHERS) {
-            drop(w, "the coordinator", "more teacher endpoints than a worker follows");
-            return;
+        if (find_endpoint(next, n_next, ep) >= 0) continue; /* listed twice */
+        int known = find_endpoint(w->endpoints, w->n_endpoints, ep);
+        if (known >= 0) {
+            next[n_next++] = w->endpoints[known];
+            w->endpoints[known] = NULL;
+            continue;
         }
-        char err[KD_ERR_LEN];
+        char err[KD_ERR_LEN], what[ENDPOINT_MAX + 64];
         if (w->curve_on && (i >= n_keys || !keys[i] ||
                             kd_wire_curve_server_key(w->pull, keys[i], err, sizeof err) != 0)) {
-            char what[ENDPOINT_MAX + 64];
             snprintf(what, sizeof what, "no usable CurveZMQ key for teacher %s", ep);
             drop(w, "the coordinator", what);
             continue;
         }
         if (zmq_connect(w->pull, ep) != 0) {
-            char what[ENDPOINT_MAX + 64];
             snprintf(what, sizeof what, "cannot connect to teacher %s: %s", ep,
                      zmq_strerror(errno));
             drop(w, "the coordinator", what);
             continue;
         }
-        w->endpoints[w->n_endpoints++] = kd_xstrdup(ep);
+        next[n_next++] = kd_xstrdup(ep);
         kd_log(KD_LOG_INFO, "WORKER-TEACHER", "pulling batches from %s", ep);
     }
+    for (int i = 0; i < w->n_endpoints; i++) {
+        if (!w->endpoints[i]) continue;
+        if (zmq_disconnect(w->pull, w->endpoints[i]) != 0 && errno != ENOENT)
+            kd_log(KD_LOG_WARN, "WORKER-TEACHER-GONE", "cannot disconnect from %s: %s",
+                   w->endpoints[i], zmq_strerror(errno));
+        else
+            kd_log(KD_LOG_INFO, "WORKER-TEACHER-GONE", "teacher %s left: disconnected",
+                   w->endpoints[i]);
+        free(w->endpoints[i]);
+    }
+    free(w->endpoints);
+    w->endpoints = next;
+    w->n_endpoints = n_next;
 }
 
 /* The model back on its own buffers (before it is freed, or when weights come by frame). */
@@ -356,8 +384,8 @@ static int on_welcome(worker_t *w, const kd_msg_t *m) {
     /* Applies to the connections made from now on. */
     int hwm = (int)r.cluster.stream_hwm;
     zmq_setsockopt(w->pull, ZMQ_RCVHWM, &hwm, sizeof hwm);
-    connect_teachers(w, wel->teacher_endpoints, wel->n_teacher_endpoints, wel->teacher_keys,
-                     wel->n_teacher_keys);
+    follow_teachers(w, wel->teacher_endpoints, wel->n_teacher_endpoints, wel->teacher_keys,
+                    wel->n_teacher_keys);
 
     kd_session_set_timing(
         w->session, wel->heartbeat_ms > 0 ? (int)wel->heartbeat_ms : (int)r.cluster.heartbeat_ms,
@@ -375,16 +403,23 @@ static int on_welcome(worker_t *w, const kd_msg_t *m) {
 
 /* ---- a training step --------------------------------------------------------------------- */
 
-/* Checks a Batch and copies it into the step buffers. Returns 0, or -1 with err set. */
-static int take_batch(worker_t *w, const kd_msg_t *m, char *err, size_t errlen) {
+/* Checks a Batch and copies it into the step buffers. Returns 0, or -1 with err set and
+ * *nack saying why the batch cannot be used (NACK_UNSPECIFIED when the message names no batch
+ * to nack). */
+static int take_batch(worker_t *w, const kd_msg_t *m, Kdist__NackReason *nack, char *err,
+                      size_t errlen) {
+    *nack = KDIST__NACK_REASON__NACK_UNSPECIFIED;
     if (m->env->body_case != KDIST__ENVELOPE__BODY_BATCH)
         return kd_err(err, errlen, "a %s message on the batch stream", kd_wire_body_name(m->env));
     const Kdist__Batch *b = m->env->batch;
     if (!b->ref) return kd_err(err, errlen, "batch without a reference");
+    *nack = KDIST__NACK_REASON__NACK_OTHER;
     if (b->ref->epoch >= (uint32_t)w->recipe.train.epochs)
         return kd_err(err, errlen, "batch of epoch %u, the run has %ld", b->ref->epoch,
                       w->recipe.train.epochs);
     const int want = w->teacher ? 3 : 2;
+    *nack = m->n_tensors == 2 && want == 3 ? KDIST__NACK_REASON__NACK_TEACHER_LOGITS
+                                           : KDIST__NACK_REASON__NACK_INPUTS;
     if (m->n_tensors != want)
         return kd_err(err, errlen, "batch with %d tensors, expected inputs, labels%s", m->n_tensors,
                       w->teacher ? " and teacher logits (distill.alpha > 0)" : "");
@@ -396,6 +431,7 @@ static int take_batch(worker_t *w, const kd_msg_t *m, char *err, size_t errlen) 
     if (B < 1 || B > (int64_t)w->batch_cap)
         return kd_err(err, errlen, "batch of %lld samples (1..%zu allowed)", (long long)B,
                       w->batch_cap);
+    *nack = KDIST__NACK_REASON__NACK_LABELS;
     const int64_t label_shape[1] = {B};
     const int32_t *labels =
         kd_msg_tensor(m, 1, "labels", KD_DTYPE_I32, 1, label_shape, err, errlen);
@@ -404,6 +440,7 @@ static int take_batch(worker_t *w, const kd_msg_t *m, char *err, size_t errlen) 
         if (labels[i] < 0 || labels[i] >= w->num_classes)
             return kd_err(err, errlen, "label %d of sample %lld out of range [0, %d)", labels[i],
                           (long long)i, w->num_classes);
+    *nack = KDIST__NACK_REASON__NACK_TEACHER_LOGITS;
     if (w->teacher) {
         const int64_t logit_shape[2] = {B, w->num_classes};
         const float *logits =
@@ -415,6 +452,7 @@ static int take_batch(worker_t *w, const kd_msg_t *m, char *err, size_t errlen) 
                 return kd_err(err, errlen, "teacher logit %zu of the batch is not finite", i);
         memcpy(w->teacher, logits, n_logits * sizeof *logits);
     }
+    *nack = KDIST__NACK_REASON__NACK_UNSPECIFIED;
     const size_t n = (size_t)B * w->sample_dim;
     kd_pixels_to_float(pixels, n, w->x);
     memcpy(w->y, labels, (size_t)B * sizeof *labels);
@@ -575,8 +613,8 @@ static int on_coordinator_message(worker_t *w, const kd_msg_t *m) {
     case KDIST__ENVELOPE__BODY_PEERS:
         if (w->state == ST_HELLO)
             return drop(w, "the coordinator", "peers before welcome"), KEEP_GOING;
-        connect_teachers(w, env->peers->teacher_endpoints, env->peers->n_teacher_endpoints,
-                         env->peers->teacher_keys, env->peers->n_teacher_keys);
+        follow_teachers(w, env->peers->teacher_endpoints, env->peers->n_teacher_endpoints,
+                        env->peers->teacher_keys, env->peers->n_teacher_keys);
         return KEEP_GOING;
     case KDIST__ENVELOPE__BODY_CONTROL:
         if (env->control->kind == KDIST__CONTROL__KIND__STOP) {
@@ -632,7 +670,26 @@ static int drain_dealer(worker_t *w) {
     }
 }
 
-/* One batch off the PULL socket, if one is there: checked, then trained on. */
+/* Tells the coordinator that the batch of m cannot be used (it is not trained on), so that it
+ * has it recomputed or reassigned instead of waiting for a gradient that never comes. */
+static void send_nack(worker_t *w, const kd_msg_t *m, Kdist__NackReason reason,
+                      const char *detail) {
+    Kdist__BatchRef ref = KDIST__BATCH_REF__INIT;
+    ref.epoch = m->env->batch->ref->epoch;
+    ref.batch_id = m->env->batch->ref->batch_id;
+    Kdist__Nack nack = KDIST__NACK__INIT;
+    nack.ref = &ref;
+    nack.reason = reason;
+    nack.detail = (char *)detail;
+    kd_env_t env = KDIST__ENVELOPE__INIT;
+    env.body_case = KDIST__ENVELOPE__BODY_NACK;
+    env.nack = &nack;
+    kd_session_send(w->session, &env, NULL, 0, NULL, 0);
+    w->nacks++;
+}
+
+/* One batch off the PULL socket, if one is there: checked, then trained on; one that cannot be
+ * used is nacked. */
 static int pull_batch(worker_t *w) {
     kd_msg_t m;
     char err[KD_ERR_LEN];
@@ -643,8 +700,10 @@ static int pull_batch(worker_t *w) {
         return FATAL;
     }
     const double t_start = kd_now();
-    if (rc == KD_WIRE_BAD || take_batch(w, &m, err, sizeof err) != 0) {
+    Kdist__NackReason nack = KDIST__NACK_REASON__NACK_UNSPECIFIED;
+    if (rc == KD_WIRE_BAD || take_batch(w, &m, &nack, err, sizeof err) != 0) {
         drop(w, "a teacher", err);
+        if (nack != KDIST__NACK_REASON__NACK_UNSPECIFIED) send_nack(w, &m, nack, err);
         if (rc == KD_WIRE_OK) kd_msg_close(&m);
         return KEEP_GOING;
     }
@@ -842,9 +901,10 @@ int main(int argc, char **argv) {
         kd_session_goodbye(w.session, kd_node_stop_requested ? "signal" : "stop");
         status = 0;
     }
-    kd_log(KD_LOG_INFO, "WORKER-EXIT", "%llu steps, %llu samples, %llu messages dropped",
+    kd_log(KD_LOG_INFO, "WORKER-EXIT",
+           "%llu steps, %llu samples, %llu messages dropped, %llu batches nacked",
            (unsigned long long)w.steps, (unsigned long long)w.samples,
-           (unsigned long long)w.dropped);
+           (unsigned long long)w.dropped, (unsigned long long)w.nacks);
 cleanup:
     kd_session_destroy(&w.session);
     kd_curve_watch_stop(&w.pull_watch);
@@ -854,6 +914,7 @@ cleanup:
     kd_model_destroy(&w.model);
     free_step_buffers(&w);
     for (int i = 0; i < w.n_endpoints; i++) free(w.endpoints[i]);
+    free(w.endpoints);
     kd_log_close();
     return status;
 }
