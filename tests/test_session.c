@@ -2,16 +2,23 @@
  * ROUTER on tcp://127.0.0.1:* that plays the coordinator in this process: Hello and Welcome,
  * heartbeats both ways, each refusal code (say Hello again, back-off then a fresh Hello, a
  * clean end, fatal with the reason), the coordinator's silence, a client's Hello on demand,
- * Goodbye, and a CurveZMQ client meeting a plaintext coordinator. Every wait is for an event,
- * with a deadline; times are only checked from below (a slow machine only waits longer). */
+ * Goodbye, and a CurveZMQ client meeting a plaintext coordinator. Then a real kdist-worker
+ * against that coordinator and two teachers played with PUSH sockets: it follows the teacher
+ * set exactly (a teacher no longer listed is disconnected) and nacks the batches it cannot use
+ * (NaN teacher logits, a label out of range) and carries on. Every wait is for an event, with
+ * a deadline; times are only checked from below (a slow machine only waits longer). */
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <zmq.h>
 
+#include "kd_checkpoint.h"
+#include "kd_model.h"
+#include "kd_recipe.h"
 #include "kd_session.h"
 #include "kd_test.h"
+#include "kd_test_cluster.h"
 #include "kd_util.h"
 #include "kd_wire.h"
 
@@ -313,6 +320,230 @@ static void test_curve_mismatch(void *ctx) {
     zmq_close(c.router);
 }
 
+/* ---- a real worker ---------------------------------------------------------------------- */
+
+static const char WORKER_RECIPE[] = "name: session_test\n"
+                                    "seed: 1\n"
+                                    "student:\n"
+                                    "  layers:\n"
+                                    "    - {type: flatten}\n"
+                                    "    - {type: linear, out_features: 3}\n"
+                                    "distill:\n"
+                                    "  alpha: 0.5\n"
+                                    "train:\n"
+                                    "  epochs: 2\n"
+                                    "  batch_size: 4\n"
+                                    "cluster:\n"
+                                    "  heartbeat_ms: 200\n"
+                                    "  heartbeat_timeout_ms: 60000\n"
+                                    "  shared_memory: false\n";
+
+/* A teacher's stream socket with a monitor of its connections. */
+typedef struct {
+    void *push, *monitor;
+    char endpoint[256];
+} teacher_t;
+
+static void teacher_open(teacher_t *t, void *ctx, const char *name) {
+    t->push = zmq_socket(ctx, ZMQ_PUSH);
+    int zero = 0;
+    zmq_setsockopt(t->push, ZMQ_LINGER, &zero, sizeof zero);
+    t->monitor = kd_wire_monitor_events(
+        ctx, t->push, name, ZMQ_EVENT_ACCEPTED | ZMQ_EVENT_DISCONNECTED, err, sizeof err);
+    CHECK(t->monitor != NULL);
+    CHECK(kd_socket_bind(t->push, "tcp://127.0.0.1:*", t->endpoint, sizeof t->endpoint, err,
+                         sizeof err) == 0);
+}
+
+static void teacher_close(teacher_t *t) {
+    zmq_close(t->monitor);
+    zmq_close(t->push);
+}
+
+/* Waits for a connection event (ZMQ_EVENT_ACCEPTED, _DISCONNECTED) on t's stream socket. */
+static bool teacher_event(teacher_t *t, int want) {
+    double deadline = kd_now() + DEADLINE;
+    while (kd_now() < deadline) {
+        zmq_pollitem_t it = {t->monitor, 0, ZMQ_POLLIN, 0};
+        if (zmq_poll(&it, 1, 100) <= 0) continue;
+        zmq_msg_t ev, addr;
+        zmq_msg_init(&ev);
+        zmq_msg_init(&addr);
+        int n = zmq_msg_recv(&ev, t->monitor, 0);
+        if (zmq_msg_more(&ev)) zmq_msg_recv(&addr, t->monitor, 0);
+        uint16_t event = 0;
+        if (n >= 2) memcpy(&event, zmq_msg_data(&ev), sizeof event);
+        zmq_msg_close(&ev);
+        zmq_msg_close(&addr);
+        if (event == want) return true;
+    }
+    fprintf(stderr, "no connection event %d on %s within %.0f s\n", want, t->endpoint, DEADLINE);
+    return false;
+}
+
+/* Batch 0/batch_id of 4 samples (1x2x2 pixels, 3 classes) with these labels and teacher
+ * logits. */
+static void teacher_send(teacher_t *t, uint32_t batch_id, const int32_t labels[4],
+                         const float logits[12]) {
+    static const uint8_t pixels[16] = {0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100, 110};
+    kd_wire_tensor_t tensors[3] = {{.name = "inputs",
+                                    .dtype = KD_DTYPE_U8,
+                                    .ndim = 4,
+                                    .shape = {4, 1, 2, 2},
+                                    .data = pixels,
+                                    .nbytes = sizeof pixels},
+                                   {.name = "labels",
+                                    .dtype = KD_DTYPE_I32,
+                                    .ndim = 1,
+                                    .shape = {4},
+                                    .data = labels,
+                                    .nbytes = 4 * sizeof *labels},
+                                   {.name = "teacher_logits",
+                                    .dtype = KD_DTYPE_F32,
+                                    .ndim = 2,
+                                    .shape = {4, 3},
+                                    .data = logits,
+                                    .nbytes = 12 * sizeof *logits}};
+    Kdist__BatchRef ref = KDIST__BATCH_REF__INIT;
+    ref.batch_id = batch_id;
+    Kdist__Batch batch = KDIST__BATCH__INIT;
+    batch.ref = &ref;
+    batch.teacher_id = "t";
+    kd_env_t env = KDIST__ENVELOPE__INIT;
+    env.body_case = KDIST__ENVELOPE__BODY_BATCH;
+    env.batch = &batch;
+    CHECK(kd_wire_send(t->push, NULL, 0, &env, tensors, 3, 0) == 0);
+}
+
+static void coord_peers(coord_t *c, const kd_msg_t *to, char **endpoints, size_t n) {
+    Kdist__Peers peers = KDIST__PEERS__INIT;
+    peers.teacher_endpoints = endpoints;
+    peers.n_teacher_endpoints = n;
+    kd_env_t env = KDIST__ENVELOPE__INIT;
+    env.body_case = KDIST__ENVELOPE__BODY_PEERS;
+    env.peers = &peers;
+    CHECK(kd_wire_send(c->router, to->peer, to->peer_len, &env, NULL, 0, 0) == 0);
+}
+
+/* The Welcome a coordinator of WORKER_RECIPE sends, with the weights and one teacher. */
+static bool coord_welcome_worker(coord_t *c, const kd_msg_t *to, char *teacher) {
+    kd_recipe_t r;
+    kd_model_t *model = NULL;
+    const kd_shape_t shape = {1, 2, 2};
+    if (kd_recipe_parse("test", WORKER_RECIPE, strlen(WORKER_RECIPE), NULL, 0, &r, err,
+                        sizeof err) != 0 ||
+        kd_model_new(r.student.layers, r.student.n_layers, shape, &model, err, sizeof err) != 0) {
+        fprintf(stderr, "test recipe: %s\n", err);
+        CHECK(false);
+        return false;
+    }
+    char spec[1024];
+    kd_model_describe(model, spec, sizeof spec);
+    Kdist__Shape in = KDIST__SHAPE__INIT;
+    in.c = 1, in.h = 2, in.w = 2;
+    Kdist__Welcome wel = KDIST__WELCOME__INIT;
+    wel.run_id = "test-run";
+    wel.recipe_yaml = (char *)WORKER_RECIPE;
+    wel.model_spec = spec;
+    wel.input = &in;
+    wel.num_classes = 3;
+    wel.n_params = model->n_params;
+    wel.heartbeat_ms = 200;
+    wel.teacher_endpoints = &teacher;
+    wel.n_teacher_endpoints = 1;
+    kd_wire_tensor_t weights = {.name = "weights",
+                                .dtype = KD_DTYPE_F32,
+                                .ndim = 1,
+                                .shape = {(int64_t)model->n_params},
+                                .data = model->params,
+                                .nbytes = model->n_params * sizeof(float)};
+    kd_env_t env = KDIST__ENVELOPE__INIT;
+    env.body_case = KDIST__ENVELOPE__BODY_WELCOME;
+    env.welcome = &wel;
+    CHECK(kd_wire_send(c->router, to->peer, to->peer_len, &env, &weights, 1, 0) == 0);
+    kd_model_destroy(&model);
+    return true;
+}
+
+/* The next Nack from the worker: its batch and reason. */
+static void expect_nack(coord_t *c, uint32_t batch_id, Kdist__NackReason reason,
+                        const char *detail) {
+    kd_msg_t m;
+    if (!coord_expect(c, NULL, KDIST__ENVELOPE__BODY_NACK, &m)) {
+        CHECK(false);
+        return;
+    }
+    const Kdist__Nack *n = m.env->nack;
+    CHECK(n->ref && n->ref->epoch == 0 && n->ref->batch_id == batch_id);
+    CHECK(n->reason == reason);
+    CHECK_ERR_HAS(n->detail ? n->detail : "", detail);
+    kd_msg_close(&m);
+}
+
+static void test_worker(void *ctx) {
+    const char *dir = kd_test_tmpdir("test_session");
+    char log[1200];
+    snprintf(log, sizeof log, "%s/worker.log", dir);
+    coord_t c;
+    coord_open(&c, ctx);
+    teacher_t a, b;
+    teacher_open(&a, ctx, "teacher-a");
+    teacher_open(&b, ctx, "teacher-b");
+    char *argv[] = {
+        (char *)kd_test_bin("kdist-worker"), "--coordinator", c.endpoint, "--id", "0", NULL};
+    pid_t pid = kd_test_spawn(argv, log);
+    CHECK(pid > 0);
+    kd_msg_t hello = {0};
+    bool ok = pid > 0 && coord_expect(&c, NULL, KDIST__ENVELOPE__BODY_HELLO, &hello) &&
+              coord_welcome_worker(&c, &hello, a.endpoint);
+    /* the teacher set, followed exactly: A is left when Peers lists only B */
+    ok = ok && teacher_event(&a, ZMQ_EVENT_ACCEPTED);
+    CHECK(ok);
+    if (ok) {
+        char *only_b[] = {b.endpoint, b.endpoint}; /* listed twice: followed once */
+        coord_peers(&c, &hello, only_b, 2);
+        CHECK(teacher_event(&b, ZMQ_EVENT_ACCEPTED));
+        CHECK(teacher_event(&a, ZMQ_EVENT_DISCONNECTED));
+    }
+    if (ok) {
+        /* batches the worker cannot use are nacked, one Nack each, and it carries on */
+        const int32_t good_labels[4] = {0, 1, 2, 1}, bad_labels[4] = {0, 3, 2, 1};
+        float logits[12] = {1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2, 3};
+        float nan_logits[12];
+        memcpy(nan_logits, logits, sizeof logits);
+        nan_logits[7] = NAN;
+        teacher_send(&b, 5, good_labels, nan_logits);
+        expect_nack(&c, 5, KDIST__NACK_REASON__NACK_TEACHER_LOGITS, "not finite");
+        teacher_send(&b, 6, bad_labels, logits);
+        expect_nack(&c, 6, KDIST__NACK_REASON__NACK_LABELS, "out of range");
+        teacher_send(&b, 7, good_labels, logits);
+        kd_msg_t push;
+        if (coord_expect(&c, NULL, KDIST__ENVELOPE__BODY_PUSH, &push)) {
+            CHECK(push.env->push->ref && push.env->push->ref->batch_id == 7);
+            Kdist__Weights w = KDIST__WEIGHTS__INIT;
+            w.stop = true;
+            kd_env_t env = KDIST__ENVELOPE__INIT;
+            env.body_case = KDIST__ENVELOPE__BODY_WEIGHTS;
+            env.weights = &w;
+            CHECK(kd_wire_send(c.router, push.peer, push.peer_len, &env, NULL, 0, 0) == 0);
+            kd_msg_close(&push);
+        } else {
+            CHECK(false);
+        }
+        CHECK(kd_test_wait(pid, DEADLINE) == 0);
+        pid = 0;
+    }
+    if (pid > 0) {
+        kill(pid, SIGKILL);
+        kd_test_wait(pid, DEADLINE);
+    }
+    if (kd_test_failures) kd_test_show_log(log);
+    if (hello.env) kd_msg_close(&hello);
+    teacher_close(&a);
+    teacher_close(&b);
+    zmq_close(c.router);
+}
+
 int main(void) {
     void *ctx = zmq_ctx_new();
     test_hello_welcome_heartbeats(ctx);
@@ -321,6 +552,7 @@ int main(void) {
     test_silence(ctx);
     test_client(ctx);
     test_curve_mismatch(ctx);
+    test_worker(ctx);
     zmq_ctx_term(ctx);
     return kd_test_done("test_session");
 }
