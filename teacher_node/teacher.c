@@ -239,6 +239,31 @@ static bool logits_ready(teacher_t *t) {
 
 /* ---- messages from the coordinator ------------------------------------------------------- */
 
+/* The teacher model and batch the coordinator's recipe asks for, bounded before anything is
+ * allocated: a model kd_model_plan accepts on this node's data, whose forward passes over
+ * teacher.batch_size samples fit this machine's memory. */
+static int check_adopted_sizes(const teacher_t *t, const kd_recipe_t *r, char *err, size_t errlen) {
+    if (r->distill.loss.alpha <= 0) return 0; /* no teacher runs here */
+    const kd_dataset_t *d = t->train;
+    kd_model_t *plan = kd_xmalloc(sizeof *plan);
+    char why[KD_ERR_LEN];
+    int rc = 0;
+    if (kd_model_plan(r->teacher.layers, r->teacher.n_layers,
+                      (kd_shape_t){d->channels, d->height, d->width}, plan, why, sizeof why) != 0) {
+        rc = kd_err(err, errlen, "the coordinator's teacher.layers: %s", why);
+    } else {
+        const double need = kd_model_train_bytes(plan, r->teacher.batch_size);
+        const uint64_t have = kd_node_memory_bytes();
+        if (have && need > (double)have)
+            rc = kd_err(err, errlen,
+                        "the coordinator's recipe needs about %.1f GB for the teacher's batches "
+                        "of %ld, more than this machine's %.1f GB",
+                        need / 1e9, r->teacher.batch_size, (double)have / 1e9);
+    }
+    free(plan);
+    return rc;
+}
+
 static int on_welcome(teacher_t *t, const Kdist__Welcome *w) {
     char err[KD_ERR_LEN];
     kd_recipe_t r;
@@ -249,6 +274,10 @@ static int on_welcome(teacher_t *t, const Kdist__Welcome *w) {
         return -1;
     }
     keep_local_paths(&r, &t->recipe);
+    if (check_adopted_sizes(t, &r, err, sizeof err) != 0) {
+        kd_log(KD_LOG_ERROR, "TEACHER-BAD-WELCOME", "%s", err);
+        return -1;
+    }
     bool reload = !same_split(&t->recipe, &r);
     bool new_logits = reload || !t->logits_ready || !same_logits(&t->recipe, &r);
     t->recipe = r;

@@ -544,6 +544,49 @@ static void test_worker(void *ctx) {
     zmq_close(c.router);
 }
 
+/* A Welcome whose recipe asks for a student far beyond what a weights frame carries: a clear
+ * error and exit 1, not an abort in an allocation. */
+static void test_worker_hostile_sizes(void *ctx) {
+    const char *dir = kd_test_tmpdir("test_session");
+    char log[1200];
+    snprintf(log, sizeof log, "%s/hostile.log", dir);
+    coord_t c;
+    coord_open(&c, ctx);
+    char *argv[] = {
+        (char *)kd_test_bin("kdist-worker"), "--coordinator", c.endpoint, "--id", "1", NULL};
+    pid_t pid = kd_test_spawn(argv, log);
+    kd_msg_t hello;
+    if (pid > 0 && coord_expect(&c, NULL, KDIST__ENVELOPE__BODY_HELLO, &hello)) {
+        static const char huge[] = "name: huge\n"
+                                   "student:\n"
+                                   "  layers:\n"
+                                   "    - {type: flatten}\n"
+                                   "    - {type: linear, out_features: 16777216}\n"
+                                   "    - {type: linear, out_features: 10}\n";
+        Kdist__Shape in = KDIST__SHAPE__INIT;
+        in.c = 1, in.h = 64, in.w = 64;
+        Kdist__Welcome wel = KDIST__WELCOME__INIT;
+        wel.recipe_yaml = (char *)huge;
+        wel.input = &in;
+        wel.num_classes = 10;
+        wel.n_params = 1;
+        kd_env_t env = KDIST__ENVELOPE__INIT;
+        env.body_case = KDIST__ENVELOPE__BODY_WELCOME;
+        env.welcome = &wel;
+        CHECK(kd_wire_send(c.router, hello.peer, hello.peer_len, &env, NULL, 0, 0) == 0);
+        kd_msg_close(&hello);
+        CHECK(kd_test_wait(pid, DEADLINE) == 1);
+        char text[8192];
+        kd_test_slurp(log, text, sizeof text);
+        CHECK_ERR_HAS(text, "WORKER-BAD-WELCOME");
+        CHECK_ERR_HAS(text, "more than 536870912 parameters");
+    } else {
+        CHECK(false);
+        if (pid > 0) kill(pid, SIGKILL), kd_test_wait(pid, DEADLINE);
+    }
+    zmq_close(c.router);
+}
+
 int main(void) {
     void *ctx = zmq_ctx_new();
     test_hello_welcome_heartbeats(ctx);
@@ -553,6 +596,7 @@ int main(void) {
     test_client(ctx);
     test_curve_mismatch(ctx);
     test_worker(ctx);
+    test_worker_hostile_sizes(ctx);
     zmq_ctx_term(ctx);
     return kd_test_done("test_session");
 }

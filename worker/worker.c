@@ -295,6 +295,39 @@ static void free_step_buffers(worker_t *w) {
     w->batch_cap = 0;
 }
 
+/* The sizes a Welcome's recipe implies, bounded before anything is allocated: the student
+ * (kd_model_plan) and its parameter count, and what training batches of train.batch_size
+ * takes, within this machine's memory. A hostile or mistaken coordinator gets a clear error,
+ * never an abort in an allocation. */
+static int check_welcome_sizes(const kd_recipe_t *r, const Kdist__Welcome *wel, kd_shape_t shape,
+                               char *err, size_t errlen) {
+    kd_model_t *plan = kd_xmalloc(sizeof *plan);
+    int rc = 0;
+    char why[KD_ERR_LEN];
+    if (kd_model_plan(r->student.layers, r->student.n_layers, shape, plan, why, sizeof why) != 0) {
+        rc = kd_err(err, errlen, "the coordinator's student.layers: %s", why);
+        goto out;
+    }
+    if (wel->n_params != plan->n_params) {
+        rc = kd_err(err, errlen, "the coordinator's model has %llu params, its recipe %zu",
+                    (unsigned long long)wel->n_params, plan->n_params);
+        goto out;
+    }
+    const long B = r->train.batch_size;
+    const double step = (double)B * (4.0 * (double)kd_shape_size(shape) + 4.0 +
+                                     12.0 * (double)wel->num_classes); /* x, y, dlogits, teacher */
+    const double need = kd_model_train_bytes(plan, B) + step;
+    const uint64_t have = kd_node_memory_bytes();
+    if (have && need > (double)have)
+        rc = kd_err(err, errlen,
+                    "the coordinator's recipe needs about %.1f GB to train batches of %ld "
+                    "(student of %zu params), more than this machine's %.1f GB",
+                    need / 1e9, B, plan->n_params, (double)have / 1e9);
+out:
+    free(plan);
+    return rc;
+}
+
 /* Builds the student the Welcome describes. Anything that does not match is fatal: this
  * worker cannot compute gradients for that model. */
 static int on_welcome(worker_t *w, const kd_msg_t *m) {
@@ -315,6 +348,11 @@ static int on_welcome(worker_t *w, const kd_msg_t *m) {
         kd_log(KD_LOG_ERROR, "WORKER-BAD-WELCOME", "input shape or class count out of range");
         return FATAL;
     }
+    kd_shape_t shape = {in->c, in->h, in->w};
+    if (check_welcome_sizes(&r, wel, shape, err, sizeof err) != 0) {
+        kd_log(KD_LOG_ERROR, "WORKER-BAD-WELCOME", "%s", err);
+        return FATAL;
+    }
     kd_log_level_t level;
     if (kd_log_level_parse(r.logging.level, &level) == 0) kd_log_threshold = level;
 
@@ -322,7 +360,6 @@ static int on_welcome(worker_t *w, const kd_msg_t *m) {
     wait_grads_released(w);
     use_own_buffers(w);
     kd_model_destroy(&w->model);
-    kd_shape_t shape = {in->c, in->h, in->w};
     if (kd_model_new(r.student.layers, r.student.n_layers, shape, &w->model, err, sizeof err) !=
         0) {
         kd_log(KD_LOG_ERROR, "WORKER-MODEL", "student.layers: %s", err);
