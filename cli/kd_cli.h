@@ -38,8 +38,9 @@ int cli_client_control(cli_client_t *c, Kdist__Control__Kind kind, const char *t
                        size_t errlen);
 /* Waits up to timeout_ms (0: just look) for a StatusReply. Returns 0 with *json (caller
  * frees), 1 when none came in time or a signal interrupted, -1 when the coordinator refused
- * us or the socket is gone (err says why). Other messages are skipped; a Refused "say hello"
- * is answered with Hello{CLIENT} and the last control is sent again. */
+ * us or the socket is gone (err says why). Other messages are skipped; the session
+ * (kd_session.h) answers a Refused UNKNOWN_MEMBER with Hello{CLIENT} and reconnects after
+ * transient refusals, and then the last control is sent again. */
 int cli_client_wait_status(cli_client_t *c, int timeout_ms, char **json, char *err, size_t errlen);
 /* Control{STATUS}, then its reply within timeout_ms: 0 with *json (caller frees), or -1 with
  * err set (naming the endpoint) when none came. */

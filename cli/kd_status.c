@@ -15,25 +15,20 @@
 #include "kd_cli.h"
 #include "kd_curve.h"
 #include "kd_node.h"
+#include "kd_session.h"
 #include "kd_util.h"
 
 #define STATUS_DEADLINE_MS 2000
-#define HELLO_INTERVAL     1.0 /* seconds between Hellos when the coordinator keeps refusing */
 
 /* ---- control client ---------------------------------------------------------------------- */
 
 struct cli_client {
-    void *ctx, *sock;
-    bool curve_on; /* a CurveZMQ client (kd_curve.h) with the credentials in curve */
-    kd_curve_client_t curve;
-    kd_curve_watch_t watch; /* a refused key or a plaintext/CurveZMQ mismatch, explained */
+    void *ctx;
+    kd_session_t *session; /* Hello when asked, refusals, the CurveZMQ handshake verdicts */
     char endpoint[KD_PATH_MAX];
-    char node_id[32];
-    uint64_t incarnation;
-    bool have_last;
+    bool have_last; /* the last control, sent again after a Hello */
     Kdist__Control__Kind last_kind;
     char last_target[128];
-    double hello_time; /* kd_now() of the last Hello; 0 = never */
 };
 
 /* Whether the environment names a key for this client: kd_curve_client_from_args, the one place
@@ -93,45 +88,32 @@ cli_client_t *cli_client_new(const char *endpoint, const kd_curve_client_t *curv
                              size_t errlen) {
     cli_client_t *c = kd_xcalloc(1, sizeof *c);
     snprintf(c->endpoint, sizeof c->endpoint, "%s", endpoint);
-    snprintf(c->node_id, sizeof c->node_id, "%d", (int)getpid());
-    c->incarnation = kd_wire_new_incarnation();
     c->ctx = zmq_ctx_new();
     if (!c->ctx) {
         kd_err(err, errlen, "cannot create a ZeroMQ context: %s", zmq_strerror(errno));
         cli_client_destroy(&c);
         return NULL;
     }
-    c->curve_on = curve != NULL;
-    if (curve) c->curve = *curve;
-    char identity[96];
-    kd_wire_identity(identity, sizeof identity, "client", c->node_id, c->incarnation);
-    c->sock = kd_socket_dealer_curve(c->ctx, identity, endpoint, 0, c->curve_on ? &c->curve : NULL,
-                                     &c->watch.monitor, err, errlen);
-    if (!c->sock) cli_client_destroy(&c);
+    char node_id[32];
+    snprintf(node_id, sizeof node_id, "%d", (int)getpid());
+    kd_session_config_t cfg = {
+        .role = KDIST__ROLE__CLIENT, .node_id = node_id, .endpoint = endpoint, .curve = curve};
+    c->session = kd_session_new(c->ctx, &cfg);
+    if (kd_session_connect(c->session, err, errlen) != 0) cli_client_destroy(&c);
     return c;
 }
 
 void cli_client_destroy(cli_client_t **cp) {
     if (!cp || !*cp) return;
     cli_client_t *c = *cp;
-    kd_curve_watch_stop(&c->watch);
-    if (c->sock) zmq_close(c->sock);
+    kd_session_destroy(&c->session);
     if (c->ctx) zmq_ctx_term(c->ctx);
     free(c);
     *cp = NULL;
 }
 
 void *cli_client_socket(cli_client_t *c) {
-    return c->sock;
-}
-
-static int client_send(cli_client_t *c, kd_env_t *env, char *err, size_t errlen) {
-    /* DONTWAIT: a coordinator that is not there yet must not block the launcher; the DEALER
-     * queues the message until it connects, and only a full queue fails. */
-    if (kd_wire_send(c->sock, NULL, 0, env, NULL, 0, ZMQ_DONTWAIT) != 0)
-        return kd_err(err, errlen, "cannot send to the coordinator at %s: %s", c->endpoint,
-                      zmq_strerror(errno));
-    return 0;
+    return kd_session_socket(c->session);
 }
 
 static int client_send_control(cli_client_t *c, char *err, size_t errlen) {
@@ -141,7 +123,7 @@ static int client_send_control(cli_client_t *c, char *err, size_t errlen) {
     ctl.target = c->last_target;
     env.body_case = KDIST__ENVELOPE__BODY_CONTROL;
     env.control = &ctl;
-    return client_send(c, &env, err, errlen);
+    return kd_session_send(c->session, &env, NULL, 0, err, errlen);
 }
 
 int cli_client_control(cli_client_t *c, Kdist__Control__Kind kind, const char *target, char *err,
@@ -152,20 +134,18 @@ int cli_client_control(cli_client_t *c, Kdist__Control__Kind kind, const char *t
     return client_send_control(c, err, errlen);
 }
 
-static int client_hello(cli_client_t *c, char *err, size_t errlen) {
-    char host[256];
-    kd_node_hostname(host, sizeof host);
-    kd_env_t env = KDIST__ENVELOPE__INIT;
-    Kdist__Hello hello = KDIST__HELLO__INIT;
-    hello.role = KDIST__ROLE__CLIENT;
-    hello.node_id = c->node_id;
-    hello.incarnation = c->incarnation;
-    hello.host = host;
-    hello.pid = (uint32_t)getpid();
-    env.body_case = KDIST__ENVELOPE__BODY_HELLO;
-    env.hello = &hello;
-    c->hello_time = kd_now();
-    return client_send(c, &env, err, errlen);
+/* One session event for a client: 0 go on, -1 an error (err says why). After a Hello (the
+ * coordinator asked for one) the last control goes again. */
+static int client_event(cli_client_t *c, kd_session_event_t ev, char *err, size_t errlen) {
+    switch (ev) {
+    case KD_SESSION_HELLO:
+        return c->have_last ? client_send_control(c, err, errlen) : 0;
+    case KD_SESSION_END:
+    case KD_SESSION_FATAL:
+        return -1;
+    default: /* a malformed reply is dropped, as from any peer; a lost connection comes back */
+        return 0;
+    }
 }
 
 int cli_client_wait_status(cli_client_t *c, int timeout_ms, char **json, char *err, size_t errlen) {
@@ -173,51 +153,33 @@ int cli_client_wait_status(cli_client_t *c, int timeout_ms, char **json, char *e
     double deadline = kd_now() + timeout_ms / 1000.0;
     for (;;) {
         kd_msg_t msg;
-        char werr[KD_ERR_LEN];
-        int rc = kd_wire_recv(c->sock, false, ZMQ_DONTWAIT, &msg, werr, sizeof werr);
-        if (rc == KD_WIRE_CLOSED)
-            return kd_err(err, errlen, "connection to %s closed", c->endpoint);
-        if (rc == KD_WIRE_OK) {
-            int result = 1;
-            if (msg.env->body_case == KDIST__ENVELOPE__BODY_STATUS && msg.env->status &&
-                msg.env->status->json) {
-                *json = kd_xstrdup(msg.env->status->json);
-                result = 0;
-            } else if (msg.env->body_case == KDIST__ENVELOPE__BODY_REFUSED) {
-                const char *reason = msg.env->refused && msg.env->refused->reason
-                                         ? msg.env->refused->reason
-                                         : "(no reason)";
-                /* The coordinator may want every routing id to introduce itself first. */
-                bool retry = msg.env->refused &&
-                             msg.env->refused->code == KDIST__REFUSAL_CODE__UNKNOWN_MEMBER &&
-                             c->have_last &&
-                             (c->hello_time == 0 || kd_now() - c->hello_time > HELLO_INTERVAL);
-                if (retry && client_hello(c, err, errlen) == 0 &&
-                    client_send_control(c, err, errlen) == 0) {
-                    result = 1;
-                } else {
-                    kd_err(err, errlen, "the coordinator at %s refused us: %s", c->endpoint,
-                           reason);
-                    result = -1;
-                }
-            }
+        kd_session_event_t ev = kd_session_recv(c->session, &msg, err, errlen);
+        if (ev == KD_SESSION_WELCOME || ev == KD_SESSION_MESSAGE) {
+            bool status = msg.env->body_case == KDIST__ENVELOPE__BODY_STATUS && msg.env->status &&
+                          msg.env->status->json;
+            if (status) *json = kd_xstrdup(msg.env->status->json);
             kd_msg_close(&msg);
-            if (result != 1) return result;
+            if (status) return 0;
             continue;
         }
-        /* KD_WIRE_BAD: a malformed reply is dropped, as from any peer. */
-        if (rc == KD_WIRE_BAD) continue;
-        char why[KD_ERR_LEN];
-        int verdict = kd_curve_watch_check(&c->watch, c->endpoint, c->curve_on ? &c->curve : NULL,
-                                           why, sizeof why);
-        if (verdict == KD_CURVE_REFUSED || verdict == KD_CURVE_MISMATCH)
-            return kd_err(err, errlen, "%s", why);
-        int left = (int)((deadline - kd_now()) * 1000.0);
+        if (ev != KD_SESSION_IDLE) {
+            if (client_event(c, ev, err, errlen) != 0) return -1;
+            continue;
+        }
+        /* the handshake verdicts: a refused key or a mismatch is an error at once */
+        double now = kd_now();
+        if (client_event(c, kd_session_tick(c->session, now, err, errlen), err, errlen) != 0)
+            return -1;
+        int left = (int)((deadline - now) * 1000.0);
         if (left <= 0) return 1;
+        double session = kd_session_deadline(c->session);
+        if (session < deadline) left = (int)((session - now) * 1000.0) + 1;
+        if (left < 0) left = 0;
         /* the monitor too: a refused handshake is news as soon as it happens */
-        zmq_pollitem_t items[2] = {{c->sock, 0, ZMQ_POLLIN, 0},
-                                   {c->watch.monitor, 0, ZMQ_POLLIN, 0}};
-        if (zmq_poll(items, c->watch.monitor ? 2 : 1, left) < 0) {
+        zmq_pollitem_t items[2] = {{kd_session_socket(c->session), 0, ZMQ_POLLIN, 0},
+                                   {kd_session_monitor(c->session), 0, ZMQ_POLLIN, 0}};
+        int n = items[0].socket ? (items[1].socket ? 2 : 1) : 0;
+        if (zmq_poll(n ? items : NULL, n, left) < 0) {
             if (errno == EINTR) return 1;
             return kd_err(err, errlen, "polling %s: %s", c->endpoint, zmq_strerror(errno));
         }

@@ -671,25 +671,6 @@ int kd_curve_watch_check(kd_curve_watch_t *w, const char *endpoint, const kd_cur
     return verdict;
 }
 
-int kd_curve_check_coordinator(kd_curve_watch_t *w, const char *coordinator,
-                               const kd_curve_client_t *curve, bool *told, const char *log_id,
-                               const char *key_hint) {
-    char why[KD_ERR_LEN];
-    int verdict = kd_curve_watch_check(w, coordinator, curve, why, sizeof why);
-    if (verdict == KD_CURVE_REFUSED || verdict == KD_CURVE_MISMATCH) {
-        kd_log(KD_LOG_ERROR, log_id, "%s", why);
-        return -1;
-    }
-    if (curve && w->broken > 0 && !*told) {
-        kd_log(KD_LOG_WARN, log_id,
-               "the coordinator at %s closed %ld CurveZMQ handshake(s) unfinished: is %s its "
-               "public key (%s)?",
-               coordinator, w->broken, curve->server_z85, key_hint);
-        *told = true;
-    }
-    return 0;
-}
-
 /* ---- command-line and environment --------------------------------------------------------- */
 
 int kd_curve_client_from_args(const char *key_opt, const char *server_opt,

@@ -136,14 +136,6 @@ void kd_curve_watch_stop(kd_curve_watch_t *w);
 int kd_curve_watch_check(kd_curve_watch_t *w, const char *endpoint, const kd_curve_client_t *curve,
                          char *why, size_t whylen);
 
-/* A node's check of its connection to the coordinator, once per loop: a refused key or a
- * plaintext/curve mismatch is logged under log_id and returns -1 (retrying cannot help); a
- * wrong coordinator key only shows as handshakes the coordinator closes, said once (*told)
- * with key_hint naming where that key came from, and retried. 0 otherwise. */
-int kd_curve_check_coordinator(kd_curve_watch_t *w, const char *coordinator,
-                               const kd_curve_client_t *curve, bool *told, const char *log_id,
-                               const char *key_hint);
-
 /* ---- command-line and environment --------------------------------------------------------- */
 
 /* A node's client credentials from --key/--coordinator-key values (NULL: not given), falling

@@ -92,16 +92,16 @@ static int layer_err(char *err, size_t errlen, int i, kd_layer_kind_t kind, cons
                   what, s.c, s.h, s.w);
 }
 
-int kd_model_new(const kd_layer_spec_t *specs, int n_specs, kd_shape_t input, kd_model_t **out,
-                 char *err, size_t errlen) {
-    *out = NULL;
+int kd_model_plan(const kd_layer_spec_t *specs, int n_specs, kd_shape_t input, kd_model_t *m,
+                  char *err, size_t errlen) {
+    memset(m, 0, sizeof *m);
     if (n_specs < 1 || n_specs > KD_MAX_LAYERS)
         return kd_err(err, errlen, "model: %d layers; a model needs 1 to %d layers", n_specs,
                       KD_MAX_LAYERS);
-    if (input.c < 1 || input.h < 1 || input.w < 1)
-        return kd_err(err, errlen, "model: input shape %dx%dx%d must be positive", input.c, input.h,
-                      input.w);
-    kd_model_t *m = kd_xcalloc(1, sizeof *m);
+    if (input.c < 1 || input.h < 1 || input.w < 1 || kd_shape_size(input) > KD_MODEL_MAX_UNITS)
+        return kd_err(err, errlen,
+                      "model: input shape %dx%dx%d must be positive and at most %d values", input.c,
+                      input.h, input.w, KD_MODEL_MAX_UNITS);
     m->n_layers = n_specs;
     m->input = input;
     kd_shape_t cur = input;
@@ -204,6 +204,12 @@ int kd_model_new(const kd_layer_spec_t *specs, int n_specs, kd_shape_t input, kd
         }
         L->spec = s;
         L->out = cur;
+        if (off > KD_MODEL_MAX_PARAMS) {
+            LAYER_FAIL("the model has more than %d parameters", KD_MODEL_MAX_PARAMS);
+        }
+        if (kd_shape_size(cur) > KD_MODEL_MAX_UNITS || cur.c < 1 || cur.h < 1 || cur.w < 1) {
+            LAYER_FAIL("an output of more than %d values per sample", KD_MODEL_MAX_UNITS);
+        }
     }
     if (!flat) {
         int i = n_specs - 1;
@@ -215,16 +221,38 @@ int kd_model_new(const kd_layer_spec_t *specs, int n_specs, kd_shape_t input, kd
     }
     m->num_classes = cur.c;
     m->n_params = off;
-    m->params = kd_alloc_floats(off);
-    m->grads = kd_alloc_floats(off);
-    m->ws = kd_xcalloc(1, sizeof *m->ws);
-    *out = m;
     return 0;
 
 fail:
 #undef LAYER_FAIL
-    free(m);
     return -1;
+}
+
+int kd_model_new(const kd_layer_spec_t *specs, int n_specs, kd_shape_t input, kd_model_t **out,
+                 char *err, size_t errlen) {
+    *out = NULL;
+    kd_model_t *m = kd_xcalloc(1, sizeof *m);
+    if (kd_model_plan(specs, n_specs, input, m, err, errlen) != 0) {
+        free(m);
+        return -1;
+    }
+    m->params = kd_alloc_floats(m->n_params);
+    m->grads = kd_alloc_floats(m->n_params);
+    m->ws = kd_xcalloc(1, sizeof *m->ws);
+    *out = m;
+    return 0;
+}
+
+double kd_model_train_bytes(const kd_model_t *m, long B) {
+    double units = 0, max_in = 1;
+    for (int i = 0; i < m->n_layers; i++) {
+        units += (double)kd_shape_size(m->layers[i].out);
+        if ((double)kd_shape_size(m->layers[i].in) > max_in)
+            max_in = (double)kd_shape_size(m->layers[i].in);
+    }
+    /* params and grads; per sample an activation, a mask or argmax per layer output, and the
+     * two input-gradient buffers (ws_reserve); conv scratch is below that */
+    return 4.0 * (2.0 * (double)m->n_params + (double)B * (2.0 * units + 2.0 * max_in));
 }
 
 void kd_model_destroy(kd_model_t **self_p) {

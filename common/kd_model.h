@@ -11,6 +11,10 @@
 #include <stdint.h>
 
 #define KD_MAX_LAYERS 64
+/* What one weights frame (KD_WIRE_MAX_MESSAGE, 2 GiB) can carry, and values per sample of any
+ * layer's input or output: beyond these a model is refused, before anything is allocated. */
+#define KD_MODEL_MAX_PARAMS (1 << 29)
+#define KD_MODEL_MAX_UNITS  (1 << 28)
 
 typedef enum {
     KD_LAYER_FLATTEN = 0,
@@ -80,6 +84,14 @@ typedef struct {
 int kd_model_new(const kd_layer_spec_t *specs, int n_specs, kd_shape_t input, kd_model_t **out,
                  char *err, size_t errlen);
 void kd_model_destroy(kd_model_t **self_p);
+/* The same resolution and checks as kd_model_new into *plan, without allocating anything (its
+ * buffers stay NULL; not a model to run): for sizes from the network, checked before
+ * kd_model_new allocates them. 0, or -1 with err set. */
+int kd_model_plan(const kd_layer_spec_t *specs, int n_specs, kd_shape_t input, kd_model_t *plan,
+                  char *err, size_t errlen);
+/* About how many bytes training batches of B takes: parameters, gradients, the activation
+ * workspace (an upper estimate, for bounds). */
+double kd_model_train_bytes(const kd_model_t *m, long B);
 
 /* PyTorch's default initialisation (kaiming_uniform with a = sqrt(5)): weights and biases
  * U(-1/sqrt(fan_in), 1/sqrt(fan_in)), drawn deterministically from seed. */

@@ -41,6 +41,11 @@ uint64_t kd_node_rss_bytes(void) {
     return n == 2 ? (uint64_t)resident * (uint64_t)sysconf(_SC_PAGESIZE) : 0;
 }
 
+uint64_t kd_node_memory_bytes(void) {
+    long pages = sysconf(_SC_PHYS_PAGES), size = sysconf(_SC_PAGESIZE);
+    return pages > 0 && size > 0 ? (uint64_t)pages * (uint64_t)size : 0;
+}
+
 void kd_node_hostname(char *out, size_t outlen) {
     if (gethostname(out, outlen) != 0) snprintf(out, outlen, "unknown");
     out[outlen - 1] = 0;

@@ -20,6 +20,8 @@ void kd_node_signals_install(void);
 void kd_node_quiet_blas_threads(char **argv);
 
 uint64_t kd_node_rss_bytes(void); /* resident set size of this process, 0 if unknown */
+/* Physical memory of this machine (0 if unknown): the bound on buffers sized by a peer. */
+uint64_t kd_node_memory_bytes(void);
 void kd_node_hostname(char *out, size_t outlen);
 
 /* Reconnect back-off: 100 ms doubling to 5 s; reset after a successful Hello. */

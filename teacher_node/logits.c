@@ -146,6 +146,23 @@ static int check_finite(const teacher_logits_t *tl, const float *logits, const u
     return 0;
 }
 
+/* kd_cache_get_block, and a hit's logits checked finite: a block that passes its checksum but
+ * holds NaN or Inf (written by a broken import or another program) is KD_CACHE_CORRUPT, so it
+ * is recomputed and counted like a torn one, never served. */
+static int get_block(const teacher_logits_t *tl, kd_cache_t *cache, size_t b, float *dst, char *msg,
+                     size_t msglen) {
+    int st = kd_cache_get_block(cache, b, dst, msg, msglen);
+    if (st != KD_CACHE_HIT) return st;
+    const size_t C = (size_t)tl->C, n = rows_in_block(tl, b) * C;
+    for (size_t i = 0; i < n; i++)
+        if (!isfinite(dst[i])) {
+            kd_err(msg, msglen, "cache entry %s: block %zu holds logit %g for sample %zu class %zu",
+                   tl->entry, b, (double)dst[i], b * tl->block_rows + i / C, i % C);
+            return KD_CACHE_CORRUPT;
+        }
+    return KD_CACHE_HIT;
+}
+
 /* out (n, C) = raw teacher logits of samples ids, each run in its slot of an S-row pass (see
  * the top of the file); as few passes as the slots allow. */
 static void forward_in_slots(teacher_logits_t *tl, lane_t *ln, const uint32_t *ids, size_t n,
@@ -220,7 +237,7 @@ enum { FILL_LOADED = 1, FILL_COMPUTED };
 static int fill_block(teacher_logits_t *tl, lane_t *ln, size_t b, char *err, size_t errlen) {
     const size_t first = b * tl->block_rows;
     char msg[KD_ERR_LEN];
-    int st = kd_cache_get_block(ln->cache, b, tl->table + first * (size_t)tl->C, msg, sizeof msg);
+    int st = get_block(tl, ln->cache, b, tl->table + first * (size_t)tl->C, msg, sizeof msg);
     if (st == KD_CACHE_HIT) {
         stat_add(&tl->hits, 1);
         publish(tl, b);
@@ -376,7 +393,8 @@ static bool serve_from_cache(teacher_logits_t *tl, size_t b, const pending_t *p,
                              const uint32_t *ids, float *out) {
     const size_t C = (size_t)tl->C, first = b * tl->block_rows;
     char msg[KD_ERR_LEN];
-    int st = kd_cache_get_block(tl->stream.cache, b, tl->stream.block, msg, sizeof msg);
+    int st = get_block(tl, tl->stream.cache, b, tl->stream.block, msg, sizeof msg);
+    if (st == KD_CACHE_CORRUPT) stat_add(&tl->corrupt, 1);
     if (st != KD_CACHE_HIT) {
         if (st != KD_CACHE_MISS && kd_log_allow(&tl->stream_warn, 5.0))
             kd_log(KD_LOG_WARN, st < 0 ? "TEACHER-CACHE-READ" : "TEACHER-CACHE-CORRUPT",
@@ -609,7 +627,7 @@ static int open_import(teacher_logits_t *tl, char *err, size_t errlen) {
                     label, tl->entry, key->n_samples, key->n_classes, tl->N, tl->C);
     for (size_t b = 0; rc == 0 && b < kd_cache_blocks(c); b++) {
         size_t first = b * tl->block_rows;
-        int st = kd_cache_get_block(c, b, tl->table + first * (size_t)tl->C, why, sizeof why);
+        int st = get_block(tl, c, b, tl->table + first * (size_t)tl->C, why, sizeof why);
         if (st == KD_CACHE_HIT) continue;
         if (st == KD_CACHE_MISS) snprintf(why, sizeof why, "block %zu was never written", b);
         rc = kd_err(err, errlen,

@@ -17,6 +17,7 @@
 #include "kd_log.h"
 #include "kd_node.h"
 #include "kd_recipe.h"
+#include "kd_session.h"
 #include "kd_train.h"
 #include "kd_util.h"
 #include "kd_wire.h"
@@ -41,13 +42,10 @@ typedef struct {
     bool logits_ready;        /* opened for the current recipe (NULL when not distilling) */
     bool fill_failure_told, fill_wait_told;
 
-    void *ctx, *dealer, *push;
+    void *ctx, *push;
+    kd_session_t *session;              /* with the coordinator */
     char stream_endpoint[ENDPOINT_MAX]; /* as announced to workers */
-    uint64_t incarnation;
     bool welcomed;
-    double last_sent, last_heard, reconnect_at;
-    int heartbeat_ms;
-    kd_backoff_t backoff;
 
     /* The current epoch's batching and what is left to stream of it. */
     kd_epoch_t *epoch;
@@ -65,9 +63,7 @@ typedef struct {
     kd_curve_client_t curve;
     kd_curve_keyset_t *authorized;
     kd_zap_t *zap;
-    kd_curve_watch_t watch; /* the DEALER's handshakes with the coordinator */
-    bool broken_told;
-    kd_log_limit_t drop_limit, send_limit;
+    kd_log_limit_t drop_limit;
 } teacher_t;
 
 /* ---- helpers ----------------------------------------------------------------------------- */
@@ -90,20 +86,8 @@ static void drop(teacher_t *t, const char *what) {
                (unsigned long long)t->messages_dropped);
 }
 
-static int send_env(teacher_t *t, kd_env_t *env) {
-    if (kd_wire_send(t->dealer, NULL, 0, env, NULL, 0, ZMQ_DONTWAIT) != 0) {
-        if (kd_log_allow(&t->send_limit, 1.0))
-            kd_log(KD_LOG_WARN, "TEACHER-SEND-FAIL", "cannot send %s to the coordinator: %s",
-                   kd_wire_body_name(env), zmq_strerror(errno));
-        return -1;
-    }
-    t->last_sent = kd_now();
-    return 0;
-}
-
 static void send_heartbeat(teacher_t *t) {
     Kdist__Heartbeat hb = KDIST__HEARTBEAT__INIT;
-    hb.rss_bytes = kd_node_rss_bytes();
     hb.batches_streamed = t->batches_streamed;
     hb.messages_dropped = t->messages_dropped;
     kd_wire_refused(t->stream_monitor, "the stream socket", &t->connections_refused);
@@ -128,24 +112,13 @@ static void send_heartbeat(teacher_t *t) {
             !teacher_logits_complete(t->logits) && !teacher_logits_failed(t->logits, NULL, 0);
         hb.teacher = &work;
     }
-    kd_env_t env = KDIST__ENVELOPE__INIT;
-    env.body_case = KDIST__ENVELOPE__BODY_HEARTBEAT;
-    env.heartbeat = &hb;
-    send_env(t, &env);
+    kd_session_heartbeat(t->session, &hb);
 }
 
-/* Says Goodbye and lets the DEALER flush it before the socket closes. */
+/* The final counters, before the member is removed; then Goodbye. */
 static void send_goodbye(teacher_t *t, const char *reason) {
-    if (!t->dealer) return;
-    if (t->welcomed) send_heartbeat(t); /* the final counters, before the member is removed */
-    Kdist__Goodbye bye = KDIST__GOODBYE__INIT;
-    bye.reason = (char *)reason;
-    kd_env_t env = KDIST__ENVELOPE__INIT;
-    env.body_case = KDIST__ENVELOPE__BODY_GOODBYE;
-    env.goodbye = &bye;
-    send_env(t, &env);
-    int linger = 1000;
-    zmq_setsockopt(t->dealer, ZMQ_LINGER, &linger, sizeof linger);
+    if (t->welcomed && kd_session_socket(t->session)) send_heartbeat(t);
+    kd_session_goodbye(t->session, reason);
 }
 
 static void clear_epoch(teacher_t *t) {
@@ -264,51 +237,32 @@ static bool logits_ready(teacher_t *t) {
     return false;
 }
 
-/* ---- connection -------------------------------------------------------------------------- */
-
-static int connect_coordinator(teacher_t *t, char *err, size_t errlen) {
-    t->incarnation = kd_wire_new_incarnation();
-    char identity[256];
-    kd_wire_identity(identity, sizeof identity, "teacher", t->id, t->incarnation);
-    kd_curve_watch_stop(&t->watch);
-    t->dealer =
-        kd_socket_dealer_curve(t->ctx, identity, t->coordinator, (int)t->heartbeat_ms,
-                               t->curve_on ? &t->curve : NULL, &t->watch.monitor, err, errlen);
-    if (!t->dealer) return -1;
-    char host[256];
-    kd_node_hostname(host, sizeof host);
-    Kdist__Hello hello = KDIST__HELLO__INIT;
-    hello.role = KDIST__ROLE__TEACHER;
-    hello.node_id = (char *)t->id;
-    hello.incarnation = t->incarnation;
-    hello.host = host;
-    hello.pid = (uint32_t)getpid();
-    hello.stream_endpoint = t->stream_endpoint;
-    kd_env_t env = KDIST__ENVELOPE__INIT;
-    env.body_case = KDIST__ENVELOPE__BODY_HELLO;
-    env.hello = &hello;
-    send_env(t, &env);
-    t->welcomed = false;
-    t->last_heard = kd_now();
-    kd_log(KD_LOG_INFO, "TEACHER-HELLO", "said hello to %s as %s (streaming on %s)", t->coordinator,
-           identity, t->stream_endpoint);
-    return 0;
-}
-
-/* The coordinator is gone or forgot us: drop the socket and what was left to stream (a new
- * membership gets a new Assign) and come back after the back-off. */
-static void lose_coordinator(teacher_t *t, const char *why) {
-    int delay = kd_backoff_next(&t->backoff);
-    kd_log(KD_LOG_WARN, "TEACHER-RECONNECT", "%s; saying hello again in %d ms", why, delay);
-    zmq_close(t->dealer);
-    t->dealer = NULL;
-    kd_curve_watch_stop(&t->watch);
-    t->welcomed = false;
-    clear_epoch(t);
-    t->reconnect_at = kd_now() + delay / 1000.0;
-}
-
 /* ---- messages from the coordinator ------------------------------------------------------- */
+
+/* The teacher model and batch the coordinator's recipe asks for, bounded before anything is
+ * allocated: a model kd_model_plan accepts on this node's data, whose forward passes over
+ * teacher.batch_size samples fit this machine's memory. */
+static int check_adopted_sizes(const teacher_t *t, const kd_recipe_t *r, char *err, size_t errlen) {
+    if (r->distill.loss.alpha <= 0) return 0; /* no teacher runs here */
+    const kd_dataset_t *d = t->train;
+    kd_model_t *plan = kd_xmalloc(sizeof *plan);
+    char why[KD_ERR_LEN];
+    int rc = 0;
+    if (kd_model_plan(r->teacher.layers, r->teacher.n_layers,
+                      (kd_shape_t){d->channels, d->height, d->width}, plan, why, sizeof why) != 0) {
+        rc = kd_err(err, errlen, "the coordinator's teacher.layers: %s", why);
+    } else {
+        const double need = kd_model_train_bytes(plan, r->teacher.batch_size);
+        const uint64_t have = kd_node_memory_bytes();
+        if (have && need > (double)have)
+            rc = kd_err(err, errlen,
+                        "the coordinator's recipe needs about %.1f GB for the teacher's batches "
+                        "of %ld, more than this machine's %.1f GB",
+                        need / 1e9, r->teacher.batch_size, (double)have / 1e9);
+    }
+    free(plan);
+    return rc;
+}
 
 static int on_welcome(teacher_t *t, const Kdist__Welcome *w) {
     char err[KD_ERR_LEN];
@@ -320,6 +274,10 @@ static int on_welcome(teacher_t *t, const Kdist__Welcome *w) {
         return -1;
     }
     keep_local_paths(&r, &t->recipe);
+    if (check_adopted_sizes(t, &r, err, sizeof err) != 0) {
+        kd_log(KD_LOG_ERROR, "TEACHER-BAD-WELCOME", "%s", err);
+        return -1;
+    }
     bool reload = !same_split(&t->recipe, &r);
     bool new_logits = reload || !t->logits_ready || !same_logits(&t->recipe, &r);
     t->recipe = r;
@@ -340,11 +298,12 @@ static int on_welcome(teacher_t *t, const Kdist__Welcome *w) {
         }
         t->logits_ready = true;
     }
-    t->heartbeat_ms = w->heartbeat_ms > 0 ? (int)w->heartbeat_ms : (int)r.cluster.heartbeat_ms;
+    kd_session_set_timing(t->session,
+                          w->heartbeat_ms > 0 ? (int)w->heartbeat_ms : (int)r.cluster.heartbeat_ms,
+                          (int)r.cluster.heartbeat_timeout_ms);
     int hwm = (int)r.cluster.stream_hwm; /* applies to workers that connect from now on */
     zmq_setsockopt(t->push, ZMQ_SNDHWM, &hwm, sizeof hwm);
     t->welcomed = true;
-    kd_backoff_reset(&t->backoff);
     kd_log(KD_LOG_INFO, "TEACHER-WELCOME", "joined run %s: %zu training samples, batch %ld",
            w->run_id ? w->run_id : "?", t->train->n, r.train.batch_size);
     return 0;
@@ -430,35 +389,12 @@ static void on_assign(teacher_t *t, const Kdist__Assign *a) {
 
 enum { KEEP_GOING = 0, STOP_NOW = 1, FATAL = -1 };
 
+/* A message the session leaves to the node (the Welcome is the first of its connection). */
 static int on_message(teacher_t *t, kd_msg_t *m) {
     kd_env_t *env = m->env;
-    t->last_heard = kd_now();
     switch (env->body_case) {
     case KDIST__ENVELOPE__BODY_WELCOME:
-        if (t->welcomed) return drop(t, "a second welcome"), KEEP_GOING;
         return on_welcome(t, env->welcome) == 0 ? KEEP_GOING : FATAL;
-    case KDIST__ENVELOPE__BODY_REFUSED: {
-        const char *reason = env->refused->reason ? env->refused->reason : "";
-        switch (env->refused->code) {
-        case KDIST__REFUSAL_CODE__UNKNOWN_MEMBER:
-            lose_coordinator(t, "the coordinator does not know this incarnation");
-            return KEEP_GOING;
-        case KDIST__REFUSAL_CODE__STALE_INCARNATION:
-        case KDIST__REFUSAL_CODE__ID_IN_USE:
-        case KDIST__REFUSAL_CODE__TOO_MANY_MEMBERS: /* transient: a fresh hello after back-off */
-            lose_coordinator(t, reason);
-            return KEEP_GOING;
-        case KDIST__REFUSAL_CODE__RUN_FINISHING: /* nothing left to do: a clean end */
-            kd_log(KD_LOG_INFO, "TEACHER-REFUSED", "the run is finishing: exiting");
-            return STOP_NOW;
-        default:
-            kd_log(KD_LOG_ERROR, "TEACHER-REFUSED", "the coordinator refused this teacher: %s",
-                   reason);
-            return FATAL;
-        }
-    }
-    case KDIST__ENVELOPE__BODY_HEARTBEAT:
-        return KEEP_GOING;
     case KDIST__ENVELOPE__BODY_ASSIGN:
         if (!t->welcomed) return drop(t, "assign before welcome"), KEEP_GOING;
         on_assign(t, env->assign);
@@ -480,23 +416,40 @@ static int on_message(teacher_t *t, kd_msg_t *m) {
 }
 
 /* Reads everything waiting on the DEALER. */
+/* What the session reports, other than a message; it logged what was fatal. A lost
+ * connection drops what was left to stream (a new membership gets a new Assign). */
+static int on_session_event(teacher_t *t, kd_session_event_t ev, const char *err) {
+    switch (ev) {
+    case KD_SESSION_BAD:
+        drop(t, err);
+        return KEEP_GOING;
+    case KD_SESSION_HELLO:
+    case KD_SESSION_LOST:
+        t->welcomed = false;
+        clear_epoch(t);
+        return KEEP_GOING;
+    case KD_SESSION_END: /* nothing left to do: a clean end */
+        return STOP_NOW;
+    case KD_SESSION_FATAL:
+        return FATAL;
+    default:
+        return KEEP_GOING;
+    }
+}
+
 static int drain_dealer(teacher_t *t) {
     for (;;) {
-        if (!t->dealer) return KEEP_GOING;
         kd_msg_t m;
         char err[KD_ERR_LEN];
-        int rc = kd_wire_recv(t->dealer, false, ZMQ_DONTWAIT, &m, err, sizeof err);
-        if (rc == KD_WIRE_NONE) return KEEP_GOING;
-        if (rc == KD_WIRE_BAD) {
-            drop(t, err);
-            continue;
+        kd_session_event_t ev = kd_session_recv(t->session, &m, err, sizeof err);
+        if (ev == KD_SESSION_IDLE) return KEEP_GOING;
+        int action;
+        if (ev == KD_SESSION_WELCOME || ev == KD_SESSION_MESSAGE) {
+            action = on_message(t, &m);
+            kd_msg_close(&m);
+        } else {
+            action = on_session_event(t, ev, err);
         }
-        if (rc == KD_WIRE_CLOSED) {
-            kd_log(KD_LOG_ERROR, "TEACHER-SOCKET", "coordinator socket: %s", err);
-            return FATAL;
-        }
-        int action = on_message(t, &m);
-        kd_msg_close(&m);
         if (action != KEEP_GOING) return action;
     }
 }
@@ -595,26 +548,10 @@ static int stream_some(teacher_t *t) {
 
 static int poll_timeout_ms(const teacher_t *t, double now) {
     double next = now + 1.0;
-    if (!t->dealer) {
-        if (t->reconnect_at < next) next = t->reconnect_at;
-    } else {
-        double hb = t->heartbeat_ms / 1000.0;
-        if (t->welcomed && t->last_sent + hb < next) next = t->last_sent + hb;
-        double dead = t->last_heard + t->recipe.cluster.heartbeat_timeout_ms / 1000.0;
-        if (dead < next) next = dead;
-    }
+    double session = kd_session_deadline(t->session);
+    if (session < next) next = session;
     double ms = (next - now) * 1000.0 + 1.0;
     return ms < 0 ? 0 : (int)ms;
-}
-
-/* A refused key or a plaintext/CurveZMQ mismatch is fatal; a wrong coordinator key is said
- * once and retried (kd_curve_check_coordinator). */
-static int check_handshakes(teacher_t *t) {
-    return kd_curve_check_coordinator(&t->watch, t->coordinator, t->curve_on ? &t->curve : NULL,
-                                      &t->broken_told, "TEACHER-CURVE",
-                                      "--coordinator-key, cluster.security.coordinator_key") == 0
-               ? KEEP_GOING
-               : FATAL;
 }
 
 static int run(teacher_t *t) {
@@ -625,23 +562,14 @@ static int run(teacher_t *t) {
             return STOP_NOW;
         }
         double now = kd_now();
-        if (!t->dealer && now >= t->reconnect_at && connect_coordinator(t, err, sizeof err) != 0) {
-            kd_log(KD_LOG_ERROR, "TEACHER-CONNECT", "%s", err);
-            return FATAL;
-        }
-        if (t->dealer && check_handshakes(t) != KEEP_GOING) return FATAL;
-        if (t->dealer) {
-            if (now - t->last_heard > t->recipe.cluster.heartbeat_timeout_ms / 1000.0) {
-                lose_coordinator(t, t->welcomed ? "no word from the coordinator"
-                                                : "no welcome from the coordinator");
-                continue;
-            }
-            if (t->welcomed && now - t->last_sent >= t->heartbeat_ms / 1000.0) send_heartbeat(t);
-        }
+        int action = on_session_event(t, kd_session_tick(t->session, now, err, sizeof err), err);
+        if (action != KEEP_GOING) return action;
+        if (t->welcomed && kd_session_heartbeat_due(t->session, now)) send_heartbeat(t);
+        void *dealer = kd_session_socket(t->session);
         zmq_pollitem_t items[2];
         int n = 0, dealer_i = -1, push_i = -1;
-        if (t->dealer) {
-            items[n] = (zmq_pollitem_t){.socket = t->dealer, .events = ZMQ_POLLIN};
+        if (dealer) {
+            items[n] = (zmq_pollitem_t){.socket = dealer, .events = ZMQ_POLLIN};
             dealer_i = n++;
         }
         if (t->q_pos < t->q_len && logits_ready(t)) {
@@ -657,12 +585,12 @@ static int run(teacher_t *t) {
             return FATAL;
         }
         if (dealer_i >= 0 && (items[dealer_i].revents & ZMQ_POLLIN)) {
-            int action = drain_dealer(t);
+            action = drain_dealer(t);
             if (action != KEEP_GOING) return action;
         }
         /* A reconnect or a new Assign in drain_dealer may have emptied the queue. */
         if (push_i >= 0 && (items[push_i].revents & ZMQ_POLLOUT) && t->q_pos < t->q_len) {
-            int action = stream_some(t);
+            action = stream_some(t);
             if (action != KEEP_GOING) return action;
         }
     }
@@ -807,13 +735,22 @@ int main(int argc, char **argv) {
         kd_log(KD_LOG_ERROR, "TEACHER-DATA", "%s", err);
         goto cleanup;
     }
-    t.heartbeat_ms = (int)t.recipe.cluster.heartbeat_ms;
     t.ctx = zmq_ctx_new();
     if (!t.ctx || bind_stream(&t, err, sizeof err) != 0) {
         kd_log(KD_LOG_ERROR, "TEACHER-BIND", "%s", t.ctx ? err : "cannot create a ZeroMQ context");
         status = 2;
         goto cleanup;
     }
+    kd_session_config_t cfg = {.role = KDIST__ROLE__TEACHER,
+                               .node_id = t.id,
+                               .endpoint = t.coordinator,
+                               .curve = t.curve_on ? &t.curve : NULL,
+                               .stream_endpoint = t.stream_endpoint,
+                               .heartbeat_ms = (int)t.recipe.cluster.heartbeat_ms,
+                               .timeout_ms = (int)t.recipe.cluster.heartbeat_timeout_ms,
+                               .log_prefix = "TEACHER",
+                               .key_hint = "--coordinator-key, cluster.security.coordinator_key"};
+    t.session = kd_session_new(t.ctx, &cfg);
     int rc = run(&t);
     if (rc == STOP_NOW) {
         send_goodbye(&t, kd_node_stop_requested ? "signal" : "stop");
@@ -836,8 +773,7 @@ int main(int argc, char **argv) {
            (unsigned long long)t.assigns_dropped, t.connections_refused);
 cleanup:
     if (t.stream_monitor) zmq_close(t.stream_monitor);
-    kd_curve_watch_stop(&t.watch);
-    if (t.dealer) zmq_close(t.dealer);
+    kd_session_destroy(&t.session);
     if (t.push) zmq_close(t.push);
     kd_zap_destroy(&t.zap);
     free(t.authorized);

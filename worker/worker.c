@@ -18,12 +18,13 @@
 #include "kd_log.h"
 #include "kd_node.h"
 #include "kd_recipe.h"
+#include "kd_session.h"
 #include "kd_shm.h"
 #include "kd_train.h"
 #include "kd_util.h"
 #include "kd_wire.h"
 
-#define MAX_TEACHERS    256
+#define MAX_TEACHERS    1024 /* teacher endpoints a worker follows; more are refused */
 #define ENDPOINT_MAX    512
 #define WAITING_AFTER   0.020 /* s without a batch before the coordinator hears we are idle */
 #define MAX_INPUT_DIM   4096
@@ -44,16 +45,12 @@ typedef struct {
      * and of each teacher's key that Welcome and Peers bring (the coordinator authenticated it) */
     bool curve_on;
     kd_curve_client_t curve;
-    kd_curve_watch_t watch, pull_watch; /* handshakes with the coordinator, with the teachers */
-    bool broken_told;
+    kd_curve_watch_t pull_watch; /* handshakes with the teachers */
     kd_log_limit_t stream_limit;
 
-    void *ctx, *dealer, *pull;
-    uint64_t incarnation;
+    void *ctx, *pull;
+    kd_session_t *session; /* with the coordinator */
     worker_state_t state;
-    double last_sent, last_heard, reconnect_at;
-    int heartbeat_ms;
-    kd_backoff_t backoff;
 
     /* From the Welcome. */
     kd_recipe_t recipe;
@@ -62,7 +59,7 @@ typedef struct {
     int num_classes;
     size_t sample_dim;
     uint64_t version, clock;
-    char *endpoints[MAX_TEACHERS]; /* connected PULL endpoints */
+    char **endpoints; /* (n_endpoints) connected PULL endpoints: the last list, as connected */
     int n_endpoints;
 
     /* Step buffers, sized for recipe.train.batch_size. */
@@ -97,9 +94,9 @@ typedef struct {
     double fwd[KD_MAX_LAYERS], bwd[KD_MAX_LAYERS];
 
     /* Counters and rate limits. */
-    uint64_t steps, samples, dropped;
+    uint64_t steps, samples, dropped, nacks;
     double report_t, report_samples;
-    kd_log_limit_t drop_limit, send_limit, step_limit;
+    kd_log_limit_t drop_limit, step_limit;
 } worker_t;
 
 enum { KEEP_GOING = 0, STOP_NOW = 1, FATAL = -1 };
@@ -123,40 +120,12 @@ static void drop(worker_t *w, const char *from, const char *what) {
 
 /* ---- sending ----------------------------------------------------------------------------- */
 
-static int send_env(worker_t *w, kd_env_t *env, const kd_wire_tensor_t *tensors, int n) {
-    if (kd_wire_send(w->dealer, NULL, 0, env, tensors, n, ZMQ_DONTWAIT) != 0) {
-        if (kd_log_allow(&w->send_limit, 1.0))
-            kd_log(KD_LOG_WARN, "WORKER-SEND-FAIL", "cannot send %s to the coordinator: %s",
-                   kd_wire_body_name(env), zmq_strerror(errno));
-        return -1;
-    }
-    w->last_sent = kd_now();
-    return 0;
-}
-
 static void send_heartbeat(worker_t *w, bool waiting) {
     Kdist__Heartbeat hb = KDIST__HEARTBEAT__INIT;
     hb.waiting_for_batch = waiting;
-    hb.rss_bytes = kd_node_rss_bytes();
     hb.weights_version = w->version;
     hb.messages_dropped = w->dropped;
-    kd_env_t env = KDIST__ENVELOPE__INIT;
-    env.body_case = KDIST__ENVELOPE__BODY_HEARTBEAT;
-    env.heartbeat = &hb;
-    send_env(w, &env, NULL, 0);
-}
-
-/* Says Goodbye and lets the DEALER flush it before the socket closes. */
-static void send_goodbye(worker_t *w, const char *reason) {
-    if (!w->dealer) return;
-    Kdist__Goodbye bye = KDIST__GOODBYE__INIT;
-    bye.reason = (char *)reason;
-    kd_env_t env = KDIST__ENVELOPE__INIT;
-    env.body_case = KDIST__ENVELOPE__BODY_GOODBYE;
-    env.goodbye = &bye;
-    send_env(w, &env, NULL, 0);
-    int linger = 1000;
-    zmq_setsockopt(w->dealer, ZMQ_LINGER, &linger, sizeof linger);
+    kd_session_heartbeat(w->session, &hb);
 }
 
 static void release_grads(void *data, void *hint) {
@@ -181,50 +150,37 @@ static void wait_grads_released(worker_t *w) {
 
 /* ---- connection -------------------------------------------------------------------------- */
 
-static int connect_coordinator(worker_t *w, char *err, size_t errlen) {
-    w->incarnation = kd_wire_new_incarnation();
-    char identity[256];
-    kd_wire_identity(identity, sizeof identity, "worker", w->id, w->incarnation);
-    kd_curve_watch_stop(&w->watch);
-    w->dealer =
-        kd_socket_dealer_curve(w->ctx, identity, w->coordinator, w->heartbeat_ms,
-                               w->curve_on ? &w->curve : NULL, &w->watch.monitor, err, errlen);
-    if (!w->dealer) return -1;
-    char host[256];
-    kd_node_hostname(host, sizeof host);
-    Kdist__Hello hello = KDIST__HELLO__INIT;
-    hello.role = KDIST__ROLE__WORKER;
-    hello.node_id = w->id;
-    hello.incarnation = w->incarnation;
-    hello.host = host;
-    hello.pid = (uint32_t)getpid();
-    hello.threads = (uint32_t)w->threads;
-    kd_env_t env = KDIST__ENVELOPE__INIT;
-    env.body_case = KDIST__ENVELOPE__BODY_HELLO;
-    env.hello = &hello;
-    send_env(w, &env, NULL, 0);
-    w->state = ST_HELLO;
-    w->clock = 0;
-    w->last_heard = kd_now();
-    kd_log(KD_LOG_INFO, "WORKER-HELLO", "said hello to %s as %s", w->coordinator, identity);
-    return 0;
+static bool connected(const worker_t *w) {
+    return kd_session_socket(w->session) != NULL;
 }
 
-/* The coordinator is gone or forgot us: drop the socket and the batch in hand (the coordinator
- * streams it again) and say hello again after the back-off. */
+/* The coordinator is gone or forgot us: drop the connection and the batch in hand (the
+ * coordinator streams it again) and say hello again after the back-off. */
 static void lose_coordinator(worker_t *w, const char *why) {
-    int delay = kd_backoff_next(&w->backoff);
-    kd_log(KD_LOG_WARN, "WORKER-RECONNECT", "%s; saying hello again in %d ms", why, delay);
-    zmq_close(w->dealer);
-    w->dealer = NULL;
-    kd_curve_watch_stop(&w->watch);
+    kd_session_lose(w->session, why);
     w->state = ST_HELLO;
-    w->reconnect_at = kd_now() + delay / 1000.0;
 }
 
-/* Connects the PULL to every endpoint not connected yet; under CurveZMQ as a client of the
- * teacher's key at the same position in keys. */
-static void connect_teachers(worker_t *w, char **endpoints, size_t n, char **keys, size_t n_keys) {
+static int find_endpoint(char *const *list, int n, const char *ep) {
+    for (int i = 0; i < n; i++)
+        if (list[i] && strcmp(list[i], ep) == 0) return i;
+    return -1;
+}
+
+/* Follows the teacher set of a Welcome or Peers exactly: the PULL connects to every listed
+ * endpoint not connected yet (under CurveZMQ as a client of the teacher's key at the same
+ * position in keys) and disconnects from every one no longer listed, so that whoever binds a
+ * departed teacher's port later does not feed this worker. At most MAX_TEACHERS. */
+static void follow_teachers(worker_t *w, char **endpoints, size_t n, char **keys, size_t n_keys) {
+    if (n > MAX_TEACHERS) {
+        char what[128];
+        snprintf(what, sizeof what, "%zu teacher endpoints; a worker follows the first %d", n,
+                 MAX_TEACHERS);
+        drop(w, "the coordinator", what);
+        n = MAX_TEACHERS;
+    }
+    char **next = kd_xcalloc(n ? n : 1, sizeof *next);
+    int n_next = 0;
     for (size_t i = 0; i < n; i++) {
         const char *ep = endpoints[i];
         size_t len = ep ? strlen(ep) : 0;
@@ -232,31 +188,42 @@ static void connect_teachers(worker_t *w, char **endpoints, size_t n, char **key
             drop(w, "the coordinator", "a teacher endpoint that is empty or too long");
             continue;
         }
-        bool known = false;
-        for (int j = 0; j < w->n_endpoints && !known; j++) known = strcmp(w->endpoints[j], ep) == 0;
-        if (known) continue;
-        if (w->n_endpoints == MAX_TEACHERS) {
-            drop(w, "the coordinator", "more teacher endpoints than a worker follows");
-            return;
+        if (find_endpoint(next, n_next, ep) >= 0) continue; /* listed twice */
+        int known = find_endpoint(w->endpoints, w->n_endpoints, ep);
+        if (known >= 0) {
+            next[n_next++] = w->endpoints[known];
+            w->endpoints[known] = NULL;
+            continue;
         }
-        char err[KD_ERR_LEN];
+        char err[KD_ERR_LEN], what[ENDPOINT_MAX + 64];
         if (w->curve_on && (i >= n_keys || !keys[i] ||
                             kd_wire_curve_server_key(w->pull, keys[i], err, sizeof err) != 0)) {
-            char what[ENDPOINT_MAX + 64];
             snprintf(what, sizeof what, "no usable CurveZMQ key for teacher %s", ep);
             drop(w, "the coordinator", what);
             continue;
         }
         if (zmq_connect(w->pull, ep) != 0) {
-            char what[ENDPOINT_MAX + 64];
             snprintf(what, sizeof what, "cannot connect to teacher %s: %s", ep,
                      zmq_strerror(errno));
             drop(w, "the coordinator", what);
             continue;
         }
-        w->endpoints[w->n_endpoints++] = kd_xstrdup(ep);
+        next[n_next++] = kd_xstrdup(ep);
         kd_log(KD_LOG_INFO, "WORKER-TEACHER", "pulling batches from %s", ep);
     }
+    for (int i = 0; i < w->n_endpoints; i++) {
+        if (!w->endpoints[i]) continue;
+        if (zmq_disconnect(w->pull, w->endpoints[i]) != 0 && errno != ENOENT)
+            kd_log(KD_LOG_WARN, "WORKER-TEACHER-GONE", "cannot disconnect from %s: %s",
+                   w->endpoints[i], zmq_strerror(errno));
+        else
+            kd_log(KD_LOG_INFO, "WORKER-TEACHER-GONE", "teacher %s left: disconnected",
+                   w->endpoints[i]);
+        free(w->endpoints[i]);
+    }
+    free(w->endpoints);
+    w->endpoints = next;
+    w->n_endpoints = n_next;
 }
 
 /* The model back on its own buffers (before it is freed, or when weights come by frame). */
@@ -328,6 +295,39 @@ static void free_step_buffers(worker_t *w) {
     w->batch_cap = 0;
 }
 
+/* The sizes a Welcome's recipe implies, bounded before anything is allocated: the student
+ * (kd_model_plan) and its parameter count, and what training batches of train.batch_size
+ * takes, within this machine's memory. A hostile or mistaken coordinator gets a clear error,
+ * never an abort in an allocation. */
+static int check_welcome_sizes(const kd_recipe_t *r, const Kdist__Welcome *wel, kd_shape_t shape,
+                               char *err, size_t errlen) {
+    kd_model_t *plan = kd_xmalloc(sizeof *plan);
+    int rc = 0;
+    char why[KD_ERR_LEN];
+    if (kd_model_plan(r->student.layers, r->student.n_layers, shape, plan, why, sizeof why) != 0) {
+        rc = kd_err(err, errlen, "the coordinator's student.layers: %s", why);
+        goto out;
+    }
+    if (wel->n_params != plan->n_params) {
+        rc = kd_err(err, errlen, "the coordinator's model has %llu params, its recipe %zu",
+                    (unsigned long long)wel->n_params, plan->n_params);
+        goto out;
+    }
+    const long B = r->train.batch_size;
+    const double step = (double)B * (4.0 * (double)kd_shape_size(shape) + 4.0 +
+                                     12.0 * (double)wel->num_classes); /* x, y, dlogits, teacher */
+    const double need = kd_model_train_bytes(plan, B) + step;
+    const uint64_t have = kd_node_memory_bytes();
+    if (have && need > (double)have)
+        rc = kd_err(err, errlen,
+                    "the coordinator's recipe needs about %.1f GB to train batches of %ld "
+                    "(student of %zu params), more than this machine's %.1f GB",
+                    need / 1e9, B, plan->n_params, (double)have / 1e9);
+out:
+    free(plan);
+    return rc;
+}
+
 /* Builds the student the Welcome describes. Anything that does not match is fatal: this
  * worker cannot compute gradients for that model. */
 static int on_welcome(worker_t *w, const kd_msg_t *m) {
@@ -348,6 +348,11 @@ static int on_welcome(worker_t *w, const kd_msg_t *m) {
         kd_log(KD_LOG_ERROR, "WORKER-BAD-WELCOME", "input shape or class count out of range");
         return FATAL;
     }
+    kd_shape_t shape = {in->c, in->h, in->w};
+    if (check_welcome_sizes(&r, wel, shape, err, sizeof err) != 0) {
+        kd_log(KD_LOG_ERROR, "WORKER-BAD-WELCOME", "%s", err);
+        return FATAL;
+    }
     kd_log_level_t level;
     if (kd_log_level_parse(r.logging.level, &level) == 0) kd_log_threshold = level;
 
@@ -355,7 +360,6 @@ static int on_welcome(worker_t *w, const kd_msg_t *m) {
     wait_grads_released(w);
     use_own_buffers(w);
     kd_model_destroy(&w->model);
-    kd_shape_t shape = {in->c, in->h, in->w};
     if (kd_model_new(r.student.layers, r.student.n_layers, shape, &w->model, err, sizeof err) !=
         0) {
         kd_log(KD_LOG_ERROR, "WORKER-MODEL", "student.layers: %s", err);
@@ -417,15 +421,16 @@ static int on_welcome(worker_t *w, const kd_msg_t *m) {
     /* Applies to the connections made from now on. */
     int hwm = (int)r.cluster.stream_hwm;
     zmq_setsockopt(w->pull, ZMQ_RCVHWM, &hwm, sizeof hwm);
-    connect_teachers(w, wel->teacher_endpoints, wel->n_teacher_endpoints, wel->teacher_keys,
-                     wel->n_teacher_keys);
+    follow_teachers(w, wel->teacher_endpoints, wel->n_teacher_endpoints, wel->teacher_keys,
+                    wel->n_teacher_keys);
 
-    w->heartbeat_ms = wel->heartbeat_ms > 0 ? (int)wel->heartbeat_ms : (int)r.cluster.heartbeat_ms;
+    kd_session_set_timing(
+        w->session, wel->heartbeat_ms > 0 ? (int)wel->heartbeat_ms : (int)r.cluster.heartbeat_ms,
+        (int)r.cluster.heartbeat_timeout_ms);
     w->state = ST_IDLE;
     w->idle_since = kd_now();
     w->waiting_announced = false;
     w->wait_weights = w->push_seconds = 0;
-    kd_backoff_reset(&w->backoff);
     kd_log(KD_LOG_INFO, "WORKER-WELCOME",
            "joined run %s: %s, %zu params, weights version %llu, %d teacher(s), batch %ld",
            w->run_id, spec, w->model->n_params, (unsigned long long)w->version, w->n_endpoints,
@@ -435,16 +440,23 @@ static int on_welcome(worker_t *w, const kd_msg_t *m) {
 
 /* ---- a training step --------------------------------------------------------------------- */
 
-/* Checks a Batch and copies it into the step buffers. Returns 0, or -1 with err set. */
-static int take_batch(worker_t *w, const kd_msg_t *m, char *err, size_t errlen) {
+/* Checks a Batch and copies it into the step buffers. Returns 0, or -1 with err set and
+ * *nack saying why the batch cannot be used (NACK_UNSPECIFIED when the message names no batch
+ * to nack). */
+static int take_batch(worker_t *w, const kd_msg_t *m, Kdist__NackReason *nack, char *err,
+                      size_t errlen) {
+    *nack = KDIST__NACK_REASON__NACK_UNSPECIFIED;
     if (m->env->body_case != KDIST__ENVELOPE__BODY_BATCH)
         return kd_err(err, errlen, "a %s message on the batch stream", kd_wire_body_name(m->env));
     const Kdist__Batch *b = m->env->batch;
     if (!b->ref) return kd_err(err, errlen, "batch without a reference");
+    *nack = KDIST__NACK_REASON__NACK_OTHER;
     if (b->ref->epoch >= (uint32_t)w->recipe.train.epochs)
         return kd_err(err, errlen, "batch of epoch %u, the run has %ld", b->ref->epoch,
                       w->recipe.train.epochs);
     const int want = w->teacher ? 3 : 2;
+    *nack = m->n_tensors == 2 && want == 3 ? KDIST__NACK_REASON__NACK_TEACHER_LOGITS
+                                           : KDIST__NACK_REASON__NACK_INPUTS;
     if (m->n_tensors != want)
         return kd_err(err, errlen, "batch with %d tensors, expected inputs, labels%s", m->n_tensors,
                       w->teacher ? " and teacher logits (distill.alpha > 0)" : "");
@@ -456,6 +468,7 @@ static int take_batch(worker_t *w, const kd_msg_t *m, char *err, size_t errlen) 
     if (B < 1 || B > (int64_t)w->batch_cap)
         return kd_err(err, errlen, "batch of %lld samples (1..%zu allowed)", (long long)B,
                       w->batch_cap);
+    *nack = KDIST__NACK_REASON__NACK_LABELS;
     const int64_t label_shape[1] = {B};
     const int32_t *labels =
         kd_msg_tensor(m, 1, "labels", KD_DTYPE_I32, 1, label_shape, err, errlen);
@@ -464,6 +477,7 @@ static int take_batch(worker_t *w, const kd_msg_t *m, char *err, size_t errlen) 
         if (labels[i] < 0 || labels[i] >= w->num_classes)
             return kd_err(err, errlen, "label %d of sample %lld out of range [0, %d)", labels[i],
                           (long long)i, w->num_classes);
+    *nack = KDIST__NACK_REASON__NACK_TEACHER_LOGITS;
     if (w->teacher) {
         const int64_t logit_shape[2] = {B, w->num_classes};
         const float *logits =
@@ -475,6 +489,7 @@ static int take_batch(worker_t *w, const kd_msg_t *m, char *err, size_t errlen) 
                 return kd_err(err, errlen, "teacher logit %zu of the batch is not finite", i);
         memcpy(w->teacher, logits, n_logits * sizeof *logits);
     }
+    *nack = KDIST__NACK_REASON__NACK_UNSPECIFIED;
     const size_t n = (size_t)B * w->sample_dim;
     kd_pixels_to_float(pixels, n, w->x);
     memcpy(w->y, labels, (size_t)B * sizeof *labels);
@@ -544,7 +559,7 @@ static int compute_and_push(worker_t *w, double wait_batch, double t_start) {
         kd_shm_end_write(&w->grad_shm, 0, push.clock);
     else
         atomic_store(&w->grads_in_flight, 1);
-    if (send_env(w, &env, &grad, push.shared_memory ? 0 : 1) != 0) {
+    if (kd_session_send(w->session, &env, &grad, push.shared_memory ? 0 : 1, NULL, 0) != 0) {
         /* Nowhere to send (the pipe is gone): the reconnect path streams the batch again. */
         lose_coordinator(w, "cannot push the gradient");
         return KEEP_GOING;
@@ -622,35 +637,12 @@ static int on_weights(worker_t *w, const kd_msg_t *m) {
     return KEEP_GOING;
 }
 
+/* A message of the session's (Welcome or any other the session leaves to the worker). */
 static int on_coordinator_message(worker_t *w, const kd_msg_t *m) {
     kd_env_t *env = m->env;
-    w->last_heard = kd_now();
     switch (env->body_case) {
-    case KDIST__ENVELOPE__BODY_WELCOME:
-        if (w->state != ST_HELLO) return drop(w, "the coordinator", "a second welcome"), KEEP_GOING;
+    case KDIST__ENVELOPE__BODY_WELCOME: /* the first of this connection: kd_session_recv */
         return on_welcome(w, m);
-    case KDIST__ENVELOPE__BODY_REFUSED: {
-        const char *reason = env->refused->reason ? env->refused->reason : "";
-        switch (env->refused->code) {
-        case KDIST__REFUSAL_CODE__UNKNOWN_MEMBER:
-            lose_coordinator(w, "the coordinator does not know this incarnation");
-            return KEEP_GOING;
-        case KDIST__REFUSAL_CODE__STALE_INCARNATION:
-        case KDIST__REFUSAL_CODE__ID_IN_USE:
-        case KDIST__REFUSAL_CODE__TOO_MANY_MEMBERS: /* transient: a fresh hello after back-off */
-            lose_coordinator(w, reason);
-            return KEEP_GOING;
-        case KDIST__REFUSAL_CODE__RUN_FINISHING: /* nothing left to do: a clean end */
-            kd_log(KD_LOG_INFO, "WORKER-REFUSED", "the run is finishing: exiting");
-            return STOP_NOW;
-        default:
-            kd_log(KD_LOG_ERROR, "WORKER-REFUSED", "the coordinator refused this worker: %s",
-                   reason);
-            return FATAL;
-        }
-    }
-    case KDIST__ENVELOPE__BODY_HEARTBEAT:
-        return KEEP_GOING;
     case KDIST__ENVELOPE__BODY_WEIGHTS:
         if (w->state == ST_HELLO)
             return drop(w, "the coordinator", "weights before welcome"), KEEP_GOING;
@@ -658,8 +650,8 @@ static int on_coordinator_message(worker_t *w, const kd_msg_t *m) {
     case KDIST__ENVELOPE__BODY_PEERS:
         if (w->state == ST_HELLO)
             return drop(w, "the coordinator", "peers before welcome"), KEEP_GOING;
-        connect_teachers(w, env->peers->teacher_endpoints, env->peers->n_teacher_endpoints,
-                         env->peers->teacher_keys, env->peers->n_teacher_keys);
+        follow_teachers(w, env->peers->teacher_endpoints, env->peers->n_teacher_endpoints,
+                        env->peers->teacher_keys, env->peers->n_teacher_keys);
         return KEEP_GOING;
     case KDIST__ENVELOPE__BODY_CONTROL:
         if (env->control->kind == KDIST__CONTROL__KIND__STOP) {
@@ -678,28 +670,63 @@ static int on_coordinator_message(worker_t *w, const kd_msg_t *m) {
     }
 }
 
-static int drain_dealer(worker_t *w) {
-    while (w->dealer) {
-        kd_msg_t m;
-        char err[KD_ERR_LEN];
-        int rc = kd_wire_recv(w->dealer, false, ZMQ_DONTWAIT, &m, err, sizeof err);
-        if (rc == KD_WIRE_NONE) break;
-        if (rc == KD_WIRE_BAD) {
-            drop(w, "the coordinator", err);
-            continue;
-        }
-        if (rc == KD_WIRE_CLOSED) {
-            kd_log(KD_LOG_ERROR, "WORKER-SOCKET", "coordinator socket: %s", err);
-            return FATAL;
-        }
-        int action = on_coordinator_message(w, &m);
-        kd_msg_close(&m);
-        if (action != KEEP_GOING) return action;
+/* What the session reports, other than a message. The session logged what was fatal. */
+static int on_session_event(worker_t *w, kd_session_event_t ev, const char *err) {
+    switch (ev) {
+    case KD_SESSION_BAD:
+        drop(w, "the coordinator", err);
+        return KEEP_GOING;
+    case KD_SESSION_HELLO: /* a new incarnation: its clock starts over */
+    case KD_SESSION_LOST:
+        w->state = ST_HELLO;
+        w->clock = 0;
+        return KEEP_GOING;
+    case KD_SESSION_END: /* nothing left to do: a clean end */
+        return STOP_NOW;
+    case KD_SESSION_FATAL:
+        return FATAL;
+    default:
+        return KEEP_GOING;
     }
-    return KEEP_GOING;
 }
 
-/* One batch off the PULL socket, if one is there: checked, then trained on. */
+static int drain_dealer(worker_t *w) {
+    for (;;) {
+        kd_msg_t m;
+        char err[KD_ERR_LEN];
+        kd_session_event_t ev = kd_session_recv(w->session, &m, err, sizeof err);
+        if (ev == KD_SESSION_IDLE) return KEEP_GOING;
+        int action = KEEP_GOING;
+        if (ev == KD_SESSION_WELCOME || ev == KD_SESSION_MESSAGE) {
+            action = on_coordinator_message(w, &m);
+            kd_msg_close(&m);
+        } else {
+            action = on_session_event(w, ev, err);
+        }
+        if (action != KEEP_GOING) return action;
+    }
+}
+
+/* Tells the coordinator that the batch of m cannot be used (it is not trained on), so that it
+ * has it recomputed or reassigned instead of waiting for a gradient that never comes. */
+static void send_nack(worker_t *w, const kd_msg_t *m, Kdist__NackReason reason,
+                      const char *detail) {
+    Kdist__BatchRef ref = KDIST__BATCH_REF__INIT;
+    ref.epoch = m->env->batch->ref->epoch;
+    ref.batch_id = m->env->batch->ref->batch_id;
+    Kdist__Nack nack = KDIST__NACK__INIT;
+    nack.ref = &ref;
+    nack.reason = reason;
+    nack.detail = (char *)detail;
+    kd_env_t env = KDIST__ENVELOPE__INIT;
+    env.body_case = KDIST__ENVELOPE__BODY_NACK;
+    env.nack = &nack;
+    kd_session_send(w->session, &env, NULL, 0, NULL, 0);
+    w->nacks++;
+}
+
+/* One batch off the PULL socket, if one is there: checked, then trained on; one that cannot be
+ * used is nacked. */
 static int pull_batch(worker_t *w) {
     kd_msg_t m;
     char err[KD_ERR_LEN];
@@ -710,8 +737,10 @@ static int pull_batch(worker_t *w) {
         return FATAL;
     }
     const double t_start = kd_now();
-    if (rc == KD_WIRE_BAD || take_batch(w, &m, err, sizeof err) != 0) {
+    Kdist__NackReason nack = KDIST__NACK_REASON__NACK_UNSPECIFIED;
+    if (rc == KD_WIRE_BAD || take_batch(w, &m, &nack, err, sizeof err) != 0) {
         drop(w, "a teacher", err);
+        if (nack != KDIST__NACK_REASON__NACK_UNSPECIFIED) send_nack(w, &m, nack, err);
         if (rc == KD_WIRE_OK) kd_msg_close(&m);
         return KEEP_GOING;
     }
@@ -730,17 +759,11 @@ static double answer_timeout(const worker_t *w) {
 
 static int poll_timeout_ms(const worker_t *w, double now) {
     double next = now + 1.0;
-    if (!w->dealer) {
-        next = w->reconnect_at;
-    } else {
-        if (w->state != ST_HELLO) {
-            double hb = w->last_sent + w->heartbeat_ms / 1000.0;
-            if (hb < next) next = hb;
-        }
+    double session = kd_session_deadline(w->session);
+    if (session < next) next = session;
+    if (connected(w)) {
         if (w->state == ST_IDLE && !w->waiting_announced && w->idle_since + WAITING_AFTER < next)
             next = w->idle_since + WAITING_AFTER;
-        double dead = w->last_heard + w->recipe.cluster.heartbeat_timeout_ms / 1000.0;
-        if (dead < next) next = dead;
         if (w->state == ST_WAIT_WEIGHTS && !w->held && w->push_done + answer_timeout(w) < next)
             next = w->push_done + answer_timeout(w);
     }
@@ -748,49 +771,32 @@ static int poll_timeout_ms(const worker_t *w, double now) {
     return ms < 0 ? 0 : ms > 1000 ? 1000 : (int)ms;
 }
 
-/* A refused key or a plaintext/CurveZMQ mismatch with the coordinator does not heal by
- * retrying: fatal, with what to fix. A teacher that refuses us is logged (this worker still
- * gets batches from the others); a wrong coordinator key shows only as handshakes the
- * coordinator closes: said once, retried. */
-static int check_handshakes(worker_t *w) {
-    const kd_curve_client_t *curve = w->curve_on ? &w->curve : NULL;
-    if (kd_curve_check_coordinator(&w->watch, w->coordinator, curve, &w->broken_told,
-                                   "WORKER-CURVE", "--coordinator-key") != 0)
-        return FATAL;
+/* A teacher that refuses us is logged (this worker still gets batches from the others); the
+ * coordinator's handshakes are the session's. */
+static void check_stream_handshakes(worker_t *w) {
     char why[KD_ERR_LEN];
-    int verdict = kd_curve_watch_check(&w->pull_watch, "a teacher node", curve, why, sizeof why);
+    int verdict = kd_curve_watch_check(&w->pull_watch, "a teacher node",
+                                       w->curve_on ? &w->curve : NULL, why, sizeof why);
     if ((verdict == KD_CURVE_REFUSED || verdict == KD_CURVE_MISMATCH) &&
         kd_log_allow(&w->stream_limit, 1.0))
         kd_log(KD_LOG_ERROR, "WORKER-CURVE", "batch stream: %s", why);
-    return KEEP_GOING;
 }
 
 static int run(worker_t *w) {
     char err[KD_ERR_LEN];
     for (;;) {
-        if (w->dealer && check_handshakes(w) != KEEP_GOING) return FATAL;
         /* A step in progress finishes first: its answer is awaited in ST_WAIT_WEIGHTS. */
-        if (kd_node_stop_requested && (w->state != ST_WAIT_WEIGHTS || !w->dealer)) return STOP_NOW;
-        double now = kd_now();
-        if (!w->dealer) {
-            if (now >= w->reconnect_at) {
-                if (connect_coordinator(w, err, sizeof err) != 0) {
-                    kd_log(KD_LOG_ERROR, "WORKER-CONNECT", "%s", err);
-                    return FATAL;
-                }
-            } else {
-                zmq_poll(NULL, 0, poll_timeout_ms(w, now));
-                continue;
-            }
-        }
+        if (kd_node_stop_requested && (w->state != ST_WAIT_WEIGHTS || !connected(w)))
+            return STOP_NOW;
         /* What arrived during a long step counts before the silence check. */
         int action = drain_dealer(w);
         if (action != KEEP_GOING) return action;
-        if (!w->dealer) continue;
-        now = kd_now();
-        if (now - w->last_heard > w->recipe.cluster.heartbeat_timeout_ms / 1000.0) {
-            lose_coordinator(w, w->state == ST_HELLO ? "no welcome from the coordinator"
-                                                     : "no word from the coordinator");
+        double now = kd_now();
+        action = on_session_event(w, kd_session_tick(w->session, now, err, sizeof err), err);
+        if (action != KEEP_GOING) return action;
+        check_stream_handshakes(w);
+        if (!connected(w)) {
+            zmq_poll(NULL, 0, poll_timeout_ms(w, now));
             continue;
         }
         if (w->state == ST_WAIT_WEIGHTS && !w->held && now - w->push_done > answer_timeout(w)) {
@@ -803,11 +809,11 @@ static int run(worker_t *w) {
         if (w->state == ST_IDLE && !w->waiting_announced && now - w->idle_since > WAITING_AFTER) {
             send_heartbeat(w, true);
             w->waiting_announced = true;
-        } else if (w->state != ST_HELLO && now - w->last_sent >= w->heartbeat_ms / 1000.0) {
+        } else if (kd_session_heartbeat_due(w->session, now)) {
             send_heartbeat(w, w->state == ST_IDLE && w->waiting_announced);
         }
 
-        zmq_pollitem_t items[2] = {{.socket = w->dealer, .events = ZMQ_POLLIN},
+        zmq_pollitem_t items[2] = {{.socket = kd_session_socket(w->session), .events = ZMQ_POLLIN},
                                    {.socket = w->pull, .events = ZMQ_POLLIN}};
         int n = w->state == ST_IDLE ? 2 : 1;
         int rc = zmq_poll(items, n, poll_timeout_ms(w, now));
@@ -821,7 +827,7 @@ static int run(worker_t *w) {
             action = drain_dealer(w);
             if (action != KEEP_GOING) return action;
         }
-        if (n == 2 && w->state == ST_IDLE && w->dealer && !kd_node_stop_requested &&
+        if (n == 2 && w->state == ST_IDLE && connected(w) && !kd_node_stop_requested &&
             (items[1].revents & ZMQ_POLLIN)) {
             action = pull_batch(w);
             if (action != KEEP_GOING) return action;
@@ -909,7 +915,6 @@ int main(int argc, char **argv) {
                w.curve.self.public_z85, w.curve.server_z85);
     /* Until a Welcome brings the recipe's cluster settings. */
     kd_recipe_defaults(&w.recipe);
-    w.heartbeat_ms = (int)w.recipe.cluster.heartbeat_ms;
     atomic_init(&w.grads_in_flight, 0);
 
     int status = 1;
@@ -918,24 +923,35 @@ int main(int argc, char **argv) {
         kd_log(KD_LOG_ERROR, "WORKER-ZMQ", "cannot create a ZeroMQ context");
         goto cleanup;
     }
+    kd_session_config_t cfg = {.role = KDIST__ROLE__WORKER,
+                               .node_id = w.id,
+                               .endpoint = w.coordinator,
+                               .curve = w.curve_on ? &w.curve : NULL,
+                               .threads = (uint32_t)w.threads,
+                               .heartbeat_ms = (int)w.recipe.cluster.heartbeat_ms,
+                               .timeout_ms = (int)w.recipe.cluster.heartbeat_timeout_ms,
+                               .log_prefix = "WORKER",
+                               .key_hint = "--coordinator-key"};
+    w.session = kd_session_new(w.ctx, &cfg);
     int rc = run(&w);
     if (rc == STOP_NOW) {
-        send_goodbye(&w, kd_node_stop_requested ? "signal" : "stop");
+        kd_session_goodbye(w.session, kd_node_stop_requested ? "signal" : "stop");
         status = 0;
     }
-    kd_log(KD_LOG_INFO, "WORKER-EXIT", "%llu steps, %llu samples, %llu messages dropped",
+    kd_log(KD_LOG_INFO, "WORKER-EXIT",
+           "%llu steps, %llu samples, %llu messages dropped, %llu batches nacked",
            (unsigned long long)w.steps, (unsigned long long)w.samples,
-           (unsigned long long)w.dropped);
+           (unsigned long long)w.dropped, (unsigned long long)w.nacks);
 cleanup:
-    kd_curve_watch_stop(&w.watch);
+    kd_session_destroy(&w.session);
     kd_curve_watch_stop(&w.pull_watch);
-    if (w.dealer) zmq_close(w.dealer);
     if (w.pull) zmq_close(w.pull);
     if (w.ctx) zmq_ctx_term(w.ctx); /* releases any gradient still queued */
     use_own_buffers(&w);
     kd_model_destroy(&w.model);
     free_step_buffers(&w);
     for (int i = 0; i < w.n_endpoints; i++) free(w.endpoints[i]);
+    free(w.endpoints);
     kd_log_close();
     return status;
 }
