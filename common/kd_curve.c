@@ -415,6 +415,28 @@ int kd_curve_keyset_load(const kd_recipe_t *r, const char *recipe_name, kd_curve
     return 0;
 }
 
+/* Whether a tcp:// endpoint's host is a loopback address (127.0.0.0/8, ::1, localhost). */
+static bool loopback_host(const char *endpoint) {
+    const char *host = endpoint + 6; /* after "tcp://" */
+    if (strncmp(host, "127.", 4) == 0 || strncmp(host, "localhost:", 10) == 0 ||
+        strncmp(host, "[::1]:", 6) == 0)
+        return true;
+    return false;
+}
+
+int kd_curve_check_plaintext_bind(const kd_recipe_t *r, const char *endpoint, const char *what,
+                                  char *err, size_t errlen) {
+    if (r->cluster.security.curve || r->cluster.security.allow_plaintext) return 0;
+    if (strncmp(endpoint, "tcp://", 6) != 0 || loopback_host(endpoint)) return 0;
+    return kd_err(
+        err, errlen,
+        "%s is %s, reachable from other machines, but CurveZMQ is off: anyone who reaches "
+        "it could join the run, read the weights or feed it batches. Turn on "
+        "cluster.security.curve (docs/security.md), or set "
+        "cluster.security.allow_plaintext: true for a deliberately insecure cluster",
+        what, endpoint);
+}
+
 bool kd_curve_keyset_has(const kd_curve_keyset_t *set, const char *z85) {
     for (int i = 0; i < set->n; i++)
         if (strcmp(set->keys[i], z85) == 0) return true;

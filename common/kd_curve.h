@@ -94,6 +94,12 @@ void kd_curve_roles_free(kd_curve_roles_t *roles);
 bool kd_curve_role_has(const kd_curve_roles_t *roles, kd_curve_role_t role, const char *z85);
 const char *kd_curve_role_list(kd_curve_role_t role); /* "worker_keys", ... */
 
+/* Binding `endpoint` without CurveZMQ is allowed only on loopback, ipc:// or inproc://, unless
+ * the recipe says cluster.security.allow_plaintext. what names the setting ("cluster.bind",
+ * "--stream-bind"). 0, or -1 with err naming the keys to set. */
+int kd_curve_check_plaintext_bind(const kd_recipe_t *r, const char *endpoint, const char *what,
+                                  char *err, size_t errlen);
+
 /* ---- the server side (socket options: kd_wire_curve_server, _client, _server_key) -------- */
 
 /* The ZAP handler (ZeroMQ RFC 27) of one context: admits CURVE clients whose key is in keys

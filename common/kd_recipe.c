@@ -286,6 +286,10 @@ static const row_t schema[] = {
     STR("cluster.security.coordinator_key", cluster.security.coordinator_key, 0, NULL, "",
         "the coordinator's public key (Z85, or a key file); the coordinator writes its own into "
         "the resolved recipe"),
+    BOOL("cluster.security.allow_plaintext", cluster.security.allow_plaintext, "false",
+         "let the coordinator and teachers bind a non-loopback address without CurveZMQ: anyone "
+         "who reaches the port can join, read the weights and feed batches (a deliberately "
+         "insecure cluster)"),
     STRLIST("cluster.security.authorized_keys", cluster.security.n_authorized_keys,
             cluster.security.authorized_keys, KD_MAX_AUTHORIZED_KEYS,
             "public keys that may join as a worker or a teacher node: Z85, key files or "

@@ -104,6 +104,7 @@ typedef struct {
         long max_nacks;           /* nacks of one batch before the run fails */
         struct {                  /* CurveZMQ (docs/security.md, kd_curve.h) */
             bool curve;           /* every connection encrypted and authenticated */
+            bool allow_plaintext; /* non-loopback binds without curve (deliberately insecure) */
             char keys_dir[KD_PATH_MAX];        /* kdist run: `kdist keygen --cluster DIR` */
             char coordinator_key[KD_PATH_MAX]; /* Z85 or a key file; "" = not given */
             int n_authorized_keys;             /* entries: Z85, key file or directory */

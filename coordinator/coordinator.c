@@ -1726,6 +1726,9 @@ static int setup(int argc, char **argv, bool *resume, char *err, size_t errlen) 
     if (!recipe || !run_dir) return kd_err(err, errlen, "%s", USAGE);
     if (kd_recipe_load(recipe, overrides, n_over, &C.r, err, errlen) != 0) return -1;
     if (setup_curve(recipe, key, err, errlen) != 0) return -1;
+    char what[KD_PATH_MAX + 32];
+    snprintf(what, sizeof what, "%s: cluster.bind", recipe);
+    if (kd_curve_check_plaintext_bind(&C.r, C.r.cluster.bind, what, err, errlen) != 0) return -1;
     if (C.r.distill.loss.alpha > 0 && !C.r.cache.import[0] &&
         (C.r.teacher.n_layers == 0 || !C.r.teacher.checkpoint[0]))
         return kd_err(err, errlen,

@@ -694,6 +694,7 @@ static int bind_stream(teacher_t *t, char *err, size_t errlen) {
     zmq_setsockopt(t->push, ZMQ_ZAP_DOMAIN, KD_WIRE_ZAP_DOMAIN, strlen(KD_WIRE_ZAP_DOMAIN));
     const char *ep = t->stream_bind ? t->stream_bind : "tcp://127.0.0.1:*";
     char bound[ENDPOINT_MAX];
+    if (kd_curve_check_plaintext_bind(&t->recipe, ep, "--stream-bind", err, errlen) != 0) return -1;
     if (kd_socket_bind(t->push, ep, bound, sizeof bound, err, errlen) != 0) return -1;
     if (!(t->stream_monitor = kd_wire_monitor(t->ctx, t->push, "stream", err, errlen))) return -1;
     const char *wild = "tcp://0.0.0.0:";

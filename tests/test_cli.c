@@ -14,6 +14,7 @@
 #include "kd_util.h"
 
 static char kdist[KD_PATH_MAX];
+static char bin_dir[KD_PATH_MAX];
 static char out_buf[65536];
 
 /* Runs a shell command line, capturing stdout+stderr into out_buf; returns the exit code. */
@@ -133,6 +134,53 @@ static void test_train_then_eval(const char *tmp) {
     CHECK_ERR_HAS(out_buf, want);
 }
 
+/* Secure by default off loopback: the coordinator and a teacher refuse to bind a non-loopback
+ * address without CurveZMQ (exit 2, naming cluster.security.allow_plaintext) before they load
+ * anything; loopback, and a recipe that says allow_plaintext, still start. */
+static void test_plaintext_bind(const char *tmp) {
+    char recipe[KD_PATH_MAX + 64], run_dir[KD_PATH_MAX + 64];
+    snprintf(recipe, sizeof recipe, "%s/plain_bind.yaml", tmp);
+    write_text(recipe, "name: cli_plain_bind\n"
+                       "student:\n"
+                       "  layers:\n"
+                       "    - {type: flatten}\n"
+                       "    - {type: linear, out_features: 10}\n"
+                       "data: {train_subset: 300, val_size: 100, test_subset: 100}\n");
+    snprintf(run_dir, sizeof run_dir, "%s/plain_bind_run", tmp);
+    unsetenv("KDIST_KEY");
+    int rc = run("%s/kdist-coordinator --recipe %s --run-dir %s cluster.bind=tcp://0.0.0.0:5555",
+                 bin_dir, recipe, run_dir);
+    CHECK(rc == 2);
+    CHECK_ERR_HAS(out_buf, "cluster.bind is tcp://0.0.0.0:5555");
+    CHECK_ERR_HAS(out_buf, "cluster.security.allow_plaintext: true");
+    rc = run("%s/kdist-coordinator --recipe %s --run-dir %s cluster.bind=tcp://*:0", bin_dir,
+             recipe, run_dir);
+    CHECK(rc == 2);
+    CHECK_ERR_HAS(out_buf, "cluster.security.allow_plaintext");
+    rc = run("%s/kdist-teacher --coordinator tcp://127.0.0.1:1 --id 0 --recipe %s "
+             "--stream-bind tcp://0.0.0.0:0",
+             bin_dir, recipe);
+    CHECK(rc == 2);
+    CHECK_ERR_HAS(out_buf, "--stream-bind is tcp://0.0.0.0:0");
+    CHECK_ERR_HAS(out_buf, "cluster.security.allow_plaintext");
+
+    /* loopback, and a deliberately insecure recipe, start: the endpoint file says so; the
+     * coordinator (no teacher ever comes) is then stopped with SIGTERM */
+    const char *binds[] = {"tcp://127.0.0.1:0",
+                           "tcp://0.0.0.0:0 cluster.security.allow_plaintext=true"};
+    for (int i = 0; i < 2; i++) {
+        char dir[KD_PATH_MAX + 96];
+        snprintf(dir, sizeof dir, "%s/plain_bind_ok%d", tmp, i);
+        rc = run("%s/kdist-coordinator --recipe %s --run-dir %s cluster.bind=%s & pid=$!; "
+                 "for _ in $(seq 300); do [ -s %s/coordinator.endpoint ] && break; "
+                 "kill -0 $pid 2>/dev/null || break; sleep 0.1; done; "
+                 "[ -s %s/coordinator.endpoint ]; ok=$?; kill -TERM $pid; wait $pid; exit $ok",
+                 bin_dir, recipe, dir, binds[i], dir, dir);
+        if (rc != 0) fprintf(stderr, "cluster.bind=%s did not start:\n%s\n", binds[i], out_buf);
+        CHECK(rc == 0);
+    }
+}
+
 /* docs/recipe.md carries the reference exactly as `kdist recipe keys` prints it. */
 static void test_recipe_doc_is_current(void) {
     CHECK(run("%s recipe keys", kdist) == 0);
@@ -151,10 +199,12 @@ static void test_recipe_doc_is_current(void) {
 int main(void) {
     const char *bin = getenv("KD_BIN_DIR");
     snprintf(kdist, sizeof kdist, "%s/kdist", bin ? bin : "../build/bin");
+    snprintf(bin_dir, sizeof bin_dir, "%s", bin ? bin : "../build/bin");
     const char *tmp = kd_test_tmpdir("test_cli");
     test_eval_matches_pytorch(tmp);
     test_eval_errors(tmp);
     test_train_then_eval(tmp);
     test_recipe_doc_is_current();
+    test_plaintext_bind(tmp);
     return kd_test_done("test_cli");
 }

@@ -11,6 +11,7 @@
 #   wait_for                polls a command until it succeeds, with a deadline
 #   mlp_recipe              the head of a short training recipe
 #   check_summary           a run's summary.json: completed, every batch applied once
+#   check_stopped_summary   a run the test stopped after its checks: its ledger is whole so far
 # Environment (ctest sets it): KD_BIN_DIR, KD_SRC_DIR, KD_TEST_TMP.
 
 KD_TEST_NAME=$(basename "$0" .sh)
@@ -193,5 +194,46 @@ checks = ['s.get("status") == "completed"', 'l.get("batches_expected", 0) > 0',
 for check in checks:
     if not eval(check):
         sys.exit(f"{sys.argv[2]}: does not hold: {check}")
+EOF
+}
+
+# check_stopped_summary FILE LOG [EXPR...]: FILE, the summary.json of a run the test stopped (it
+# is long enough never to end by itself), says "stopped", and its ledger is whole: LOG, the
+# coordinator's log, gives the batches per epoch (COORD-START) and each epoch it completed
+# (COORD-EPOCH-DONE, every one with all its batches applied once); the summary counts those
+# epochs, batches_expected is one batch set per epoch begun, and batches_applied is every batch
+# of the completed epochs plus at most one set of the open one: none applied twice, none lost.
+# Each EXPR, over the summary `s` and its ledger `l`, holds too.
+check_stopped_summary() {
+    local file=$1 log=$2
+    shift 2
+    [ -s "$file" ] || fail "there is no summary $file"
+    [ -s "$log" ] || fail "there is no coordinator log $log"
+    "$KD_PY" - "$file" "$log" "$KD_TEST_NAME" "$@" <<'EOF' || fail "summary $file: $(cat "$file")"
+import json, re, sys
+s = json.load(open(sys.argv[1]))
+l = s.get("ledger", {})
+text = open(sys.argv[2], errors="replace").read()
+starts = re.findall(r"COORD-START .* in ([0-9]+) batches", text)
+if not starts:
+    sys.exit(f"{sys.argv[3]}: no COORD-START line in {sys.argv[2]}")
+n = int(starts[-1])
+done = {}
+for e, a, o in re.findall(r"COORD-EPOCH-DONE epoch ([0-9]+) complete: ([0-9]+)/([0-9]+)", text):
+    done[int(e)] = (int(a), int(o))
+expected, applied = l.get("batches_expected", -1), l.get("batches_applied", -1)
+epochs = s.get("epochs", -1)
+print(f"{sys.argv[3]}: summary: status {s.get('status')}, {epochs} epoch(s) of {n} batches "
+      f"completed, {applied}/{expected} batches applied, {l.get('duplicates_dropped')} "
+      f"duplicates dropped, {l.get('restreamed')} restreamed, workers_max {s.get('workers_max')}")
+checks = ['s.get("status") == "stopped"', 'n > 0 and epochs >= 0',
+          'sorted(done) == list(range(epochs))  # every completed epoch logged',
+          'all(a == o == n for a, o in done.values())  # each with every batch applied once',
+          'expected % n == 0 and expected // n in (epochs, epochs + 1)  # a set per epoch begun',
+          'epochs * n <= applied <= expected  # the open epoch: no batch twice',
+          'l.get("duplicates_dropped", -1) >= 0'] + sys.argv[4:]
+for check in checks:
+    if not eval(check):
+        sys.exit(f"{sys.argv[3]}: does not hold: {check}")
 EOF
 }

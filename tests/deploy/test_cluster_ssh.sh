@@ -2,11 +2,15 @@
 # test_cluster_ssh (issue 6, Done-when 1): deploy/kdist-cluster over real ssh. Three network
 # namespaces are the hosts (veth pairs on a bridge, 10.118.46-49.0/24, each with its own hostname
 # and sshd), each with its own install and run directories so the rsync copies are real. `up`
-# brings up a coordinator on h1, a teacher node on h2 (distilling from a teacher checkpoint it
-# ships) and two workers on h3; while it trains, `scale` goes to four workers, `drain` removes
-# one and `scale` goes back to one, each seen in `status` with the run moving on; the run
-# completes with every batch applied once; `down` leaves nothing running. An inventory whose
-# host has no sshd makes `up` fail naming that host and the step. Needs root; about a minute.
+# makes a CurveZMQ key set and brings up a coordinator on h1, a teacher node on h2 (distilling
+# from a teacher checkpoint it ships) and two workers on h3, every connection encrypted: each
+# host holds only its roles' keys (0600, in a 0700 directory) and a keyless client is refused.
+# While it trains, `scale` goes to four workers, `drain` removes one and `scale` goes back to
+# one, each seen in `status` with the run moving on. The run is far too long to end by itself:
+# the checks are paced by what they wait for, never by the machine's speed. `down` then stops
+# it (status stopped, every batch of the completed epochs applied once, none twice) and leaves
+# nothing running. An inventory whose host has no sshd makes `up` fail naming that host and the
+# step. Needs root; about a minute.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -14,10 +18,8 @@ skip_unless_root "network namespaces, sshd"
 BIN=$KD_BIN_DIR
 CLUSTER=$KD_SRC_DIR/deploy/kdist-cluster
 DATA=$KD_DATA
-RUN_STALL=60     # the run fails when the coordinator's log stands still this long...
-RUN_DEADLINE=400 # ...or does not complete within this (ASan on a loaded machine: ~200 s)
-EPOCHS=300       # 25 s of training on an idle machine, 80 s on a busy one: the scaling
-                 # takes half of the first
+EPOCHS=100000    # hours of training: the run ends when the test stops it, after its checks
+STEP_WAIT=60     # seconds for the run to move on after a change (one step, however loaded)
 
 require_tools ip sshd ssh ssh-keygen rsync setsid unshare flock python3
 [ -f "$DATA/train-images-idx3-ubyte.gz" ] || fail "no Fashion-MNIST in $DATA (dataset-fashion-mnist)"
@@ -55,6 +57,21 @@ pids_matching() {
 test_pids() { pids_matching "$T/"; }
 # The cluster's processes: binaries and kdist-node live under the hosts' directories $T/h*.
 role_pids() { pids_matching "$T/h"; }
+
+# The hosts are namespaces of one machine, where the training (every role busy as it can be)
+# would starve the test's own ssh sessions, kdist-node and status commands, which on real hosts
+# run on other machines: the roles and their supervisors (restarts inherit it) run at nice 10.
+# It changes how fast the run trains, not what the checks see.
+lower_roles() {
+    local p
+    for p in $(role_pids); do
+        case "$(tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null)" in
+        */bin/kdist-coordinator* | */bin/kdist-teacher* | */bin/kdist-worker* | *" supervise "*)
+            renice -n 10 -p "$p" >/dev/null 2>&1 || true
+            ;;
+        esac
+    done
+}
 
 kill_test_pids() {
     local p
@@ -159,7 +176,7 @@ EOF
 TEACHER=$T/teacher/runs/ssh_teacher/student.safetensors
 [ -f "$TEACHER" ] || fail "kdist train wrote no $TEACHER"
 
-# The student run: long enough (epochs) to outlast the scaling by far.
+# The student run: long enough (epochs) never to end before `down` stops it.
 {
     mlp_recipe ssh_cluster 5 64
     cat <<EOF
@@ -194,6 +211,7 @@ log "ok: up against a host without sshd: $(grep 'host h2' "$T/no_sshd.out")"
 
 t0=$SECONDS
 kc up "$T/recipe.yaml" train.epochs=$EPOCHS >"$T/up.out" 2>&1 || fail "up failed: $(cat "$T/up.out")"
+lower_roles
 cat "$T/up.out"
 grep -Eq "^h1 +$SUBNET.1 +coordinator +0 +[0-9]+ +tcp://$SUBNET.1:5555" "$T/up.out" ||
     fail "up does not show the coordinator on h1 at tcp://$SUBNET.1:5555"
@@ -208,6 +226,29 @@ for f in h1/opt/bin/kdist-coordinator h1/data/train-images-idx3-ubyte.gz h1/opt/
 done
 [ ! -e "$T/h3/data/train-images-idx3-ubyte.gz" ] || fail "up copied the dataset to h3, which runs only workers"
 cmp -s "$TEACHER" "$T/h2/opt/teachers/ssh_cluster.safetensors" || fail "the teacher checkpoint on h2 differs"
+# CurveZMQ: the key set up made, and on each host only what its roles use
+grep -q "CurveZMQ on: keys from $T/state/kdist-cluster/" "$T/up.out" || fail "up did not say CurveZMQ is on"
+keys_on() { # HOST: the key files in its run directory
+    (cd "$T/$1/run/ssh_cluster/keys" && ls | paste -sd' ' -)
+}
+[ "$(keys_on h1)" = "client.key client.pub coordinator.key coordinator.pub teacher.pub worker.pub" ] ||
+    fail "h1 (coordinator) holds the keys '$(keys_on h1)'"
+[ "$(keys_on h2)" = "client.pub coordinator.pub teacher.key teacher.pub worker.pub" ] ||
+    fail "h2 (teacher) holds the keys '$(keys_on h2)'"
+[ "$(keys_on h3)" = "coordinator.pub worker.key" ] || fail "h3 (workers) holds the keys '$(keys_on h3)'"
+for h in h1 h2 h3; do
+    [ "$(stat -c %a "$T/$h/run/ssh_cluster/keys")" = 700 ] || fail "$h: the keys directory is not 0700"
+    for f in "$T/$h"/run/ssh_cluster/keys/*.key; do
+        [ "$(stat -c %a "$f")" = 600 ] || fail "$f is not mode 0600"
+    done
+done
+grep -q "COORD-CURVE CurveZMQ on" "$T/h1/run/ssh_cluster/logs/coordinator-0.log" ||
+    fail "the coordinator does not say CurveZMQ is on"
+if "$BIN/kdist" status "tcp://$SUBNET.1:5555" >"$T/plain_status.out" 2>&1; then
+    fail "a client without keys got the coordinator's status"
+fi
+grep -q "uses CurveZMQ" "$T/plain_status.out" || fail "a keyless client: $(cat "$T/plain_status.out")"
+log "ok: CurveZMQ: h1, h2 and h3 hold only their roles' keys; a keyless client is refused"
 if kc up "$T/recipe.yaml" >"$T/up2.out" 2>&1; then fail "a second up succeeded"; fi
 grep -q "a cluster is up already" "$T/up2.out" || fail "a second up does not say the cluster is up: $(cat "$T/up2.out")"
 
@@ -221,7 +262,7 @@ step_now() { sed -nE 's/^progress .* step ([0-9]+)\/.*/\1/p' "$T/status.out" | h
 
 expect_workers() { # N WHEN
     status
-    [ ! -f "$SUMMARY" ] || fail "the run ended before the check '$2' (make it longer)"
+    [ ! -f "$SUMMARY" ] || fail "the run ended by itself before the check '$2': $(cat "$SUMMARY")"
     workers_line | grep -q "^workers: $1 live at the coordinator, $1 running on the hosts" ||
         fail "$2: status does not show $1 live and running workers: $(workers_line)
 $(cat "$T/status.out")"
@@ -232,13 +273,13 @@ $(cat "$T/status.out")"
 step_grew() {
     status
     step_after=$(step_now)
-    [ -f "$SUMMARY" ] || { [ -n "$step_after" ] && [ "$step_after" -gt "$step_before" ]; }
+    [ ! -f "$SUMMARY" ] || fail "$1: the run ended by itself: $(cat "$SUMMARY")"
+    [ -n "$step_after" ] && [ "$step_after" -gt "$step_before" ]
 }
-expect_progress() { # WHEN
-    status
+expect_progress() { # WHEN: from the step in the status expect_workers has just taken
     step_before=$(step_now)
     [ -n "$step_before" ] || fail "$1: no progress line in status: $(cat "$T/status.out")"
-    wait_for 20 "$1: the run moving on from step $step_before" step_grew
+    wait_for "$STEP_WAIT" "$1: the run moving on from step $step_before" step_grew
     log "ok: $1: the run goes on (step $step_before -> ${step_after:-end})"
 }
 
@@ -246,6 +287,7 @@ expect_workers 2 "after up"
 grep -Eq "^h2 +teacher +0 +running" "$T/status.out" || fail "status does not show the teacher running on h2"
 
 kc scale --workers 4 >"$T/scale4.out" 2>&1 || fail "scale --workers 4 failed: $(cat "$T/scale4.out")"
+lower_roles
 cat "$T/scale4.out"
 expect_workers 4 "after scale --workers 4"
 expect_progress "with 4 workers"
@@ -264,22 +306,20 @@ kc logs worker 0 -n 5 >"$T/logs.out" 2>&1 || fail "logs worker 0 failed: $(cat "
 [ -s "$T/logs.out" ] || fail "logs worker 0 printed nothing"
 log "ok: scaled 2 -> 4 -> 3 -> 1 workers in $((SECONDS - t0))s after up"
 
-# ---- the run completes, every batch applied once -----------------------------------------------
+# ---- down stops the run: its ledger is whole, nothing is left running -----------------------
 
-wait_while_growing "$RUN_STALL" "$RUN_DEADLINE" "the run's summary.json on h1" \
-    "$T/h1/run/ssh_cluster/logs/coordinator-0.log" test -f "$SUMMARY"
-check_summary "$SUMMARY"
-log "ok: the run completed $((SECONDS - t0))s after up"
+[ ! -f "$SUMMARY" ] || fail "the run ended by itself before down: $(cat "$SUMMARY")"
+kc down --timeout 60 >"$T/down.out" 2>&1 || fail "down failed: $(cat "$T/down.out")"
+cat "$T/down.out"
+grep -q "down: nothing of run ssh_cluster runs on h1 h2 h3 any more" "$T/down.out" || fail "down did not report the end"
+grep -q "h1: coordinator-0 stopped stopped:0" "$T/down.out" ||
+    fail "the coordinator did not stop cleanly on down's SIGTERM"
+check_stopped_summary "$SUMMARY" "$T/h1/run/ssh_cluster/logs/coordinator-0.log" \
+    's.get("workers_max") == 4'
 # no role crashed on the way (a supervisor would have restarted it) nor tripped a sanitizer
 if grep -lE "exited with [0-9]+.*restart|AddressSanitizer|runtime error:" "$T"/h*/run/ssh_cluster/logs/*.log; then
     fail "a role crashed or a sanitizer complained (the logs above)"
 fi
-
-# ---- down leaves nothing running ---------------------------------------------------------------
-
-kc down >"$T/down.out" 2>&1 || fail "down failed: $(cat "$T/down.out")"
-cat "$T/down.out"
-grep -q "down: nothing of run ssh_cluster runs on h1 h2 h3 any more" "$T/down.out" || fail "down did not report the end"
 left=$(role_pids)
 [ -z "$left" ] || fail "processes left after down: $(for p in $left; do tr '\0' ' ' <"/proc/$p/cmdline"; echo; done)"
 for ns in "${NS[@]}"; do

@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
 # Done-when 2 of the deployment issue: a one-node Slurm cluster of our own (munged, slurmctld,
-# slurmd on 127.0.0.1, every path and port private to this test) runs deploy/slurm/kdist.sbatch;
-# a second job (kdist-workers.sbatch) adds a worker that joins and pushes gradients; `scancel`
-# of that job makes the worker drain (a goodbye, not a heartbeat timeout); the run completes
-# with every batch applied once. Needs root (munged runs as munge, slurmd starts jobs).
+# slurmd on 127.0.0.1, every path and port private to this test) runs deploy/slurm/kdist.sbatch
+# with CurveZMQ on: the job makes the run's key set in RUN_DIR/keys (0700, keys 0600) and every
+# role uses it, and a keyless client is refused. A second job (kdist-workers.sbatch) adds a
+# worker that joins with the run's worker key and pushes gradients; `scancel` of that job makes
+# the worker drain (a goodbye, not a heartbeat timeout). The run is far too long to end by
+# itself: each check waits for its event, never for the machine's speed, and then `scancel
+# --signal=TERM` of the run's job stops it: the job ends with the coordinator's status 0, the
+# summary says stopped and the ledger is whole (every batch of the completed epochs applied
+# once, none twice). Needs root (munged runs as munge, slurmd starts jobs).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 START_DEADLINE=30  # seconds for the daemons to come up and the node to be idle
 EVENT_DEADLINE=60  # seconds for one step of the scenario (endpoint, a worker training, ...)
-RUN_STALL=60       # after the scale-down the run fails when the coordinator's log stands still
-RUN_DEADLINE=400   # this long, or when it has not ended within this (ASan, loaded machine)
-EPOCHS=400         # 30-60 s of training on this 2-core machine, idle or busy
+STOP_DEADLINE=90   # seconds for the stopped job to end (the coordinator evaluates, checkpoints)
+EPOCHS=100000      # hours of training: the run ends when the test stops it, after its checks
 
 skip_unless_root "munged runs as the munge user, slurmd starts jobs"
 require_tools munged slurmctld slurmd sbatch squeue scancel sinfo setpriv python3
@@ -190,6 +194,20 @@ wait_for "$EVENT_DEADLINE" "$run/coordinator.endpoint" endpoint_written
 endpoint=$(cat "$run/coordinator.endpoint")
 [[ $endpoint =~ ^tcp://127\.0\.0\.1:[0-9]+$ ]] || fail "coordinator endpoint '$endpoint' is not tcp://127.0.0.1:PORT"
 log "coordinator at $endpoint"
+# CurveZMQ: the job made the run's keys, and the coordinator uses them
+[ "$(stat -c %a "$run/keys")" = 700 ] || fail "$run/keys is not mode 0700"
+for role in coordinator teacher worker client; do
+    [ "$(stat -c %a "$run/keys/$role.key")" = 600 ] || fail "$run/keys/$role.key is not mode 0600"
+done
+grep -q "made a CurveZMQ key set in $run/keys" "$T/work/kdist-$main_job.out" ||
+    fail "job $main_job did not say it made the keys: $(cat "$T/work/kdist-$main_job.out")"
+wait_for "$EVENT_DEADLINE" "the coordinator saying CurveZMQ is on" \
+    grep -q "COORD-CURVE CurveZMQ on" "$run/logs/coordinator.log"
+if "$kdist" status "$endpoint" >"$T/plain_status.out" 2>&1; then
+    fail "a client without keys got the coordinator's status"
+fi
+grep -q "uses CurveZMQ" "$T/plain_status.out" || fail "a keyless client: $(cat "$T/plain_status.out")"
+log "CurveZMQ on: keys in $run/keys; a keyless client is refused"
 
 # status_check PY_EXPR: true when the expression holds for the coordinator's StatusReply `s`
 # (members by (role, id) in `m`, events in `ev`).
@@ -209,7 +227,11 @@ s = json.load(open(sys.argv[1]))
 print(next((x.get("steps", 0) for x in s.get("members", [])
             if x.get("role") == "worker" and x.get("id") == sys.argv[2]), -1))' "$T/status.json" "$1"
 }
-running_with() { job_running "$main_job" || fail "job $main_job ended early"; status_check "$1"; }
+running_with() {
+    job_running "$main_job" || fail "job $main_job ended before the test stopped it"
+    [ ! -e "$run/summary.json" ] || fail "the run ended by itself: $(cat "$run/summary.json")"
+    status_check "$1"
+}
 
 w0=j$main_job-0
 wait_for "$EVENT_DEADLINE" "worker $w0 and teacher j$main_job-0 training" running_with \
@@ -242,21 +264,26 @@ grep -q "COORD-MEMBER-GONE worker $w1 (.*) leave" "$run/logs/coordinator.log" ||
     fail "the coordinator's log does not show worker $w1 leaving"
 grep -q "WORKER-EXIT" "$run/logs/worker-$w1.log" ||
     fail "worker $w1 did not reach its clean exit (log $run/logs/worker-$w1.log)"
+grep -q "worker(s) (CurveZMQ) on" "$T/work/workers-$worker_job.out" ||
+    fail "the worker job did not use the run's keys: $(cat "$T/work/workers-$worker_job.out")"
 grep -q "workers exited with status 0" "$T/work/workers-$worker_job.out" ||
     fail "the workers of job $worker_job did not exit 0"
 status_check "m.get(('worker', '$w0'), {}).get('steps', 0) > 0" || fail "worker $w0 is gone too"
 log "scancel $worker_job: worker $w1 drained (goodbye, exit 0); $w0 trains on"
 
-# ---- the end of the run ---------------------------------------------------------------------
+# ---- the end of the run: stopped by the test ---------------------------------------------------
+# SIGTERM to every step, as the job's --signal does near its time limit: the coordinator stops
+# the run (evaluates, checkpoints, writes summary.json), the nodes leave, the job ends.
+[ ! -e "$run/summary.json" ] || fail "the run ended by itself before the test stopped it"
+scancel --signal=TERM "$main_job"
 main_ended() { job_gone "$main_job"; }
-wait_while_growing "$RUN_STALL" "$RUN_DEADLINE" "job $main_job to end" "$run/logs/coordinator.log" \
-    main_ended
+wait_for "$STOP_DEADLINE" "job $main_job to end after scancel --signal=TERM" main_ended
 grep -q "coordinator exited with status 0" "$T/work/kdist-$main_job.out" ||
     fail "job $main_job did not report the coordinator's status 0"
 [ ! -e "$run/coordinator.endpoint" ] || fail "the finished job left $run/coordinator.endpoint behind"
 # A dropped duplicate needs a second copy of its batch, which only a restream makes.
-check_summary "$run/summary.json" 'l["duplicates_dropped"] <= l["restreamed"]' \
-    's.get("workers_max") == 2'
+check_stopped_summary "$run/summary.json" "$run/logs/coordinator.log" \
+    'l["duplicates_dropped"] <= l["restreamed"]' 's.get("workers_max") == 2'
 for f in "$run/logs/worker-$w0.log" "$run/logs/teacher-j$main_job-0.log"; do
     grep -Eq "WORKER-EXIT|TEACHER-EXIT" "$f" || fail "$f shows no clean exit"
 done
