@@ -618,6 +618,17 @@ static const char *print_summary(run_t *r) {
     printf("%-20s %lld/%lld batches applied, %lld duplicates dropped, %lld restreamed\n", "ledger",
            (long long)json_number_value(ap), (long long)json_number_value(ex),
            (long long)json_number_value(du), (long long)json_number_value(re));
+    json_t *lost = json_object_get(root, "members_lost"), *m;
+    size_t i;
+    json_array_foreach(lost, i, m) {
+        const char *event = json_string_value(json_object_get(m, "event"));
+        printf("%s%s %s (%s at %.1f s)", i ? ", " : "lost                 ",
+               json_string_value(json_object_get(m, "role")),
+               json_string_value(json_object_get(m, "id")),
+               event && strcmp(event, "dead") == 0 ? "died" : "evicted",
+               json_number_value(json_object_get(m, "time")));
+    }
+    if (json_array_size(lost)) printf("\n");
     snprintf(path, sizeof path, "%s/student.safetensors", r->dir);
     printf("%-20s %s%s\n", "weights", path, kd_file_exists(path) ? "" : " (missing)");
     fflush(stdout);
@@ -1113,7 +1124,13 @@ int cli_run_cluster(const cli_run_spec_t *spec) {
     if (interrupted || (!good && status))
         say(r, "%sthe run ended with status '%s'", interrupted ? "interrupted: " : "",
             status ? status : "unknown");
-    rc = failed || !good ? 1 : 0;
+    /* The exit code says whether the run completed (a script's `kdist run ... && publish`);
+     * roles that died on the way are named above, in the table and in summary.json. A
+     * coordinator that could not save the final weights exits non-zero: not completed. */
+    if (failed && good && child_ok(coord))
+        say(r, "the run completed without %s: its ledger is whole (the table's 'lost' row)",
+            failed == 1 ? "the process that failed" : "the processes that failed");
+    rc = good && child_ok(coord) ? 0 : 1;
 cleanup:
     control_close(r);
     cli_client_destroy(&r->client);

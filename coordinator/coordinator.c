@@ -27,6 +27,7 @@
 #define MAX_OVERRIDES          64
 #define MAX_SHM_SLOTS          8
 #define TEACHER_GATHER_SECONDS 2.0
+#define COORD_MAX_LOST         32
 
 typedef enum { RUN_RUNNING = 0, RUN_FINISHING } run_phase_t;
 
@@ -63,6 +64,10 @@ typedef struct {
     int workers_max;
     coord_event_t events[COORD_MAX_EVENTS];
     int n_events;
+    /* members that ended without a goodbye (died or were evicted), for summary.json: the
+     * first COORD_MAX_LOST of them, and how many in all */
+    coord_event_t lost[COORD_MAX_LOST];
+    long n_lost;
 
     /* the current epoch */
     size_t n_batches, applied_count;
@@ -1065,6 +1070,10 @@ static void remove_member(member_t *m, const char *event) {
     kd_log(KD_LOG_INFO, "COORD-MEMBER-GONE", "%s %s (%s) %s", role_name(m->role), m->node_id,
            m->host, event);
     if (m->role != KDIST__ROLE__CLIENT) add_event(event, role_name(m->role), m->node_id);
+    if (m->role != KDIST__ROLE__CLIENT &&
+        (strcmp(event, "dead") == 0 || strcmp(event, "evicted") == 0) &&
+        C.n_lost++ < COORD_MAX_LOST)
+        C.lost[C.n_lost - 1] = C.events[C.n_events - 1];
     /* a sync step never waits for a worker that is gone; its collected gradient still counts */
     keep_step_gradients(m);
     release_slot(m);
@@ -1583,6 +1592,13 @@ static int write_summary(const eval_result_t *final) {
     json_object_set_new(ledger, "members_evicted", json_integer(C.evicted));
     json_object_set_new(ledger, "hellos_refused", json_integer(C.hellos_refused));
     json_object_set_new(ledger, "control_refused", json_integer(C.control_refused));
+    json_t *lost = json_array();
+    for (long i = 0; i < C.n_lost && i < COORD_MAX_LOST; i++)
+        json_array_append_new(lost, json_pack("{s:s, s:s, s:s, s:o}", "role", C.lost[i].role, "id",
+                                              C.lost[i].id, "event", C.lost[i].event, "time",
+                                              kd_json_number(C.lost[i].time)));
+    json_object_set_new(j, "members_lost", lost);
+    json_object_set_new(j, "members_lost_total", json_integer(C.n_lost));
     json_object_set_new(j, "teacher", teacher_work_json());
     if (!isnan(final->test.agreement)) { /* the student against the teacher */
         json_t *vs = json_object_get(j, "teacher");

@@ -204,6 +204,131 @@ static void test_status_and_stop(const char *tmp, const char *recipe) {
     json_decref(launcher);
 }
 
+/* The pid launcher.json gives the child of this role and id, or 0. */
+static pid_t launcher_pid(const char *dir, const char *role, int id) {
+    char path[KD_PATH_MAX + 128];
+    snprintf(path, sizeof path, "%s/launcher.json", dir);
+    json_t *launcher = json_load_file(path, 0, NULL), *c;
+    pid_t pid = 0;
+    size_t i;
+    json_array_foreach(json_object_get(launcher, "children"), i, c) {
+        const char *r = json_string_value(json_object_get(c, "role"));
+        if (r && strcmp(r, role) == 0 && json_integer_value(json_object_get(c, "id")) == id)
+            pid = (pid_t)json_integer_value(json_object_get(c, "pid"));
+    }
+    json_decref(launcher);
+    return pid;
+}
+
+/* How many workers the coordinator of the run in dir counts as members; -1 when it does not
+ * answer. */
+static int member_workers(const char *tmp, const char *dir) {
+    char *json_argv[] = {kdist, "status", (char *)dir, "--json", NULL};
+    if (run_argv(tmp, 10, json_argv) != 0) return -1;
+    json_t *j = json_loads(out_buf, 0, NULL), *m;
+    int workers = 0;
+    size_t i;
+    json_array_foreach(json_object_get(j, "members"), i, m) {
+        const char *role = json_string_value(json_object_get(m, "role"));
+        if (role && strcmp(role, "worker") == 0) workers++;
+    }
+    json_decref(j);
+    return workers;
+}
+
+/* Starts `kdist run` of the named run (dir and out set from its name) with extra overrides,
+ * and waits until its coordinator counts `want` workers as members; returns the launcher's
+ * pid (0 when it did not start) with *workers the last count seen. */
+static pid_t start_run_with_workers(const char *tmp, const char *recipe, const char *name,
+                                    const char *const *extra, int want, char *dir, char *out,
+                                    size_t n, int *workers) {
+    static char runs_arg[KD_PATH_MAX + 32], name_arg[128];
+    snprintf(runs_arg, sizeof runs_arg, "logging.runs_dir=%s/runs", tmp);
+    snprintf(name_arg, sizeof name_arg, "name=%s", name);
+    snprintf(dir, n, "%s/runs/%s", tmp, name);
+    snprintf(out, n, "%s/%s.txt", tmp, name);
+    char *argv[32] = {kdist,
+                      "run",
+                      (char *)recipe,
+                      name_arg,
+                      runs_arg,
+                      "data.train_subset=3000",
+                      "data.val_size=500",
+                      "data.test_subset=500"};
+    int argc = 8;
+    for (int i = 0; extra[i] && argc < 31; i++) argv[argc++] = (char *)extra[i];
+    pid_t pid = kd_test_start(out, argv);
+    CHECK(pid > 0);
+    *workers = 0;
+    if (pid <= 0) return 0;
+    double deadline = kd_now() + 90.0;
+    while (*workers < want && kd_now() < deadline && waitpid(pid, NULL, WNOHANG) == 0) {
+        *workers = member_workers(tmp, dir);
+        if (*workers < want) usleep(50000);
+    }
+    CHECK(*workers == want);
+    return pid;
+}
+
+/* Three sync workers, one SIGKILLed once all three train, no restart: the run completes with
+ * its ledger whole, so `kdist run` exits 0 (a script's `kdist run && publish` keeps a good
+ * model), and the table and summary.json name the worker that died. Paced by events: the kill
+ * follows the status that shows three workers, and a sync step waits for the dead worker
+ * until the coordinator declares it dead, so the run cannot end before that is seen. */
+static void test_worker_killed(const char *tmp, const char *recipe) {
+    char dir[KD_PATH_MAX + 64], out[KD_PATH_MAX + 64];
+    const char *extra[] = {"cluster.workers=3",        "cluster.consistency=sync",
+                           "cluster.heartbeat_ms=100", "cluster.heartbeat_timeout_ms=1500",
+                           "train.epochs=20",          NULL};
+    int workers;
+    pid_t pid =
+        start_run_with_workers(tmp, recipe, "run_killed", extra, 3, dir, out, sizeof dir, &workers);
+    if (!pid) return;
+    pid_t victim = launcher_pid(dir, "worker", 2);
+    CHECK(victim > 0);
+    if (victim > 0 && workers == 3) kill(victim, SIGKILL);
+    int rc = kd_test_finish(pid, 120);
+    kd_test_slurp(out, out_buf, sizeof out_buf);
+    CHECK(rc == 0);
+    if (rc != 0) fprintf(stderr, "kdist run said:\n%s\n", out_buf);
+    CHECK_ERR_HAS(out_buf, "worker 2 failed: killed by signal 9");
+    CHECK_ERR_HAS(out_buf, "lost                 worker 2 (died");
+    CHECK_ERR_HAS(out_buf, "the run completed without the process that failed");
+
+    char path[KD_PATH_MAX + 128];
+    snprintf(path, sizeof path, "%s/summary.json", dir);
+    json_t *s = json_load_file(path, 0, NULL);
+    const char *status = json_string_value(json_object_get(s, "status"));
+    CHECK(status && strcmp(status, "completed") == 0);
+    json_t *ledger = json_object_get(s, "ledger");
+    json_int_t expected = json_integer_value(json_object_get(ledger, "batches_expected"));
+    CHECK(expected == 20 * ((2500 + 127) / 128));
+    CHECK(json_integer_value(json_object_get(ledger, "batches_applied")) == expected);
+    json_t *lost = json_object_get(s, "members_lost");
+    CHECK(json_array_size(lost) == 1);
+    const char *id = json_string_value(json_object_get(json_array_get(lost, 0), "id"));
+    CHECK(id && strcmp(id, "2") == 0);
+    json_decref(s);
+}
+
+/* A run whose coordinator is SIGKILLed (no restart) does not complete: `kdist run` exits
+ * non-zero and says why. The run is far longer than the test: it ends by the kill. */
+static void test_coordinator_killed(const char *tmp, const char *recipe) {
+    char dir[KD_PATH_MAX + 64], out[KD_PATH_MAX + 64];
+    const char *extra[] = {"train.epochs=100000", NULL};
+    int workers;
+    pid_t pid = start_run_with_workers(tmp, recipe, "run_coord_killed", extra, 2, dir, out,
+                                       sizeof dir, &workers);
+    if (!pid) return;
+    pid_t coordinator = launcher_pid(dir, "coordinator", 0);
+    CHECK(coordinator > 0);
+    if (coordinator > 0) kill(coordinator, SIGKILL);
+    int rc = kd_test_finish(pid, 120);
+    kd_test_slurp(out, out_buf, sizeof out_buf);
+    CHECK(rc == 1);
+    CHECK_ERR_HAS(out_buf, "coordinator 0 failed: killed by signal 9");
+}
+
 static void test_errors(const char *tmp) {
     char bad[KD_PATH_MAX + 32];
     snprintf(bad, sizeof bad, "%s/bad.yaml", tmp);
@@ -239,5 +364,7 @@ int main(void) {
     test_errors(tmp);
     test_run_completes(tmp, recipe);
     test_status_and_stop(tmp, recipe);
+    test_worker_killed(tmp, recipe);
+    test_coordinator_killed(tmp, recipe);
     return kd_test_done("test_run");
 }
