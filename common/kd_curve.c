@@ -454,6 +454,7 @@ struct kd_zap {
     kd_curve_keyset_t *keys;
     char log_id[48];
     atomic_long refused;
+    atomic_bool dead; /* the actor ended without $TERM */
     kd_log_limit_t limit;
 };
 
@@ -530,21 +531,35 @@ static void zap_handle(kd_zap_t *z, zmq_msg_t *parts, int n) {
     }
 }
 
+/* Answers ZAP requests until $TERM. If it ends any other way, closing the handler unbinds the
+ * ZAP endpoint and, the domain being enforced (kd_wire_curve_server), every later handshake
+ * fails: admission stops (fails closed) and the owner sees kd_zap_alive() go false. */
 static void *zap_actor(void *arg) {
     kd_zap_t *z = arg;
+    const char *died = NULL;
     for (;;) {
         zmq_pollitem_t items[2] = {{z->handler, 0, ZMQ_POLLIN, 0}, {z->inner, 0, ZMQ_POLLIN, 0}};
         if (zmq_poll(items, 2, -1) < 0) {
             if (errno == EINTR) continue;
-            break; /* ETERM: the context is going away */
+            died = "poll"; /* ETERM too: the context is going away */
+            break;
         }
         if (items[1].revents & ZMQ_POLLIN) break; /* $TERM */
         if (!(items[0].revents & ZMQ_POLLIN)) continue;
         zmq_msg_t parts[ZAP_MAX_PARTS];
         int n = 0;
-        if (zap_receive(z->handler, parts, &n) != 0) break;
+        if (zap_receive(z->handler, parts, &n) != 0) {
+            died = "receive";
+            break;
+        }
         zap_handle(z, parts, n);
         for (int i = 0; i < n; i++) zmq_msg_close(&parts[i]);
+    }
+    if (died) {
+        atomic_store(&z->dead, true);
+        kd_log(KD_LOG_ERROR, z->log_id,
+               "the CurveZMQ ZAP handler stopped (%s: %s): no new connection is admitted", died,
+               zmq_strerror(errno));
     }
     zmq_close(z->handler);
     zmq_close(z->inner);
@@ -555,6 +570,7 @@ kd_zap_t *kd_zap_new(void *ctx, const kd_curve_keyset_t *keys, const char *log_i
                      size_t errlen) {
     kd_zap_t *z = kd_xcalloc(1, sizeof *z);
     atomic_init(&z->refused, 0);
+    atomic_init(&z->dead, false);
     snprintf(z->log_id, sizeof z->log_id, "%s", log_id);
     z->keys = kd_xmalloc(sizeof *z->keys);
     memcpy(z->keys, keys, sizeof *z->keys);
@@ -590,6 +606,10 @@ fail:
     free(z->keys);
     free(z);
     return NULL;
+}
+
+bool kd_zap_alive(const kd_zap_t *z) {
+    return z && !atomic_load(&((kd_zap_t *)z)->dead);
 }
 
 long kd_zap_refused(const kd_zap_t *z) {

@@ -112,6 +112,8 @@ kd_zap_t *kd_zap_new(void *ctx, const kd_curve_keyset_t *keys, const char *log_i
                      size_t errlen);
 /* Keys refused so far (any thread). */
 long kd_zap_refused(const kd_zap_t *z);
+/* False once the handler thread has died: no connection is admitted any more. */
+bool kd_zap_alive(const kd_zap_t *z);
 /* Stops and joins the thread; NULL-safe; call before zmq_ctx_term of its context. */
 void kd_zap_destroy(kd_zap_t **self_p);
 

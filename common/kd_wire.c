@@ -401,12 +401,25 @@ static int set_curve_opt(void *sock, int opt, const void *val, size_t len, const
     return kd_err(err, errlen, "cannot set %s: %s", what, zmq_strerror(errno));
 }
 
+/* A draft option in libzmq 4.3 (zmq.h declares it only with ZMQ_BUILD_DRAFT_API), built into
+ * Debian's libzmq5; 4.3.4 answers EINVAL where it is not, and then we refuse to serve. */
+#ifndef ZMQ_ZAP_ENFORCE_DOMAIN
+#define ZMQ_ZAP_ENFORCE_DOMAIN 93
+#endif
+
 int kd_wire_curve_server(void *sock, const kd_curve_pair_t *self, char *err, size_t errlen) {
     int one = 1;
     if (!self->secret_z85[0]) return kd_err(err, errlen, "a CurveZMQ server needs a secret key");
+    /* Without an enforced ZAP domain, libzmq admits every CURVE key when no ZAP handler
+     * answers (a handler that failed to start or died): with it, the handshake fails. */
     if (set_curve_opt(sock, ZMQ_CURVE_SERVER, &one, sizeof one, "ZMQ_CURVE_SERVER", err, errlen) ||
         set_curve_opt(sock, ZMQ_CURVE_SECRETKEY, self->secret_z85, KD_CURVE_Z85_LEN,
-                      "ZMQ_CURVE_SECRETKEY", err, errlen))
+                      "ZMQ_CURVE_SECRETKEY", err, errlen) ||
+        set_curve_opt(sock, ZMQ_ZAP_DOMAIN, KD_WIRE_ZAP_DOMAIN, strlen(KD_WIRE_ZAP_DOMAIN),
+                      "ZMQ_ZAP_DOMAIN", err, errlen) ||
+        set_curve_opt(sock, ZMQ_ZAP_ENFORCE_DOMAIN, &one, sizeof one,
+                      "ZMQ_ZAP_ENFORCE_DOMAIN (this libzmq cannot make CurveZMQ fail closed)", err,
+                      errlen))
         return -1;
     return 0;
 }

@@ -16,6 +16,7 @@
 #include "kd_recipe.h"
 #include "kd_test.h"
 #include "kd_util.h"
+#include "kd_util.h"
 #include "kd_wire.h"
 
 static char err[KD_ERR_LEN];
@@ -436,6 +437,60 @@ static void test_zap(void) {
     free(set);
 }
 
+/* With no ZAP handler answering (it never started, or its thread ended), a CurveZMQ server
+ * admits nobody, not even an authorized key: libzmq 4.3 would let every key in unless the
+ * ZAP domain is enforced. The server's monitor sees the handshake fail; no message arrives. */
+static void test_zap_fails_closed(void) {
+    for (int round = 0; round < 2; round++) {
+        void *ctx = zmq_ctx_new();
+        kd_curve_keyset_t *set = kd_xcalloc(1, sizeof *set);
+        set->n = 1;
+        snprintf(set->keys[0], sizeof set->keys[0], "%s", PUBLIC);
+        kd_zap_t *zap = NULL;
+        if (round == 1) { /* a handler that was there and is gone */
+            zap = kd_zap_new(ctx, set, "TEST-CURVE-REFUSED", err, sizeof err);
+            CHECK(zap != NULL && kd_zap_alive(zap));
+            kd_zap_destroy(&zap);
+        }
+        CHECK(!kd_zap_alive(zap));
+        kd_curve_pair_t server_pair;
+        CHECK(zmq_curve_keypair(server_pair.public_z85, server_pair.secret_z85) == 0);
+        char bound[256];
+        void *router = kd_socket_router_curve(ctx, "tcp://127.0.0.1:*", 0, &server_pair, bound,
+                                              sizeof bound, err, sizeof err);
+        CHECK(router != NULL);
+        void *refusals = kd_wire_monitor(ctx, router, "test", err, sizeof err);
+        CHECK(refusals != NULL);
+        kd_curve_client_t good = {0};
+        snprintf(good.self.public_z85, 41, "%s", PUBLIC);
+        snprintf(good.self.secret_z85, 41, "%s", SECRET);
+        snprintf(good.server_z85, 41, "%s", server_pair.public_z85);
+        void *dealer =
+            kd_socket_dealer_curve(ctx, "worker-1-1", bound, 0, &good, NULL, err, sizeof err);
+        CHECK(dealer != NULL);
+        Kdist__Heartbeat hb = KDIST__HEARTBEAT__INIT;
+        kd_env_t env = KDIST__ENVELOPE__INIT;
+        env.body_case = KDIST__ENVELOPE__BODY_HEARTBEAT;
+        env.heartbeat = &hb;
+        CHECK(kd_wire_send(dealer, NULL, 0, &env, NULL, 0, ZMQ_DONTWAIT) == 0);
+        long total = 0;
+        double deadline = kd_now() + 20.0;
+        while (total < 1 && kd_now() < deadline) {
+            kd_wire_refused(refusals, "the test socket", &total);
+            struct timespec tick = {0, 10 * 1000 * 1000};
+            nanosleep(&tick, NULL);
+        }
+        CHECK(total >= 1);
+        zmq_pollitem_t item = {router, 0, ZMQ_POLLIN, 0};
+        CHECK(zmq_poll(&item, 1, 0) == 0); /* nothing came through */
+        zmq_close(dealer);
+        zmq_close(refusals);
+        zmq_close(router);
+        zmq_ctx_term(ctx);
+        free(set);
+    }
+}
+
 /* A curve client against a plaintext server: the mismatch the other way round. */
 static void test_mismatch_plain_server(void) {
     void *ctx = zmq_ctx_new();
@@ -508,6 +563,7 @@ int main(void) {
     test_recipe();
     test_keyset(tmp);
     test_zap();
+    test_zap_fails_closed();
     test_mismatch_plain_server();
     test_client_args(tmp);
     return kd_test_done("test_curve");
