@@ -605,6 +605,8 @@ static const char *print_summary(run_t *r) {
     snprintf(status, sizeof status, "%s", s ? s : "?");
     printf("\n%-20s %s\n", "run", r->recipe.name);
     printf("%-20s %s\n", "status", status);
+    const char *error = json_string_value(json_object_get(root, "error"));
+    if (error) printf("%-20s %s\n", "error", error);
     row_num(root, "test accuracy", "test_accuracy", "%.2f%%", 100.0);
     row_num(root, "val accuracy", "val_accuracy", "%.2f%%", 100.0);
     row_num(root, "best step", "best_step", "%.0f", 1.0);

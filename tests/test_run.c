@@ -14,6 +14,7 @@
 #include <sys/stat.h>
 #include <sys/wait.h>
 
+#include "kd_safetensors.h"
 #include "kd_test.h"
 #include "kd_test_cluster.h"
 #include "kd_util.h"
@@ -329,6 +330,82 @@ static void test_coordinator_killed(const char *tmp, const char *recipe) {
     CHECK_ERR_HAS(out_buf, "coordinator 0 failed: killed by signal 9");
 }
 
+/* Whether the safetensors file at dir/name is absent or holds finite float tensors only. */
+static bool absent_or_finite(const char *dir, const char *name) {
+    char path[KD_PATH_MAX + 128];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    if (!kd_file_exists(path)) return true;
+    kd_safetensors_t *f = NULL;
+    char err[KD_ERR_LEN];
+    if (kd_st_open(path, &f, err, sizeof err) != 0) return false;
+    bool finite = true;
+    for (int i = 0; i < kd_st_count(f) && finite; i++) {
+        const kd_st_tensor_t *t = kd_st_tensor(f, i);
+        if (t->dtype != KD_DTYPE_F32) continue;
+        size_t n = t->nbytes / sizeof(float);
+        float *v = kd_xmalloc(t->nbytes + 1);
+        memcpy(v, kd_st_data(f, t), t->nbytes); /* the data need not be aligned */
+        finite = kd_first_nonfinite(v, n) == n;
+        free(v);
+    }
+    kd_st_close(&f);
+    return finite;
+}
+
+/* A run that diverges (optim.lr=1e6) ends by itself, "failed" with the cause named, in bounded
+ * time (its length, 100000 epochs, would take days): exit 1, a valid summary.json, and no
+ * non-finite weights saved as final, best or checkpoint. */
+static void test_diverges(const char *tmp, const char *recipe) {
+    char runs_arg[KD_PATH_MAX + 32], dir[KD_PATH_MAX + 64];
+    snprintf(runs_arg, sizeof runs_arg, "logging.runs_dir=%s/runs", tmp);
+    snprintf(dir, sizeof dir, "%s/runs/run_diverges", tmp);
+    char *argv[] = {kdist,
+                    "run",
+                    (char *)recipe,
+                    "name=run_diverges",
+                    runs_arg,
+                    "optim.lr=1e6",
+                    "train.epochs=100000",
+                    "eval.every_steps=5",
+                    "checkpoint.every_steps=5",
+                    "data.train_subset=3000",
+                    "data.val_size=500",
+                    "data.test_subset=500",
+                    NULL};
+    double t0 = kd_now();
+    int rc = run_argv(tmp, 300, argv);
+    fprintf(stderr, "a diverging run ended after %.1f s with exit code %d\n", kd_now() - t0, rc);
+    CHECK(rc == 1);
+    CHECK_ERR_HAS(out_buf, "status               failed");
+    CHECK_ERR_HAS(out_buf, "optim.lr");
+    char path[KD_PATH_MAX + 128];
+    snprintf(path, sizeof path, "%s/summary.json", dir);
+    json_error_t jerr;
+    json_t *s = json_load_file(path, 0, &jerr);
+    CHECK(json_is_object(s));
+    if (!s) fprintf(stderr, "%s: %s\n", path, jerr.text);
+    const char *status = json_string_value(json_object_get(s, "status"));
+    const char *error = json_string_value(json_object_get(s, "error"));
+    CHECK(status && strcmp(status, "failed") == 0);
+    CHECK(error && strstr(error, "optim.lr"));
+    json_decref(s);
+    CHECK(absent_or_finite(dir, "student.safetensors"));
+    CHECK(absent_or_finite(dir, "best/student.safetensors"));
+    char ckpt_dir[KD_PATH_MAX + 128];
+    snprintf(ckpt_dir, sizeof ckpt_dir, "%s/checkpoints", dir);
+    glob_t g;
+    char pattern[KD_PATH_MAX + 160];
+    snprintf(pattern, sizeof pattern, "%s/*.safetensors", ckpt_dir);
+    if (glob(pattern, 0, NULL, &g) == 0) {
+        for (size_t i = 0; i < g.gl_pathc; i++) {
+            bool ok = absent_or_finite(ckpt_dir, strrchr(g.gl_pathv[i], '/') + 1);
+            CHECK(ok);
+            if (!ok) fprintf(stderr, "non-finite checkpoint %s\n", g.gl_pathv[i]);
+        }
+        globfree(&g);
+    }
+}
+
 static void test_errors(const char *tmp) {
     char bad[KD_PATH_MAX + 32];
     snprintf(bad, sizeof bad, "%s/bad.yaml", tmp);
@@ -366,5 +443,6 @@ int main(void) {
     test_status_and_stop(tmp, recipe);
     test_worker_killed(tmp, recipe);
     test_coordinator_killed(tmp, recipe);
+    test_diverges(tmp, recipe);
     return kd_test_done("test_run");
 }
