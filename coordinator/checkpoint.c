@@ -5,6 +5,7 @@
  * match its digest (damaged on disk, or cut short before the digest was written) is reported
  * and skipped, like a torn or foreign file. */
 #include <dirent.h>
+#include <errno.h>
 #include <stdbool.h>
 #include <jansson.h>
 #include <sodium.h>
@@ -17,7 +18,8 @@
 #include "kd_checkpoint.h"
 #include "kd_log.h"
 
-#define DIGEST_SUFFIX ".blake2b"
+#define DIGEST_SUFFIX  ".blake2b"
+#define PARTIAL_SUFFIX ".partial"
 
 /* The hex BLAKE2b-256 of a file's bytes into hex (65 bytes). */
 static int file_digest(const char *path, char *hex, char *err, size_t errlen) {
@@ -30,10 +32,11 @@ static int file_digest(const char *path, char *hex, char *err, size_t errlen) {
     return 0;
 }
 
-static int write_digest(const char *path, char *err, size_t errlen) {
+/* The digest of the bytes at path, as the digest of the checkpoint named final. */
+static int write_digest(const char *path, const char *final, char *err, size_t errlen) {
     char hex[2 * crypto_generichash_BYTES + 1], digest_path[KD_PATH_MAX + 400];
     if (file_digest(path, hex, err, errlen) != 0) return -1;
-    snprintf(digest_path, sizeof digest_path, "%s" DIGEST_SUFFIX, path);
+    snprintf(digest_path, sizeof digest_path, "%s" DIGEST_SUFFIX, final);
     return kd_write_file_atomic(digest_path, hex, strlen(hex), err, errlen);
 }
 
@@ -149,9 +152,18 @@ int coord_checkpoint_save(const char *dir, const coord_state_t *s, const kd_mode
     }
     kd_st_writer_metadata(w, "kdist.state", text);
     free(text);
-    int rc = kd_st_writer_write(w, path, err, errlen);
+    /* The file appears under its name only once its digest is there: written as
+     * <name>.partial, digested, then renamed. A crash on the way leaves a .partial (and maybe a
+     * digest with no file), which pruning removes, never a visible checkpoint that fails its
+     * digest. */
+    char partial[KD_PATH_MAX + 80];
+    snprintf(partial, sizeof partial, "%s" PARTIAL_SUFFIX, path);
+    int rc = kd_st_writer_write(w, partial, err, errlen);
     kd_st_writer_destroy(&w);
-    if (rc == 0) rc = write_digest(path, err, errlen);
+    if (rc == 0) rc = write_digest(partial, path, err, errlen);
+    if (rc == 0 && rename(partial, path) != 0)
+        rc = kd_err(err, errlen, "cannot rename %s to %s: %s", partial, path, strerror(errno));
+    if (rc != 0) unlink(partial);
     if (rc == 0) coord_checkpoint_prune(dir, keep, s->run_id);
     return rc;
 }
@@ -179,7 +191,32 @@ static void remove_checkpoint(const char *path) {
     unlink(digest);
 }
 
+/* What an interrupted save leaves: ckpt-*.partial and temporary files, and digests whose
+ * checkpoint never appeared. Only the coordinator writes here, and not while it prunes. */
+static void remove_leftovers(const char *dir) {
+    DIR *d = opendir(dir);
+    if (!d) return;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        const char *name = e->d_name;
+        size_t n = strlen(name), kp = strlen(PARTIAL_SUFFIX), kd = strlen(DIGEST_SUFFIX);
+        if (strncmp(name, "ckpt-", 5) != 0) continue;
+        char path[KD_PATH_MAX + 300];
+        snprintf(path, sizeof path, "%s/%s", dir, name);
+        bool leftover =
+            strstr(name, ".tmp.") || (n > kp && strcmp(name + n - kp, PARTIAL_SUFFIX) == 0);
+        if (!leftover && n > kd && strcmp(name + n - kd, DIGEST_SUFFIX) == 0) {
+            path[strlen(path) - kd] = 0; /* the checkpoint it is the digest of */
+            leftover = !kd_file_exists(path);
+            snprintf(path, sizeof path, "%s/%s", dir, name);
+        }
+        if (leftover) unlink(path);
+    }
+    closedir(d);
+}
+
 void coord_checkpoint_prune(const char *dir, long keep, const char *run_id) {
+    remove_leftovers(dir);
     ckpt_name_t *list;
     int n = list_checkpoints(dir, &list);
     long kept = 0;

@@ -2,7 +2,8 @@
  * and without processes — a save never overwrites a checkpoint in place (two saves at one step
  * are two files), pruning keeps the newest `keep` files that match their digest and belong to
  * this run (damaged ones go, other runs' files are neither counted nor touched), resume takes
- * the newest valid one, non-finite weights are never written. */
+ * the newest valid one, a file gets its checkpoint name only once its digest is written (what
+ * an interrupted save leaves is removed), non-finite weights are never written. */
 #include <dirent.h>
 #include <math.h>
 #include <stdio.h>
@@ -119,6 +120,33 @@ int main(void) {
     CHECK(strstr(found, "ckpt-000000008-000") != NULL);
     free(applied);
     applied = NULL;
+
+    /* A save interrupted before its file got its name leaves a .partial (with or without a
+     * digest beside the final name) and temporary files: none is a checkpoint, resume ignores
+     * them, and the next save removes them. */
+    const char *leftovers[] = {"ckpt-000000200-000.safetensors.partial",
+                               "ckpt-000000200-000.safetensors.blake2b",
+                               "ckpt-000000300-000.safetensors.partial.tmp.99.1",
+                               "ckpt-000000300-000.safetensors.blake2b.tmp.99.2"};
+    for (size_t i = 0; i < sizeof leftovers / sizeof leftovers[0]; i++) {
+        snprintf(path, sizeof path, "%s/%s", dir, leftovers[i]);
+        CHECK(kd_write_file_atomic(path, "interrupted", 11, err, sizeof err) == 0);
+    }
+    CHECK(coord_checkpoint_resume(dir, &s, m, opt, &applied, &nb, found, sizeof found) == 0);
+    CHECK(strstr(found, "ckpt-000000008-000") != NULL);
+    free(applied);
+    applied = NULL;
+    CHECK(save(m, opt, "runA", 8, 3) == 0);
+    for (size_t i = 0; i < sizeof leftovers / sizeof leftovers[0]; i++) {
+        snprintf(path, sizeof path, "%s/%s", dir, leftovers[i]);
+        bool gone = !kd_file_exists(path);
+        CHECK(gone);
+        if (!gone) fprintf(stderr, "left behind: %s\n", leftovers[i]);
+    }
+    snprintf(path, sizeof path, "%s/ckpt-000000008-001.safetensors.blake2b", dir);
+    CHECK(kd_file_exists(path)); /* the new one's digest stays */
+    /* (and runB's file, cut short above, is pruned as damaged) */
+    CHECK(strcmp(listing(), "ckpt-000000008-000.safetensors ckpt-000000008-001.safetensors ") == 0);
 
     /* Non-finite weights are never written. */
     m->params[1] = NAN;

@@ -15,6 +15,7 @@
 #include <dirent.h>
 #include <inttypes.h>
 #include <jansson.h>
+#include <math.h>
 #include <sys/stat.h>
 
 #include "kd_safetensors.h"
@@ -820,6 +821,146 @@ static void test_coordinator_restarted(const char *consistency, int damaged) {
     fprintf(stderr, "%s: %.1f s\n", name, kd_test_now() - t0);
 }
 
+/* ---- e) resume keeps the newest checkpoint and the best model -------------------------- */
+
+typedef struct {
+    long step;
+    double val_accuracy;
+    bool best; /* the coordinator marked it "(best)" */
+} eval_line_t;
+
+/* The COORD-EVAL lines of this incarnation of the coordinator's log, up to max. */
+static int eval_lines(const proc_t *coord, eval_line_t *out, int max) {
+    char *tail = proc_log_tail(coord);
+    int n = 0;
+    for (char *p = tail; n < max && (p = strstr(p, "COORD-EVAL step ")); p++) {
+        char *end = strchr(p, '\n');
+        if (!end) break; /* a line still being written */
+        *end = 0;
+        if (sscanf(p, "COORD-EVAL step %ld: val accuracy %lf", &out[n].step,
+                   &out[n].val_accuracy) == 2) {
+            out[n].best = strstr(p, "(best)") != NULL;
+            n++;
+        }
+        *end = '\n';
+    }
+    free(tail);
+    return n;
+}
+
+/* kdist.best of checkpoints/best/student.safetensors: the step and validation accuracy it
+ * holds, and its bytes (caller frees). */
+static bool best_on_disk(const cluster_t *c, long *step, double *accuracy, uint8_t **bytes,
+                         size_t *len) {
+    char path[KD_PATH_MAX + 64], err[KD_ERR_LEN];
+    snprintf(path, sizeof path, "%s/checkpoints/best/student.safetensors", c->dir);
+    kd_safetensors_t *st = NULL;
+    if (kd_st_open(path, &st, err, sizeof err) != 0) return false;
+    const char *meta = kd_st_metadata(st, "kdist.best");
+    json_t *j = meta ? json_loads(meta, 0, NULL) : NULL;
+    *step = jint(j, "step");
+    *accuracy = json_number_value(json_object_get(j, "val_accuracy"));
+    json_decref(j);
+    kd_st_close(&st);
+    return meta && kd_read_file(path, bytes, len, err, sizeof err) == 0;
+}
+
+/* The coordinator is SIGKILLed right after it wrote a checkpoint (the file appeared) and, once
+ * resumed, right after an evaluation worse than the best; resumed again, it keeps the best
+ * score, step and file: an evaluation after the resume replaces best/ only when it beats the
+ * best of the whole run (a resumed evaluator that started from zero would overwrite best/
+ * with its first evaluation). Paced by events: new checkpoint files and log lines. */
+static void test_resume_keeps_best(void) {
+    const char *name = "resume_keeps_best";
+    const char *overrides[] = {
+        "cluster.consistency=sync",         CKPT_EVERY, "eval.every_steps=10", "checkpoint.keep=5",
+        "cluster.restream_timeout_ms=1500", NULL};
+    cluster_t c;
+    double t0 = kd_test_now();
+    if (!cluster_start(&c, name, 2, 1, overrides)) {
+        cluster_destroy(&c);
+        return;
+    }
+    /* 1: right after the second checkpoint file appears */
+    char names[8][300], expect[KD_PATH_MAX + 350] = "";
+    int n = 0;
+    double deadline = kd_test_now() + RUN_SECONDS;
+    while ((n = count_checkpoints(&c, names, 8)) < 2 && proc_running(&c.coord) &&
+           kd_test_now() < deadline)
+        nanosleep(&(struct timespec){0, 2 * 1000 * 1000}, NULL);
+    CHECK(n >= 2 && n <= 8);
+    if (n >= 2 && n <= 8) {
+        proc_kill(&c.coord);
+        n = count_checkpoints(&c, names, 8); /* one more may have landed before the kill */
+        snprintf(expect, sizeof expect, "resumed from %s/checkpoints/%s", c.dir, names[n - 1]);
+        fprintf(stderr, "%s: coordinator killed right after %s\n", name, names[n - 1]);
+        if (start_coordinator(&c, true)) CHECK(log_has(c.coord.log, expect));
+    }
+    /* 2: right after an evaluation that is not the best */
+    eval_line_t evals[512];
+    int ne = 0;
+    bool worse = false;
+    while (!worse && proc_running(&c.coord) && kd_test_now() < deadline) {
+        ne = eval_lines(&c.coord, evals, 512);
+        for (int i = 0; i < ne && !worse; i++) worse = !evals[i].best;
+        if (!worse) nanosleep(&(struct timespec){0, 2 * 1000 * 1000}, NULL);
+    }
+    CHECK(worse);
+    if (!worse) {
+        show_lines(c.coord.log, "COORD-EVAL", 10);
+        cluster_destroy(&c);
+        return;
+    }
+    proc_kill(&c.coord);
+    long best_step = -1;
+    double best_accuracy = 0;
+    uint8_t *best_bytes = NULL;
+    size_t best_len = 0;
+    CHECK(best_on_disk(&c, &best_step, &best_accuracy, &best_bytes, &best_len));
+    fprintf(stderr,
+            "%s: coordinator killed after a worse evaluation; best/ holds step %ld (%.4f)\n", name,
+            best_step, best_accuracy);
+    /* best/ holds the best of the evaluations logged so far */
+    ne = eval_lines(&c.coord, evals, 512);
+    double seen_best = 0;
+    for (int i = 0; i < ne; i++)
+        if (evals[i].best) seen_best = evals[i].val_accuracy;
+    CHECK(fabs(seen_best - best_accuracy) < 1e-9);
+
+    start_coordinator(&c, true);
+    json_t *summary = cluster_finish(&c, RUN_SECONDS);
+    check_completed(&c, summary);
+    /* after the resume, "(best)" exactly when an evaluation beats the best so far */
+    ne = eval_lines(&c.coord, evals, 512);
+    double running = best_accuracy;
+    long running_step = best_step;
+    int marked_wrong = 0;
+    for (int i = 0; i < ne; i++) {
+        bool beats = evals[i].val_accuracy > running + 1e-9; /* logged to 4 places: k/5000 */
+        if (beats != evals[i].best) marked_wrong++;
+        if (beats) running = evals[i].val_accuracy, running_step = evals[i].step;
+    }
+    CHECK(ne > 0);
+    CHECK(marked_wrong == 0);
+    if (marked_wrong) show_lines(c.coord.log, "COORD-EVAL", 20);
+    CHECK(fabs(json_number_value(json_object_get(summary, "best_val_accuracy")) - running) < 1e-9);
+    CHECK(jint(summary, "best_step") == running_step);
+    long step = -1;
+    double accuracy = 0;
+    uint8_t *bytes = NULL;
+    size_t len = 0;
+    CHECK(best_on_disk(&c, &step, &accuracy, &bytes, &len));
+    CHECK(step == running_step && fabs(accuracy - running) < 1e-9);
+    if (running_step == best_step) CHECK(len == best_len && memcmp(bytes, best_bytes, len) == 0);
+    fprintf(stderr, "%s: %d evaluations after the resume, best step %ld (%.4f)%s\n", name, ne,
+            running_step, running, running_step == best_step ? ", best/ unchanged" : "");
+    free(bytes);
+    free(best_bytes);
+    json_decref(summary);
+    cluster_destroy(&c);
+    fprintf(stderr, "%s: %.1f s\n", name, kd_test_now() - t0);
+}
+
 /* ---- f) random faults -------------------------------------------------------------------- */
 
 enum { ROLE_WORKER, ROLE_TEACHER, ROLE_COORDINATOR, N_ROLES };
@@ -958,6 +1099,7 @@ int main(void) {
     test_coordinator_restarted("sync", 0);
     test_coordinator_restarted("async", 0);
     test_coordinator_restarted("sync", 3);
+    test_resume_keeps_best();
     test_teacher_killed("sync", false);
     test_teacher_killed("async", false);
     test_teacher_killed("sync", true);
