@@ -406,6 +406,89 @@ static void test_diverges(const char *tmp, const char *recipe) {
     }
 }
 
+/* A number from /proc/<pid>/status ("VmRSS", "VmHWM"), in bytes; -1 if unreadable. */
+static long proc_status_bytes(pid_t pid, const char *field) {
+    char path[64], line[256];
+    snprintf(path, sizeof path, "/proc/%d/status", (int)pid);
+    FILE *f = fopen(path, "r");
+    long kb = -1;
+    size_t n = strlen(field);
+    while (f && fgets(line, sizeof line, f))
+        if (strncmp(line, field, n) == 0 && line[n] == ':') kb = strtol(line + n + 1, NULL, 10);
+    if (f) fclose(f);
+    return kb < 0 ? -1 : kb * 1024;
+}
+
+/* The coordinator's status: its step and how many evaluations it logged; false if it does not
+ * answer. */
+static bool run_progress(const char *tmp, const char *dir, long *step, long *evals) {
+    char *json_argv[] = {kdist, "status", (char *)dir, "--json", NULL};
+    if (run_argv(tmp, 10, json_argv) != 0) return false;
+    json_t *j = json_loads(out_buf, 0, NULL);
+    *step = (long)json_integer_value(json_object_get(j, "step"));
+    json_decref(j);
+    char log[KD_PATH_MAX + 1200];
+    snprintf(log, sizeof log, "%s/logs/coordinator-0.log", dir);
+    uint8_t *text = NULL;
+    size_t len = 0;
+    char err[KD_ERR_LEN];
+    *evals = 0;
+    if (kd_read_file(log, &text, &len, err, sizeof err) == 0)
+        for (const char *p = (char *)text; (p = strstr(p, "COORD-EVAL step")); p++) (*evals)++;
+    free(text);
+    return true;
+}
+
+/* eval.every_steps=1 on a model whose evaluation takes far longer than a step (the 800-800
+ * MLP, 1.3M parameters, 7000 evaluation samples): at most one snapshot waits, so the
+ * coordinator's memory stays flat while hundreds of steps each ask for an evaluation (an
+ * unbounded queue grew by 5 MB a step), and Ctrl-C ends the run without working through a
+ * backlog. Paced by events: steps and evaluations seen in status and log. */
+static void test_eval_bounded(const char *tmp) {
+    char dir[KD_PATH_MAX + 64], out[KD_PATH_MAX + 64];
+    const char *extra[] = {"eval.every_steps=1",
+                           "train.epochs=100000",
+                           "data.val_size=5000",
+                           "data.test_subset=10000",
+                           "data.train_subset=11000",
+                           "cluster.workers=2",
+                           NULL};
+    int workers;
+    pid_t pid = start_run_with_workers(tmp, "../recipes/fashion_mlp_student.yaml", "run_eval",
+                                       extra, 2, dir, out, sizeof dir, &workers);
+    if (!pid) return;
+    pid_t coordinator = launcher_pid(dir, "coordinator", 0);
+    CHECK(coordinator > 0);
+    long step = 0, evals = 0, base_step = -1, base_evals = 0, base_rss = -1, hwm = -1;
+    double deadline = kd_now() + 120.0;
+    while (kd_now() < deadline && waitpid(pid, NULL, WNOHANG) == 0) {
+        if (!run_progress(tmp, dir, &step, &evals)) continue;
+        if (base_rss < 0 && evals >= 2) { /* evaluator and snapshot allocated */
+            base_rss = proc_status_bytes(coordinator, "VmRSS");
+            base_step = step;
+            base_evals = evals;
+        }
+        if (base_rss >= 0 && step >= base_step + 300 && evals >= base_evals + 2) {
+            hwm = proc_status_bytes(coordinator, "VmHWM");
+            break;
+        }
+        usleep(100000);
+    }
+    fprintf(stderr,
+            "eval.every_steps=1: %ld steps and %ld evaluations after step %ld; coordinator RSS "
+            "%.0f MB then, peak %.0f MB\n",
+            step - base_step, evals - base_evals, base_step, base_rss / 1e6, hwm / 1e6);
+    CHECK(base_rss > 0 && hwm > 0);
+    CHECK(hwm - base_rss < 100L << 20); /* unbounded: ~5 MB more per step, 1.5 GB here */
+    CHECK(evals < step - base_step);    /* evaluations really were skipped */
+    double t0 = kd_now();
+    kill(pid, SIGINT);
+    int rc = kd_test_finish(pid, 120);
+    fprintf(stderr, "stopped in %.1f s\n", kd_now() - t0);
+    CHECK(rc == 1); /* stopped is not completed */
+    CHECK(kd_now() - t0 < 60.0);
+}
+
 static void test_errors(const char *tmp) {
     char bad[KD_PATH_MAX + 32];
     snprintf(bad, sizeof bad, "%s/bad.yaml", tmp);
@@ -444,5 +527,6 @@ int main(void) {
     test_worker_killed(tmp, recipe);
     test_coordinator_killed(tmp, recipe);
     test_diverges(tmp, recipe);
+    test_eval_bounded(tmp);
     return kd_test_done("test_run");
 }
