@@ -6,12 +6,15 @@
  * every batch applied once, and the coordinator must count the garbage (StatusReply,
  * metrics.jsonl, summary.json) and log it rate-limited with the peer. */
 #include <arpa/inet.h>
+#include <dirent.h>
 #include <errno.h>
 #include <jansson.h>
+#include <math.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <sys/socket.h>
 
+#include "kd_curve.h"
 #include "kd_test.h"
 #include "kd_test_cluster.h"
 #include "kd_util.h"
@@ -57,13 +60,20 @@ typedef struct {
     char teacher_stream[256]; /* teacher PUSH */
 } cluster_t;
 
-static const char *const overrides[] = {
-    "name=hostile",          "data.train_subset=10500",   "data.val_size=500",
-    "data.test_subset=1000", "train.epochs=" STR(EPOCHS), "cluster.heartbeat_ms=1000"};
+static const char *const overrides[] = {"data.train_subset=10500", "data.val_size=500",
+                                        "data.test_subset=1000", "train.epochs=" STR(EPOCHS),
+                                        "cluster.heartbeat_ms=1000"};
 /* cluster.heartbeat_ms is the default 1000 on purpose: libzmq drops a connection when no whole
  * message arrives within 3 heartbeats, and under ASan on a loaded machine a few hundred ms
  * without one is possible, which would cut the test's own connections and lose its garbage. */
 #define N_OVERRIDES ((int)(sizeof overrides / sizeof overrides[0]))
+
+static int add_overrides(char **argv, int argc, const char *const *extra) {
+    for (int i = 0; i < N_OVERRIDES; i++) argv[argc++] = (char *)overrides[i];
+    for (int i = 0; extra && extra[i] && argc < 30; i++) argv[argc++] = (char *)extra[i];
+    argv[argc] = NULL;
+    return argc;
+}
 
 /* kill(pid, 0) also succeeds on a zombie, so a process that died is found with waitpid
  * (and reaped here, its exit code kept for finish_cluster). */
@@ -108,8 +118,31 @@ static bool find_teacher_stream(cluster_t *c, double seconds) {
     }
 }
 
-static bool start_cluster(cluster_t *c) {
-    snprintf(c->run_dir, sizeof c->run_dir, "%s/run", tmp);
+/* With CurveZMQ on: the directory of every key pair (kd_curve_generate), "" in plaintext. */
+static char keys_dir[1200];
+
+/* Under CurveZMQ: --key keys_dir/<name>.key, and for nodes the coordinator's public key. */
+static int add_keys(char **argv, int argc, const char *name) {
+    static char paths[4][2][1300];
+    static int used = 0;
+    if (!keys_dir[0]) return argc;
+    char(*p)[1300] = paths[used++ % 4];
+    snprintf(p[0], sizeof p[0], "%s/%s.key", keys_dir, name);
+    snprintf(p[1], sizeof p[1], "%s/coordinator.pub", keys_dir);
+    argv[argc++] = "--key";
+    argv[argc++] = p[0];
+    if (strcmp(name, "coordinator") != 0) {
+        argv[argc++] = "--coordinator-key";
+        argv[argc++] = p[1];
+    }
+    argv[argc] = NULL;
+    return argc;
+}
+
+/* The cluster in <tmp>/<name>, the common overrides and extra (NULL-terminated) on every
+ * process. */
+static bool start_cluster(cluster_t *c, const char *name, const char *const *extra) {
+    snprintf(c->run_dir, sizeof c->run_dir, "%s/%s", tmp, name);
     char logs[1100], err[KD_ERR_LEN];
     snprintf(logs, sizeof logs, "%s/logs", c->run_dir);
     if (kd_mkdirs(logs, err, sizeof err) != 0) return false;
@@ -125,8 +158,8 @@ static bool start_cluster(cluster_t *c) {
     argv[argc++] = RECIPE;
     argv[argc++] = "--run-dir";
     argv[argc++] = c->run_dir;
-    for (int i = 0; i < N_OVERRIDES; i++) argv[argc++] = (char *)overrides[i];
-    argv[argc] = NULL;
+    argc = add_keys(argv, argc, "coordinator");
+    argc = add_overrides(argv, argc, extra);
     c->pids[COORD] = kd_test_spawn(argv, c->logs[COORD]);
     CHECK(c->pids[COORD] > 0);
     char endpoint_file[1200];
@@ -148,16 +181,17 @@ static bool start_cluster(cluster_t *c) {
     argv[argc++] = "0";
     argv[argc++] = "--recipe";
     argv[argc++] = RECIPE;
-    for (int i = 0; i < N_OVERRIDES; i++) argv[argc++] = (char *)overrides[i];
-    argv[argc] = NULL;
+    argc = add_keys(argv, argc, "teacher");
+    argc = add_overrides(argv, argc, extra);
     c->pids[TEACHER] = kd_test_spawn(argv, c->logs[TEACHER]);
     for (int w = 0; w < 2; w++) {
-        char *wargv[] = {(char *)kd_test_bin("kdist-worker"),
-                         "--coordinator",
-                         c->endpoint,
-                         "--id",
-                         w == 0 ? "0" : "1",
-                         NULL};
+        char *wargv[12] = {(char *)kd_test_bin("kdist-worker"),
+                           "--coordinator",
+                           c->endpoint,
+                           "--id",
+                           w == 0 ? "0" : "1",
+                           NULL};
+        add_keys(wargv, 5, "worker");
         c->pids[WORKER0 + w] = kd_test_spawn(wargv, c->logs[WORKER0 + w]);
     }
     for (int i = 0; i < N_PROCS; i++) CHECK(c->pids[i] > 0);
@@ -543,7 +577,7 @@ static long count_lines(const char *path, const char *needle, const char *also, 
 static void test_garbage_during_a_run(void) {
     cluster_t c;
     memset(&c, 0, sizeof c);
-    if (!start_cluster(&c)) {
+    if (!start_cluster(&c, "garbage", NULL)) {
         for (int i = 0; i < N_PROCS; i++)
             if (c.pids[i] > 0) kill(c.pids[i], SIGTERM);
         finish_cluster(&c);
@@ -714,9 +748,406 @@ static void test_garbage_during_a_run(void) {
     CHECK(exit_refused >= 1);
 }
 
+/* ---- an outsider and a bad member, while a run trains ----------------------------------- */
+
+/* A DEALER to the coordinator; under CurveZMQ with the pair keys_dir/<key>.key. */
+static void *peer_sock(void *ctx, const char *identity, const char *endpoint, const char *key) {
+    if (!keys_dir[0]) return zsock(ctx, ZMQ_DEALER, identity, endpoint);
+    kd_curve_client_t client;
+    kd_curve_pair_t server;
+    char path[1400], err[KD_ERR_LEN];
+    snprintf(path, sizeof path, "%s/%s.key", keys_dir, key);
+    CHECK(kd_curve_load_pair(path, &client.self, err, sizeof err) == 0);
+    snprintf(path, sizeof path, "%s/coordinator.key", keys_dir);
+    CHECK(kd_curve_load_pair(path, &server, err, sizeof err) == 0);
+    snprintf(client.server_z85, sizeof client.server_z85, "%s", server.public_z85);
+    void *s = kd_socket_dealer_curve(ctx, identity, endpoint, 0, &client, NULL, err, sizeof err);
+    KD_ASSERT(s);
+    return s;
+}
+
+/* The coordinator's StatusReply as JSON (caller decrefs), or NULL. */
+static json_t *status_json(void *ctx, const char *endpoint, double seconds) {
+    static int queries = 0;
+    char identity[32];
+    snprintf(identity, sizeof identity, "intruder-status-%d", queries++);
+    void *s = peer_sock(ctx, identity, endpoint, "status");
+    Kdist__Control ctl = KDIST__CONTROL__INIT;
+    ctl.kind = KDIST__CONTROL__KIND__STATUS;
+    kd_env_t env = KDIST__ENVELOPE__INIT;
+    env.body_case = KDIST__ENVELOPE__BODY_CONTROL;
+    env.control = &ctl;
+    json_t *j = NULL;
+    double deadline = kd_test_now() + seconds;
+    if (kd_wire_send(s, NULL, 0, &env, NULL, 0, ZMQ_DONTWAIT) == 0)
+        while (!j && kd_test_now() < deadline) {
+            zmq_pollitem_t item = {s, 0, ZMQ_POLLIN, 0};
+            if (zmq_poll(&item, 1, 100) <= 0) continue;
+            kd_msg_t msg;
+            char err[KD_ERR_LEN];
+            if (kd_wire_recv(s, false, ZMQ_DONTWAIT, &msg, err, sizeof err) != KD_WIRE_OK) continue;
+            if (msg.env->body_case == KDIST__ENVELOPE__BODY_STATUS && msg.env->status->json)
+                j = json_loads(msg.env->status->json, 0, NULL);
+            kd_msg_close(&msg);
+        }
+    zmq_close(s);
+    return j;
+}
+
+static long jlong(json_t *j, const char *key) {
+    return (long)json_integer_value(json_object_get(j, key));
+}
+
+/* The member of this role and id in a status: its pid and steps; false if absent. */
+static bool find_member_in(json_t *status, const char *role, const char *id, long *pid,
+                           long *steps) {
+    size_t i;
+    json_t *m;
+    json_array_foreach(json_object_get(status, "members"), i, m) {
+        const char *r = json_string_value(json_object_get(m, "role"));
+        const char *n = json_string_value(json_object_get(m, "id"));
+        if (r && n && strcmp(r, role) == 0 && strcmp(n, id) == 0) {
+            *pid = jlong(m, "pid");
+            *steps = jlong(m, "steps");
+            return true;
+        }
+    }
+    return false;
+}
+
+/* Polls the status until key reaches at least want (or the deadline); the last value. */
+static long wait_counter(void *ctx, const char *endpoint, const char *key, long want,
+                         double seconds) {
+    long value = -1;
+    double deadline = kd_test_now() + seconds;
+    while (value < want && kd_test_now() < deadline) {
+        json_t *j = status_json(ctx, endpoint, 2);
+        if (j) value = jlong(j, key);
+        json_decref(j);
+    }
+    return value;
+}
+
+/* The next message on sock within seconds (caller closes); false if none. */
+static bool next_message(void *sock, kd_msg_t *msg, double seconds) {
+    double deadline = kd_test_now() + seconds;
+    while (kd_test_now() < deadline) {
+        zmq_pollitem_t item = {sock, 0, ZMQ_POLLIN, 0};
+        if (zmq_poll(&item, 1, 100) <= 0) continue;
+        char err[KD_ERR_LEN];
+        if (kd_wire_recv(sock, false, ZMQ_DONTWAIT, msg, err, sizeof err) != KD_WIRE_OK) continue;
+        if (msg->env->body_case != KDIST__ENVELOPE__BODY_HEARTBEAT) return true;
+        kd_msg_close(msg);
+    }
+    return false;
+}
+
+static void send_hello(void *sock, Kdist__Role role, const char *id, uint64_t incarnation) {
+    Kdist__Hello h = KDIST__HELLO__INIT;
+    h.role = role;
+    h.node_id = (char *)id;
+    h.incarnation = incarnation;
+    h.host = "intruder-host"; /* not this machine's name: no shared memory */
+    if (role == KDIST__ROLE__TEACHER) h.stream_endpoint = "tcp://127.0.0.1:9";
+    h.pid = 1;
+    kd_env_t env = KDIST__ENVELOPE__INIT;
+    env.body_case = KDIST__ENVELOPE__BODY_HELLO;
+    env.hello = &h;
+    CHECK(kd_wire_send(sock, NULL, 0, &env, NULL, 0, ZMQ_DONTWAIT) == 0);
+}
+
+/* The refusal code of the next message, or -1 when it is not a Refused. */
+static int next_refusal(void *sock, double seconds) {
+    kd_msg_t msg;
+    if (!next_message(sock, &msg, seconds)) return -1;
+    int code =
+        msg.env->body_case == KDIST__ENVELOPE__BODY_REFUSED ? (int)msg.env->refused->code : -1;
+    kd_msg_close(&msg);
+    return code;
+}
+
+/* Control commands other than status from a TCP peer without an operator key (plaintext:
+ * every TCP peer, loopback included): refused NOT_AUTHORIZED, counted, and nothing happens. */
+static void outsider_controls(void *ctx, const char *endpoint) {
+    static const Kdist__Control__Kind kinds[] = {
+        KDIST__CONTROL__KIND__STOP, KDIST__CONTROL__KIND__DRAIN, KDIST__CONTROL__KIND__SCALE,
+        KDIST__CONTROL__KIND__CHECKPOINT_NOW};
+    json_t *before = status_json(ctx, endpoint, 5);
+    long refused0 = jlong(before, "control_refused");
+    json_decref(before);
+    for (int as_client = 0; as_client < 2; as_client++) {
+        /* CurveZMQ: a worker's key, then a status-only key; plaintext: any TCP peer */
+        void *s = peer_sock(ctx, as_client ? "intruder-client" : "intruder-control", endpoint,
+                            as_client ? "status" : "worker");
+        if (as_client) { /* introduced as a client first: no more rights */
+            send_hello(s, KDIST__ROLE__CLIENT, "intruder", 7);
+            kd_msg_t msg;
+            if (next_message(s, &msg, 5)) kd_msg_close(&msg);
+        }
+        for (size_t k = 0; k < sizeof kinds / sizeof kinds[0]; k++) {
+            Kdist__Control ctl = KDIST__CONTROL__INIT;
+            ctl.kind = kinds[k];
+            ctl.target = "0";
+            ctl.workers = 1;
+            kd_env_t env = KDIST__ENVELOPE__INIT;
+            env.body_case = KDIST__ENVELOPE__BODY_CONTROL;
+            env.control = &ctl;
+            CHECK(kd_wire_send(s, NULL, 0, &env, NULL, 0, ZMQ_DONTWAIT) == 0);
+            int code = next_refusal(s, 10);
+            CHECK(code == KDIST__REFUSAL_CODE__NOT_AUTHORIZED);
+        }
+        zmq_close(s);
+    }
+    long refused = wait_counter(ctx, endpoint, "control_refused", refused0 + 8, 10);
+    fprintf(stderr, "intruder: 8 control commands refused (control_refused %ld -> %ld)\n", refused0,
+            refused);
+    CHECK(refused == refused0 + 8);
+}
+
+/* A Hello for live worker 0 under another connection (a larger incarnation, as a restarted
+ * node would say): refused ID_IN_USE, counted, and worker 0 stays the same process. */
+static void hijack_hello(void *ctx, const char *endpoint) {
+    json_t *before = status_json(ctx, endpoint, 5);
+    long pid0 = -1, steps0 = -1, pid1 = -1, steps1 = -1;
+    CHECK(find_member_in(before, "worker", "0", &pid0, &steps0));
+    long refused0 = jlong(before, "hellos_refused");
+    json_decref(before);
+    void *s = peer_sock(ctx, "worker-0-99999999999", endpoint, "worker");
+    send_hello(s, KDIST__ROLE__WORKER, "0", UINT64_MAX - 1);
+    CHECK(next_refusal(s, 10) == KDIST__REFUSAL_CODE__ID_IN_USE);
+    zmq_close(s);
+    long refused = wait_counter(ctx, endpoint, "hellos_refused", refused0 + 1, 10);
+    CHECK(refused == refused0 + 1);
+    /* the real worker 0 is still the member, and trains on */
+    bool trains = false;
+    double deadline = kd_test_now() + 60;
+    while (!trains && kd_test_now() < deadline) {
+        json_t *now = status_json(ctx, endpoint, 2);
+        trains =
+            find_member_in(now, "worker", "0", &pid1, &steps1) && pid1 == pid0 && steps1 > steps0;
+        json_decref(now);
+    }
+    fprintf(stderr,
+            "intruder: hello as live worker 0 refused; worker 0 (pid %ld) went on from "
+            "%ld to %ld steps\n",
+            pid0, steps0, steps1);
+    CHECK(trains);
+}
+
+/* A member that pushes NaN, Inf and huge gradients: each rejected (the batch goes back), and
+ * the member evicted once honest pushes were accepted meanwhile. */
+static void poison_pusher(void *ctx, const char *endpoint) {
+    void *s = peer_sock(ctx, "worker-evil-1", endpoint, "evil");
+    send_hello(s, KDIST__ROLE__WORKER, "evil", 1);
+    kd_msg_t msg;
+    bool welcomed =
+        next_message(s, &msg, 20) && msg.env->body_case == KDIST__ENVELOPE__BODY_WELCOME;
+    CHECK(welcomed);
+    size_t n = welcomed && msg.n_tensors == 1 ? msg.env->tensors[0]->nbytes / sizeof(float) : 0;
+    uint64_t version = welcomed ? msg.env->welcome->weights_version : 0;
+    if (welcomed) kd_msg_close(&msg);
+    CHECK(n > 0);
+    if (n == 0) {
+        zmq_close(s);
+        return;
+    }
+    float *grad = kd_xcalloc(n, sizeof *grad);
+    int evicted_after = -1;
+    for (int push = 0; push < 15 && evicted_after < 0; push++) {
+        for (size_t i = 0; i < n; i++) grad[i] = 0.0f;
+        if (push % 3 == 0) grad[n / 2] = NAN;
+        if (push % 3 == 1) grad[n / 3] = INFINITY;
+        if (push % 3 == 2)
+            for (size_t i = 0; i < n; i++) grad[i] = 1e3f; /* norm ~1e6 > max_gradient_norm */
+        Kdist__BatchRef ref = KDIST__BATCH_REF__INIT;
+        ref.epoch = 0;
+        ref.batch_id = (uint32_t)push;
+        Kdist__PushGradient p = KDIST__PUSH_GRADIENT__INIT;
+        p.ref = &ref;
+        p.samples = 128;
+        p.base_version = version;
+        kd_env_t env = KDIST__ENVELOPE__INIT;
+        env.body_case = KDIST__ENVELOPE__BODY_PUSH;
+        env.push = &p;
+        kd_wire_tensor_t t = {.name = "gradient",
+                              .dtype = KD_DTYPE_F32,
+                              .ndim = 1,
+                              .shape = {(int64_t)n},
+                              .data = grad,
+                              .nbytes = n * sizeof *grad};
+        CHECK(kd_wire_send(s, NULL, 0, &env, &t, 1, 0) == 0);
+        /* the answer: new weights (rejected, go on) or Refused EVICTED */
+        if (!next_message(s, &msg, 20)) break;
+        if (msg.env->body_case == KDIST__ENVELOPE__BODY_REFUSED &&
+            msg.env->refused->code == KDIST__REFUSAL_CODE__EVICTED)
+            evicted_after = push + 1;
+        else if (msg.env->body_case == KDIST__ENVELOPE__BODY_WEIGHTS)
+            version = msg.env->weights->version;
+        kd_msg_close(&msg);
+        /* eviction needs honest pushes accepted meanwhile (else the run itself diverged) */
+        if (evicted_after < 0) wait_counter(ctx, endpoint, "step", (long)version + 2, 30);
+    }
+    free(grad);
+    fprintf(stderr, "intruder: the poisoning member was evicted after %d rejected pushes\n",
+            evicted_after);
+    CHECK(evicted_after >= 3);
+    CHECK(wait_counter(ctx, endpoint, "members_evicted", 1, 10) == 1);
+    zmq_close(s);
+}
+
+/* CurveZMQ: a key joins only as its role and an unknown key not at all. A worker key's Hello
+ * as a teacher and a status key's Hello as a worker are refused NOT_AUTHORIZED; an operator
+ * key's checkpoint-now is obeyed; a key in no list never gets past the handshake. */
+static int count_files(const char *dir) {
+    DIR *d = opendir(dir);
+    int n = 0;
+    for (struct dirent *e; d && (e = readdir(d));) n += strstr(e->d_name, ".safetensors") != NULL;
+    if (d) closedir(d);
+    return n;
+}
+
+static void wrong_roles(void *ctx, const char *endpoint, const char *ckpt_dir) {
+    void *s = peer_sock(ctx, "teacher-x-1", endpoint, "worker");
+    send_hello(s, KDIST__ROLE__TEACHER, "x", 1);
+    CHECK(next_refusal(s, 10) == KDIST__REFUSAL_CODE__NOT_AUTHORIZED);
+    zmq_close(s);
+    s = peer_sock(ctx, "worker-y-1", endpoint, "status");
+    send_hello(s, KDIST__ROLE__WORKER, "y", 1);
+    CHECK(next_refusal(s, 10) == KDIST__REFUSAL_CODE__NOT_AUTHORIZED);
+    zmq_close(s);
+
+    json_t *before = status_json(ctx, endpoint, 5);
+    long refused0 = jlong(before, "control_refused"), conns0 = jlong(before, "connections_refused");
+    json_decref(before);
+    s = peer_sock(ctx, "operator", endpoint, "operator");
+    Kdist__Control ctl = KDIST__CONTROL__INIT;
+    ctl.kind = KDIST__CONTROL__KIND__CHECKPOINT_NOW;
+    kd_env_t env = KDIST__ENVELOPE__INIT;
+    env.body_case = KDIST__ENVELOPE__BODY_CONTROL;
+    env.control = &ctl;
+    int files0 = count_files(ckpt_dir);
+    CHECK(kd_wire_send(s, NULL, 0, &env, NULL, 0, ZMQ_DONTWAIT) == 0);
+    int files = files0;
+    for (double deadline = kd_test_now() + 20; files <= files0 && kd_test_now() < deadline;) {
+        files = count_files(ckpt_dir);
+        struct timespec tick = {0, 10 * 1000 * 1000};
+        nanosleep(&tick, NULL);
+    }
+    CHECK(files > files0); /* the checkpoint was written */
+    zmq_close(s);
+    kd_msg_t msg;
+
+    s = peer_sock(ctx, "outsider", endpoint, "outsider");
+    send_hello(s, KDIST__ROLE__WORKER, "z", 1);
+    long conns = wait_counter(ctx, endpoint, "connections_refused", conns0 + 1, 20);
+    CHECK(conns >= conns0 + 1);
+    CHECK(!next_message(s, &msg, 0.5)); /* never admitted: no answer */
+    zmq_close(s);
+    json_t *after = status_json(ctx, endpoint, 5);
+    CHECK(jlong(after, "control_refused") == refused0); /* the operator was obeyed */
+    json_decref(after);
+    fprintf(stderr, "intruder: roles held (worker key as teacher, status key as worker refused; "
+                    "operator obeyed; unknown key refused at the handshake)\n");
+}
+
+/* An outsider and a bad member while a run trains: nothing they send changes the run, which
+ * completes with its ledger whole and a normal accuracy, and every refusal is counted. The
+ * control and hello checks happen while the teacher node is stopped (SIGSTOP, its heartbeat
+ * timeout far away), so the run cannot end before them. */
+static void test_intruders_during_a_run(bool curve) {
+    static char lists[5][1500];
+    const char *extra[12] = {"cluster.consistency=async", "train.epochs=8",
+                             "cluster.heartbeat_timeout_ms=120000", NULL};
+    keys_dir[0] = 0;
+    if (curve) {
+        snprintf(keys_dir, sizeof keys_dir, "%s/keys", tmp);
+        static const char *const names[] = {"coordinator", "teacher", "worker",  "evil",
+                                            "operator",    "status",  "outsider"};
+        char err[KD_ERR_LEN];
+        for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+            kd_curve_pair_t pair;
+            CHECK(kd_curve_generate(keys_dir, names[i], true, &pair, err, sizeof err) == 0);
+        }
+        snprintf(lists[0], sizeof lists[0],
+                 "cluster.security.worker_keys=%s/worker.pub,%s/evil.pub", keys_dir, keys_dir);
+        snprintf(lists[1], sizeof lists[1], "cluster.security.teacher_keys=%s/teacher.pub",
+                 keys_dir);
+        snprintf(lists[2], sizeof lists[2], "cluster.security.operator_keys=%s/operator.pub",
+                 keys_dir);
+        snprintf(lists[3], sizeof lists[3], "cluster.security.status_keys=%s/status.pub", keys_dir);
+        extra[3] = "cluster.security.curve=true";
+        for (int i = 0; i < 4; i++) extra[4 + i] = lists[i];
+        extra[8] = NULL;
+    }
+    cluster_t c;
+    memset(&c, 0, sizeof c);
+    if (!start_cluster(&c, curve ? "intruders-curve" : "intruders", extra)) {
+        for (int i = 0; i < N_PROCS; i++)
+            if (c.pids[i] > 0) kill(c.pids[i], SIGTERM);
+        finish_cluster(&c);
+        return;
+    }
+    void *ctx = zmq_ctx_new();
+    long workers_seen = 0;
+    double deadline = kd_test_now() + 60;
+    while (workers_seen < 2 && kd_test_now() < deadline) { /* both workers train */
+        json_t *j = status_json(ctx, c.endpoint, 2);
+        long pid, steps, steps1;
+        workers_seen = find_member_in(j, "worker", "0", &pid, &steps) && steps > 0 &&
+                               find_member_in(j, "worker", "1", &pid, &steps1) && steps1 > 0
+                           ? 2
+                           : 0;
+        json_decref(j);
+    }
+    CHECK(workers_seen == 2);
+    kill(c.pids[TEACHER], SIGSTOP); /* holds the run: no batch, no step */
+    outsider_controls(ctx, c.endpoint);
+    char ckpt_dir[1200];
+    snprintf(ckpt_dir, sizeof ckpt_dir, "%s/checkpoints", c.run_dir);
+    if (curve) wrong_roles(ctx, c.endpoint, ckpt_dir);
+    kill(c.pids[TEACHER], SIGCONT);
+    hijack_hello(ctx, c.endpoint);
+    poison_pusher(ctx, c.endpoint);
+    json_t *last = status_json(ctx, c.endpoint, 5);
+    CHECK(last && strcmp(json_string_value(json_object_get(last, "status")), "running") == 0);
+    json_decref(last);
+    zmq_ctx_term(ctx);
+    CHECK(all_alive(&c));
+    finish_cluster(&c);
+
+    char path[1200];
+    snprintf(path, sizeof path, "%s/summary.json", c.run_dir);
+    json_t *summary = json_load_file(path, 0, NULL);
+    json_t *ledger = json_object_get(summary, "ledger");
+    const char *status = json_string_value(json_object_get(summary, "status"));
+    double accuracy = json_number_value(json_object_get(summary, "test_accuracy"));
+    fprintf(stderr,
+            "intruders: %s, test accuracy %.4f, %lld/%lld applied, %lld control refused, %lld "
+            "hellos refused, %lld gradients rejected, %lld evicted\n",
+            status ? status : "?", accuracy,
+            json_integer_value(json_object_get(ledger, "batches_applied")),
+            json_integer_value(json_object_get(ledger, "batches_expected")),
+            json_integer_value(json_object_get(ledger, "control_refused")),
+            json_integer_value(json_object_get(ledger, "hellos_refused")),
+            json_integer_value(json_object_get(ledger, "gradients_rejected")),
+            json_integer_value(json_object_get(ledger, "members_evicted")));
+    CHECK(status && strcmp(status, "completed") == 0);
+    CHECK(json_integer_value(json_object_get(ledger, "batches_applied")) ==
+          json_integer_value(json_object_get(ledger, "batches_expected")));
+    CHECK(json_integer_value(json_object_get(ledger, "batches_expected")) == 8 * 79);
+    CHECK(json_integer_value(json_object_get(ledger, "control_refused")) == 8);
+    CHECK(json_integer_value(json_object_get(ledger, "hellos_refused")) >= 1);
+    CHECK(json_integer_value(json_object_get(ledger, "gradients_rejected")) >= 3);
+    CHECK(json_integer_value(json_object_get(ledger, "members_evicted")) == 1);
+    CHECK(accuracy > 0.75); /* 8 epochs of this MLP on 10000 samples: ~0.83 */
+    json_decref(summary);
+}
+
 int main(void) {
     tmp = kd_test_tmpdir("test_hostile");
     signal(SIGPIPE, SIG_IGN); /* raw writes to a peer that hung up */
     test_garbage_during_a_run();
+    test_intruders_during_a_run(false);
+    test_intruders_during_a_run(true);
     return kd_test_done("test_hostile");
 }
