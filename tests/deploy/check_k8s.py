@@ -14,6 +14,12 @@ template and its targetPorts are ports of those pods, every workload's selector 
 template. The Dockerfile copies only paths of the repository, builds the binaries it installs,
 and installs the Debian packages of their shared libraries and of the recipe's dataset.
 
+CurveZMQ (issue 10): every kdist program that speaks to another pod is given its key pair with
+--key, a file of the Secret kdist-keys that its pod mounts; the Secret's items are files that
+`kdist keygen --cluster` makes (the README's way to create the Secret); and the recipe turns
+cluster.security.curve on, since the coordinator and the teachers bind addresses other pods
+reach (they refuse plaintext there).
+
 Prints one line per problem, naming the file and object, and exits 1 when there is any.
 Needs only python3-yaml and the built binaries (no kubectl, no docker).
 """
@@ -44,6 +50,9 @@ SELF_HOSTS = {"0.0.0.0", "127.0.0.1", "localhost", "*"}
 SANITIZER_LIBS = re.compile(r"^lib(asan|ubsan|tsan|lsan)\.so")
 ENDPOINT = re.compile(r"tcp://([^\s:/'\"]+):([0-9]+|\*)")
 OVERRIDE = re.compile(r"^[a-z_]+(\.[a-z_]+)+=")
+KEYS_SECRET = "kdist-keys"  # deploy/k8s/README.md, "Keys": kubectl create secret generic ...
+# programs that connect to or bind for other pods: under CurveZMQ each needs its pair
+NETWORK_PROGRAMS = {"kdist-coordinator", "kdist-teacher", "kdist-worker"}
 
 
 class Checker:
@@ -58,11 +67,23 @@ class Checker:
         self.recipe_uses = []  # (where, configmap, key, overrides)
         self.dataset_dirs = set()
         self.images = {}  # image -> where first used
+        self.keygen_files = self.cluster_key_files()
 
     def fail(self, where, msg):
         self.errors.append(f"{where}: {msg}")
 
     # ---- the project ----------------------------------------------------------------------
+
+    def cluster_key_files(self):
+        """The files `kdist keygen --cluster DIR` writes: what the Secret may hold."""
+        with tempfile.TemporaryDirectory() as tmp:
+            keys = os.path.join(tmp, "keys")
+            p = subprocess.run([os.path.join(self.bin_dir, "kdist"), "keygen", "--cluster", keys],
+                               capture_output=True, text=True, timeout=60)
+            if p.returncode != 0:
+                self.fail(self.bin_dir, f"kdist keygen --cluster fails: {p.stderr.strip()}")
+                return set()
+            return set(os.listdir(keys))
 
     def cmake_targets(self):
         targets = set()
@@ -161,6 +182,8 @@ class Checker:
             cm = v.get("configMap")
             if cm:
                 self.check_configmap_volume(f"{where} volume {v['name']}", cm)
+            if v.get("secret"):
+                self.check_secret_volume(f"{where} volume {v['name']}", v["secret"])
         containers = (pod.get("initContainers") or []) + (pod.get("containers") or [])
         if not containers:
             self.fail(where, "has no containers")
@@ -180,6 +203,24 @@ class Checker:
             if item.get("key") not in data:
                 self.fail(where, f"ConfigMap {cm['name']} has no key '{item.get('key')}' "
                                  f"(keys: {', '.join(sorted(data))})")
+
+    def check_secret_volume(self, where, secret):
+        if secret.get("secretName") != KEYS_SECRET:
+            self.fail(where, f"Secret '{secret.get('secretName')}' is not {KEYS_SECRET}, the one "
+                             "deploy/k8s/README.md creates")
+        if not secret.get("items"):
+            self.fail(where, f"mounts all of Secret {KEYS_SECRET}: list the items the pod needs "
+                             "(its own .key, the .pub files), so no pod holds another's secret key")
+        for item in secret.get("items") or []:
+            if item.get("key") not in self.keygen_files:
+                self.fail(where, f"Secret {KEYS_SECRET} has no key '{item.get('key')}' (`kdist "
+                                 f"keygen --cluster` makes {', '.join(sorted(self.keygen_files))})")
+
+    def secret_files(self, mount, volume):
+        """Files a Secret volume mount provides: {absolute path: (secret, key)}."""
+        items = volume["secret"].get("items") or []
+        return {os.path.join(mount["mountPath"], i.get("path")): (KEYS_SECRET, i.get("key"))
+                for i in items if i.get("key") in self.keygen_files}
 
     def mounted_files(self, mount, volume):
         """Files a ConfigMap volume mount provides: {absolute path: (configmap, key)}."""
@@ -231,6 +272,9 @@ class Checker:
                     self.fail(where, f"volumeMount '{name}' subPath '{m['subPath']}' is not a "
                                      f"file of ConfigMap {vol['configMap'].get('name')}")
                 files.update(provided)
+                cm_mounts.append(m["mountPath"])
+            if vol.get("secret"):
+                files.update(self.secret_files(m, vol))
                 cm_mounts.append(m["mountPath"])
         ctx = {"where": where, "ports": ports, "env": env, "files": files,
                "cm_mounts": cm_mounts, "bound": set()}
@@ -357,8 +401,18 @@ class Checker:
             if a.startswith("/") and any(a.startswith(m + "/") for m in ctx["cm_mounts"]):
                 if a not in ctx["files"]:
                     mounted = ", ".join(sorted(ctx["files"])) or "none"
-                    self.fail(where, f"reads {a}, which no ConfigMap key is mounted as "
-                                     f"(mounted: {mounted})")
+                    self.fail(where, f"reads {a}, which no ConfigMap or Secret key is mounted "
+                                     f"as (mounted: {mounted})")
+        speaks = base in NETWORK_PROGRAMS or (base == "kdist" and args[0] == "status" and
+                                              any(a.startswith("tcp://") for a in args))
+        if speaks:
+            key = args[args.index("--key") + 1] if "--key" in args[:-1] else None
+            if not key:
+                self.fail(where, f"runs {base} without --key: under CurveZMQ it needs its pair "
+                                 f"from Secret {KEYS_SECRET}")
+            elif ctx["files"].get(key, (None,))[0] != KEYS_SECRET:
+                self.fail(where, f"--key {key} is not a file of Secret {KEYS_SECRET} mounted in "
+                                 "the pod")
         recipe = None
         if "--recipe" in args and args.index("--recipe") + 1 < len(args):
             recipe = args[args.index("--recipe") + 1]
@@ -439,6 +493,11 @@ class Checker:
                                      f"overrides fails `kdist recipe check`: "
                                      f"{(p.stderr or p.stdout).strip()}")
                     continue
+                security = p.stdout.split("\ncluster:\n", 1)[-1].split("\n  security:\n", 1)
+                if len(security) < 2 or not re.search(r"^    curve: true$", security[1], re.M):
+                    self.fail(where, f"ConfigMap {cm} key {key} leaves cluster.security.curve "
+                                     "off, but the pods bind addresses other pods reach: the "
+                                     "coordinator and teachers refuse that in plaintext")
                 m = re.search(r'^  dir: "(.*)"$', p.stdout.split("\ndata:\n", 1)[-1], re.M)
                 if m:
                     self.dataset_dirs.add((m.group(1), f"ConfigMap {cm} key {key}"))

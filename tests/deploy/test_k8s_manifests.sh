@@ -86,7 +86,7 @@ plant wrong_kdist_command coordinator.yaml "[kdist, status," "[kdist, stat," \
 plant wrong_configmap_key coordinator.yaml "key: recipe.yaml" "key: recipe.yml" \
     "ConfigMap kdist-recipe has no key 'recipe.yml'"
 plant wrong_mounted_file teacher.yaml "--recipe /etc/kdist/recipe.yaml" \
-    "--recipe /etc/kdist/recipes.yaml" "reads /etc/kdist/recipes.yaml, which no ConfigMap key"
+    "--recipe /etc/kdist/recipes.yaml" "reads /etc/kdist/recipes.yaml, which no ConfigMap or Secret key"
 plant wrong_env_var worker.yaml "\$(POD_NAME)" "\$(POD_NAM)" "\$(POD_NAM) names no env variable"
 plant wrong_script_var teacher.yaml '"tcp://$POD_IP:5556"' '"tcp://$POD_ADDR:5556"' \
     "the script uses \$POD_ADDR, which is neither set in the script nor an env variable"
@@ -115,6 +115,17 @@ plant wrong_install Dockerfile "/src/build/bin/kdist-worker /usr/local/bin/" "/u
 plant wrong_runtime_lib Dockerfile "libzmq5 " "" "links libzmq.so.5 (package libzmq5)"
 plant wrong_dataset Dockerfile "dataset-fashion-mnist" "dataset-mnist" \
     "comes from the Debian package dataset-fashion-mnist"
+# CurveZMQ: the Secret kdist-keys mounted and used, the recipe encrypted (issue 10)
+plant wrong_secret_item worker.yaml "{key: worker.key, path: worker.key}" \
+    "{key: workers.key, path: worker.key}" "Secret kdist-keys has no key 'workers.key'"
+plant wrong_secret_name teacher.yaml "secretName: kdist-keys" "secretName: kdist-key" \
+    "Secret 'kdist-key' is not kdist-keys"
+plant wrong_key_file worker.yaml "- /etc/kdist-keys/worker.key" "- /etc/kdist-keys/workr.key" \
+    "reads /etc/kdist-keys/workr.key, which no ConfigMap or Secret key is mounted as"
+plant missing_key coordinator.yaml "--key /etc/kdist-keys/coordinator.key " "" \
+    "runs kdist-coordinator without --key"
+plant plaintext recipe-configmap.yaml "curve: true" "curve: false" \
+    "leaves cluster.security.curve off"
 log "the real manifests pass; $caught planted mistakes caught"
 
 # ---- 3. The pods' commands, run here -------------------------------------------------------
@@ -131,7 +142,8 @@ if sys.argv[2] == "recipe":
     r["data"].update(train_subset=2000, val_size=500, test_subset=500)
     r["train"]["epochs"] = 40
     r["checkpoint"] = {"every_steps": 20}
-    yaml.safe_dump(r, open(sys.argv[3], "w"))
+    text = yaml.safe_dump(r).replace("/etc/kdist-keys/", os.environ["KD_KEYS"] + "/")
+    open(sys.argv[3], "w").write(text)
     print(r["name"])
     sys.exit(0)
 kind, name, what = sys.argv[2:5]
@@ -144,6 +156,7 @@ def local(a):
     a = re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: os.environ[m.group(1)], a)
     a = re.sub(r"tcp://([^\s:/'\"]+):([0-9]+)", lambda m: "tcp://%s:%s" % (
         m.group(1) if m.group(1).startswith("$") else "127.0.0.1", ports[m.group(2)]), a)
+    a = a.replace("/etc/kdist-keys/", os.environ["KD_KEYS"] + "/")
     return a.replace("/etc/kdist/", os.environ["KD_ETC"] + "/")
 sys.stdout.write("\0".join(local(str(a)) for a in argv))
 PY
@@ -153,9 +166,12 @@ free_port() {
 print(s.getsockname()[1])'
 }
 control_port=$(free_port)
-export KD_PORTS="5555:$control_port 5556:$(free_port)" KD_ETC=$tmp/etc
+export KD_PORTS="5555:$control_port 5556:$(free_port)" KD_ETC=$tmp/etc KD_KEYS=$tmp/keys
 export PATH=$bin:$PATH
 mkdir -p "$tmp/etc"
+# the Secret kdist-keys, made as deploy/k8s/README.md says
+kdist keygen --cluster "$tmp/keys" >/dev/null 2>&1 || fail "kdist keygen --cluster"
+
 name=$("$python" "$tmp/pod.py" "$src/deploy/k8s/recipe-configmap.yaml" recipe \
     "$tmp/etc/recipe.yaml")
 run_dir=$tmp/coordinator/runs/$name
@@ -204,7 +220,8 @@ expect_exit() {
     [ "$rc" = "$3" ] || fail "$1 exited $rc, not $3 ($4)"
 }
 worker_trains() { # a running run in which kdist-worker-$1 has made steps
-    kdist status "tcp://127.0.0.1:$control_port" --json 2>/dev/null | "$python" -c '
+    kdist status "tcp://127.0.0.1:$control_port" --json --key "$KD_KEYS/client.key" \
+        --coordinator-key "$KD_KEYS/coordinator.pub" 2>/dev/null | "$python" -c '
 import json, sys
 j = json.load(sys.stdin)
 me = "kdist-worker-" + sys.argv[1]
@@ -233,11 +250,17 @@ wait_for "the restarted coordinator to resume" 30 \
     grep -q "COORD-RESUME.*resumed from" "$tmp/logs/coordinator.log"
 worker 1 # kubectl scale deployment/kdist-worker --replicas=2
 wait_for "a second worker to train" 60 worker_trains 1
-kill -TERM "${pids[worker1]}" # scaled back down
+# Scaled back down while the teacher node is held (SIGSTOP): no batch, no step, so the run
+# cannot end before worker 1's own goodbye, however fast the machine.
+kill -STOP "${pids[teacher]}"
+kill -TERM "${pids[worker1]}"
 expect_exit worker1 30 0 "SIGTERM: the step finishes, then a goodbye"
+kill -CONT "${pids[teacher]}"
 grep -q "WORKER-STOP the coordinator says stop" "$tmp/logs/worker1.log" &&
     fail "worker 1 ended with the run, not on its SIGTERM: make the run longer"
-log "the restarted pods resumed; a second worker joined and left on SIGTERM"
+grep -q "COORD-CURVE CurveZMQ on" "$tmp/logs/coordinator.log" ||
+    fail "the coordinator did not turn CurveZMQ on with the Secret's keys"
+log "the restarted pods resumed (CurveZMQ on); a second worker joined and left on SIGTERM"
 expect_exit coordinator 150 0 "the resumed run completes"
 "$python" - "$run_dir/summary.json" <<'PY' || fail "the resumed run is not complete and exact"
 import json, sys
