@@ -100,8 +100,9 @@ long evaluator_superseded(evaluator_t *ev);
 /* The socket to poll for results (ZMQ_POLLIN), and reading one result. */
 void *evaluator_socket(evaluator_t *ev);
 int evaluator_result(evaluator_t *ev, eval_result_t *out);
-/* Blocks until every requested evaluation has reported; the last one goes to *last. */
-int evaluator_drain(evaluator_t *ev, eval_result_t *last);
+/* Blocks for the next result still to come; -1 when every requested evaluation has reported.
+ * At the end of a run: every result is handled, none is lost between the last two. */
+int evaluator_next(evaluator_t *ev, eval_result_t *out);
 void evaluator_destroy(evaluator_t **self_p);
 
 #endif

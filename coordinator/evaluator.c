@@ -216,14 +216,11 @@ int evaluator_result(evaluator_t *ev, eval_result_t *out) {
     return 0;
 }
 
-int evaluator_drain(evaluator_t *ev, eval_result_t *last) {
-    int got = -1;
-    while (ev->outstanding > 0) {
-        if (zmq_recv(ev->pipe, last, sizeof *last, 0) != (int)sizeof *last) return -1;
-        ev->outstanding--;
-        got = 0;
-    }
-    return got;
+int evaluator_next(evaluator_t *ev, eval_result_t *out) {
+    if (ev->outstanding <= 0) return -1;
+    if (zmq_recv(ev->pipe, out, sizeof *out, 0) != (int)sizeof *out) return -1;
+    ev->outstanding--;
+    return 0;
 }
 
 void evaluator_destroy(evaluator_t **self_p) {
