@@ -245,6 +245,23 @@ void kd_msg_move(kd_msg_t *dst, kd_msg_t *src) {
     memset(src, 0, sizeof *src);
 }
 
+const kd_layout_t KD_LAYOUT_WEIGHTS = {0, "weights", KD_DTYPE_F32, 1};
+const kd_layout_t KD_LAYOUT_GRADIENT = {0, "gradient", KD_DTYPE_F32, 1};
+const kd_layout_t KD_LAYOUT_INPUTS = {0, "inputs", KD_DTYPE_U8, 4};
+const kd_layout_t KD_LAYOUT_LABELS = {1, "labels", KD_DTYPE_I32, 1};
+const kd_layout_t KD_LAYOUT_TEACHER_LOGITS = {2, "teacher_logits", KD_DTYPE_F32, 2};
+
+kd_wire_tensor_t kd_layout_tensor(const kd_layout_t *l, const int64_t *shape) {
+    kd_wire_tensor_t t = {.name = l->name, .dtype = l->dtype, .ndim = l->ndim};
+    for (int d = 0; d < l->ndim; d++) t.shape[d] = shape[d];
+    return t;
+}
+
+const void *kd_layout_get(const kd_msg_t *m, const kd_layout_t *l, const int64_t *shape, char *err,
+                          size_t errlen) {
+    return kd_msg_tensor(m, l->index, l->name, l->dtype, l->ndim, shape, err, errlen);
+}
+
 const void *kd_msg_tensor(const kd_msg_t *m, int i, const char *name, kd_dtype_t dtype, int ndim,
                           const int64_t *shape, char *err, size_t errlen) {
     if (i < 0 || i >= m->n_tensors) {

@@ -87,6 +87,26 @@ typedef struct {
     void *hint;
 } kd_wire_tensor_t;
 
+/* The payloads of each message, defined once for the sender and the receiver (docs/protocol.md):
+ *   Weights   0 weights         F32 (n_params)
+ *   Push      0 gradient        F32 (n_params)
+ *   Batch     0 inputs          U8  (B, C, H, W)
+ *             1 labels          I32 (B)
+ *             2 teacher_logits  F32 (B, classes)   when the run distils */
+typedef struct {
+    int index; /* its place among the message's payloads */
+    const char *name;
+    kd_dtype_t dtype;
+    int ndim;
+} kd_layout_t;
+extern const kd_layout_t KD_LAYOUT_WEIGHTS, KD_LAYOUT_GRADIENT, KD_LAYOUT_INPUTS, KD_LAYOUT_LABELS,
+    KD_LAYOUT_TEACHER_LOGITS;
+/* A payload of layout l to send: name, dtype and shape (l->ndim values) set, the rest zero. */
+kd_wire_tensor_t kd_layout_tensor(const kd_layout_t *l, const int64_t *shape);
+/* The received payload of layout l, checked as kd_msg_tensor does. */
+const void *kd_layout_get(const kd_msg_t *m, const kd_layout_t *l, const int64_t *shape, char *err,
+                          size_t errlen);
+
 /* Sends env (protocol_version and tensor descriptors are filled in here) and its payloads.
  * peer != NULL on ROUTER sockets. flags: 0 or ZMQ_DONTWAIT. Returns 0, or -1 with errno
  * (EHOSTUNREACH: unknown peer under ZMQ_ROUTER_MANDATORY; EAGAIN: high-water mark). If the

@@ -148,7 +148,7 @@ member_t *coord_find_member(coord_t *c, const uint8_t *rid, size_t len);
 int coord_live_count(coord_t *c, Kdist__Role role);
 int coord_send_to(coord_t *c, member_t *m, kd_env_t *env, const kd_wire_tensor_t *t, int n);
 void coord_send_refused(coord_t *c, const uint8_t *rid, size_t len, Kdist__RefusalCode code,
-                         const char *reason);
+                        const char *reason);
 void coord_remove_member(coord_t *c, member_t *m, const char *event);
 void coord_evict_member(coord_t *c, member_t *m, const char *why);
 void coord_on_hello(coord_t *c, kd_msg_t *msg);
@@ -158,6 +158,9 @@ void coord_stop_nodes(coord_t *c);
 
 /* ---- ledger.c: which batches are applied, assigned, streamed again or refused (Nacks) */
 
+/* The epoch's ledger and the open step's buffers, sized by c->n_batches and c->model. */
+void coord_alloc_ledger(coord_t *c);
+void coord_free_ledger(coord_t *c);
 void coord_assign_epoch(coord_t *c);
 void coord_start_epoch(coord_t *c, uint32_t epoch);
 void coord_reassign_share(coord_t *c, const member_t *gone);

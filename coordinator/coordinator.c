@@ -354,13 +354,7 @@ static int setup(coord_t *c, int argc, char **argv, bool *resume, char *err, siz
     c->sched = c->r.schedule.cfg;
     c->sched.total_steps = kd_train_total_steps(&c->r, c->data.train->n);
     c->n_batches = kd_epoch_count(c->data.train->n, (size_t)c->r.train.batch_size);
-    c->applied = kd_xcalloc(c->n_batches ? c->n_batches : 1, 1);
-    c->in_step = kd_xcalloc(c->n_batches ? c->n_batches : 1, 1);
-    c->nacked = kd_xcalloc(c->n_batches ? c->n_batches : 1, sizeof *c->nacked);
-    c->owner = kd_xcalloc(c->n_batches ? c->n_batches : 1, sizeof *c->owner);
-    c->step_grad = kd_alloc_floats(c->model->n_params);
-    c->win_layer_fwd = kd_xcalloc((size_t)c->model->n_layers, sizeof(double));
-    c->win_layer_bwd = kd_xcalloc((size_t)c->model->n_layers, sizeof(double));
+    coord_alloc_ledger(c);
     c->s.best_step = -1;
     snprintf(c->s.run_id, sizeof c->s.run_id, "%s-%llx", c->r.name,
              (unsigned long long)kd_wire_new_incarnation());
@@ -538,12 +532,6 @@ out:
     kd_optim_destroy(&c->opt);
     kd_model_destroy(&c->model);
     kd_splits_destroy(&c->data);
-    free(c->applied);
-    free(c->in_step);
-    free(c->nacked);
-    free(c->owner);
-    free(c->step_grad);
-    free(c->win_layer_fwd);
-    free(c->win_layer_bwd);
+    coord_free_ledger(c);
     return exit_code;
 }

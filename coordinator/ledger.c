@@ -1,5 +1,27 @@
-/* ledger.c: the epoch's ledger: which batches are applied, assigned to which teacher node, streamed again or refused (Nacks). */
+/* ledger.c: the epoch's ledger: which batches are applied, assigned to which teacher node, streamed
+ * again or refused (Nacks). */
 #include "coord.h"
+
+void coord_alloc_ledger(coord_t *c) {
+    const size_t n = c->n_batches ? c->n_batches : 1;
+    c->applied = kd_xcalloc(n, 1);
+    c->in_step = kd_xcalloc(n, 1);
+    c->nacked = kd_xcalloc(n, sizeof *c->nacked);
+    c->owner = kd_xcalloc(n, sizeof *c->owner);
+    c->step_grad = kd_alloc_floats(c->model->n_params);
+    c->win_layer_fwd = kd_xcalloc((size_t)c->model->n_layers, sizeof(double));
+    c->win_layer_bwd = kd_xcalloc((size_t)c->model->n_layers, sizeof(double));
+}
+
+void coord_free_ledger(coord_t *c) {
+    free(c->applied);
+    free(c->in_step);
+    free(c->nacked);
+    free(c->owner);
+    free(c->step_grad);
+    free(c->win_layer_fwd);
+    free(c->win_layer_bwd);
+}
 
 static int teacher_order(const void *a, const void *b) {
     const member_t *x = *(member_t *const *)a, *y = *(member_t *const *)b;
@@ -47,7 +69,8 @@ static size_t unapplied_batches(coord_t *c, uint32_t *out) {
 }
 
 void coord_assign_epoch(coord_t *c) {
-    if (coord_live_count(c, KDIST__ROLE__TEACHER) == 0) return; /* the first teacher's Hello assigns */
+    if (coord_live_count(c, KDIST__ROLE__TEACHER) == 0)
+        return; /* the first teacher's Hello assigns */
     uint32_t *ids = kd_xmalloc((c->n_batches ? c->n_batches : 1) * sizeof *ids);
     size_t n = unapplied_batches(c, ids);
     assign_batches(c, ids, n, false);
@@ -167,10 +190,11 @@ void coord_on_nack(coord_t *c, member_t *m, kd_msg_t *msg) {
            m->node_id, ref->epoch, ref->batch_id, nack_reason_name(n->reason), detail, times,
            c->r.cluster.max_nacks);
     if ((long)times >= c->r.cluster.max_nacks) {
-        coord_fail_run(c,
-                 "batch %u/%u was refused %u times by workers because of %s (%s): fix the data or "
-                 "the teacher, or raise cluster.max_nacks",
-                 ref->epoch, ref->batch_id, times, nack_reason_name(n->reason), detail);
+        coord_fail_run(
+            c,
+            "batch %u/%u was refused %u times by workers because of %s (%s): fix the data or "
+            "the teacher, or raise cluster.max_nacks",
+            ref->epoch, ref->batch_id, times, nack_reason_name(n->reason), detail);
         return;
     }
     coord_requeue_batch(c, ref);

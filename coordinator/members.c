@@ -1,4 +1,5 @@
-/* members.c: membership: who is in the run (Hello, heartbeats, departures, eviction), and sending to them. */
+/* members.c: membership: who is in the run (Hello, heartbeats, departures, eviction), and sending
+ * to them. */
 #include "coord.h"
 
 const char *coord_role_name(Kdist__Role role) {
@@ -80,7 +81,7 @@ static bool member_reachable(coord_t *c, member_t *m) {
 }
 
 void coord_send_refused(coord_t *c, const uint8_t *rid, size_t len, Kdist__RefusalCode code,
-                         const char *reason) {
+                        const char *reason) {
     kd_wire_send_refused(c->router, rid, len, code, reason);
 }
 
@@ -161,7 +162,8 @@ static void send_peers(coord_t *c) {
 void coord_remove_member(coord_t *c, member_t *m, const char *event) {
     kd_log(KD_LOG_INFO, "COORD-MEMBER-GONE", "%s %s (%s) %s", coord_role_name(m->role), m->node_id,
            m->host, event);
-    if (m->role != KDIST__ROLE__CLIENT) coord_add_event(c, event, coord_role_name(m->role), m->node_id);
+    if (m->role != KDIST__ROLE__CLIENT)
+        coord_add_event(c, event, coord_role_name(m->role), m->node_id);
     if (m->role != KDIST__ROLE__CLIENT &&
         (strcmp(event, "dead") == 0 || strcmp(event, "evicted") == 0) &&
         c->n_lost++ < COORD_MAX_LOST)
@@ -210,7 +212,7 @@ void coord_on_hello(coord_t *c, kd_msg_t *msg) {
     const Kdist__Hello *h = msg->env->hello;
     if (h->role != KDIST__ROLE__WORKER && h->role != KDIST__ROLE__TEACHER) {
         coord_send_refused(c, msg->peer, msg->peer_len, KDIST__REFUSAL_CODE__BAD_HELLO,
-                     "only workers and teacher nodes say hello");
+                           "only workers and teacher nodes say hello");
         coord_drop(c, msg, "hello from an unexpected role");
         return;
     }
@@ -225,7 +227,7 @@ void coord_on_hello(coord_t *c, kd_msg_t *msg) {
         (h->role == KDIST__ROLE__TEACHER &&
          (!h->stream_endpoint[0] || strlen(h->stream_endpoint) >= 256))) {
         coord_send_refused(c, msg->peer, msg->peer_len, KDIST__REFUSAL_CODE__BAD_HELLO,
-                     "hello needs a node id (and a teacher endpoint)");
+                           "hello needs a node id (and a teacher endpoint)");
         coord_drop(c, msg, "hello with a missing or oversized field");
         return;
     }
@@ -238,7 +240,8 @@ void coord_on_hello(coord_t *c, kd_msg_t *msg) {
                  "key %s may not join as a %s: list it in cluster.security.%s or authorized_keys",
                  msg->user_id, coord_role_name(h->role),
                  h->role == KDIST__ROLE__WORKER ? "worker_keys" : "teacher_keys");
-        coord_send_refused(c, msg->peer, msg->peer_len, KDIST__REFUSAL_CODE__NOT_AUTHORIZED, reason);
+        coord_send_refused(c, msg->peer, msg->peer_len, KDIST__REFUSAL_CODE__NOT_AUTHORIZED,
+                           reason);
         c->hellos_refused++;
         coord_drop(c, msg, "hello from a key without that role");
         return;
@@ -246,13 +249,13 @@ void coord_on_hello(coord_t *c, kd_msg_t *msg) {
     for (int i = 0; i < c->n_evicted_keys; i++)
         if (msg->user_id[0] && strcmp(c->evicted_keys[i], msg->user_id) == 0) {
             coord_send_refused(c, msg->peer, msg->peer_len, KDIST__REFUSAL_CODE__EVICTED,
-                         "this key was evicted from the run");
+                               "this key was evicted from the run");
             coord_drop(c, msg, "hello from an evicted key");
             return;
         }
     if (c->phase != RUN_RUNNING) {
         coord_send_refused(c, msg->peer, msg->peer_len, KDIST__REFUSAL_CODE__RUN_FINISHING,
-                     "the run is finishing");
+                           "the run is finishing");
         return;
     }
     /* A node id belongs to one live connection. A second Hello for it replaces the holder only
@@ -282,7 +285,7 @@ void coord_on_hello(coord_t *c, kd_msg_t *msg) {
         if (!c->members[i].used) m = &c->members[i];
     if (!m) {
         coord_send_refused(c, msg->peer, msg->peer_len, KDIST__REFUSAL_CODE__TOO_MANY_MEMBERS,
-                     "too many members");
+                           "too many members");
         return;
     }
     memset(m, 0, sizeof *m);
@@ -303,7 +306,8 @@ void coord_on_hello(coord_t *c, kd_msg_t *msg) {
     uint64_t lo = coord_min_clock(c);
     m->clock = lo == UINT64_MAX ? 0 : lo;
     kd_log(KD_LOG_INFO, "COORD-MEMBER-JOIN", "%s %s joined from %s (pid %u, incarnation %llu)",
-           coord_role_name(m->role), m->node_id, m->host, m->pid, (unsigned long long)m->incarnation);
+           coord_role_name(m->role), m->node_id, m->host, m->pid,
+           (unsigned long long)m->incarnation);
     if (!restart) /* a restart was recorded as the old one left */
         coord_add_event(c, "join", coord_role_name(m->role), m->node_id);
     send_welcome(c, m);

@@ -1,4 +1,5 @@
-/* status.c: what the run reports: evaluation results, metrics, checkpoints, StatusReply and summary.json. */
+/* status.c: what the run reports: evaluation results, metrics, checkpoints, StatusReply and
+ * summary.json. */
 #include "coord.h"
 
 double coord_elapsed(coord_t *c) {
@@ -162,8 +163,8 @@ json_t *coord_status_json(coord_t *c) {
                             : m->state == WORKER_COMPUTING  ? "computing"
                                                             : "waiting";
         json_t *member = json_pack(
-            "{s:s, s:s, s:I, s:s, s:i, s:o, s:I, s:o, s:s, s:I}", "role", coord_role_name(m->role), "id",
-            m->node_id, "incarnation", (json_int_t)m->incarnation, "host", m->host, "pid",
+            "{s:s, s:s, s:I, s:s, s:i, s:o, s:I, s:o, s:s, s:I}", "role", coord_role_name(m->role),
+            "id", m->node_id, "incarnation", (json_int_t)m->incarnation, "host", m->host, "pid",
             (int)m->pid, "last_seen", kd_json_number(now - m->last_seen), "steps",
             (json_int_t)m->steps, "samples_per_sec", kd_json_number(m->samples_per_sec), "state",
             state, "rss_bytes", (json_int_t)m->rss_bytes);
@@ -195,8 +196,8 @@ int coord_write_summary(coord_t *c, const eval_result_t *final) {
         "val_loss", kd_json_number(final->val.loss), "best_step", (json_int_t) final->best_step,
         "best_val_accuracy", kd_json_number(final->best_val_accuracy), "epochs",
         (json_int_t)(c->applied_count == c->n_batches ? c->s.epoch + 1 : c->s.epoch), "steps",
-        (json_int_t)c->s.step, "samples_per_sec", kd_json_number(coord_train_rate(c)), "wall_seconds",
-        kd_json_number(t), "workers_max", c->workers_max, "parameters",
+        (json_int_t)c->s.step, "samples_per_sec", kd_json_number(coord_train_rate(c)),
+        "wall_seconds", kd_json_number(t), "workers_max", c->workers_max, "parameters",
         (json_int_t)c->model->n_params, "consistency",
         kd_consistency_name(c->r.cluster.consistency), "ledger", "batches_expected",
         (json_int_t)c->s.batches_expected, "batches_applied", (json_int_t)c->s.batches_applied,

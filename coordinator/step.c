@@ -1,4 +1,5 @@
-/* step.c: applying gradients: validation, the sync step, the SSP gate, async updates, and what follows a step. */
+/* step.c: applying gradients: validation, the sync step, the SSP gate, async updates, and what
+ * follows a step. */
 #include "coord.h"
 
 void coord_finish(coord_t *c, const char *status) {
@@ -45,11 +46,12 @@ static void apply_gradient(coord_t *c, float *grad, long batches, long samples) 
     size_t bad = kd_first_nonfinite(c->model->params, c->model->n_params);
     if (bad < c->model->n_params) {
         c->weights_poisoned = true;
-        coord_fail_run(c,
-                 "the weights became non-finite at step %ld (parameter %zu is %g) from finite "
-                 "gradients: the update overflowed; try a lower optim.lr. The weights are not "
-                 "saved; the last checkpoint and best/ hold the last finite ones",
-                 c->s.step + 1, bad, (double)c->model->params[bad]);
+        coord_fail_run(
+            c,
+            "the weights became non-finite at step %ld (parameter %zu is %g) from finite "
+            "gradients: the update overflowed; try a lower optim.lr. The weights are not "
+            "saved; the last checkpoint and best/ hold the last finite ones",
+            c->s.step + 1, bad, (double)c->model->params[bad]);
     }
     c->s.position += batches;
     c->s.step++;
@@ -105,7 +107,7 @@ static float *push_gradient(coord_t *c, member_t *m, kd_msg_t *msg, char *why, s
         return g;
     }
     int64_t shape[1] = {(int64_t)c->model->n_params};
-    return (float *)kd_msg_tensor(msg, 0, "gradient", KD_DTYPE_F32, 1, shape, why, whylen);
+    return (float *)kd_layout_get(msg, &KD_LAYOUT_GRADIENT, shape, why, whylen);
 }
 
 /* A worker leaves while the open sync step holds its shared-memory gradient: keep a copy. */
@@ -242,10 +244,10 @@ static void reject_push(coord_t *c, member_t *m, const Kdist__BatchRef *ref, con
     if (c->rejected_in_a_row >= c->r.cluster.fail_after) {
         coord_send_weights(c, m, REPLY_DROPPED);
         coord_fail_run(c,
-                 "the last %ld gradients pushed were all rejected (the last because %s): the "
-                 "training diverged or every worker is broken; try a lower optim.lr or "
-                 "optim.clip_norm",
-                 c->rejected_in_a_row, why);
+                       "the last %ld gradients pushed were all rejected (the last because %s): the "
+                       "training diverged or every worker is broken; try a lower optim.lr or "
+                       "optim.clip_norm",
+                       c->rejected_in_a_row, why);
         return;
     }
     if (m->rejected_in_a_row >= c->r.cluster.evict_after &&
@@ -314,7 +316,8 @@ void coord_on_push(coord_t *c, member_t *m, kd_msg_t *msg) {
             coord_send_weights(c, m, REPLY_REDO);
             return;
         }
-        if (c->step_count == COORD_MAX_MEMBERS) coord_close_sync_step(c); /* churn cannot overflow it */
+        if (c->step_count == COORD_MAX_MEMBERS)
+            coord_close_sync_step(c); /* churn cannot overflow it */
         accept_push(c, m);
         account_push(c, m, p);
         c->in_step[ref->batch_id] = 1;
@@ -332,7 +335,8 @@ void coord_on_push(coord_t *c, member_t *m, kd_msg_t *msg) {
         apply_gradient(c, grad, 1, p->samples);
         coord_mark_applied(c, ref);
         m->clock++;
-        bool hold = c->r.cluster.consistency == KD_CONSISTENCY_SSP && coord_min_clock(c) != UINT64_MAX &&
+        bool hold = c->r.cluster.consistency == KD_CONSISTENCY_SSP &&
+                    coord_min_clock(c) != UINT64_MAX &&
                     m->clock > coord_min_clock(c) + (uint64_t)c->r.cluster.staleness;
         coord_send_weights(c, m, hold ? REPLY_WAIT : REPLY_WEIGHTS);
         after_step(c);

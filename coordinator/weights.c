@@ -1,4 +1,5 @@
-/* weights.c: the current weights for replies, and the same-host shared-memory slots they also go through. */
+/* weights.c: the current weights for replies, and the same-host shared-memory slots they also go
+ * through. */
 #include "coord.h"
 
 static void free_snapshot(void *data, void *hint) {
@@ -22,11 +23,9 @@ void coord_invalidate_weights(coord_t *c) {
 
 kd_wire_tensor_t coord_weights_tensor(coord_t *c) {
     refresh_weights(c);
-    kd_wire_tensor_t t = {.name = "weights",
-                          .dtype = KD_DTYPE_F32,
-                          .ndim = 1,
-                          .shape = {(int64_t)c->model->n_params},
-                          .share = &c->weights_msg};
+    kd_wire_tensor_t t =
+        kd_layout_tensor(&KD_LAYOUT_WEIGHTS, (int64_t[]){(int64_t)c->model->n_params});
+    t.share = &c->weights_msg;
     return t;
 }
 

@@ -486,28 +486,18 @@ static int send_next_batch(teacher_t *t) {
         return -1;
     }
     kd_wire_tensor_t tensors[3] = {
-        {.name = "inputs",
-         .dtype = KD_DTYPE_U8,
-         .ndim = 4,
-         .shape = {(int64_t)B, d->channels, d->height, d->width},
-         .data = pixels,
-         .nbytes = B * d->sample_dim,
-         .free_fn = free_buffer},
-        {.name = "labels",
-         .dtype = KD_DTYPE_I32,
-         .ndim = 1,
-         .shape = {(int64_t)B},
-         .data = labels,
-         .nbytes = B * sizeof *labels,
-         .free_fn = free_buffer},
-        {.name = "teacher_logits",
-         .dtype = KD_DTYPE_F32,
-         .ndim = 2,
-         .shape = {(int64_t)B, (int64_t)C},
-         .data = logits,
-         .nbytes = B * C * sizeof *logits,
-         .free_fn = free_buffer},
+        kd_layout_tensor(&KD_LAYOUT_INPUTS,
+                         (int64_t[]){(int64_t)B, d->channels, d->height, d->width}),
+        kd_layout_tensor(&KD_LAYOUT_LABELS, (int64_t[]){(int64_t)B}),
+        kd_layout_tensor(&KD_LAYOUT_TEACHER_LOGITS, (int64_t[]){(int64_t)B, (int64_t)C}),
     };
+    const void *data[3] = {pixels, labels, logits};
+    const size_t nbytes[3] = {B * d->sample_dim, B * sizeof *labels, B * C * sizeof *logits};
+    for (int i = 0; i < 3; i++) {
+        tensors[i].data = data[i];
+        tensors[i].nbytes = nbytes[i];
+        tensors[i].free_fn = free_buffer;
+    }
     Kdist__BatchRef ref = KDIST__BATCH_REF__INIT;
     ref.epoch = t->epoch->epoch;
     ref.batch_id = b;

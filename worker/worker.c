@@ -254,7 +254,7 @@ static int take_weights(worker_t *w, const kd_msg_t *m, char *err, size_t errlen
     w->model->params = w->own_params;
     w->params_slot = 0;
     const int64_t shape[1] = {(int64_t)w->model->n_params};
-    const float *src = kd_msg_tensor(m, 0, "weights", KD_DTYPE_F32, 1, shape, err, errlen);
+    const float *src = kd_layout_get(m, &KD_LAYOUT_WEIGHTS, shape, err, errlen);
     if (!src) return -1;
     memcpy(w->model->params, src, w->model->n_params * sizeof(float));
     return 0;
@@ -462,7 +462,7 @@ static int take_batch(worker_t *w, const kd_msg_t *m, Kdist__NackReason *nack, c
                       w->teacher ? " and teacher logits (distill.alpha > 0)" : "");
     const kd_shape_t in = w->model->input;
     const int64_t in_shape[4] = {-1, in.c, in.h, in.w};
-    const uint8_t *pixels = kd_msg_tensor(m, 0, "inputs", KD_DTYPE_U8, 4, in_shape, err, errlen);
+    const uint8_t *pixels = kd_layout_get(m, &KD_LAYOUT_INPUTS, in_shape, err, errlen);
     if (!pixels) return -1;
     const int64_t B = m->env->tensors[0]->shape[0];
     if (B < 1 || B > (int64_t)w->batch_cap)
@@ -470,8 +470,7 @@ static int take_batch(worker_t *w, const kd_msg_t *m, Kdist__NackReason *nack, c
                       w->batch_cap);
     *nack = KDIST__NACK_REASON__NACK_LABELS;
     const int64_t label_shape[1] = {B};
-    const int32_t *labels =
-        kd_msg_tensor(m, 1, "labels", KD_DTYPE_I32, 1, label_shape, err, errlen);
+    const int32_t *labels = kd_layout_get(m, &KD_LAYOUT_LABELS, label_shape, err, errlen);
     if (!labels) return -1;
     for (int64_t i = 0; i < B; i++)
         if (labels[i] < 0 || labels[i] >= w->num_classes)
@@ -480,8 +479,7 @@ static int take_batch(worker_t *w, const kd_msg_t *m, Kdist__NackReason *nack, c
     *nack = KDIST__NACK_REASON__NACK_TEACHER_LOGITS;
     if (w->teacher) {
         const int64_t logit_shape[2] = {B, w->num_classes};
-        const float *logits =
-            kd_msg_tensor(m, 2, "teacher_logits", KD_DTYPE_F32, 2, logit_shape, err, errlen);
+        const float *logits = kd_layout_get(m, &KD_LAYOUT_TEACHER_LOGITS, logit_shape, err, errlen);
         if (!logits) return -1;
         const size_t n_logits = (size_t)B * (size_t)w->num_classes;
         for (size_t i = 0; i < n_logits; i++)
@@ -543,14 +541,12 @@ static int compute_and_push(worker_t *w, double wait_batch, double t_start) {
     push.layer_forward_seconds = w->fwd;
     push.layer_backward_seconds = w->bwd;
     push.rss_bytes = kd_node_rss_bytes();
-    kd_wire_tensor_t grad = {.name = "gradient",
-                             .dtype = KD_DTYPE_F32,
-                             .ndim = 1,
-                             .shape = {(int64_t)m->n_params},
-                             .data = m->grads,
-                             .nbytes = m->n_params * sizeof(float),
-                             .free_fn = release_grads,
-                             .hint = &w->grads_in_flight};
+    kd_wire_tensor_t grad =
+        kd_layout_tensor(&KD_LAYOUT_GRADIENT, (int64_t[]){(int64_t)m->n_params});
+    grad.data = m->grads;
+    grad.nbytes = m->n_params * sizeof(float);
+    grad.free_fn = release_grads;
+    grad.hint = &w->grads_in_flight;
     kd_env_t env = KDIST__ENVELOPE__INIT;
     env.body_case = KDIST__ENVELOPE__BODY_PUSH;
     env.push = &push;

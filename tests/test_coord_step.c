@@ -1,0 +1,303 @@
+/* test_coord_step: the coordinator's ledger, sync step closing and SSP gate, without processes.
+ * A coord_t is set up as kdist-coordinator's set-up would (recipe defaults, a small MLP, SGD),
+ * its ROUTER bound on inproc://, and each member is a DEALER of this test: pushes are real
+ * PushGradient messages taken off the ROUTER and given to coord_on_push, and the replies are
+ * read back as the workers would (Weights with its flags, Refused).
+ *   - sync: a step closes when every live worker pushed (or waits for a batch), with the
+ *     samples-weighted mean of the gradients; a worker that leaves does not hold it; a push on
+ *     old weights is told to redo; a second push in one step is dropped;
+ *   - the ledger: every batch applied once per epoch (a repeat is a counted duplicate), the
+ *     next epoch starts when the last batch is applied, the run finishes after the last epoch;
+ *     a rejected (non-finite) gradient is not applied and its batch goes back to its teacher;
+ *   - SSP: a worker more than `staleness` clocks ahead of the slowest waits, and is released
+ *     when the slowest catches up; a worker without a batch does not hold others back. */
+#include <math.h>
+
+#include "coord.h"
+#include "kd_test.h"
+
+#define N_BATCHES 4
+#define BATCH     2
+#define LR        0.5f
+
+static const kd_layer_spec_t MLP[] = {
+    {.kind = KD_LAYER_FLATTEN},
+    {.kind = KD_LAYER_LINEAR, .out_features = 3},
+};
+
+enum { W0, W1, W2, TEACHER, N_PEERS };
+
+typedef struct {
+    coord_t *c;
+    void *peer[N_PEERS]; /* DEALERs: three workers and a teacher node */
+    member_t *member[N_PEERS];
+} rig_t;
+
+static int endpoint_seq = 0;
+
+static void rig_start(rig_t *t, kd_consistency_t consistency, long staleness, long epochs) {
+    memset(t, 0, sizeof *t);
+    coord_t *c = t->c = kd_xcalloc(1, sizeof *c);
+    kd_recipe_defaults(&c->r);
+    c->r.cluster.consistency = consistency;
+    c->r.cluster.staleness = staleness;
+    c->r.train.epochs = epochs;
+    c->r.train.batch_size = BATCH;
+    c->r.logging.every_steps = 1000000; /* no metrics file */
+    c->r.eval.every_steps = 1000000;    /* no evaluator */
+    c->r.checkpoint.every_steps = 0;
+    c->r.cluster.shared_memory = false;
+    char err[KD_ERR_LEN];
+    CHECK(kd_model_new(MLP, 2, (kd_shape_t){1, 2, 2}, &c->model, err, sizeof err) == 0);
+    for (size_t i = 0; i < c->model->n_params; i++) c->model->params[i] = 1.0f;
+    kd_optim_config_t cfg = {.kind = KD_OPT_SGD};
+    c->opt = kd_optim_new(&cfg, c->model->n_params);
+    c->sched = (kd_schedule_config_t){.kind = KD_SCHED_CONSTANT, .lr = LR};
+    c->n_batches = N_BATCHES;
+    coord_alloc_ledger(c);
+    c->s.best_step = -1;
+    c->s.batches_expected = N_BATCHES;
+    c->phase = RUN_RUNNING;
+    c->assigned = true;
+    c->ctx = zmq_ctx_new();
+    char endpoint[64];
+    snprintf(endpoint, sizeof endpoint, "inproc://coord-step-%d", endpoint_seq++);
+    c->router = kd_socket_router_local(c->ctx, endpoint, err, sizeof err);
+    CHECK(c->router != NULL);
+    static const char *const ids[N_PEERS] = {"w0", "w1", "w2", "t0"};
+    for (int p = 0; p < N_PEERS; p++) {
+        t->peer[p] = kd_socket_dealer(c->ctx, ids[p], endpoint, 0, err, sizeof err);
+        CHECK(t->peer[p] != NULL);
+        member_t *m = t->member[p] = &c->members[p];
+        m->used = true;
+        m->role = p == TEACHER ? KDIST__ROLE__TEACHER : KDIST__ROLE__WORKER;
+        snprintf(m->node_id, sizeof m->node_id, "%s", ids[p]);
+        memcpy(m->rid, ids[p], 2);
+        m->rid_len = 2;
+        m->state = WORKER_COMPUTING;
+        m->last_seen = kd_now();
+    }
+    /* the teacher owns every batch, as the epoch's assignment would have said */
+    for (size_t b = 0; b < N_BATCHES; b++) c->owner[b] = TEACHER;
+    /* the DEALERs' pipes exist once the ROUTER has seen them: one message each */
+    for (int p = 0; p < N_PEERS; p++) {
+        CHECK(zmq_send(t->peer[p], "hi", 2, 0) == 2);
+        char buf[16];
+        CHECK(zmq_recv(c->router, buf, sizeof buf, 0) == 2); /* the routing id */
+        CHECK(zmq_recv(c->router, buf, sizeof buf, 0) == 2);
+    }
+}
+
+static void rig_stop(rig_t *t) {
+    coord_t *c = t->c;
+    for (int k = 0; k < c->step_count; k++) kd_msg_close(&c->step_msgs[k]);
+    coord_invalidate_weights(c);
+    for (int p = 0; p < N_PEERS; p++) zmq_close(t->peer[p]);
+    zmq_close(c->router);
+    zmq_ctx_term(c->ctx);
+    coord_free_ledger(c);
+    kd_optim_destroy(&c->opt);
+    kd_model_destroy(&c->model);
+    free(c);
+}
+
+/* Worker p pushes a gradient of `value` everywhere for batch b of the current epoch, computed
+ * on weights `version`; the coordinator takes it off its ROUTER and handles it. */
+static void push(rig_t *t, int p, uint32_t b, float value, uint64_t version) {
+    coord_t *c = t->c;
+    size_t n = c->model->n_params;
+    float *g = kd_xmalloc(n * sizeof *g);
+    for (size_t i = 0; i < n; i++) g[i] = value;
+    Kdist__BatchRef ref = KDIST__BATCH_REF__INIT;
+    ref.epoch = c->s.epoch;
+    ref.batch_id = b;
+    Kdist__PushGradient pg = KDIST__PUSH_GRADIENT__INIT;
+    pg.ref = &ref;
+    pg.samples = BATCH;
+    pg.base_version = version;
+    kd_env_t env = KDIST__ENVELOPE__INIT;
+    env.body_case = KDIST__ENVELOPE__BODY_PUSH;
+    env.push = &pg;
+    kd_wire_tensor_t tensor = kd_layout_tensor(&KD_LAYOUT_GRADIENT, (int64_t[]){(int64_t)n});
+    tensor.data = g;
+    tensor.nbytes = n * sizeof *g;
+    CHECK(kd_wire_send(t->peer[p], NULL, 0, &env, &tensor, 1, 0) == 0);
+    free(g);
+    kd_msg_t msg;
+    char err[KD_ERR_LEN];
+    CHECK(kd_wire_recv(c->router, true, 0, &msg, err, sizeof err) == KD_WIRE_OK);
+    member_t *m = coord_find_member(c, msg.peer, msg.peer_len);
+    CHECK(m == t->member[p]);
+    if (m) coord_on_push(c, m, &msg);
+    kd_msg_close(&msg); /* (empty when the open step kept it) */
+}
+
+typedef enum { NONE, WEIGHTS, WAIT, STOP, REDO, DUPLICATE, ASSIGN } reply_kind_t;
+
+/* What peer p was sent last since the previous call (NONE: nothing); the weights version of a
+ * Weights reply in *version, the batch ids of an Assign in ids. */
+static reply_kind_t reply(rig_t *t, int p, uint64_t *version, uint32_t *ids, size_t *n_ids) {
+    reply_kind_t kind = NONE;
+    kd_msg_t msg;
+    char err[KD_ERR_LEN];
+    while (kd_wire_recv(t->peer[p], false, ZMQ_DONTWAIT, &msg, err, sizeof err) == KD_WIRE_OK) {
+        if (msg.env->body_case == KDIST__ENVELOPE__BODY_WEIGHTS) {
+            const Kdist__Weights *w = msg.env->weights;
+            kind = w->stop        ? STOP
+                   : w->wait      ? WAIT
+                   : w->redo      ? REDO
+                   : w->duplicate ? DUPLICATE
+                                  : WEIGHTS;
+            if (version) *version = w->version;
+        } else if (msg.env->body_case == KDIST__ENVELOPE__BODY_ASSIGN) {
+            kind = ASSIGN;
+            for (size_t i = 0; ids && i < msg.env->assign->n_batch_ids && i < N_BATCHES; i++)
+                ids[i] = msg.env->assign->batch_ids[i];
+            if (n_ids) *n_ids = msg.env->assign->n_batch_ids;
+        }
+        kd_msg_close(&msg);
+    }
+    return kind;
+}
+
+static reply_kind_t reply_of(rig_t *t, int p) {
+    return reply(t, p, NULL, NULL, NULL);
+}
+
+/* ---- sync ----------------------------------------------------------------------------------- */
+
+static void test_sync_step(void) {
+    rig_t t;
+    rig_start(&t, KD_CONSISTENCY_SYNC, 0, 2);
+    coord_t *c = t.c;
+    /* two of three pushed: the step waits for the third */
+    push(&t, W0, 0, 1.0f, 0);
+    push(&t, W1, 1, 2.0f, 0);
+    CHECK(c->s.version == 0 && c->step_count == 2);
+    CHECK(!coord_sync_step_ready(c));
+    CHECK(reply_of(&t, W0) == NONE && reply_of(&t, W1) == NONE);
+    /* a second push in the same step is dropped, the step unchanged */
+    push(&t, W1, 2, 5.0f, 0);
+    CHECK(c->step_count == 2 && c->messages_dropped == 1);
+    /* the third closes it: one update from the mean gradient (1+2+3)/3 = 2 */
+    push(&t, W2, 2, 3.0f, 0);
+    CHECK(c->s.version == 1 && c->s.step == 1 && c->step_count == 0);
+    CHECK(fabsf(c->model->params[0] - (1.0f - LR * 2.0f)) < 1e-6f);
+    uint64_t v = 0;
+    for (int p = W0; p <= W2; p++) {
+        CHECK(reply(&t, p, &v, NULL, NULL) == WEIGHTS);
+        CHECK(v == 1);
+    }
+    CHECK(c->applied[0] && c->applied[1] && c->applied[2] && !c->applied[3]);
+    CHECK(c->applied_count == 3 && c->s.batches_applied == 3);
+
+    /* a push computed on old weights: told to redo the same batch on the new ones */
+    push(&t, W1, 3, 1.0f, 0);
+    CHECK(reply_of(&t, W1) == REDO && c->step_count == 0);
+    /* a worker still waiting for a batch does not hold the step; one computing does */
+    t.member[W2]->waiting_for_batch = true;
+    push(&t, W0, 3, 1.0f, 1);
+    CHECK(c->s.version == 1 && !coord_sync_step_ready(c)); /* w1 computes */
+    t.member[W1]->waiting_for_batch = true;
+    CHECK(coord_sync_step_ready(c));
+    /* the epoch's last batch applied: epoch 1 starts, its batches all to do again */
+    coord_close_sync_step(c);
+    CHECK(c->s.epoch == 1 && c->applied_count == 0 && c->s.batches_applied == 4);
+    CHECK(c->s.batches_expected == 2 * N_BATCHES);
+    uint32_t ids[N_BATCHES];
+    size_t n_ids = 0;
+    CHECK(reply(&t, TEACHER, NULL, ids, &n_ids) == ASSIGN && n_ids == N_BATCHES);
+    CHECK(reply_of(&t, W0) == WEIGHTS);
+
+    /* a worker that leaves while the others pushed closes the step without it */
+    t.member[W1]->waiting_for_batch = t.member[W2]->waiting_for_batch = false;
+    push(&t, W0, 0, 1.0f, 2);
+    push(&t, W1, 1, 1.0f, 2);
+    CHECK(c->s.version == 2);
+    coord_remove_member(c, t.member[W2], "dead");
+    CHECK(c->s.version == 3 && c->applied[0] && c->applied[1]);
+    CHECK(reply_of(&t, W0) == WEIGHTS && reply_of(&t, W1) == WEIGHTS);
+    /* the last two batches: the run completes, and the workers are told to stop */
+    push(&t, W0, 2, 1.0f, 3);
+    push(&t, W1, 3, 1.0f, 3);
+    CHECK(c->phase == RUN_FINISHING && c->status && strcmp(c->status, "completed") == 0);
+    CHECK(c->s.batches_applied == 2 * N_BATCHES && c->s.duplicates == 0);
+    if (c->s.batches_applied != 2 * N_BATCHES)
+        fprintf(stderr, "applied %ld, duplicates %ld\n", c->s.batches_applied, c->s.duplicates);
+    CHECK(reply_of(&t, W0) == STOP && reply_of(&t, W1) == STOP);
+    rig_stop(&t);
+}
+
+/* ---- the ledger ----------------------------------------------------------------------------- */
+
+static void test_ledger(void) {
+    rig_t t;
+    rig_start(&t, KD_CONSISTENCY_ASYNC, 0, 1);
+    coord_t *c = t.c;
+    push(&t, W0, 1, 1.0f, 0);
+    CHECK(c->s.version == 1 && c->applied[1] && reply_of(&t, W0) == WEIGHTS);
+    /* the same batch again (a restream's second copy): a counted duplicate, not applied */
+    float before = c->model->params[0];
+    push(&t, W1, 1, 1.0f, 1);
+    CHECK(c->s.duplicates == 1 && c->s.version == 1 && c->model->params[0] == before);
+    CHECK(reply_of(&t, W1) == DUPLICATE);
+    /* a non-finite gradient: rejected, the weights untouched, the batch back to its teacher */
+    push(&t, W2, 2, NAN, 1);
+    CHECK(c->gradients_rejected == 1 && !c->applied[2] && c->model->params[0] == before);
+    CHECK(reply_of(&t, W2) == DUPLICATE);
+    uint32_t ids[N_BATCHES];
+    size_t n_ids = 0;
+    CHECK(reply(&t, TEACHER, NULL, ids, &n_ids) == ASSIGN && n_ids == 1 && ids[0] == 2);
+    CHECK(c->s.restreamed == 1);
+    /* a batch id the run does not have: dropped */
+    push(&t, W0, N_BATCHES + 3, 1.0f, 1);
+    CHECK(c->messages_dropped == 1 && reply_of(&t, W0) == DUPLICATE);
+    /* the rest: the only epoch completes, every batch applied exactly once */
+    push(&t, W0, 0, 1.0f, 1);
+    push(&t, W1, 2, 1.0f, 2);
+    CHECK(c->phase == RUN_RUNNING);
+    push(&t, W2, 3, 1.0f, 3);
+    CHECK(c->phase == RUN_FINISHING && strcmp(c->status, "completed") == 0);
+    CHECK(c->s.batches_applied == N_BATCHES && c->s.batches_expected == N_BATCHES);
+    rig_stop(&t);
+}
+
+/* ---- SSP ------------------------------------------------------------------------------------ */
+
+static void test_ssp_gate(void) {
+    rig_t t;
+    rig_start(&t, KD_CONSISTENCY_SSP, 1, 3);
+    coord_t *c = t.c;
+    /* w0 one clock ahead: within staleness 1, it goes on */
+    push(&t, W0, 0, 1.0f, 0);
+    CHECK(reply_of(&t, W0) == WEIGHTS && t.member[W0]->clock == 1);
+    /* two ahead of w1 and w2 (clock 0): it waits */
+    push(&t, W0, 1, 1.0f, 1);
+    CHECK(reply_of(&t, W0) == WAIT && t.member[W0]->state == WORKER_HELD);
+    CHECK(coord_min_clock(c) == 0);
+    /* w1 catches up by one: the slowest (w2) is still at 0, w0 keeps waiting */
+    push(&t, W1, 2, 1.0f, 2);
+    CHECK(reply_of(&t, W1) == WEIGHTS && reply_of(&t, W0) == NONE);
+    /* w2 pushes: the slowest is at 1, w0 (clock 2) is within staleness and released */
+    push(&t, W2, 3, 1.0f, 3);
+    CHECK(coord_min_clock(c) == 1);
+    CHECK(reply_of(&t, W2) == WEIGHTS && reply_of(&t, W0) == WEIGHTS);
+    CHECK(t.member[W0]->state == WORKER_COMPUTING);
+    /* a worker without a batch does not count as the slowest */
+    t.member[W2]->waiting_for_batch = true;
+    t.member[W1]->waiting_for_batch = true;
+    CHECK(coord_min_clock(c) == 2); /* w0 alone */
+    push(&t, W0, 0, 1.0f, 4);       /* epoch 1 began: batch 0 again */
+    push(&t, W0, 1, 1.0f, 5);
+    CHECK(reply_of(&t, W0) == WEIGHTS); /* never held by the idle ones */
+    CHECK(c->s.batches_applied == N_BATCHES + 2 && c->s.duplicates == 0);
+    rig_stop(&t);
+}
+
+int main(void) {
+    kd_log_init("test", "0", KD_LOG_WARN, NULL);
+    test_sync_step();
+    test_ledger();
+    test_ssp_gate();
+    return kd_test_done("test_coord_step");
+}
