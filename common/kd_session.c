@@ -240,6 +240,31 @@ static kd_session_event_t on_refused(kd_session_t *s, const Kdist__Refused *r, c
     }
 }
 
+int kd_session_pump(kd_session_t *s, const kd_session_handlers_t *h, void *node) {
+    for (;;) {
+        kd_msg_t msg;
+        char err[KD_ERR_LEN];
+        kd_session_event_t ev = kd_session_recv(s, &msg, err, sizeof err);
+        int action;
+        switch (ev) {
+        case KD_SESSION_IDLE:
+            return KD_SESSION_GO_ON;
+        case KD_SESSION_WELCOME:
+        case KD_SESSION_MESSAGE:
+            action = h->on_message(node, &msg);
+            kd_msg_close(&msg);
+            break;
+        case KD_SESSION_END: /* nothing left to do: a clean end */
+            return KD_SESSION_STOP;
+        case KD_SESSION_FATAL:
+            return KD_SESSION_FAIL;
+        default:
+            action = h->on_event(node, ev, err);
+        }
+        if (action != KD_SESSION_GO_ON) return action;
+    }
+}
+
 kd_session_event_t kd_session_recv(kd_session_t *s, kd_msg_t *msg, char *err, size_t errlen) {
     while (s->dealer) {
         int rc = kd_wire_recv(s->dealer, false, ZMQ_DONTWAIT, msg, err, errlen);

@@ -70,6 +70,18 @@ kd_session_event_t kd_session_tick(kd_session_t *s, double now, char *err, size_
  * every other code is FATAL with its reason. A second Welcome is BAD. */
 kd_session_event_t kd_session_recv(kd_session_t *s, kd_msg_t *msg, char *err, size_t errlen);
 
+/* What a node's handlers answer: go on reading, stop cleanly, or fail. */
+enum { KD_SESSION_GO_ON = 0, KD_SESSION_STOP = 1, KD_SESSION_FAIL = -1 };
+typedef struct {
+    /* the Welcome and every message for the node; the message is closed afterwards */
+    int (*on_message)(void *node, kd_msg_t *msg);
+    /* HELLO, LOST and BAD (err says what was dropped); END and FATAL need no handler */
+    int (*on_event)(void *node, kd_session_event_t ev, const char *err);
+} kd_session_handlers_t;
+/* Hands everything waiting on the session to the node until nothing is left (GO_ON) or a
+ * handler answers otherwise; END is STOP, FATAL is FAIL. */
+int kd_session_pump(kd_session_t *s, const kd_session_handlers_t *h, void *node);
+
 /* Drops the connection (why is logged) and schedules a fresh Hello after the back-off. */
 void kd_session_lose(kd_session_t *s, const char *why);
 

@@ -387,7 +387,7 @@ static void on_assign(teacher_t *t, const Kdist__Assign *a) {
            a->n_batch_ids, a->restream ? " again (restream)" : "", n);
 }
 
-enum { KEEP_GOING = 0, STOP_NOW = 1, FATAL = -1 };
+enum { KEEP_GOING = KD_SESSION_GO_ON, STOP_NOW = KD_SESSION_STOP, FATAL = KD_SESSION_FAIL };
 
 /* A message the session leaves to the node (the Welcome is the first of its connection). */
 static int on_message(teacher_t *t, kd_msg_t *m) {
@@ -418,40 +418,23 @@ static int on_message(teacher_t *t, kd_msg_t *m) {
 /* Reads everything waiting on the DEALER. */
 /* What the session reports, other than a message; it logged what was fatal. A lost
  * connection drops what was left to stream (a new membership gets a new Assign). */
-static int on_session_event(teacher_t *t, kd_session_event_t ev, const char *err) {
-    switch (ev) {
-    case KD_SESSION_BAD:
-        drop(t, err);
-        return KEEP_GOING;
-    case KD_SESSION_HELLO:
-    case KD_SESSION_LOST:
+static int on_session_event(void *node, kd_session_event_t ev, const char *err) {
+    teacher_t *t = node;
+    if (ev == KD_SESSION_BAD) drop(t, err);
+    if (ev == KD_SESSION_HELLO || ev == KD_SESSION_LOST) {
         t->welcomed = false;
         clear_epoch(t);
-        return KEEP_GOING;
-    case KD_SESSION_END: /* nothing left to do: a clean end */
-        return STOP_NOW;
-    case KD_SESSION_FATAL:
-        return FATAL;
-    default:
-        return KEEP_GOING;
     }
+    return KEEP_GOING;
+}
+
+static int on_message_for_teacher(void *node, kd_msg_t *m) {
+    return on_message(node, m);
 }
 
 static int drain_dealer(teacher_t *t) {
-    for (;;) {
-        kd_msg_t m;
-        char err[KD_ERR_LEN];
-        kd_session_event_t ev = kd_session_recv(t->session, &m, err, sizeof err);
-        if (ev == KD_SESSION_IDLE) return KEEP_GOING;
-        int action;
-        if (ev == KD_SESSION_WELCOME || ev == KD_SESSION_MESSAGE) {
-            action = on_message(t, &m);
-            kd_msg_close(&m);
-        } else {
-            action = on_session_event(t, ev, err);
-        }
-        if (action != KEEP_GOING) return action;
-    }
+    static const kd_session_handlers_t handlers = {on_message_for_teacher, on_session_event};
+    return kd_session_pump(t->session, &handlers, t);
 }
 
 /* ---- streaming --------------------------------------------------------------------------- */

@@ -99,7 +99,7 @@ typedef struct {
     kd_log_limit_t drop_limit, step_limit;
 } worker_t;
 
-enum { KEEP_GOING = 0, STOP_NOW = 1, FATAL = -1 };
+enum { KEEP_GOING = KD_SESSION_GO_ON, STOP_NOW = KD_SESSION_STOP, FATAL = KD_SESSION_FAIL };
 
 static void usage(FILE *out) {
     fprintf(out, "usage: kdist-worker --coordinator ENDPOINT [--id ID] [--threads N] [--log FILE]\n"
@@ -667,40 +667,23 @@ static int on_coordinator_message(worker_t *w, const kd_msg_t *m) {
 }
 
 /* What the session reports, other than a message. The session logged what was fatal. */
-static int on_session_event(worker_t *w, kd_session_event_t ev, const char *err) {
-    switch (ev) {
-    case KD_SESSION_BAD:
-        drop(w, "the coordinator", err);
-        return KEEP_GOING;
-    case KD_SESSION_HELLO: /* a new incarnation: its clock starts over */
-    case KD_SESSION_LOST:
+static int on_session_event(void *node, kd_session_event_t ev, const char *err) {
+    worker_t *w = node;
+    if (ev == KD_SESSION_BAD) drop(w, "the coordinator", err);
+    if (ev == KD_SESSION_HELLO || ev == KD_SESSION_LOST) { /* a new incarnation: clock anew */
         w->state = ST_HELLO;
         w->clock = 0;
-        return KEEP_GOING;
-    case KD_SESSION_END: /* nothing left to do: a clean end */
-        return STOP_NOW;
-    case KD_SESSION_FATAL:
-        return FATAL;
-    default:
-        return KEEP_GOING;
     }
+    return KEEP_GOING;
+}
+
+static int on_message_for_worker(void *node, kd_msg_t *m) {
+    return on_coordinator_message(node, m);
 }
 
 static int drain_dealer(worker_t *w) {
-    for (;;) {
-        kd_msg_t m;
-        char err[KD_ERR_LEN];
-        kd_session_event_t ev = kd_session_recv(w->session, &m, err, sizeof err);
-        if (ev == KD_SESSION_IDLE) return KEEP_GOING;
-        int action = KEEP_GOING;
-        if (ev == KD_SESSION_WELCOME || ev == KD_SESSION_MESSAGE) {
-            action = on_coordinator_message(w, &m);
-            kd_msg_close(&m);
-        } else {
-            action = on_session_event(w, ev, err);
-        }
-        if (action != KEEP_GOING) return action;
-    }
+    static const kd_session_handlers_t handlers = {on_message_for_worker, on_session_event};
+    return kd_session_pump(w->session, &handlers, w);
 }
 
 /* Tells the coordinator that the batch of m cannot be used (it is not trained on), so that it
