@@ -240,26 +240,32 @@ static kd_session_event_t on_refused(kd_session_t *s, const Kdist__Refused *r, c
     }
 }
 
+int kd_session_answer(const kd_session_handlers_t *h, void *node, kd_session_event_t ev,
+                      const char *err) {
+    switch (ev) {
+    case KD_SESSION_IDLE:
+        return KD_SESSION_GO_ON;
+    case KD_SESSION_END: /* nothing left to do: a clean end */
+        return KD_SESSION_STOP;
+    case KD_SESSION_FATAL: /* logged by the session */
+        return KD_SESSION_FAIL;
+    default:
+        return h->on_event(node, ev, err);
+    }
+}
+
 int kd_session_pump(kd_session_t *s, const kd_session_handlers_t *h, void *node) {
     for (;;) {
         kd_msg_t msg;
         char err[KD_ERR_LEN];
         kd_session_event_t ev = kd_session_recv(s, &msg, err, sizeof err);
+        if (ev == KD_SESSION_IDLE) return KD_SESSION_GO_ON;
         int action;
-        switch (ev) {
-        case KD_SESSION_IDLE:
-            return KD_SESSION_GO_ON;
-        case KD_SESSION_WELCOME:
-        case KD_SESSION_MESSAGE:
+        if (ev == KD_SESSION_WELCOME || ev == KD_SESSION_MESSAGE) {
             action = h->on_message(node, &msg);
             kd_msg_close(&msg);
-            break;
-        case KD_SESSION_END: /* nothing left to do: a clean end */
-            return KD_SESSION_STOP;
-        case KD_SESSION_FATAL:
-            return KD_SESSION_FAIL;
-        default:
-            action = h->on_event(node, ev, err);
+        } else {
+            action = kd_session_answer(h, node, ev, err);
         }
         if (action != KD_SESSION_GO_ON) return action;
     }

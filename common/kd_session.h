@@ -81,6 +81,10 @@ typedef struct {
 /* Hands everything waiting on the session to the node until nothing is left (GO_ON) or a
  * handler answers otherwise; END is STOP, FATAL is FAIL. */
 int kd_session_pump(kd_session_t *s, const kd_session_handlers_t *h, void *node);
+/* The answer to one event (of kd_session_tick, say): IDLE is GO_ON, END is STOP, FATAL is
+ * FAIL, the others go to h->on_event. */
+int kd_session_answer(const kd_session_handlers_t *h, void *node, kd_session_event_t ev,
+                      const char *err);
 
 /* Drops the connection (why is logged) and schedules a fresh Hello after the back-off. */
 void kd_session_lose(kd_session_t *s, const char *why);

@@ -432,9 +432,10 @@ static int on_message_for_teacher(void *node, kd_msg_t *m) {
     return on_message(node, m);
 }
 
+static const kd_session_handlers_t session_handlers = {on_message_for_teacher, on_session_event};
+
 static int drain_dealer(teacher_t *t) {
-    static const kd_session_handlers_t handlers = {on_message_for_teacher, on_session_event};
-    return kd_session_pump(t->session, &handlers, t);
+    return kd_session_pump(t->session, &session_handlers, t);
 }
 
 /* ---- streaming --------------------------------------------------------------------------- */
@@ -535,7 +536,8 @@ static int run(teacher_t *t) {
             return STOP_NOW;
         }
         double now = kd_now();
-        int action = on_session_event(t, kd_session_tick(t->session, now, err, sizeof err), err);
+        int action = kd_session_answer(&session_handlers, t,
+                                       kd_session_tick(t->session, now, err, sizeof err), err);
         if (action != KEEP_GOING) return action;
         if (t->welcomed && kd_session_heartbeat_due(t->session, now)) send_heartbeat(t);
         void *dealer = kd_session_socket(t->session);

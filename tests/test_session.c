@@ -587,8 +587,34 @@ static void test_worker_hostile_sizes(void *ctx) {
     zmq_close(c.router);
 }
 
+/* What a node's handlers are asked, and what the session answers for it: a fatal verdict of
+ * kd_session_tick (a refused key, say) must end the node, whatever its handler says. */
+static int events_seen = 0;
+static int count_event(void *node, kd_session_event_t ev, const char *why) {
+    (void)node, (void)ev, (void)why;
+    events_seen++;
+    return KD_SESSION_GO_ON;
+}
+static int no_message(void *node, kd_msg_t *msg) {
+    (void)node, (void)msg;
+    return KD_SESSION_FAIL;
+}
+
+static void test_answers(void) {
+    const kd_session_handlers_t h = {no_message, count_event};
+    CHECK(kd_session_answer(&h, NULL, KD_SESSION_IDLE, "") == KD_SESSION_GO_ON);
+    CHECK(kd_session_answer(&h, NULL, KD_SESSION_END, "") == KD_SESSION_STOP);
+    CHECK(kd_session_answer(&h, NULL, KD_SESSION_FATAL, "refused") == KD_SESSION_FAIL);
+    CHECK(events_seen == 0);
+    CHECK(kd_session_answer(&h, NULL, KD_SESSION_HELLO, "") == KD_SESSION_GO_ON);
+    CHECK(kd_session_answer(&h, NULL, KD_SESSION_LOST, "") == KD_SESSION_GO_ON);
+    CHECK(kd_session_answer(&h, NULL, KD_SESSION_BAD, "junk") == KD_SESSION_GO_ON);
+    CHECK(events_seen == 3);
+}
+
 int main(void) {
     void *ctx = zmq_ctx_new();
+    test_answers();
     test_hello_welcome_heartbeats(ctx);
     test_retried_refusals(ctx);
     test_final_refusals(ctx);

@@ -681,9 +681,10 @@ static int on_message_for_worker(void *node, kd_msg_t *m) {
     return on_coordinator_message(node, m);
 }
 
+static const kd_session_handlers_t session_handlers = {on_message_for_worker, on_session_event};
+
 static int drain_dealer(worker_t *w) {
-    static const kd_session_handlers_t handlers = {on_message_for_worker, on_session_event};
-    return kd_session_pump(w->session, &handlers, w);
+    return kd_session_pump(w->session, &session_handlers, w);
 }
 
 /* Tells the coordinator that the batch of m cannot be used (it is not trained on), so that it
@@ -771,7 +772,8 @@ static int run(worker_t *w) {
         int action = drain_dealer(w);
         if (action != KEEP_GOING) return action;
         double now = kd_now();
-        action = on_session_event(w, kd_session_tick(w->session, now, err, sizeof err), err);
+        action = kd_session_answer(&session_handlers, w,
+                                   kd_session_tick(w->session, now, err, sizeof err), err);
         if (action != KEEP_GOING) return action;
         check_stream_handshakes(w);
         if (!connected(w)) {

@@ -134,7 +134,7 @@ run_cluster() {
         [ "$EXIT_CODE" != 0 ] || fail "the rogue worker exited 0"
         grep -qF "refused this node's CurveZMQ public key $ROGUE_PUB" "$dir/rogue.log" ||
             fail "the rogue's log does not say its key was refused: $(tail -3 "$dir/rogue.log")"
-        grep -F "COORD-CURVE-REFUSED" "$dir/coordinator.log" | grep -qF "$ROGUE_PUB" ||
+        grep -F "COORD-CURVE-REFUSED" "$dir/coordinator.log" | grep -qF -- "$ROGUE_PUB" ||
             fail "the coordinator log does not name the refused key $ROGUE_PUB"
         # a plaintext client is told the run needs CurveZMQ
         if "${IN_NS[@]}" "$BIN/kdist" status "$ep" >"$dir/status_plain.out" 2>&1; then
