@@ -514,6 +514,13 @@ void *kd_socket_router_curve(void *ctx, const char *endpoint, int heartbeat_ms,
     return s;
 }
 
+void kd_socket_close_draining(void *sock) {
+    if (!sock) return;
+    int linger = KD_WIRE_CLOSE_LINGER_MS;
+    zmq_setsockopt(sock, ZMQ_LINGER, &linger, sizeof linger);
+    zmq_close(sock);
+}
+
 void *kd_socket_router_local(void *ctx, const char *endpoint, char *err, size_t errlen) {
     void *s = zmq_socket(ctx, ZMQ_ROUTER);
     if (!s) return kd_err(err, errlen, "cannot create socket: %s", zmq_strerror(errno)), NULL;

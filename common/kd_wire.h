@@ -107,6 +107,14 @@ kd_wire_tensor_t kd_layout_tensor(const kd_layout_t *l, const int64_t *shape);
 const void *kd_layout_get(const kd_msg_t *m, const kd_layout_t *l, const int64_t *shape, char *err,
                           size_t errlen);
 
+/* Closes a socket that sends multipart messages to many peers (the coordinator's ROUTER, a
+ * teacher's stream), giving the messages in flight up to KD_WIRE_CLOSE_LINGER_MS to leave.
+ * With linger 0, libzmq 4.3.4 can abort in its I/O thread (session_base.cpp clean_pipes,
+ * "Resource temporarily unavailable", libzmq #3442) when a peer's connection breaks while
+ * its engine is half-way through a message whose pipe the close just cut. */
+#define KD_WIRE_CLOSE_LINGER_MS 200
+void kd_socket_close_draining(void *sock);
+
 /* Sends env (protocol_version and tensor descriptors are filled in here) and its payloads.
  * peer != NULL on ROUTER sockets. flags: 0 or ZMQ_DONTWAIT. Returns 0, or -1 with errno
  * (EHOSTUNREACH: unknown peer under ZMQ_ROUTER_MANDATORY; EAGAIN: high-water mark). If the

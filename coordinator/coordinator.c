@@ -524,7 +524,7 @@ out:
     coord_invalidate_weights(c);
     for (int k = 0; k < c->step_count; k++) kd_msg_close(&c->step_msgs[k]);
     if (c->router_monitor) zmq_close(c->router_monitor);
-    if (c->router) zmq_close(c->router);
+    kd_socket_close_draining(c->router);
     close_control_channel(c);
     kd_zap_destroy(&c->zap);
     kd_curve_roles_free(&c->keys);

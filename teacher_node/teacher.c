@@ -750,7 +750,7 @@ int main(int argc, char **argv) {
 cleanup:
     if (t.stream_monitor) zmq_close(t.stream_monitor);
     kd_session_destroy(&t.session);
-    if (t.push) zmq_close(t.push);
+    kd_socket_close_draining(t.push);
     kd_zap_destroy(&t.zap);
     free(t.authorized);
     if (t.ctx) zmq_ctx_term(t.ctx);
