@@ -1055,7 +1055,7 @@ static void wrong_roles(void *ctx, const char *endpoint, const char *ckpt_dir) {
  * control and hello checks happen while the teacher node is stopped (SIGSTOP, its heartbeat
  * timeout far away), so the run cannot end before them. */
 static void test_intruders_during_a_run(bool curve) {
-    static char lists[5][1500];
+    static char lists[4][2 * sizeof keys_dir + 64];
     const char *extra[12] = {"cluster.consistency=async", "train.epochs=8",
                              "cluster.heartbeat_timeout_ms=120000", NULL};
     keys_dir[0] = 0;
