@@ -322,6 +322,15 @@ static int wait_verdict(kd_curve_watch_t *w, const kd_curve_client_t *curve, cha
     return KD_CURVE_PENDING;
 }
 
+/* The listed key (PUBLIC/SECRET) as a client of the server with this public key. */
+static kd_curve_client_t authorized_client(const char *server_z85) {
+    kd_curve_client_t c = {0};
+    snprintf(c.self.public_z85, sizeof c.self.public_z85, "%s", PUBLIC);
+    snprintf(c.self.secret_z85, sizeof c.self.secret_z85, "%s", SECRET);
+    snprintf(c.server_z85, sizeof c.server_z85, "%s", server_z85);
+    return c;
+}
+
 static void test_zap(void) {
     void *ctx = zmq_ctx_new();
     kd_curve_keyset_t *set = kd_xcalloc(1, sizeof *set);
@@ -346,10 +355,7 @@ static void test_zap(void) {
     CHECK(refusals != NULL);
 
     /* the authorized key: in, and the coordinator sees which key sent the message */
-    kd_curve_client_t good = {0};
-    snprintf(good.self.public_z85, 41, "%s", PUBLIC);
-    snprintf(good.self.secret_z85, 41, "%s", SECRET);
-    snprintf(good.server_z85, 41, "%s", spub);
+    kd_curve_client_t good = authorized_client(spub);
     kd_curve_watch_t wgood;
     void *dealer =
         kd_socket_dealer_curve(ctx, "worker-1-1", bound, 0, &good, &wgood.monitor, err, sizeof err);
@@ -466,10 +472,7 @@ static void test_zap_fails_closed(void) {
         CHECK(router != NULL);
         void *refusals = kd_wire_monitor(ctx, router, "test", err, sizeof err);
         CHECK(refusals != NULL);
-        kd_curve_client_t good = {0};
-        snprintf(good.self.public_z85, 41, "%s", PUBLIC);
-        snprintf(good.self.secret_z85, 41, "%s", SECRET);
-        snprintf(good.server_z85, 41, "%s", server_pair.public_z85);
+        kd_curve_client_t good = authorized_client(server_pair.public_z85);
         void *dealer =
             kd_socket_dealer_curve(ctx, "worker-1-1", bound, 0, &good, NULL, err, sizeof err);
         CHECK(dealer != NULL);
