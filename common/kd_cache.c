@@ -24,8 +24,11 @@
  * Concurrency: an entry is built in a temporary directory beside it and renamed into place, so
  * it appears whole or not at all; a process that loses that race uses the winner's entry. A
  * block is written with one pwrite; concurrent writers of a block write identical bytes (the
- * teacher and the encoders are deterministic). Nothing is locked: a reader that catches a block
- * mid-write sees a checksum mismatch and reads again before reporting it. */
+ * teacher and the encoders are deterministic). Readers lock nothing: a reader that catches a
+ * block mid-write sees a checksum mismatch and reads again before reporting it. Writers that
+ * would compute a block claim it first (kd_cache_claim_block: an OFD lock on the block's first
+ * byte), so two teacher nodes filling one cache do not compute the same block; the kernel drops
+ * the claim of a process that dies. */
 #include "kd_cache.h"
 
 #include <dirent.h>
@@ -990,6 +993,24 @@ int kd_cache_roundtrip_rows(kd_cache_encoding_t enc, int k, int n_classes, size_
     free(c.top_val);
     free(c.top_idx);
     return 0;
+}
+
+static int lock_block(kd_cache_t *c, size_t b, short type) {
+    struct flock fl = {
+        .l_type = type, .l_whence = SEEK_SET, .l_start = block_offset(c, b), .l_len = 1};
+    return fcntl(c->fd, F_OFD_SETLK, &fl);
+}
+
+int kd_cache_claim_block(kd_cache_t *c, size_t b) {
+    KD_ASSERT(c && b < c->n_blocks);
+    if (!c->writable) return KD_CACHE_CLAIM_UNSUPPORTED;
+    if (lock_block(c, b, F_WRLCK) == 0) return KD_CACHE_CLAIMED;
+    return errno == EAGAIN || errno == EACCES ? KD_CACHE_CLAIM_BUSY : KD_CACHE_CLAIM_UNSUPPORTED;
+}
+
+void kd_cache_release_block(kd_cache_t *c, size_t b) {
+    KD_ASSERT(c && b < c->n_blocks);
+    if (c->writable) (void)lock_block(c, b, F_UNLCK);
 }
 
 int kd_cache_flush(kd_cache_t *c, char *err, size_t errlen) {

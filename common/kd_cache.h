@@ -107,6 +107,13 @@ int kd_cache_get_block(kd_cache_t *c, size_t block, float *logits, char *err, si
  * be finite. Writers of one block must write the same logits (the teacher is deterministic),
  * so concurrent puts are harmless. 0, or -1 with err set. */
 int kd_cache_put_block(kd_cache_t *c, size_t block, const float *logits, char *err, size_t errlen);
+/* A claim on block `block` across processes and handles, for a writer about to compute it: an
+ * advisory lock (released by kd_cache_release_block, by closing the handle or by the process
+ * dying) that other claimants see as busy. Readers ignore it. Claim, then get (a hit: someone
+ * finished it), else compute, put and release: a block is then computed once. Never waits. */
+enum { KD_CACHE_CLAIMED = 1, KD_CACHE_CLAIM_BUSY = 0, KD_CACHE_CLAIM_UNSUPPORTED = -1 };
+int kd_cache_claim_block(kd_cache_t *c, size_t block); /* UNSUPPORTED: read-only, no locks */
+void kd_cache_release_block(kd_cache_t *c, size_t block);
 /* What a put and a get of these logits give back, without a cache: each of rows rows of in
  * (rows, n_classes) encoded and decoded as enc (k for topk) does, into out (may be in). For
  * logits computed outside the cache that must equal the cached ones bit for bit (a teacher

@@ -36,11 +36,12 @@ enum { BLOCK_EMPTY = 0, BLOCK_BUSY, BLOCK_READY };
 /* What one thread needs to run the teacher and read the cache (models keep activations and
  * cache handles keep buffers: neither is shared between threads). */
 typedef struct {
-    kd_model_t *model;  /* NULL for imported logits */
-    kd_cache_t *cache;  /* NULL for imported logits (loaded at open) */
-    float *x;           /* (S, D) one forward pass's inputs */
-    float *block;       /* (block_rows, C) a block read from the cache */
-    uint32_t *slot_row; /* (S) which pending row sits in each slot of a pass */
+    kd_model_t *model;      /* NULL for imported logits */
+    kd_cache_t *cache;      /* NULL for imported logits (loaded at open) */
+    float *x;               /* (S, D) one forward pass's inputs */
+    float *block;           /* (block_rows, C) a block read from the cache */
+    uint32_t *slot_row;     /* (S) which pending row sits in each slot of a pass */
+    double slowest_block_s; /* the longest this lane took to compute a block */
 } lane_t;
 
 #define FILL_LANES_MAX 8
@@ -108,6 +109,10 @@ static bool claim(teacher_logits_t *tl, size_t b) {
     uint8_t expect = BLOCK_EMPTY;
     return atomic_compare_exchange_strong_explicit(&tl->state[b], &expect, BLOCK_BUSY,
                                                    memory_order_acq_rel, memory_order_acquire);
+}
+
+static void unclaim(teacher_logits_t *tl, size_t b) {
+    atomic_store_explicit(&tl->state[b], BLOCK_EMPTY, memory_order_release);
 }
 
 static void publish(teacher_logits_t *tl, size_t b) {
@@ -249,8 +254,10 @@ static int fill_block(teacher_logits_t *tl, lane_t *ln, size_t b, char *err, siz
         kd_log(KD_LOG_WARN, "TEACHER-CACHE-CORRUPT", "%s; recomputing it", msg);
     }
     if (st < 0) kd_log(KD_LOG_WARN, "TEACHER-CACHE-READ", "%s; recomputing the block", msg);
+    double t0 = kd_now();
     int rc = compute_block(tl, ln, b, err, errlen);
     if (rc < 0) return -1;
+    if (kd_now() - t0 > ln->slowest_block_s) ln->slowest_block_s = kd_now() - t0;
     if (rc == 0) publish(tl, b);
     return FILL_COMPUTED;
 }
@@ -280,7 +287,7 @@ static size_t replan(teacher_logits_t *tl, lane_t *ln) {
             stat_add(&tl->hits, 1);
             publish(tl, b);
         } else { /* dst untouched: give the block back; fill_block reports what is wrong */
-            atomic_store_explicit(&tl->state[b], BLOCK_EMPTY, memory_order_release);
+            unclaim(tl, b);
             missing[b] = 1;
         }
     }
@@ -309,6 +316,27 @@ static void log_progress(teacher_logits_t *tl, double t0, bool final) {
            dt > 0 ? (double)computed / dt : 0.0);
 }
 
+/* Another node has claimed block b (it is computing it). The lane skips it and comes back;
+ * once every block left is claimed elsewhere it polls, and after waiting several times its own
+ * slowest block it computes the block itself: that node may be stopped (a dead node's claims
+ * are dropped by the kernel, so its blocks are free again at once). True to skip b for now. */
+typedef struct {
+    size_t first; /* the first block skipped since the lane last filled one; SIZE_MAX: none */
+    double since;
+} busy_wait_t;
+
+static bool skip_busy(const teacher_logits_t *tl, busy_wait_t *w, const lane_t *ln, size_t b) {
+    if (w->first == SIZE_MAX ||
+        atomic_load_explicit(&tl->state[w->first], memory_order_acquire) != BLOCK_EMPTY) {
+        *w = (busy_wait_t){b, kd_now()};
+        return true;
+    }
+    if (b != w->first) return true;
+    if (kd_now() - w->since > fmax(2.0, 4.0 * ln->slowest_block_s)) return false;
+    nanosleep(&(struct timespec){.tv_nsec = 1000000}, NULL); /* around once: all are elsewhere */
+    return true;
+}
+
 static void *fill_main(void *arg) {
     const struct fill_arg *fa = arg;
     teacher_logits_t *tl = fa->tl;
@@ -320,13 +348,22 @@ static void *fill_main(void *arg) {
     char err[KD_ERR_LEN];
     double t0 = kd_now(), last = t0;
     bool computed_since_replan = false;
+    busy_wait_t busy = {SIZE_MAX, 0};
     while (!teacher_logits_complete(tl) && !atomic_load(&tl->stop)) {
         size_t b = next_empty(tl, cursor);
         if (b == SIZE_MAX || !claim(tl, b)) { /* the streaming thread is loading the last ones */
             sched_yield();
             continue;
         }
+        int across = ln->cache ? kd_cache_claim_block(ln->cache, b) : KD_CACHE_CLAIM_UNSUPPORTED;
+        if (across == KD_CACHE_CLAIM_BUSY && skip_busy(tl, &busy, ln, b)) {
+            unclaim(tl, b);
+            cursor = b + 1;
+            continue;
+        }
+        busy.first = SIZE_MAX;
         int done = fill_block(tl, ln, b, err, sizeof err);
+        if (across == KD_CACHE_CLAIMED) kd_cache_release_block(ln->cache, b);
         if (done < 0) {
             fill_fail(tl, err);
             return NULL;

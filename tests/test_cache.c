@@ -557,6 +557,48 @@ static void test_killed_writer(void) {
     free(x);
 }
 
+/* Claims: one holder per block across handles and processes; a dead holder's claim is gone. */
+static void test_claims(void) {
+    const size_t N = 1000, R = 100;
+    kd_cache_key_t key = make_key("t", "claims", N, 4, KD_ENC_FP32, 0, R);
+    const char *root = tmp_path("claims");
+    kd_cache_t *a = open_or_die(root, &key), *b = open_or_die(root, &key);
+    CHECK(kd_cache_claim_block(a, 3) == KD_CACHE_CLAIMED);
+    CHECK(kd_cache_claim_block(b, 3) == KD_CACHE_CLAIM_BUSY);
+    CHECK(kd_cache_claim_block(b, 4) == KD_CACHE_CLAIMED); /* a neighbour is free */
+    kd_cache_release_block(a, 3);
+    CHECK(kd_cache_claim_block(b, 3) == KD_CACHE_CLAIMED);
+    kd_cache_release_block(b, 3);
+    kd_cache_release_block(b, 4);
+
+    int held[2], die[2];
+    CHECK(pipe(held) == 0 && pipe(die) == 0);
+    pid_t pid = fork();
+    if (pid == 0) {
+        char err[KD_ERR_LEN], c;
+        kd_cache_t *own = kd_cache_open(root, &key, err, sizeof err);
+        if (!own || kd_cache_claim_block(own, 7) != KD_CACHE_CLAIMED) _exit(2);
+        if (write(held[1], "h", 1) != 1 || read(die[0], &c, 1) < 0) _exit(3);
+        _exit(0); /* killed before this */
+    }
+    char c;
+    CHECK(read(held[0], &c, 1) == 1); /* the child holds block 7 */
+    CHECK(kd_cache_claim_block(a, 7) == KD_CACHE_CLAIM_BUSY);
+    kill(pid, SIGKILL);
+    CHECK(kd_test_wait(pid, 10) == 128 + SIGKILL);
+    CHECK(kd_cache_claim_block(a, 7) == KD_CACHE_CLAIMED);
+    for (int i = 0; i < 2; i++) close(held[i]), close(die[i]);
+    kd_cache_close(&a);
+    kd_cache_close(&b);
+
+    kd_cache_t *ro = NULL;
+    char err[KD_ERR_LEN], dir[2048];
+    snprintf(dir, sizeof dir, "%s/%s-%s/fp32", root, key.teacher_fp, key.data_fp);
+    CHECK((ro = kd_cache_open_entry(dir, err, sizeof err)) != NULL);
+    if (ro) CHECK(kd_cache_claim_block(ro, 1) == KD_CACHE_CLAIM_UNSUPPORTED); /* read-only */
+    kd_cache_close(&ro);
+}
+
 /* A creation that crashed before its rename leaves a temporary directory: it is invisible to
  * open and ls, and gc removes it once it is old. */
 static void test_crashed_creation(void) {
@@ -942,6 +984,7 @@ int main(void) {
     test_crashed_creation();
     test_concurrent_writers();
     test_killed_writer();
+    test_claims();
     fprintf(stderr, "test_cache: %.2f s\n", kd_now() - t0);
     if (!kd_test_failures) {
         char cmd[1100];
