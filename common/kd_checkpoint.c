@@ -109,15 +109,6 @@ int kd_checkpoint_save(const kd_model_t *m, const char *path, char *err, size_t 
     return rc;
 }
 
-static void format_shape(char *out, size_t outlen, int ndim, const int64_t *shape) {
-    size_t pos = 0;
-    out[0] = 0;
-    appendf(out, outlen, &pos, "[");
-    for (int d = 0; d < ndim; d++)
-        appendf(out, outlen, &pos, "%s%lld", d ? ", " : "", (long long)shape[d]);
-    appendf(out, outlen, &pos, "]");
-}
-
 /* The tensor for one parameter of m must exist, be F32 and have exactly the expected shape. */
 static int check_param(const kd_safetensors_t *st, const char *name, int ndim, const int64_t *shape,
                        char *err, size_t errlen) {
@@ -132,8 +123,8 @@ static int check_param(const kd_safetensors_t *st, const char *name, int ndim, c
     for (int d = 0; same && d < ndim; d++) same = t->shape[d] == shape[d];
     if (!same) {
         char got[160], want[160];
-        format_shape(got, sizeof got, t->ndim, t->shape);
-        format_shape(want, sizeof want, ndim, shape);
+        kd_st_format_shape(got, sizeof got, t->ndim, t->shape);
+        kd_st_format_shape(want, sizeof want, ndim, shape);
         return kd_err(err, errlen, "%s: tensor '%s' has shape %s, the recipe's model expects %s",
                       kd_st_path(st), name, got, want);
     }

@@ -88,4 +88,45 @@ void kd_gelu_backward(float *dinp, const float *dout, const float *inp, size_t n
 void kd_dropout_forward(float *out, float *mask, const float *inp, size_t n, float p, uint64_t key);
 void kd_dropout_backward(float *dinp, const float *dout, const float *mask, size_t n);
 
+/* ---- transformer kernels (GPT-2, kd_gpt; kd_kernels_gpt.c). N = rows (B*T). ---- */
+
+/* Conv1D as Hugging Face's GPT-2 has it: y = x W + b with W stored [in, out]. */
+// out (N,OC), inp (N,IC), weight (IC,OC), bias (OC) or NULL
+void kd_conv1d_forward(float *out, const float *inp, const float *weight, const float *bias, int N,
+                       int IC, int OC);
+void kd_conv1d_forward_naive(float *out, const float *inp, const float *weight, const float *bias,
+                             int N, int IC, int OC);
+// dinp (N,IC) overwritten (NULL to skip); dweight (IC,OC), dbias (OC) or NULL: accumulated
+void kd_conv1d_backward(float *dinp, float *dweight, float *dbias, const float *dout,
+                        const float *inp, const float *weight, int N, int IC, int OC);
+void kd_conv1d_backward_naive(float *dinp, float *dweight, float *dbias, const float *dout,
+                              const float *inp, const float *weight, int N, int IC, int OC);
+
+/* LayerNorm over the last dimension, biased variance, eps as GPT-2 (1e-5). */
+// out (N,C), mean (N), rstd (N), inp (N,C), weight (C), bias (C)
+void kd_layernorm_forward(float *out, float *mean, float *rstd, const float *inp,
+                          const float *weight, const float *bias, int N, int C, float eps);
+// dinp (N,C), dweight (C), dbias (C): all accumulated
+void kd_layernorm_backward(float *dinp, float *dweight, float *dbias, const float *dout,
+                           const float *inp, const float *weight, const float *mean,
+                           const float *rstd, int N, int C);
+
+/* Causal multi-head self-attention on the fused qkv of c_attn. Head h of sample b reads
+ * q = qkv[b, :, h*hs:(h+1)*hs], k at +C, v at +2C; hs = C / NH; scores scaled by 1/sqrt(hs),
+ * position t attends to 0..t, softmax shifted by the row max. */
+// out (B,T,C), att (B,NH,T,T) the probabilities (0 above the diagonal), qkv (B,T,3C)
+void kd_attention_forward(float *out, float *att, const float *qkv, int B, int T, int C, int NH);
+void kd_attention_forward_naive(float *out, float *att, const float *qkv, int B, int T, int C,
+                                int NH);
+// dqkv (B,T,3C) overwritten; dout (B,T,C); scratch (T,T)
+void kd_attention_backward(float *dqkv, float *scratch, const float *dout, const float *qkv,
+                           const float *att, int B, int T, int C, int NH);
+void kd_attention_backward_naive(float *dqkv, const float *dout, const float *qkv, const float *att,
+                                 int B, int T, int C, int NH);
+
+/* GELU, tanh approximation (GPT-2's "gelu_new", torch GELU(approximate='tanh')). */
+void kd_gelu_tanh_forward(float *out, const float *inp, size_t n);
+// dinp (n) overwritten: dout * gelu'(inp)
+void kd_gelu_tanh_backward(float *dinp, const float *dout, const float *inp, size_t n);
+
 #endif

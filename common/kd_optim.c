@@ -87,8 +87,25 @@ void kd_optim_destroy(kd_optim_t **self_p) {
     kd_optim_t *self = *self_p;
     free(self->m);
     free(self->v);
+    free(self->no_decay);
     free(self);
     *self_p = NULL;
+}
+
+void kd_optim_exempt_decay(kd_optim_t *opt, size_t offset, size_t count) {
+    KD_ASSERT(opt && offset + count <= opt->n);
+    if (count == 0) return;
+    if (opt->n_no_decay > 0) {
+        kd_param_span_t *last = &opt->no_decay[opt->n_no_decay - 1];
+        KD_ASSERT(offset >= last->offset + last->count);
+        if (offset == last->offset + last->count) { /* adjacent: one longer span */
+            last->count += count;
+            return;
+        }
+    }
+    opt->no_decay = realloc(opt->no_decay, (size_t)(opt->n_no_decay + 1) * sizeof *opt->no_decay);
+    KD_ASSERT(opt->no_decay);
+    opt->no_decay[opt->n_no_decay++] = (kd_param_span_t){offset, count};
 }
 
 float kd_l2_norm(const float *x, size_t n) {
@@ -101,6 +118,54 @@ float kd_l2_norm(const float *x, size_t n) {
     for (; i < n; i++) sum += (double)x[i] * (double)x[i];
     for (int j = 0; j < 8; j++) sum += lane[j];
     return (float)sqrt(sum);
+}
+
+/* The update of params [lo, hi) with weight decay wd (step t + 1). */
+static void update_span(kd_optim_t *opt, float *params, const float *grads, float lr, size_t lo,
+                        size_t hi, float wd) {
+    const kd_optim_config_t *c = &opt->cfg;
+    float *m = opt->m, *v = opt->v;
+    if (c->kind == KD_OPT_SGD) {
+        /* torch.optim.SGD with dampening 0. torch starts the buffer as a copy of the first
+         * gradient; a zeroed buffer gives the same mu * 0 + g. */
+        const float mu = c->momentum;
+        /* Three branch-free loops, so each vectorises: this pass is memory-bound and runs on
+         * every step of the coordinator. */
+        if (mu == 0.0f) {
+            for (size_t i = lo; i < hi; i++) params[i] -= lr * (grads[i] + wd * params[i]);
+        } else if (c->nesterov) {
+            for (size_t i = lo; i < hi; i++) {
+                float g = grads[i] + wd * params[i];
+                float buf = mu * m[i] + g;
+                m[i] = buf;
+                params[i] -= lr * (g + mu * buf);
+            }
+        } else {
+            for (size_t i = lo; i < hi; i++) {
+                float buf = mu * m[i] + grads[i] + wd * params[i];
+                m[i] = buf;
+                params[i] -= lr * buf;
+            }
+        }
+    } else {
+        /* torch.optim.AdamW (single-tensor path): decay, moments, bias-corrected step. */
+        KD_ASSERT(v != NULL);
+        const long t = opt->t + 1;
+        const float b1 = c->beta1, b2 = c->beta2, eps = c->eps;
+        const double bc1 = 1.0 - pow((double)b1, (double)t);
+        const double bc2 = 1.0 - pow((double)b2, (double)t);
+        const float step_size = (float)((double)lr / bc1);
+        const float bc2_sqrt = (float)sqrt(bc2);
+        const float decay = (float)(1.0 - (double)lr * (double)wd);
+        for (size_t i = lo; i < hi; i++) {
+            float g = grads[i];
+            params[i] *= decay;
+            m[i] = m[i] * b1 + g * (1.0f - b1);
+            v[i] = v[i] * b2 + g * g * (1.0f - b2);
+            float denom = sqrtf(v[i]) / bc2_sqrt + eps;
+            params[i] -= step_size * (m[i] / denom);
+        }
+    }
 }
 
 // params (n), grads (n); moments m, v (n)
@@ -118,48 +183,14 @@ float kd_optim_step(kd_optim_t *opt, float *params, float *grads, float lr) {
         }
     }
 
-    float *m = opt->m, *v = opt->v;
-    const float wd = c->weight_decay;
-    if (c->kind == KD_OPT_SGD) {
-        /* torch.optim.SGD with dampening 0. torch starts the buffer as a copy of the first
-         * gradient; a zeroed buffer gives the same mu * 0 + g. */
-        const float mu = c->momentum;
-        /* Three branch-free loops, so each vectorises: this pass is memory-bound and runs on
-         * every step of the coordinator. */
-        if (mu == 0.0f) {
-            for (size_t i = 0; i < n; i++) params[i] -= lr * (grads[i] + wd * params[i]);
-        } else if (c->nesterov) {
-            for (size_t i = 0; i < n; i++) {
-                float g = grads[i] + wd * params[i];
-                float buf = mu * m[i] + g;
-                m[i] = buf;
-                params[i] -= lr * (g + mu * buf);
-            }
-        } else {
-            for (size_t i = 0; i < n; i++) {
-                float buf = mu * m[i] + grads[i] + wd * params[i];
-                m[i] = buf;
-                params[i] -= lr * buf;
-            }
-        }
-    } else {
-        /* torch.optim.AdamW (single-tensor path): decay, moments, bias-corrected step. */
-        KD_ASSERT(v != NULL);
-        const long t = opt->t + 1;
-        const float b1 = c->beta1, b2 = c->beta2, eps = c->eps;
-        const double bc1 = 1.0 - pow((double)b1, (double)t);
-        const double bc2 = 1.0 - pow((double)b2, (double)t);
-        const float step_size = (float)((double)lr / bc1);
-        const float bc2_sqrt = (float)sqrt(bc2);
-        const float decay = (float)(1.0 - (double)lr * (double)wd);
-        for (size_t i = 0; i < n; i++) {
-            float g = grads[i];
-            params[i] *= decay;
-            m[i] = m[i] * b1 + g * (1.0f - b1);
-            v[i] = v[i] * b2 + g * g * (1.0f - b2);
-            float denom = sqrtf(v[i]) / bc2_sqrt + eps;
-            params[i] -= step_size * (m[i] / denom);
-        }
+    /* The spans between exemptions take the decay, the exempt ones 0. */
+    size_t lo = 0;
+    for (int i = 0; i <= opt->n_no_decay; i++) {
+        size_t hi = i < opt->n_no_decay ? opt->no_decay[i].offset : n;
+        update_span(opt, params, grads, lr, lo, hi, c->weight_decay);
+        if (i == opt->n_no_decay) break;
+        lo = hi + opt->no_decay[i].count;
+        update_span(opt, params, grads, lr, hi, lo, 0.0f);
     }
     opt->t++;
     return (float)norm;

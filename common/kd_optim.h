@@ -48,15 +48,26 @@ int kd_sched_kind_parse(const char *name, kd_sched_kind_t *out);
 float kd_schedule_lr(const kd_schedule_config_t *s, long step);
 
 typedef struct {
+    size_t offset, count;
+} kd_param_span_t;
+
+typedef struct {
     kd_optim_config_t cfg;
     size_t n;
     long t;   /* steps taken */
     float *m; /* (n) SGD momentum buffer / Adam first moment */
     float *v; /* (n) Adam second moment; NULL for SGD */
+    /* Spans of the buffer weight decay leaves alone (a torch param group with decay 0), in
+     * increasing order, disjoint. */
+    kd_param_span_t *no_decay;
+    int n_no_decay;
 } kd_optim_t;
 
 kd_optim_t *kd_optim_new(const kd_optim_config_t *cfg, size_t n_params);
 void kd_optim_destroy(kd_optim_t **self_p);
+/* Exempts params [offset, offset + count) from weight decay (GPT biases and layernorm gains,
+ * as nanoGPT does). Spans must come in increasing order and not overlap. */
+void kd_optim_exempt_decay(kd_optim_t *opt, size_t offset, size_t count);
 
 /* One update of params (n) with grads (n) at learning rate lr. Clips grads in place when
  * clip_norm > 0. Returns the gradient's global L2 norm before clipping. */

@@ -439,3 +439,15 @@ cleanup:
     json_decref(root);
     return rc;
 }
+
+void kd_st_format_shape(char *out, size_t outlen, int ndim, const int64_t *shape) {
+    size_t pos = 0;
+    for (int d = -1; d <= ndim && pos < outlen; d++) {
+        int n = d < 0 ? snprintf(out + pos, outlen - pos, "[")
+                : d == ndim
+                    ? snprintf(out + pos, outlen - pos, "]")
+                    : snprintf(out + pos, outlen - pos, "%s%" PRId64, d ? ", " : "", shape[d]);
+        if (n < 0) return;
+        pos += (size_t)n;
+    }
+}

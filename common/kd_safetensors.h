@@ -52,6 +52,8 @@ const void *kd_st_data(const kd_safetensors_t *st, const kd_st_tensor_t *t);
 /* A __metadata__ string value, or NULL. */
 const char *kd_st_metadata(const kd_safetensors_t *st, const char *key);
 const char *kd_st_path(const kd_safetensors_t *st);
+/* "[2, 3]": a shape for error messages. */
+void kd_st_format_shape(char *out, size_t outlen, int ndim, const int64_t *shape);
 
 typedef struct kd_st_writer kd_st_writer_t;
 

@@ -355,7 +355,50 @@ static void test_schedules(void) {
     for (int i = 0; i < 4; i++) CHECK(isfinite(kd_schedule_lr(&s, i)));
 }
 
+/* Exempt spans: the same update as an optimizer with weight decay 0 over them (a torch param
+ * group), the rest as one with decay; adjacent spans merge. */
+static void test_decay_exemption(void) {
+    enum { N = 12 };
+    for (int kind = 0; kind < KD_OPT_COUNT; kind++) {
+        kd_optim_config_t with = {.kind = kind,
+                                  .momentum = 0.9f,
+                                  .weight_decay = 0.5f,
+                                  .beta1 = 0.9f,
+                                  .beta2 = 0.99f,
+                                  .eps = 1e-8f};
+        kd_optim_config_t without = with;
+        without.weight_decay = 0.0f;
+        kd_optim_t *mixed = kd_optim_new(&with, N), *a = kd_optim_new(&with, N),
+                   *b = kd_optim_new(&without, N);
+        kd_optim_exempt_decay(mixed, 2, 3);
+        kd_optim_exempt_decay(mixed, 5, 1); /* adjacent: merged into [2, 6) */
+        kd_optim_exempt_decay(mixed, 9, 3); /* up to the end */
+        CHECK(mixed->n_no_decay == 2 && mixed->no_decay[0].count == 4);
+        float p[N], pa[N], pb[N], g[N];
+        for (int i = 0; i < N; i++) p[i] = pa[i] = pb[i] = 1.0f + 0.1f * i;
+        for (int step = 0; step < 3; step++) {
+            for (int i = 0; i < N; i++) g[i] = 0.3f - 0.05f * i + 0.01f * step;
+            float ga[N], gb[N];
+            memcpy(ga, g, sizeof g);
+            memcpy(gb, g, sizeof g);
+            kd_optim_step(mixed, p, g, 0.1f);
+            kd_optim_step(a, pa, ga, 0.1f);
+            kd_optim_step(b, pb, gb, 0.1f);
+        }
+        bool same = true;
+        for (int i = 0; i < N; i++) {
+            bool exempt = (i >= 2 && i < 6) || i >= 9;
+            same = same && p[i] == (exempt ? pb[i] : pa[i]) && pa[i] != pb[i];
+        }
+        CHECK(same);
+        kd_optim_destroy(&mixed);
+        kd_optim_destroy(&a);
+        kd_optim_destroy(&b);
+    }
+}
+
 int main(void) {
+    test_decay_exemption();
     test_torch_optimizers();
     test_reference_loops();
     test_clipping();

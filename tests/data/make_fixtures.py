@@ -50,16 +50,21 @@ def cnn():
         nn.Flatten(), nn.Linear(8 * 3 * 3, 16), nn.GELU(), nn.Dropout(0.3), nn.Linear(16, 10))
 
 
+# torch dtype -> (safetensors dtype, little-endian numpy dtype)
+DTYPES = {torch.float32: ("F32", "<f4"), torch.int32: ("I32", "<i4")}
+
+
 def write_safetensors(path, tensors, metadata=None):
-    """tensors: list of (name, float32 torch tensor), written in this order."""
+    """tensors: list of (name, float32 or int32 torch tensor), written in this order."""
     header = {}
     if metadata:
         header["__metadata__"] = dict(metadata)
     blobs, offset = [], 0
     for name, t in tensors:
-        a = t.detach().contiguous().numpy().astype("<f4", copy=False)
+        dtype, np_dtype = DTYPES[t.dtype]
+        a = t.detach().contiguous().numpy().astype(np_dtype, copy=False)
         b = a.tobytes()
-        header[name] = {"dtype": "F32", "shape": list(a.shape),
+        header[name] = {"dtype": dtype, "shape": list(a.shape),
                         "data_offsets": [offset, offset + len(b)]}
         blobs.append(b)
         offset += len(b)
