@@ -15,6 +15,7 @@ static const char *const opt_kind_names[KD_OPT_COUNT] = {"sgd", "adamw"};
 static const char *const sched_kind_names[KD_SCHED_COUNT] = {"constant", "step", "cosine",
                                                              "onecycle"};
 static const char *const consistency_names[] = {"sync", "async", "ssp"};
+static const char *const data_format_names[] = {"images", "text", "tokens"};
 static const char *const encoding_names[KD_ENC_COUNT] = {"fp32", "fp16", "int8", "topk"};
 
 static const char *name_of(const char *const *names, int count, int value) {
@@ -50,5 +51,6 @@ NAME_TABLE(kd_sched_kind_t, kd_sched_kind_name, kd_sched_kind_parse, sched_kind_
            KD_SCHED_COUNT)
 
 NAME_TABLE(kd_consistency_t, kd_consistency_name, kd_consistency_parse, consistency_names, 3)
+NAME_TABLE(kd_data_format_t, kd_data_format_name, kd_data_format_parse, data_format_names, 3)
 NAME_TABLE(kd_cache_encoding_t, kd_cache_encoding_name, kd_cache_encoding_from_name, encoding_names,
            KD_ENC_COUNT)

@@ -60,29 +60,35 @@ ENUM_OPS(cenc, kd_cache_encoding_t, kd_cache_encoding_name, kd_cache_encoding_fr
          KD_ENC_COUNT)
 ENUM_OPS(layer, kd_layer_kind_t, kd_layer_kind_name, kd_layer_kind_parse, KD_LAYER_KIND_COUNT)
 
-/* logging.level is kept as text in the struct (char[16]) but chosen from a fixed list. */
-static const char *const level_names[] = {"debug", "info", "warn", "error"};
-static const char *level_name(int v) {
-    return (v >= 0 && v < 4) ? level_names[v] : "?";
-}
-static int level_parse(const char *s, int *v) {
-    for (int i = 0; i < 4; i++) {
-        if (strcmp(s, level_names[i]) == 0) {
-            *v = i;
-            return 0;
-        }
-    }
-    return -1;
-}
-static void level_store(void *f, int v) {
-    memset(f, 0, 16);
-    strcpy((char *)f, level_names[v]);
-}
-static int level_load(const void *f) {
-    int v;
-    return level_parse((const char *)f, &v) == 0 ? v : -1;
-}
-static const enum_ops_t level_ops = {4, level_name, level_parse, level_store, level_load};
+/* Enums kept as text in the struct (char[16]: logging.level, data.tokenizer) but chosen from a
+ * fixed list. */
+#define TEXT_ENUM_OPS(id, ...)                                                                     \
+    static const char *const id##_names[] = {__VA_ARGS__};                                         \
+    enum { id##_count = sizeof id##_names / sizeof id##_names[0] };                                \
+    static const char *id##_name(int v) {                                                          \
+        return (v >= 0 && v < id##_count) ? id##_names[v] : "?";                                   \
+    }                                                                                              \
+    static int id##_parse(const char *s, int *v) {                                                 \
+        for (int i = 0; i < id##_count; i++)                                                       \
+            if (strcmp(s, id##_names[i]) == 0) {                                                   \
+                *v = i;                                                                            \
+                return 0;                                                                          \
+            }                                                                                      \
+        return -1;                                                                                 \
+    }                                                                                              \
+    static void id##_store(void *f, int v) {                                                       \
+        memset(f, 0, 16);                                                                          \
+        strcpy((char *)f, id##_names[v]);                                                          \
+    }                                                                                              \
+    static int id##_load(const void *f) {                                                          \
+        int v;                                                                                     \
+        return id##_parse((const char *)f, &v) == 0 ? v : -1;                                      \
+    }                                                                                              \
+    static const enum_ops_t id##_ops = {id##_count, id##_name, id##_parse, id##_store, id##_load};
+
+TEXT_ENUM_OPS(level, "debug", "info", "warn", "error")
+TEXT_ENUM_OPS(tok, "bytes", "gpt2")
+ENUM_OPS(dfmt, kd_data_format_t, kd_data_format_name, kd_data_format_parse, 3)
 
 /* The run name becomes a directory name. */
 static int check_name(const char *s, char *msg, size_t n) {
@@ -130,6 +136,11 @@ typedef struct {
         .key = k, .type = T_FLOAT, .off = RFIELD(f), .min = lo, .max = hi, .flags = fl, .def = d,  \
         .desc = doc                                                                                \
     }
+#define INT(k, f, fl, lo, hi, d, doc)                                                              \
+    {                                                                                              \
+        .key = k, .type = T_INT, .off = RFIELD(f), .min = lo, .max = hi, .flags = fl, .def = d,    \
+        .desc = doc                                                                                \
+    }
 #define BOOL(k, f, d, doc)                                                                         \
     { .key = k, .type = T_BOOL, .off = RFIELD(f), .def = d, .desc = doc }
 #define ENUM(k, f, o, d, doc)                                                                      \
@@ -145,6 +156,20 @@ typedef struct {
         .key = k, .type = T_LAYERS, .off = RFIELD(sec.n_layers), .off2 = RFIELD(sec.layers),       \
         .flags = fl, .def = "[]", .desc = doc                                                      \
     }
+
+/* A GPT model (kd_gpt.h) as sub-section <sec>.gpt; gpt.layers > 0 selects it. */
+#define GPT_KEYS(sec, f)                                                                           \
+    INT(sec ".gpt.layers", f.gpt.layers, BTW, 0, KD_GPT_MAX_LAYERS, "0",                           \
+        "GPT-2-style decoder: transformer blocks (0 = not a GPT)"),                                \
+        INT(sec ".gpt.width", f.gpt.width, BTW, 1, 65536, "128", "GPT: embedding width"),          \
+        INT(sec ".gpt.heads", f.gpt.heads, BTW, 1, 1024, "4",                                      \
+            "GPT: attention heads (width must be a multiple)"),                                    \
+        INT(sec ".gpt.context", f.gpt.context, BTW, 1, 65536, "256",                               \
+            "GPT: the longest window, in tokens (n_positions)"),                                   \
+        INT(sec ".gpt.vocab", f.gpt.vocab, BTW, 0, 1 << 24, "0",                                   \
+            "GPT: vocabulary size (0 = the tokenizer's)"),                                         \
+        FLOAT(sec ".gpt.dropout", f.gpt.dropout, BTW | F_MAX_OPEN, 0, 1, "0",                      \
+              "GPT: dropout on the embeddings and the residual branches")
 
 #define GE  F_MIN
 #define GT  (F_MIN | F_MIN_OPEN)
@@ -171,8 +196,34 @@ static const row_t schema[] = {
          "use only the first N training samples (0 = all)"),
     LONG("data.test_subset", data.test_subset, GE, 0, 0, "0",
          "use only the first N test samples (0 = all)"),
+    ENUM("data.format", data.format, dfmt_ops, "images",
+         "images (IDX files above), text (UTF-8 files, tokenized) or tokens (llm.c or nanoGPT "
+         "token shards)"),
+    STRLIST("data.files", data.n_files, data.files, KD_MAX_DATA_FILES,
+            "text or tokens: the files, in order, relative to dir unless absolute (their token "
+            "streams are joined with end-of-text between them)"),
+    ENUM("data.tokenizer", data.tokenizer, tok_ops, "bytes",
+         "text: bytes (256 byte values + end-of-text) or gpt2 (GPT-2's byte-level BPE)"),
+    STR("data.tokenizer_dir", data.tokenizer_dir, 0, NULL, "",
+        "gpt2: directory of encoder.json and vocab.bpe (empty = the ones scripts/install-deps.sh "
+        "fetched)"),
+    LONG("data.stride", data.stride, GE, 0, 0, "0",
+         "text or tokens: tokens between the starts of consecutive windows (0 = context: "
+         "windows share only their boundary token)"),
+    FLOAT("data.val_fraction", data.val_fraction, BTW | F_MAX_OPEN, 0, 0.5, "0.05",
+          "text or tokens: the fraction of the stream, before the test part at its end, held "
+          "out for validation"),
+    FLOAT("data.test_fraction", data.test_fraction, BTW | F_MAX_OPEN, 0, 0.5, "0.05",
+          "text or tokens: the fraction at the end of the stream held out for testing"),
+    LONG("data.val_windows", data.val_windows, GE, 0, 0, "0",
+         "text or tokens: evaluate only the first N validation windows (0 = all)"),
+    LONG("data.test_windows", data.test_windows, GE, 0, 0, "0",
+         "text or tokens: test only on the first N windows (0 = all)"),
 
-    LAYERS("student.layers", student, F_REQ, "the student network, a non-empty list of layers"),
+    LAYERS("student.layers", student, 0,
+           "the student network, a non-empty list of layers (or student.gpt)"),
+    /* a sub-section: these keys stay last in `student` */
+    GPT_KEYS("student", student),
 
     STR("teacher.checkpoint", teacher.checkpoint, 0, NULL, "",
         "teacher weights (safetensors); empty = no teacher"),
@@ -182,6 +233,7 @@ static const row_t schema[] = {
     LAYERS("teacher.layers", teacher, 0, "the teacher network (list of layers)"),
     LONG("teacher.batch_size", teacher.batch_size, BTW, 1, 65536, "256",
          "samples per teacher forward pass"),
+    GPT_KEYS("teacher", teacher),
 
     STR("cache.dir", cache.dir, 0, NULL, "cache",
         "directory of the teacher-logit cache, shared by teacher nodes and runs"),
@@ -1028,6 +1080,37 @@ static int parse_mapping(pctx_t *c, const char *sec, yaml_node_t *map) {
 }
 
 /* Where a missing key would go: its section's mapping if present, else the document root. */
+/* What the keys cannot say one at a time: a student is a list of layers or a GPT, and a GPT
+ * reads language-model data. NULL when fine, else the key to point at (why set). */
+static const char *check_models(const kd_recipe_t *r, bool layers_given, char *why, size_t n) {
+    const bool lm = kd_recipe_is_lm(r), gpt = r->student.gpt.layers > 0;
+    if (gpt && r->student.n_layers > 0)
+        return kd_err(why, n, "student: give student.layers or student.gpt, not both"),
+               "student.layers";
+    if (!gpt && r->student.n_layers == 0)
+        return kd_err(why, n,
+                      layers_given ? "student.layers: must list at least one layer (or give a "
+                                     "student.gpt model)"
+                                   : "missing required key 'student.layers' (or a student.gpt "
+                                     "model)"),
+               "student.layers";
+    if (lm && !gpt)
+        return kd_err(why, n, "data.format %s needs a GPT student (student.gpt), not layers",
+                      kd_data_format_name(r->data.format)),
+               "student.layers";
+    if (!lm && (gpt || r->teacher.gpt.layers > 0))
+        return kd_err(why, n, "a GPT model needs data.format text or tokens (got images)"),
+               "data.format";
+    if (lm && r->teacher.n_layers > 0)
+        return kd_err(why, n, "teacher: a language-model recipe takes teacher.gpt, not layers"),
+               "teacher.layers";
+    if (lm && r->data.n_files == 0)
+        return kd_err(why, n, "data.format %s needs data.files",
+                      kd_data_format_name(r->data.format)),
+               "data.files";
+    return NULL;
+}
+
 static yaml_mark_t missing_mark(pctx_t *c, const char *key) {
     yaml_node_t *root = yaml_document_get_root_node(c->doc);
     yaml_mark_t m = {0, 0, 0};
@@ -1043,6 +1126,28 @@ static yaml_mark_t missing_mark(pctx_t *c, const char *key) {
             return node_at(c, p->value)->start_mark;
     }
     return m;
+}
+
+/* Where a dotted key's value is in the document; where its section is (missing_mark) when the
+ * key is not there. */
+static yaml_mark_t key_mark(pctx_t *c, const char *key) {
+    yaml_node_t *node = yaml_document_get_root_node(c->doc);
+    for (const char *part = key; node && node->type == YAML_MAPPING_NODE;) {
+        size_t len = strcspn(part, ".");
+        yaml_node_t *next = NULL;
+        for (yaml_node_pair_t *p = node->data.mapping.pairs.start;
+             p < node->data.mapping.pairs.top && !next; p++) {
+            yaml_node_t *kn = node_at(c, p->key);
+            if (kn->type == YAML_SCALAR_NODE && strlen(scalar_text(kn)) == len &&
+                strncmp(scalar_text(kn), part, len) == 0)
+                next = node_at(c, p->value);
+        }
+        if (!next) break;
+        if (part[len] == 0) return next->start_mark;
+        node = next;
+        part += len + 1;
+    }
+    return missing_mark(c, key);
 }
 
 /* Aliases would let one node appear under several keys (and build cycles); recipes are small
@@ -1169,6 +1274,15 @@ int kd_recipe_parse(const char *name, const char *text, size_t len, const char *
             loc_err(c, missing_mark(c, schema[i].key), "missing required key '%s'", schema[i].key);
             goto cleanup;
         }
+    }
+    char why[KD_ERR_LEN];
+    bool layers_given = false;
+    for (int i = 0; i < N_ROWS; i++)
+        if (strcmp(schema[i].key, "student.layers") == 0) layers_given = c->seen[i];
+    const char *at = check_models(r, layers_given, why, sizeof why);
+    if (at) {
+        loc_err(c, key_mark(c, at), "%s", why);
+        goto cleanup;
     }
     memcpy(out, r, sizeof *r);
     rc = 0;

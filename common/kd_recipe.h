@@ -11,6 +11,7 @@
 #include <stdio.h>
 
 #include "kd_cache.h"
+#include "kd_gpt.h"
 #include "kd_loss.h"
 #include "kd_model.h"
 #include "kd_optim.h"
@@ -20,6 +21,9 @@
 #define KD_MAX_AUTHORIZED_KEYS 64  /* cluster.security.authorized_keys entries */
 #define KD_AUTHORIZED_KEY_MAX  512 /* bytes per entry, NUL included */
 #define KD_MAX_ROLE_KEYS       16  /* entries of worker_keys, teacher_keys, ... */
+#define KD_MAX_DATA_FILES      64  /* data.files entries */
+
+typedef enum { KD_DATA_IMAGES = 0, KD_DATA_TEXT, KD_DATA_TOKENS } kd_data_format_t;
 
 typedef enum { KD_CONSISTENCY_SYNC = 0, KD_CONSISTENCY_ASYNC, KD_CONSISTENCY_SSP } kd_consistency_t;
 
@@ -34,11 +38,21 @@ typedef struct {
         long val_size;     /* samples held out of the training file for validation */
         long train_subset; /* use only the first N training samples (0 = all): short runs */
         long test_subset;  /* likewise for the test set */
+        /* language-model data (DESIGN §11): a token stream cut into windows of context + 1 */
+        kd_data_format_t format;
+        int n_files;
+        char files[KD_MAX_DATA_FILES][KD_PATH_MAX]; /* text, or token shards */
+        char tokenizer[16];                         /* bytes | gpt2 */
+        char tokenizer_dir[KD_PATH_MAX];            /* gpt2's files; "" = the installed ones */
+        long stride;                                /* tokens between window starts; 0 = context */
+        float val_fraction, test_fraction;          /* the stream's tail: validation, then test */
+        long val_windows, test_windows;             /* evaluate the first N windows (0 = all) */
     } data;
 
     struct {
         int n_layers;
         kd_layer_spec_t layers[KD_MAX_LAYERS];
+        kd_gpt_config_t gpt; /* gpt.layers > 0: the student is a GPT (layers is empty) */
     } student;
 
     struct {
@@ -47,6 +61,7 @@ typedef struct {
         int n_layers;
         kd_layer_spec_t layers[KD_MAX_LAYERS];
         long batch_size;
+        kd_gpt_config_t gpt; /* gpt.layers > 0: the teacher is a GPT */
     } teacher;
 
     struct {
@@ -154,6 +169,12 @@ void kd_recipe_data_path(const kd_recipe_t *r, const char *file, char *out, size
 void kd_recipe_print_reference(FILE *out);
 
 const char *kd_consistency_name(kd_consistency_t c);
+const char *kd_data_format_name(kd_data_format_t f);
+int kd_data_format_parse(const char *name, kd_data_format_t *out);
+/* Language-model data (text or tokens), whose samples are token windows. */
+static inline bool kd_recipe_is_lm(const kd_recipe_t *r) {
+    return r->data.format != KD_DATA_IMAGES;
+}
 int kd_consistency_parse(const char *name, kd_consistency_t *out);
 
 /* ---- for other YAML readers (cli/kd_inventory.c): the recipe's messages, shared ---------- */

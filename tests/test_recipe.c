@@ -537,7 +537,8 @@ static void test_reference(void) {
     CHECK_ERR_HAS(text, "| `distill.temperature` | number | `4` | > 0 and <= 100 |");
     CHECK_ERR_HAS(text, "| `train.batch_size` | integer | `128` | between 1 and 65536 |");
     CHECK_ERR_HAS(text, "| `cluster.consistency` | enum | `sync` | sync, async, ssp |");
-    CHECK_ERR_HAS(text, "| `student.layers` | layer list | *required* |");
+    CHECK_ERR_HAS(text, "| `student.layers` | layer list | `[]` |");
+    CHECK_ERR_HAS(text, "| `student.gpt.layers` | integer | `0` | between 0 and 64 |");
     CHECK_ERR_HAS(text, "| `maxpool2d` | `stride` | integer | = kernel |");
     free(text);
 }
@@ -617,7 +618,49 @@ static void test_shared_messages(void) {
     CHECK(l3 && l3 - l2 - 1 == 160 && strlen(l3 + 1) <= 160 && l3[strlen(l3) - 1] == '^');
 }
 
+/* A GPT student on text: the keys, their defaults, the round trip, and what cannot go together. */
+static void test_gpt_recipes(void) {
+    const char *lm =
+        "name: lm\n"
+        "data: {format: text, files: [kjv.txt, more.txt], tokenizer: gpt2, stride: 128}\n"
+        "student:\n  gpt: {layers: 2, width: 64, heads: 4, context: 128}\n"
+        "teacher:\n  checkpoint: hf/gpt2\n  gpt: {layers: 12, width: 768, heads: 12, "
+        "context: 1024, vocab: 50257}\n";
+    kd_recipe_t r;
+    CHECK(parse(lm, &r) == 0);
+    CHECK(kd_recipe_is_lm(&r) && r.data.format == KD_DATA_TEXT && r.data.n_files == 2);
+    CHECK(strcmp(r.data.files[1], "more.txt") == 0 && strcmp(r.data.tokenizer, "gpt2") == 0);
+    CHECK(r.data.stride == 128 && fabsf(r.data.val_fraction - 0.05f) < 1e-7f);
+    CHECK(r.student.gpt.layers == 2 && r.student.gpt.width == 64 && r.student.gpt.heads == 4 &&
+          r.student.gpt.context == 128 && r.student.gpt.vocab == 0 && r.student.n_layers == 0);
+    CHECK(r.teacher.gpt.layers == 12 && r.teacher.gpt.vocab == 50257);
+    char *yaml = kd_recipe_to_yaml(&r);
+    kd_recipe_t back;
+    CHECK(parse(yaml, &back) == 0 && memcmp(&back, &r, sizeof r) == 0);
+    free(yaml);
+    kd_recipe_t images;
+    CHECK(parse(MINIMAL, &images) == 0 && !kd_recipe_is_lm(&images) &&
+          strcmp(images.data.tokenizer, "bytes") == 0);
+
+    expect_err("name: t\ndata: {format: text, files: [a]}\nstudent:\n  layers: [{type: relu}]\n"
+               "  gpt: {layers: 2}\n",
+               4, 11, "give student.layers or student.gpt, not both", NULL);
+    expect_err(
+        "name: t\ndata: {format: tokens, files: [a.bin]}\nstudent:\n  layers: [{type: relu}]\n", 4,
+        11, "data.format tokens needs a GPT student", NULL);
+    expect_err("name: t\ndata: {dir: x}\nstudent:\n  gpt: {layers: 2}\n", 2, 7,
+               "a GPT model needs data.format text or tokens", NULL);
+    expect_err("name: t\ndata: {format: text}\nstudent:\n  gpt: {layers: 2}\n", 2, 7,
+               "data.format text needs data.files", NULL);
+    expect_err("name: t\ndata: {format: text, files: [a], tokenizer: sentencepiece}\n"
+               "student: {gpt: {layers: 1}}\n",
+               2, 45, "sentencepiece", "bytes, gpt2");
+    expect_err("name: t\ndata: {format: text, files: [a]}\nstudent: {gpt: {layers: 1, widht: 8}}\n",
+               3, 28, "unknown key 'widht'", "did you mean 'width'");
+}
+
 int main(void) {
+    test_gpt_recipes();
     test_full();
     test_defaults();
     test_round_trip();
