@@ -17,6 +17,7 @@
 #include "kd_checkpoint.h"
 #include "kd_cli.h"
 #include "kd_log.h"
+#include "kd_metrics.h"
 #include "kd_npy.h"
 #include "kd_recipe.h"
 #include "kd_train.h"
@@ -93,19 +94,28 @@ static void print_progress(const kd_train_progress_t *p, void *user) {
     double done = p->total_steps ? (double)p->step / p->total_steps : 1.0;
     char eta[32];
     cli_format_duration(done > 0 ? p->elapsed * (1.0 - done) / done : 0.0, eta, sizeof eta);
+    const bool lm = kd_recipe_is_lm(r);
     if (p->epoch_end) {
-        fprintf(stderr,
-                "%sepoch %d/%ld  step %ld/%ld  train loss %.4f  val acc %.4f  val loss %.4f\n",
-                tty ? "\r\033[K" : "", p->epoch + 1, r->train.epochs, p->step, p->total_steps,
-                p->loss, p->val.accuracy, p->val.loss);
+        if (lm)
+            fprintf(stderr,
+                    "%sepoch %d/%ld  step %ld/%ld  train loss %.4f  val loss %.4f  val bpb %.4f  "
+                    "val ppl %.2f\n",
+                    tty ? "\r\033[K" : "", p->epoch + 1, r->train.epochs, p->step, p->total_steps,
+                    p->loss, p->val.loss, p->val.bits_per_byte, p->val.perplexity);
+        else
+            fprintf(stderr,
+                    "%sepoch %d/%ld  step %ld/%ld  train loss %.4f  val acc %.4f  val loss %.4f\n",
+                    tty ? "\r\033[K" : "", p->epoch + 1, r->train.epochs, p->step, p->total_steps,
+                    p->loss, p->val.accuracy, p->val.loss);
         return;
     }
     if (!tty) return; /* logs get one line per epoch, terminals a live line */
     fprintf(stderr,
             "\r\033[Kepoch %d/%ld  step %ld/%ld (%3.0f%%)  loss %.4f  acc %.3f  lr %.4g  %.0f "
-            "samples/s  ETA %s",
+            "%s/s  ETA %s",
             p->epoch + 1, r->train.epochs, p->step, p->total_steps, 100.0 * done, p->loss,
-            p->train_accuracy, p->lr, p->samples_per_sec, eta);
+            p->train_accuracy, p->lr, lm ? p->tokens_per_sec : p->samples_per_sec,
+            lm ? "tokens" : "samples", eta);
     fflush(stderr);
 }
 
@@ -113,12 +123,20 @@ static void print_progress(const kd_train_progress_t *p, void *user) {
 
 static int write_summary(const char *path, const kd_recipe_t *r, const kd_model_t *m,
                          const kd_train_result_t *res, char *err, size_t errlen) {
-    json_t *j = json_pack("{s:s, s:s, s:f, s:f, s:f, s:f, s:i, s:I, s:I, s:f, s:f}", "status",
-                          "completed", "name", r->name, "test_accuracy", res->test.accuracy,
-                          "test_loss", res->test.loss, "val_accuracy", res->val.accuracy,
-                          "val_loss", res->val.loss, "epochs", res->epochs, "steps",
-                          (json_int_t)res->steps, "parameters", (json_int_t)m->n_params,
-                          "samples_per_sec", res->samples_per_sec, "wall_seconds", res->seconds);
+    json_t *j =
+        json_pack("{s:s, s:s, s:o, s:o, s:o, s:o, s:i, s:I, s:I, s:f, s:f}", "status", "completed",
+                  "name", r->name, "test_accuracy", kd_json_number(res->test.accuracy), "test_loss",
+                  kd_json_number(res->test.loss), "val_accuracy", kd_json_number(res->val.accuracy),
+                  "val_loss", kd_json_number(res->val.loss), "epochs", res->epochs, "steps",
+                  (json_int_t)res->steps, "parameters", (json_int_t)m->n_params, "samples_per_sec",
+                  res->samples_per_sec, "wall_seconds", res->seconds);
+    if (kd_recipe_is_lm(r)) {
+        json_object_set_new(j, "tokens_per_sec", kd_json_number(res->tokens_per_sec));
+        json_object_set_new(j, "val_perplexity", kd_json_number(res->val.perplexity));
+        json_object_set_new(j, "val_bits_per_byte", kd_json_number(res->val.bits_per_byte));
+        json_object_set_new(j, "test_perplexity", kd_json_number(res->test.perplexity));
+        json_object_set_new(j, "test_bits_per_byte", kd_json_number(res->test.bits_per_byte));
+    }
     char *text = json_dumps(j, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
     json_decref(j);
     int rc = kd_write_file_atomic(path, text, strlen(text), err, errlen);
@@ -165,10 +183,19 @@ static int cmd_train(int argc, char **argv) {
 
     printf("\n%-22s %s\n", "run", r.name);
     printf("%-22s %d (%ld steps)\n", "epochs", res.epochs, res.steps);
-    printf("%-22s %.2f%%\n", "test accuracy", 100.0 * res.test.accuracy);
-    printf("%-22s %.2f%%\n", "validation accuracy", 100.0 * res.val.accuracy);
-    printf("%-22s %.4f\n", "test loss", res.test.loss);
-    printf("%-22s %.0f\n", "samples/s", res.samples_per_sec);
+    if (kd_recipe_is_lm(&r)) {
+        printf("%-22s %.4f (perplexity %.2f, %.4f bits per byte)\n", "validation loss",
+               res.val.loss, res.val.perplexity, res.val.bits_per_byte);
+        printf("%-22s %.4f (perplexity %.2f, %.4f bits per byte)\n", "test loss", res.test.loss,
+               res.test.perplexity, res.test.bits_per_byte);
+        printf("%-22s %.2f%%\n", "next-token accuracy", 100.0 * res.test.accuracy);
+        printf("%-22s %.0f\n", "tokens/s", res.tokens_per_sec);
+    } else {
+        printf("%-22s %.2f%%\n", "test accuracy", 100.0 * res.test.accuracy);
+        printf("%-22s %.2f%%\n", "validation accuracy", 100.0 * res.val.accuracy);
+        printf("%-22s %.4f\n", "test loss", res.test.loss);
+        printf("%-22s %.0f\n", "samples/s", res.samples_per_sec);
+    }
     printf("%-22s %.1f s\n", "wall time", res.seconds);
     printf("%-22s %s/student.safetensors\n", "weights", dir);
     rc = 0;

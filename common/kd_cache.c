@@ -247,6 +247,20 @@ void kd_cache_fingerprint_teacher(const kd_model_t *teacher, char out[KD_CACHE_F
 void kd_cache_fingerprint_data(const kd_dataset_t *ds, const char *preprocessing,
                                char out[KD_CACHE_FP_HEX + 1]) {
     crypto_generichash_state st;
+    if (ds->tokens) { /* windows: the ids, the tokenizer and the windowing decide the logits */
+        hash_start(&st, "kdist-tokens-v1");
+        crypto_generichash_update(&st, (const uint8_t *)ds->tokenizer_fp,
+                                  strlen(ds->tokenizer_fp) + 1);
+        hash_u64(&st, ds->n);
+        hash_u64(&st, ds->window);
+        hash_u64(&st, ds->stride);
+        hash_u64(&st, (uint64_t)ds->num_classes);
+        hash_32bit_array(&st, (const int32_t *)ds->tokens, ds->n_tokens);
+        const char *p = preprocessing ? preprocessing : "";
+        crypto_generichash_update(&st, (const uint8_t *)p, strlen(p) + 1);
+        hash_finish(&st, out);
+        return;
+    }
     hash_start(&st, "kdist-data-v1");
     hash_u64(&st, ds->n);
     hash_u64(&st, (uint64_t)ds->channels);

@@ -33,6 +33,12 @@ void kd_model_describe(const kd_model_t *m, char *out, size_t outlen) {
     if (!out || outlen == 0) return;
     out[0] = 0;
     size_t pos = 0;
+    if (m->gpt) {
+        const kd_gpt_config_t *c = &m->gpt->cfg;
+        appendf(out, outlen, &pos, "gpt:layers=%d,width=%d,heads=%d,context=%d,vocab=%d", c->layers,
+                c->width, c->heads, c->context, c->vocab);
+        return;
+    }
     appendf(out, outlen, &pos, "input=%dx%dx%d", m->input.c, m->input.h, m->input.w);
     for (int i = 0; i < m->n_layers; i++) {
         const kd_layer_spec_t *s = &m->layers[i].spec;
@@ -68,6 +74,7 @@ static void bias_shape(const kd_layer_t *l, int *ndim, int64_t shape[4]) {
 }
 
 void kd_checkpoint_add_model(kd_st_writer_t *w, const kd_model_t *m) {
+    if (m->gpt) kd_gpt_add_tensors(w, m->gpt);
     char name[64];
     int64_t shape[4];
     int ndim;
@@ -101,6 +108,7 @@ int kd_checkpoint_check_finite(const kd_model_t *m, const char *path, char *err,
 }
 
 int kd_checkpoint_save(const kd_model_t *m, const char *path, char *err, size_t errlen) {
+    if (m->gpt) return kd_gpt_save(m->gpt, path, err, errlen); /* with its config.json */
     if (kd_checkpoint_check_finite(m, path, err, errlen) != 0) return -1;
     kd_st_writer_t *w = kd_st_writer_new();
     kd_checkpoint_add_model(w, m);
@@ -155,6 +163,7 @@ static int check_known(const kd_model_t *m, const kd_safetensors_t *st, const ch
 }
 
 int kd_checkpoint_load_into(kd_model_t *m, const kd_safetensors_t *st, char *err, size_t errlen) {
+    if (m->gpt) return kd_gpt_load_tensors(m->gpt, st, err, errlen);
     char name[64];
     int64_t shape[4];
     int ndim;
@@ -196,6 +205,7 @@ int kd_checkpoint_load_into(kd_model_t *m, const kd_safetensors_t *st, char *err
 }
 
 int kd_checkpoint_load(kd_model_t *m, const char *path, char *err, size_t errlen) {
+    if (m->gpt) return kd_gpt_load(m->gpt, path, err, errlen); /* a file or a model directory */
     kd_safetensors_t *st = NULL;
     if (kd_st_open(path, &st, err, errlen) != 0) return -1;
     int rc = kd_checkpoint_load_into(m, st, err, errlen);

@@ -250,6 +250,7 @@ cleanup:
 }
 
 kd_dataset_t *kd_dataset_subset(const kd_dataset_t *src, const uint32_t *ids, size_t n) {
+    KD_ASSERT(!src->tokens); /* windows are cut per split (kd_tokens.c), never picked */
     KD_ASSERT(src && (ids || n == 0));
     kd_dataset_t *ds = kd_xcalloc(1, sizeof *ds);
     ds->n = n;
@@ -310,6 +311,8 @@ void kd_dataset_destroy(kd_dataset_t **self_p) {
     kd_dataset_t *ds = *self_p;
     free(ds->pixels);
     free(ds->labels);
+    free(ds->tokens);
+    free(ds->token_bytes);
     free(ds);
     *self_p = NULL;
 }

@@ -14,6 +14,14 @@ typedef struct {
     int num_classes;             /* max label + 1, at least 2 */
     uint8_t *pixels;             /* (n, sample_dim), raw bytes; scaled to [0,1] on gather */
     int32_t *labels;             /* (n) */
+    /* Language-model data (kd_tokens.h), pixels and labels NULL: sample i is the window
+     * tokens[i * stride, i * stride + window) of window = context + 1 ids (sample_dim);
+     * num_classes is the vocabulary. */
+    uint32_t *tokens; /* (n_tokens) */
+    size_t n_tokens, window, stride;
+    uint16_t *token_bytes; /* (num_classes) bytes of text each id stands for; NULL = unknown */
+    char tokenizer[16];    /* "bytes" | "gpt2" */
+    char tokenizer_fp[33]; /* kd_tokenizer_fingerprint */
 } kd_dataset_t;
 
 /* Loads an IDX image file (magic 0x00000803, u8, 3 dims) and its IDX label file (0x00000801,

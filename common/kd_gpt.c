@@ -370,10 +370,11 @@ struct ce_ctx {
     const int32_t *targets;
     int V;
     double inv_count;
+    size_t correct;
 };
 
 static double ce_chunk(void *ctx_, size_t pos0, size_t n, float *logits, bool grad) {
-    const struct ce_ctx *ctx = ctx_;
+    struct ce_ctx *ctx = ctx_;
     const int V = ctx->V;
     double sum = 0.0;
     for (size_t i = 0; i < n; i++) {
@@ -386,6 +387,9 @@ static double ce_chunk(void *ctx_, size_t pos0, size_t n, float *logits, bool gr
         KD_ASSERT(y < V);
         float mx = row[0];
         for (int j = 1; j < V; j++) mx = row[j] > mx ? row[j] : mx;
+        bool top = row[y] == mx; /* ties count as correct only when no other logit is above */
+        for (int j = 0; top && j < y; j++) top = row[j] < mx; /* argmax: the first maximum */
+        ctx->correct += top;
         double z = 0.0;
         for (int j = 0; j < V; j++) z += exp((double)(row[j] - mx));
         const double lse = (double)mx + log(z);
@@ -399,13 +403,16 @@ static double ce_chunk(void *ctx_, size_t pos0, size_t n, float *logits, bool gr
     return sum * ctx->inv_count;
 }
 
-double kd_gpt_loss(kd_gpt_t *m, const int32_t *targets, bool grad) {
+double kd_gpt_loss(kd_gpt_t *m, const int32_t *targets, bool grad, size_t *correct) {
     const size_t N = (size_t)m->acts->B * m->acts->T;
     size_t count = 0;
     for (size_t i = 0; i < N; i++) count += targets[i] >= 0;
+    if (correct) *correct = 0;
     if (count == 0) return NAN;
-    struct ce_ctx ctx = {targets, m->cfg.vocab, 1.0 / (double)count};
-    return kd_gpt_head(m, ce_chunk, &ctx, grad);
+    struct ce_ctx ctx = {targets, m->cfg.vocab, 1.0 / (double)count, 0};
+    double loss = kd_gpt_head(m, ce_chunk, &ctx, grad);
+    if (correct) *correct = ctx.correct;
+    return loss;
 }
 
 struct copy_ctx {

@@ -14,6 +14,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "kd_rng.h"
+#include "kd_safetensors.h"
+
 #define KD_GPT_MAX_LAYERS  64
 #define KD_GPT_TENSOR_NAME 48
 #define KD_GPT_LN_EPS      1e-5f
@@ -77,8 +80,8 @@ size_t kd_gpt_head_chunk(int vocab);
 
 /* Mean next-token cross-entropy of the last forward over the positions whose target (B,T) is
  * >= 0; with grad, its gradient in m->grads (after kd_gpt_backward). NaN when no position
- * counts. */
-double kd_gpt_loss(kd_gpt_t *m, const int32_t *targets, bool grad);
+ * counts. correct (may be NULL) gets how many of them have the target as the top logit. */
+double kd_gpt_loss(kd_gpt_t *m, const int32_t *targets, bool grad, size_t *correct);
 
 /* The logits (B,T,V) of the last forward into out. */
 void kd_gpt_logits(kd_gpt_t *m, float *out);
@@ -107,6 +110,27 @@ int kd_gpt_load(kd_gpt_t *m, const char *path, char *err, size_t errlen);
 /* Writes the parameters (F32, Hugging Face names without prefix) to path and config.json
  * beside it. Refuses non-finite parameters. */
 int kd_gpt_save(const kd_gpt_t *m, const char *path, char *err, size_t errlen);
+/* The two halves of load and save on an open file: the tensors checked and copied (no
+ * config.json), and m's tensors added to a writer (borrowed until it writes). */
+int kd_gpt_load_tensors(kd_gpt_t *m, const kd_safetensors_t *st, char *err, size_t errlen);
+void kd_gpt_add_tensors(kd_st_writer_t *w, const kd_gpt_t *m);
+
+/* ---- generation (kd_gpt_sample.c) ---- */
+
+/* Feeds a model one token at a time with a KV cache. Borrows m (its parameters may not change
+ * while sampling). Not thread-safe. */
+typedef struct kd_gpt_sampler kd_gpt_sampler_t;
+kd_gpt_sampler_t *kd_gpt_sampler_new(const kd_gpt_t *m);
+void kd_gpt_sampler_destroy(kd_gpt_sampler_t **self_p);
+void kd_gpt_sampler_reset(kd_gpt_sampler_t *s); /* back to position 0 */
+int kd_gpt_sampler_position(const kd_gpt_sampler_t *s);
+/* token at the next position (< context); returns the next-token logits (V), valid until the
+ * next step: what kd_gpt_forward gives at that position. */
+const float *kd_gpt_sampler_step(kd_gpt_sampler_t *s, uint32_t token);
+/* A token drawn from softmax(logits / temperature) over the top_k largest (0 = all), with rng;
+ * temperature 0 is greedy. scratch (V). */
+uint32_t kd_gpt_pick(const float *logits, int V, float temperature, int top_k, kd_rng_t *rng,
+                     float *scratch);
 
 /* Multiply-adds of a forward of one window of T tokens, head included. */
 double kd_gpt_forward_flops(const kd_gpt_config_t *cfg, int T);

@@ -167,9 +167,11 @@ static const kd_st_tensor_t *find_named(const kd_safetensors_t *st, const char *
     return kd_st_find(st, full);
 }
 
-/* What a hub checkpoint may carry besides the parameters: the attention-mask buffers of older
- * files. (lm_head.weight is checked against wte.weight.) */
+/* What a checkpoint may carry besides the parameters: the attention-mask buffers of older hub
+ * files, the optimizer state and ledger of kdist's own run checkpoints. (lm_head.weight is
+ * checked against wte.weight.) */
 static bool tolerated(const char *name) {
+    if (strncmp(name, "optim.", 6) == 0 || strncmp(name, "ledger.", 7) == 0) return true;
     if (strncmp(name, PREFIX, strlen(PREFIX)) == 0) name += strlen(PREFIX);
     const char *dot = strstr(name, ".attn.");
     return strncmp(name, "h.", 2) == 0 && dot &&
@@ -196,18 +198,12 @@ static int check_tensor(const kd_safetensors_t *st, const kd_gpt_tensor_t *want,
     return 0;
 }
 
-int kd_gpt_load(kd_gpt_t *m, const char *path, char *err, size_t errlen) {
-    char st_path[KD_PATH_MAX + 32], cfg_path[KD_PATH_MAX + 32];
-    if (kd_gpt_resolve_path(path, st_path, sizeof st_path, cfg_path, sizeof cfg_path) == 1 &&
-        check_config(cfg_path, &m->cfg, err, errlen) != 0)
-        return -1;
-    kd_safetensors_t *st = NULL;
-    if (kd_st_open(st_path, &st, err, errlen) != 0) return -1;
-    int rc = -1;
+int kd_gpt_load_tensors(kd_gpt_t *m, const kd_safetensors_t *st, char *err, size_t errlen) {
+    const char *path = kd_st_path(st);
     /* Everything is checked before anything is copied: a bad file leaves m as it was. */
     for (int i = 0; i < m->n_tensors; i++)
         if (check_tensor(st, &m->tensors[i], find_named(st, m->tensors[i].name), err, errlen) != 0)
-            goto out;
+            return -1;
     const kd_st_tensor_t *wte = find_named(st, "wte.weight");
     for (int k = 0; k < kd_st_count(st); k++) {
         const kd_st_tensor_t *t = kd_st_tensor(st, k);
@@ -217,38 +213,53 @@ int kd_gpt_load(kd_gpt_t *m, const char *path, char *err, size_t errlen) {
         if (strcmp(t->name, "lm_head.weight") == 0) {
             /* the head is tied to wte: an untied head cannot load into this model */
             if (t->dtype != wte->dtype || t->nbytes != wte->nbytes ||
-                memcmp(kd_st_data(st, t), kd_st_data(st, wte), t->nbytes) != 0) {
-                kd_err(err, errlen,
-                       "%s: lm_head.weight differs from wte.weight; kdist's GPT ties the head to "
-                       "the token embedding",
-                       st_path);
-                goto out;
-            }
+                memcmp(kd_st_data(st, t), kd_st_data(st, wte), t->nbytes) != 0)
+                return kd_err(err, errlen,
+                              "%s: lm_head.weight differs from wte.weight; kdist's GPT ties the "
+                              "head to the token embedding",
+                              path);
             continue;
         }
-        kd_err(err, errlen, "%s: unexpected tensor '%s' (not part of a GPT-2 with %d layers)",
-               st_path, t->name, m->cfg.layers);
-        goto out;
+        return kd_err(err, errlen,
+                      "%s: unexpected tensor '%s' (not part of a GPT-2 with %d layers)", path,
+                      t->name, m->cfg.layers);
     }
+    float *staged = kd_alloc_floats(m->n_params);
     for (int i = 0; i < m->n_tensors; i++) {
         const kd_st_tensor_t *t = find_named(st, m->tensors[i].name);
         KD_ASSERT(t->nbytes == m->tensors[i].count * sizeof(float));
-        memcpy(m->params + m->tensors[i].offset, kd_st_data(st, t), t->nbytes);
+        memcpy(staged + m->tensors[i].offset, kd_st_data(st, t), t->nbytes);
     }
-    size_t bad = kd_first_nonfinite(m->params, m->n_params);
-    if (bad < m->n_params) {
-        for (int i = 0; i < m->n_tensors; i++)
-            if (bad >= m->tensors[i].offset && bad < m->tensors[i].offset + m->tensors[i].count) {
-                kd_err(err, errlen, "%s: tensor '%s' holds a non-finite value at index %zu",
-                       st_path, m->tensors[i].name, bad - m->tensors[i].offset);
-                break;
-            }
-        goto out;
-    }
-    rc = 0;
-out:
+    size_t bad = kd_first_nonfinite(staged, m->n_params);
+    for (int i = 0; bad < m->n_params && i < m->n_tensors; i++)
+        if (bad >= m->tensors[i].offset && bad < m->tensors[i].offset + m->tensors[i].count) {
+            kd_err(err, errlen, "%s: tensor '%s' holds a non-finite value at index %zu", path,
+                   m->tensors[i].name, bad - m->tensors[i].offset);
+            free(staged);
+            return -1;
+        }
+    memcpy(m->params, staged, m->n_params * sizeof(float));
+    free(staged);
+    return 0;
+}
+
+int kd_gpt_load(kd_gpt_t *m, const char *path, char *err, size_t errlen) {
+    char st_path[KD_PATH_MAX + 32], cfg_path[KD_PATH_MAX + 32];
+    if (kd_gpt_resolve_path(path, st_path, sizeof st_path, cfg_path, sizeof cfg_path) == 1 &&
+        check_config(cfg_path, &m->cfg, err, errlen) != 0)
+        return -1;
+    kd_safetensors_t *st = NULL;
+    if (kd_st_open(st_path, &st, err, errlen) != 0) return -1;
+    int rc = kd_gpt_load_tensors(m, st, err, errlen);
     kd_st_close(&st);
     return rc;
+}
+
+void kd_gpt_add_tensors(kd_st_writer_t *w, const kd_gpt_t *m) {
+    for (int i = 0; i < m->n_tensors; i++) {
+        const kd_gpt_tensor_t *t = &m->tensors[i];
+        kd_st_writer_add(w, t->name, KD_DTYPE_F32, t->ndim, t->shape, m->params + t->offset);
+    }
 }
 
 int kd_gpt_save(const kd_gpt_t *m, const char *path, char *err, size_t errlen) {
@@ -256,10 +267,7 @@ int kd_gpt_save(const kd_gpt_t *m, const char *path, char *err, size_t errlen) {
     if (bad < m->n_params)
         return kd_err(err, errlen, "%s: not saved: parameter %zu is not finite", path, bad);
     kd_st_writer_t *w = kd_st_writer_new();
-    for (int i = 0; i < m->n_tensors; i++) {
-        const kd_gpt_tensor_t *t = &m->tensors[i];
-        kd_st_writer_add(w, t->name, KD_DTYPE_F32, t->ndim, t->shape, m->params + t->offset);
-    }
+    kd_gpt_add_tensors(w, m);
     kd_st_writer_metadata(w, "format", "pt");
     int rc = kd_st_writer_write(w, path, err, errlen);
     kd_st_writer_destroy(&w);

@@ -244,6 +244,12 @@ int kd_model_new(const kd_layer_spec_t *specs, int n_specs, kd_shape_t input, kd
 }
 
 double kd_model_train_bytes(const kd_model_t *m, long B) {
+    if (m->gpt) { /* per window: ~16 (N,C)-sized activations a layer, attention, the head chunk */
+        const kd_gpt_config_t *c = &m->gpt->cfg;
+        double T = c->context, C = c->width, per_layer = 16.0 * T * C + c->heads * T * T;
+        return 4.0 * (2.0 * (double)m->n_params + (double)B * c->layers * per_layer +
+                      (double)kd_gpt_head_chunk(c->vocab) * c->vocab);
+    }
     double units = 0, max_in = 1;
     for (int i = 0; i < m->n_layers; i++) {
         units += (double)kd_shape_size(m->layers[i].out);
@@ -255,9 +261,30 @@ double kd_model_train_bytes(const kd_model_t *m, long B) {
     return 4.0 * (2.0 * (double)m->n_params + (double)B * (2.0 * units + 2.0 * max_in));
 }
 
+int kd_model_new_gpt(const kd_gpt_config_t *cfg, kd_model_t **out, char *err, size_t errlen) {
+    *out = NULL;
+    kd_gpt_t *g = NULL;
+    if (kd_gpt_new(cfg, &g, err, errlen) != 0) return -1;
+    kd_model_t *m = kd_xcalloc(1, sizeof *m);
+    m->gpt = g;
+    m->input = (kd_shape_t){1, 1, cfg->context + 1};
+    m->num_classes = cfg->vocab;
+    m->n_params = g->n_params;
+    m->params = g->params;
+    m->grads = g->grads;
+    *out = m;
+    return 0;
+}
+
 void kd_model_destroy(kd_model_t **self_p) {
     if (!self_p || !*self_p) return;
     kd_model_t *m = *self_p;
+    if (m->gpt) { /* params and grads are the GPT's */
+        kd_gpt_destroy(&m->gpt);
+        free(m);
+        *self_p = NULL;
+        return;
+    }
     if (m->ws) ws_free_buffers(m->ws);
     free(m->ws);
     free(m->params);
@@ -267,6 +294,10 @@ void kd_model_destroy(kd_model_t **self_p) {
 }
 
 void kd_model_init_params(kd_model_t *m, uint64_t seed) {
+    if (m->gpt) {
+        kd_gpt_init_params(m->gpt, seed);
+        return;
+    }
     for (int i = 0; i < m->n_layers; i++) {
         const kd_layer_t *L = &m->layers[i];
         if (!L->weight_count) continue;
@@ -406,6 +437,7 @@ void kd_model_backward(kd_model_t *m, const float *dlogits) {
 }
 
 double kd_model_forward_flops(const kd_model_t *m) {
+    if (m->gpt) return kd_gpt_forward_flops(&m->gpt->cfg, m->gpt->cfg.context);
     double macs = 0.0;
     for (int i = 0; i < m->n_layers; i++) {
         const kd_layer_t *L = &m->layers[i];

@@ -10,6 +10,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "kd_gpt.h"
+
 #define KD_MAX_LAYERS 64
 /* What one weights frame (KD_WIRE_MAX_MESSAGE, 2 GiB) can carry, and values per sample of any
  * layer's input or output: beyond these a model is refused, before anything is allocated. */
@@ -75,6 +77,10 @@ typedef struct {
     double forward_seconds[KD_MAX_LAYERS];
     double backward_seconds[KD_MAX_LAYERS];
     kd_model_workspace_t *ws;
+    /* A GPT (kd_gpt.h) instead of layers (n_layers 0): params and grads are its buffers, input
+     * is (1, 1, context + 1), num_classes its vocabulary. The sequential calls below
+     * (forward, backward) do not apply; kd_train.h's calls take either. */
+    kd_gpt_t *gpt;
 } kd_model_t;
 
 /* Resolves shapes and parameter offsets, validating the list: a conv2d/maxpool2d needs a
@@ -84,6 +90,8 @@ typedef struct {
 int kd_model_new(const kd_layer_spec_t *specs, int n_specs, kd_shape_t input, kd_model_t **out,
                  char *err, size_t errlen);
 void kd_model_destroy(kd_model_t **self_p);
+/* A model that is the GPT of cfg. Caller owns *out. 0, or -1 with err set. */
+int kd_model_new_gpt(const kd_gpt_config_t *cfg, kd_model_t **out, char *err, size_t errlen);
 /* The same resolution and checks as kd_model_new into *plan, without allocating anything (its
  * buffers stay NULL; not a model to run): for sizes from the network, checked before
  * kd_model_new allocates them. 0, or -1 with err set. */
@@ -108,7 +116,8 @@ const float *kd_model_forward(kd_model_t *m, const float *x, int B, bool train,
  * dlogits (B, num_classes). Overwrites m->grads with d(loss)/d(params). */
 void kd_model_backward(kd_model_t *m, const float *dlogits);
 
-/* Multiply-adds of one forward pass for one sample (for FLOP-rate reporting). */
+/* Multiply-adds of one forward pass for one sample (a GPT: one full window) (for FLOP-rate
+ * reporting). */
 double kd_model_forward_flops(const kd_model_t *m);
 
 /* OpenBLAS thread count for this process (0 = OpenBLAS default). */

@@ -7,9 +7,12 @@
 
 #include "kd_log.h"
 #include "kd_rng.h"
+#include "kd_tokens.h"
 
 int kd_splits_load(const kd_recipe_t *r, kd_splits_t *out, char *err, size_t errlen) {
     memset(out, 0, sizeof *out);
+    if (kd_recipe_is_lm(r))
+        return kd_tokens_load_splits(r, &out->train, &out->val, &out->test, err, errlen);
     char images[KD_PATH_MAX], labels[KD_PATH_MAX];
     kd_dataset_t *full = NULL, *test = NULL;
 
@@ -42,8 +45,31 @@ void kd_splits_destroy(kd_splits_t *s) {
     kd_dataset_destroy(&s->test);
 }
 
+/* The recipe's GPT for windows of shape_from: vocab from the data unless given; a student's
+ * context is the windows', a teacher's must reach it. */
+static int gpt_from_recipe(const kd_recipe_t *r, bool teacher, const kd_dataset_t *shape_from,
+                           kd_model_t **out, char *err, size_t errlen) {
+    kd_gpt_config_t cfg = teacher ? r->teacher.gpt : r->student.gpt;
+    const char *which = teacher ? "teacher" : "student";
+    if (cfg.vocab == 0) cfg.vocab = shape_from->num_classes;
+    if (cfg.vocab < shape_from->num_classes)
+        return kd_err(err, errlen, "%s.gpt.vocab %d is smaller than the data's %d token ids", which,
+                      cfg.vocab, shape_from->num_classes);
+    if (teacher && (size_t)cfg.context + 1 < shape_from->window)
+        return kd_err(err, errlen,
+                      "teacher.gpt.context %d is shorter than the student's windows (%zu tokens)",
+                      cfg.context, shape_from->window - 1);
+    char why[KD_ERR_LEN];
+    if (kd_model_new_gpt(&cfg, out, why, sizeof why) != 0)
+        return kd_err(err, errlen, "%s.%s", which, why);
+    kd_model_init_params(*out, kd_rng_key((uint64_t)r->seed, teacher ? 2 : 1, 0x696e6974ULL));
+    return 0;
+}
+
 int kd_model_from_recipe(const kd_recipe_t *r, bool teacher, const kd_dataset_t *shape_from,
                          kd_model_t **out, char *err, size_t errlen) {
+    if ((teacher ? r->teacher.gpt.layers : r->student.gpt.layers) > 0)
+        return gpt_from_recipe(r, teacher, shape_from, out, err, errlen);
     const kd_layer_spec_t *layers = teacher ? r->teacher.layers : r->student.layers;
     int n = teacher ? r->teacher.n_layers : r->student.n_layers;
     const char *which = teacher ? "teacher" : "student";
@@ -86,8 +112,95 @@ static void compare_with_teacher(const float *student, const float *teacher, int
     }
 }
 
+void kd_lm_batch_split(kd_lm_batch_t *b, const uint32_t *windows, int B, int T) {
+    const size_t n = (size_t)B * T;
+    if (n > b->cap) {
+        free(b->tokens);
+        free(b->targets);
+        b->tokens = kd_xmalloc(n * sizeof *b->tokens);
+        b->targets = kd_xmalloc(n * sizeof *b->targets);
+        b->cap = n;
+    }
+    for (int i = 0; i < B; i++)
+        for (int t = 0; t < T; t++) {
+            b->tokens[(size_t)i * T + t] = windows[(size_t)i * (T + 1) + t];
+            b->targets[(size_t)i * T + t] = (int32_t)windows[(size_t)i * (T + 1) + t + 1];
+        }
+}
+
+void kd_lm_batch_free(kd_lm_batch_t *b) {
+    free(b->tokens);
+    free(b->targets);
+    memset(b, 0, sizeof *b);
+}
+
+float kd_train_gradient_lm(kd_model_t *m, const uint32_t *windows, int B, uint64_t batch_key,
+                           kd_lm_batch_t *scratch, kd_loss_stats_t *stats) {
+    const int T = m->gpt->cfg.context;
+    kd_lm_batch_split(scratch, windows, B, T);
+    kd_gpt_forward(m->gpt, scratch->tokens, B, T, true, batch_key);
+    size_t correct = 0;
+    double loss = kd_gpt_loss(m->gpt, scratch->targets, true, &correct);
+    kd_gpt_backward(m->gpt);
+    if (stats) {
+        stats->loss_sum += loss * B * T;
+        stats->ce_sum += loss * B * T;
+        stats->correct += (int)correct;
+        stats->count += B * T;
+    }
+    return (float)loss;
+}
+
+/* Windows per evaluation pass: the attention probabilities of every layer, B*L*NH*T*T floats,
+ * stay under 64 Mi floats. */
+static int lm_eval_batch(const kd_gpt_config_t *c, const kd_dataset_t *ds, int want) {
+    double T = (double)ds->window - 1, per = (double)c->layers * c->heads * T * T;
+    int cap = (int)fmax(1.0, (double)(1 << 26) / per);
+    return want < cap ? want : cap;
+}
+
+static void evaluate_lm(kd_model_t *m, const kd_dataset_t *ds, int batch_size, kd_eval_t *out,
+                        float *logits) {
+    const int T = (int)ds->window - 1, V = m->num_classes;
+    KD_ASSERT(T <= m->gpt->cfg.context);
+    const int Bmax = lm_eval_batch(&m->gpt->cfg, ds, batch_size < 1 ? 64 : batch_size);
+    uint32_t *windows = kd_xmalloc((size_t)Bmax * ds->window * sizeof *windows);
+    uint32_t *ids = kd_xmalloc((size_t)Bmax * sizeof *ids);
+    kd_lm_batch_t lb = {0};
+    double loss_sum = 0.0, bytes = 0.0;
+    size_t correct_sum = 0, tokens = 0;
+    for (size_t start = 0; start < ds->n; start += (size_t)Bmax) {
+        int B = (int)(ds->n - start < (size_t)Bmax ? ds->n - start : (size_t)Bmax);
+        for (int i = 0; i < B; i++) ids[i] = (uint32_t)(start + (size_t)i);
+        kd_dataset_gather_windows(ds, ids, (size_t)B, windows);
+        kd_lm_batch_split(&lb, windows, B, T);
+        kd_gpt_forward(m->gpt, lb.tokens, B, T, false, 0);
+        size_t correct = 0;
+        loss_sum += kd_gpt_loss(m->gpt, lb.targets, false, &correct) * B * T;
+        if (logits) kd_gpt_logits(m->gpt, logits + start * (size_t)T * V);
+        correct_sum += correct;
+        tokens += (size_t)B * T;
+        bytes += kd_dataset_target_bytes(ds, ids, (size_t)B);
+    }
+    out->count = tokens;
+    out->loss = tokens ? loss_sum / (double)tokens : NAN;
+    out->accuracy = tokens ? (double)correct_sum / (double)tokens : NAN;
+    out->perplexity = exp(out->loss);
+    out->bits_per_byte = bytes > 0 ? loss_sum / (M_LN2 * bytes) : NAN;
+    out->agreement = out->teacher_kl = NAN;
+    kd_lm_batch_free(&lb);
+    free(windows);
+    free(ids);
+}
+
 void kd_evaluate(kd_model_t *m, const kd_dataset_t *ds, int batch_size, const float *teacher,
                  kd_eval_t *out, float *logits) {
+    if (m->gpt) {
+        KD_ASSERT(!teacher);
+        evaluate_lm(m, ds, batch_size, out, logits);
+        return;
+    }
+    out->perplexity = out->bits_per_byte = NAN;
     const int C = m->num_classes;
     if (batch_size < 1) batch_size = 256;
     float *x = kd_alloc_floats((size_t)batch_size * ds->sample_dim);
@@ -155,16 +268,23 @@ int kd_train_local(const kd_recipe_t *r, kd_model_t *m, kd_model_t *teacher, con
         return kd_err(err, errlen, "distill.alpha is %g but no teacher model was given",
                       (double)loss->alpha);
     if (d->train->n == 0) return kd_err(err, errlen, "the training split is empty");
+    if (m->gpt && teacher)
+        return kd_err(err, errlen,
+                      "distilling a language model in this process is not supported yet: train "
+                      "the GPT student alone (distill.alpha 0)");
 
     const size_t B_max = (size_t)r->train.batch_size, D = d->train->sample_dim;
     const int C = m->num_classes;
     const long total_steps = kd_train_total_steps(r, d->train->n);
     const kd_schedule_config_t sched = schedule_for(r, total_steps);
     kd_optim_t *opt = kd_optim_new(&r->optim.cfg, m->n_params);
-    float *x = kd_alloc_floats(B_max * D);
+    float *x = m->gpt ? NULL : kd_alloc_floats(B_max * D);
     int32_t *y = kd_xmalloc(B_max * sizeof *y);
     float *teacher_logits = teacher ? kd_alloc_floats(B_max * (size_t)C) : NULL;
-    float *dlogits = kd_alloc_floats(B_max * (size_t)C);
+    float *dlogits = m->gpt ? NULL : kd_alloc_floats(B_max * (size_t)C);
+    uint32_t *windows = m->gpt ? kd_xmalloc(B_max * d->train->window * sizeof *windows) : NULL;
+    kd_lm_batch_t lm = {0};
+    const long tokens_per_sample = m->gpt ? (long)d->train->window - 1 : 0;
 
     const double t0 = kd_now();
     double last_report = t0;
@@ -177,13 +297,18 @@ int kd_train_local(const kd_recipe_t *r, kd_model_t *m, kd_model_t *teacher, con
         for (size_t b = 0; b < ep->n_batches && step < total_steps; b++) {
             const uint32_t *ids;
             int B = (int)kd_epoch_batch(ep, b, &ids);
-            kd_dataset_gather(d->train, ids, (size_t)B, x, y);
-            if (teacher)
-                memcpy(teacher_logits, kd_model_forward(teacher, x, B, false, 0),
-                       (size_t)B * C * sizeof(float));
             uint64_t key = kd_batch_key((uint64_t)r->seed, (uint32_t)epoch, (uint32_t)b);
             kd_loss_stats_t batch_stats = {0};
-            kd_train_gradient(m, loss, x, y, teacher_logits, B, key, dlogits, &batch_stats);
+            if (m->gpt) {
+                kd_dataset_gather_windows(d->train, ids, (size_t)B, windows);
+                kd_train_gradient_lm(m, windows, B, key, &lm, &batch_stats);
+            } else {
+                kd_dataset_gather(d->train, ids, (size_t)B, x, y);
+                if (teacher)
+                    memcpy(teacher_logits, kd_model_forward(teacher, x, B, false, 0),
+                           (size_t)B * C * sizeof(float));
+                kd_train_gradient(m, loss, x, y, teacher_logits, B, key, dlogits, &batch_stats);
+            }
             kd_optim_step(opt, m->params, m->grads, kd_schedule_lr(&sched, step));
             step++;
             samples += B;
@@ -204,6 +329,8 @@ int kd_train_local(const kd_recipe_t *r, kd_model_t *m, kd_model_t *teacher, con
                     .train_accuracy = (double)window.correct / window.count,
                     .lr = kd_schedule_lr(&sched, step),
                     .samples_per_sec = window_samples / (now - last_report),
+                    .tokens_per_sec =
+                        (double)(window_samples * tokens_per_sample) / (now - last_report),
                     .elapsed = now - t0,
                 };
                 progress(&p, user);
@@ -221,6 +348,8 @@ int kd_train_local(const kd_recipe_t *r, kd_model_t *m, kd_model_t *teacher, con
                                      .loss = res->train_loss,
                                      .lr = kd_schedule_lr(&sched, step),
                                      .samples_per_sec = samples / (kd_now() - t0),
+                                     .tokens_per_sec =
+                                         (double)(samples * tokens_per_sample) / (kd_now() - t0),
                                      .elapsed = kd_now() - t0,
                                      .epoch_end = true};
             if (d->val && d->val->n)
@@ -232,6 +361,7 @@ int kd_train_local(const kd_recipe_t *r, kd_model_t *m, kd_model_t *teacher, con
     res->steps = step;
     res->epochs = epoch;
     res->samples_per_sec = res->seconds > 0 ? samples / res->seconds : 0.0;
+    res->tokens_per_sec = res->samples_per_sec * (double)tokens_per_sample;
     if (d->val && d->val->n) kd_evaluate(m, d->val, (int)r->eval.batch_size, NULL, &res->val, NULL);
     if (d->test && d->test->n)
         kd_evaluate(m, d->test, (int)r->eval.batch_size, NULL, &res->test, NULL);
@@ -241,5 +371,7 @@ int kd_train_local(const kd_recipe_t *r, kd_model_t *m, kd_model_t *teacher, con
     free(y);
     free(teacher_logits);
     free(dlogits);
+    free(windows);
+    kd_lm_batch_free(&lm);
     return 0;
 }

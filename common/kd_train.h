@@ -38,10 +38,15 @@ typedef struct {
     /* Against the teacher's logits, when given (else NAN): the fraction of samples where the
      * student's top-1 class is the teacher's, and the mean KL(teacher || student) at T = 1. */
     double agreement, teacher_kl;
+    /* Language models (a GPT on token windows; else NAN): loss and accuracy are per token
+     * (count tokens), perplexity exp(loss), bits per byte the loss in bits over the bytes of
+     * text the targets stand for (comparable across tokenizers; NAN when unknown). */
+    double perplexity, bits_per_byte;
 } kd_eval_t;
 
 /* Evaluates m (dropout off) on every sample of ds in batches. teacher (ds->n, C), when not
- * NULL, is compared with; logits (ds->n, C) is filled when not NULL. */
+ * NULL, is compared with; logits (ds->n, C) is filled when not NULL. A GPT on windows: logits
+ * (ds->n, context, vocab); batches are capped to bound the attention's memory; no teacher. */
 void kd_evaluate(kd_model_t *m, const kd_dataset_t *ds, int batch_size, const float *teacher,
                  kd_eval_t *out, float *logits);
 
@@ -58,6 +63,22 @@ float kd_train_gradient(kd_model_t *m, const kd_loss_config_t *loss, const float
                         const int32_t *labels, const float *teacher, int B, uint64_t batch_key,
                         float *dlogits, kd_loss_stats_t *stats);
 
+/* A GPT batch: windows (B, T+1) as inputs (B,T) and next-token targets (B,T); grown to fit. */
+typedef struct {
+    uint32_t *tokens;
+    int32_t *targets;
+    size_t cap;
+} kd_lm_batch_t;
+
+void kd_lm_batch_split(kd_lm_batch_t *b, const uint32_t *windows, int B, int T);
+void kd_lm_batch_free(kd_lm_batch_t *b);
+
+/* Worker half of a GPT step: forward, mean next-token cross-entropy and backward on windows
+ * (B, context + 1). Leaves the gradient in m->grads; stats get per-token sums (count tokens);
+ * returns the loss. */
+float kd_train_gradient_lm(kd_model_t *m, const uint32_t *windows, int B, uint64_t batch_key,
+                           kd_lm_batch_t *scratch, kd_loss_stats_t *stats);
+
 typedef struct {
     int epoch; /* 0-based */
     long step; /* optimizer steps taken */
@@ -66,8 +87,9 @@ typedef struct {
     double train_accuracy;
     double lr;
     double samples_per_sec;
-    double elapsed; /* seconds since the start */
-    bool epoch_end; /* val is valid */
+    double tokens_per_sec; /* language models; else 0 */
+    double elapsed;        /* seconds since the start */
+    bool epoch_end;        /* val is valid */
     kd_eval_t val;
 } kd_train_progress_t;
 
@@ -78,7 +100,8 @@ typedef struct {
     int epochs;
     double seconds;
     double samples_per_sec;
-    double train_loss; /* last epoch's mean */
+    double tokens_per_sec; /* language models; else 0 */
+    double train_loss;     /* last epoch's mean */
     kd_eval_t val, test;
 } kd_train_result_t;
 

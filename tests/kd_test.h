@@ -54,6 +54,15 @@ static inline int kd_test_done(const char *name) {
     return kd_test_failures ? 1 : 0;
 }
 
+/* dir/name, in one of a few rotating buffers (so a call can take two paths). */
+static inline const char *kd_test_path(const char *dir, const char *name) {
+    static char paths[4][2048];
+    static int next;
+    char *p = paths[next++ % 4];
+    snprintf(p, sizeof paths[0], "%s/%s", dir, name);
+    return p;
+}
+
 /* A fresh directory for a test's files: $KD_TEST_TMP/<name>.<pid> (or /tmp). */
 static inline const char *kd_test_tmpdir(const char *name) {
     static char dir[1024];

@@ -30,11 +30,7 @@
 static const char *tmp;
 
 static const char *tmp_path(const char *name) {
-    static char path[4][2048];
-    static int next = 0;
-    char *p = path[next++ % 4];
-    snprintf(p, 2048, "%s/%s", tmp, name);
-    return p;
+    return kd_test_path(tmp, name);
 }
 
 /* ---- fixtures -------------------------------------------------------------------------------- */

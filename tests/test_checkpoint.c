@@ -13,9 +13,7 @@
 static const char *tmp;
 
 static const char *tmp_path(const char *name) {
-    static char path[2048];
-    snprintf(path, sizeof path, "%s/%s", tmp, name);
-    return path;
+    return kd_test_path(tmp, name);
 }
 
 static const kd_shape_t MNIST = {1, 28, 28};

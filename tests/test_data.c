@@ -14,11 +14,7 @@
 static char tmp[1024];
 
 static const char *tmp_path(const char *name) {
-    static char p[4][1200];
-    static int k = 0;
-    k = (k + 1) % 4; /* a few live results, so two paths can be passed to one call */
-    snprintf(p[k], sizeof p[k], "%s/%s", tmp, name);
-    return p[k];
+    return kd_test_path(tmp, name);
 }
 
 /* Big-endian u32 into b. */

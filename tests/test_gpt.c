@@ -213,7 +213,7 @@ static kd_gpt_t *tiny(int V, float dropout, uint64_t seed) {
 static double loss_of(kd_gpt_t *m, const uint32_t *tok, const int32_t *tgt, int B, int T,
                       bool train) {
     kd_gpt_forward(m, tok, B, T, train, 77);
-    return kd_gpt_loss(m, tgt, false);
+    return kd_gpt_loss(m, tgt, false, NULL);
 }
 
 /* d loss / d params[at]: central differences at h and h/2, Richardson-extrapolated (the h^2
@@ -243,7 +243,7 @@ static void check_model_grads(float dropout) {
     tgt[4] = -1; /* ignored */
     const bool train = dropout > 0;
     kd_gpt_forward(m, tok, B, T, train, 77);
-    double loss = kd_gpt_loss(m, tgt, true);
+    double loss = kd_gpt_loss(m, tgt, true, NULL);
     kd_gpt_backward(m);
     CHECK(isfinite(loss) && loss > 0);
     float *g = kd_xmalloc(m->n_params * sizeof(float));
@@ -287,17 +287,26 @@ static void test_chunked_head(void) {
     kd_gpt_forward(m, tok, B, T, false, 0);
     float *logits = kd_xmalloc((size_t)B * T * V * sizeof(float));
     kd_gpt_logits(m, logits);
+    /* one position right: its target is its top logit */
+    tgt[5] = 0;
+    for (int j = 1; j < V; j++)
+        if (logits[5 * (size_t)V + j] > logits[5 * (size_t)V + tgt[5]]) tgt[5] = j;
     double dense = 0;
+    size_t dense_correct = 0, correct = 0;
     for (int i = 0; i < B * T; i++) {
         const float *row = logits + (size_t)i * V;
-        double mx = row[0], z = 0;
-        for (int j = 1; j < V; j++) mx = fmax(mx, row[j]);
-        for (int j = 0; j < V; j++) z += exp(row[j] - mx);
-        dense += mx + log(z) - row[tgt[i]];
+        int top = 0;
+        for (int j = 1; j < V; j++)
+            if (row[j] > row[top]) top = j;
+        double z = 0;
+        for (int j = 0; j < V; j++) z += exp((double)row[j] - row[top]);
+        dense += row[top] + log(z) - row[tgt[i]];
+        dense_correct += top == tgt[i];
     }
     dense /= B * T;
-    double chunked = kd_gpt_loss(m, tgt, true);
+    double chunked = kd_gpt_loss(m, tgt, true, &correct);
     CHECK_CLOSE(chunked, dense, 1e-6);
+    CHECK(correct == dense_correct && correct >= 1);
     kd_gpt_backward(m);
     /* d loss / d wte[target of position 0] by finite differences */
     const kd_gpt_tensor_t *wte = kd_gpt_find(m, "wte.weight");
@@ -314,18 +323,18 @@ static void test_determinism_and_shapes(void) {
     int32_t tgt[12];
     for (int i = 0; i < 12; i++) tok[i] = (uint32_t)(i % 17), tgt[i] = (i + 1) % 17;
     kd_gpt_forward(a, tok, 2, 6, true, 5);
-    double la = kd_gpt_loss(a, tgt, true);
+    double la = kd_gpt_loss(a, tgt, true, NULL);
     kd_gpt_backward(a);
     kd_gpt_forward(b, tok, 2, 6, true, 5);
-    double lb = kd_gpt_loss(b, tgt, true);
+    double lb = kd_gpt_loss(b, tgt, true, NULL);
     kd_gpt_backward(b);
     CHECK(la == lb && memcmp(a->grads, b->grads, a->n_params * sizeof(float)) == 0);
     kd_gpt_forward(b, tok, 2, 6, true, 6); /* another key: other masks */
-    CHECK(kd_gpt_loss(b, tgt, false) != la);
+    CHECK(kd_gpt_loss(b, tgt, false, NULL) != la);
     kd_gpt_forward(b, tok, 2, 6, false, 6); /* eval: no dropout, key irrelevant */
-    double e1 = kd_gpt_loss(b, tgt, false);
+    double e1 = kd_gpt_loss(b, tgt, false, NULL);
     kd_gpt_forward(b, tok, 2, 6, false, 9);
-    CHECK(kd_gpt_loss(b, tgt, false) == e1);
+    CHECK(kd_gpt_loss(b, tgt, false, NULL) == e1);
     /* a shorter window after a longer one, and a window's prefix gives the same logits */
     float full[12 * 17], part[6 * 17];
     kd_gpt_forward(b, tok, 1, 6, false, 0);
@@ -355,7 +364,55 @@ static void test_determinism_and_shapes(void) {
     kd_gpt_destroy(&b);
 }
 
+/* The KV cache gives the logits of a full forward, position by position; picking follows the
+ * softmax, greedy is the argmax, top-k keeps only the k largest. */
+static void test_sampler(void) {
+    kd_gpt_t *m = tiny(17, 0, 21);
+    uint32_t tok[6] = {3, 9, 1, 16, 0, 5};
+    float full[6 * 17];
+    kd_gpt_forward(m, tok, 1, 6, false, 0);
+    kd_gpt_logits(m, full);
+    kd_gpt_sampler_t *s = kd_gpt_sampler_new(m);
+    double worst = 0;
+    for (int t = 0; t < 6; t++)
+        worst = fmax(worst, max_rel(kd_gpt_sampler_step(s, tok[t]), full + t * 17, 17));
+    CHECK(worst < 1e-4 && kd_gpt_sampler_position(s) == 6);
+    kd_gpt_sampler_reset(s);
+    CHECK(max_rel(kd_gpt_sampler_step(s, tok[0]), full, 17) < 1e-4);
+    kd_gpt_sampler_destroy(&s);
+    kd_gpt_destroy(&m);
+
+    const float logits[4] = {1.0f, 2.0f, 0.5f, 2.0f - logf(2.0f)};
+    float scratch[4];
+    kd_rng_t rng;
+    kd_rng_init(&rng, 7);
+    CHECK(kd_gpt_pick(logits, 4, 0.0f, 0, &rng, scratch) == 1);
+    CHECK(kd_gpt_pick(logits, 4, 1.0f, 1, &rng, scratch) == 1);
+    int counts[4] = {0};
+    const int draws = 40000;
+    for (int i = 0; i < draws; i++) counts[kd_gpt_pick(logits, 4, 1.0f, 0, &rng, scratch)]++;
+    double z = 0;
+    for (int j = 0; j < 4; j++) z += exp(logits[j]);
+    bool follows = true;
+    for (int j = 0; j < 4; j++) /* 5 standard deviations of a binomial frequency */
+        follows =
+            follows && fabs(counts[j] / (double)draws - exp(logits[j]) / z) < 5 * 0.5 / sqrt(draws);
+    CHECK(follows);
+    memset(counts, 0, sizeof counts);
+    for (int i = 0; i < 2000; i++) counts[kd_gpt_pick(logits, 4, 1.0f, 2, &rng, scratch)]++;
+    CHECK(counts[0] == 0 && counts[2] == 0 && counts[1] > counts[3] && counts[3] > 0);
+    kd_rng_t a, b; /* a seed decides the draws */
+    kd_rng_init(&a, 99);
+    kd_rng_init(&b, 99);
+    bool same = true;
+    for (int i = 0; i < 100; i++)
+        same = same && kd_gpt_pick(logits, 4, 0.8f, 3, &a, scratch) ==
+                           kd_gpt_pick(logits, 4, 0.8f, 3, &b, scratch);
+    CHECK(same);
+}
+
 int main(void) {
+    test_sampler();
     double t0 = kd_now();
     test_conv1d();
     test_layernorm();

@@ -23,11 +23,7 @@ static const char *tmp;
 static kd_safetensors_t *io;
 
 static const char *tmp_path(const char *name) {
-    static char buf[4][1200];
-    static int next;
-    char *p = buf[next++ % 4];
-    snprintf(p, sizeof buf[0], "%s/%s", tmp, name);
-    return p;
+    return kd_test_path(tmp, name);
 }
 
 /* A reference tensor, copied out of the file (its data need not be aligned); freed at exit. */
@@ -105,7 +101,7 @@ static void test_one_batch(void) {
     float *logits = kd_xmalloc((size_t)B * T * V * sizeof(float));
     kd_gpt_logits(m, logits);
     double le = rel_err(logits, io_f32("logits", (size_t)B * T * V), (size_t)B * T * V);
-    double loss = kd_gpt_loss(m, tgt, true);
+    double loss = kd_gpt_loss(m, tgt, true, NULL);
     kd_gpt_backward(m);
     double loss_ref = io_f32("loss", 1)[0];
     fprintf(stderr, "  logits: relative error %.2g; loss %.7f vs PyTorch %.7f\n", le, loss,
@@ -155,7 +151,7 @@ static void test_adamw_steps(void) {
     for (int s = 0; s < STEPS; s++) {
         split_windows(windows + (size_t)s * B * (T + 1), B, T, tok, tgt);
         kd_gpt_forward(m, tok, B, T, true, 0);
-        double loss = kd_gpt_loss(m, tgt, true);
+        double loss = kd_gpt_loss(m, tgt, true, NULL);
         kd_gpt_backward(m);
         float lr = kd_schedule_lr(&sc, s);
         CHECK(fabsf(lr - ref_lr[s]) <= 1e-7f * ref_lr[s]);

@@ -10,9 +10,7 @@
 static char tmp[1024];
 
 static const char *tmp_path(const char *name) {
-    static char p[1200];
-    snprintf(p, sizeof p, "%s/%s", tmp, name);
-    return p;
+    return kd_test_path(tmp, name);
 }
 
 /* Writes a file from a header dict (padded to 64 as numpy does) followed by raw data bytes. */

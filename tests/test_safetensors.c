@@ -11,9 +11,7 @@
 static const char *tmp;
 
 static const char *tmp_path(const char *name) {
-    static char path[2048];
-    snprintf(path, sizeof path, "%s/%s", tmp, name);
-    return path;
+    return kd_test_path(tmp, name);
 }
 
 static void test_dtypes(void) {

@@ -16,9 +16,7 @@ static char tmp[1024];
 static char gpt2_dir[KD_PATH_MAX];
 
 static const char *tmp_path(const char *name) {
-    static char p[1200];
-    snprintf(p, sizeof p, "%s/%s", tmp, name);
-    return p;
+    return kd_test_path(tmp, name);
 }
 
 static void write_file(const char *path, const void *data, size_t len) {
