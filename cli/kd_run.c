@@ -1035,6 +1035,7 @@ int cli_run_cluster(const cli_run_spec_t *spec) {
     }
     if (kd_recipe_load(r->recipe_path, r->overrides, r->n_overrides, &r->recipe, err, sizeof err) !=
             0 ||
+        kd_recipe_check_cluster(&r->recipe, r->recipe_path, err, sizeof err) != 0 ||
         cli_run_dir(spec, &r->recipe, r->dir, sizeof r->dir, err, sizeof err) != 0) {
         fprintf(stderr, "kdist run: %s\n", err);
         rc = 2;

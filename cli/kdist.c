@@ -20,6 +20,7 @@
 #include "kd_metrics.h"
 #include "kd_npy.h"
 #include "kd_recipe.h"
+#include "kd_tokens.h"
 #include "kd_train.h"
 
 #define MAX_OVERRIDES 64
@@ -33,9 +34,15 @@ static void usage(FILE *out) {
         "        train the recipe's student in this process; writes runs/<name>/\n"
         "        (recipe.yaml, student.safetensors, summary.json)\n"
         "  eval MODEL.safetensors --recipe RECIPE [--split test|val|train]\n"
-        "       [--model student|teacher] [--dump-logits OUT.npy] [section.key=value ...]\n"
-        "        accuracy and mean loss of saved weights on a split; optionally write the\n"
-        "        logits as a float32 (N, C) .npy\n"
+        "       [--model student|teacher] [--dump-logits OUT.npy] [--dump-tokens TOK.npy]\n"
+        "       [section.key=value ...]\n"
+        "        accuracy and mean loss of saved weights on a split (a GPT: per-token loss,\n"
+        "        perplexity, bits per byte); optionally write the logits as float32 (N, C) or\n"
+        "        (windows, context, vocab) .npy, and a GPT's token windows (windows, context+1)\n"
+        "  sample MODEL --recipe RECIPE [--prompt TEXT] [--tokens N] [--temperature T]\n"
+        "         [--top-k K] [--seed S]\n"
+        "        text from a GPT (a kdist checkpoint or a Hugging Face GPT-2 directory), the same\n"
+        "        for the same seed\n"
         "  recipe check RECIPE [section.key=value ...]   validate and print the resolved recipe\n"
         "  recipe keys                                    every recipe key, type and default\n"
         "  run RECIPE [section.key=value ...] [teacher_run.section.key=value ...]\n"
@@ -210,6 +217,7 @@ out:
 
 static int cmd_eval(int argc, char **argv) {
     const char *model_path = NULL, *recipe_path = NULL, *split = "test", *dump = NULL;
+    const char *dump_tokens = NULL;
     const char *which = "student";
     for (int i = 0; i < argc; i++) {
         const char *a = argv[i];
@@ -220,6 +228,8 @@ static int cmd_eval(int argc, char **argv) {
             split = argv[++i];
         else if (strcmp(a, "--dump-logits") == 0 && has_value)
             dump = argv[++i];
+        else if (strcmp(a, "--dump-tokens") == 0 && has_value)
+            dump_tokens = argv[++i];
         else if (strcmp(a, "--model") == 0 && has_value)
             which = argv[++i];
         else if (a[0] == '-') {
@@ -259,17 +269,48 @@ static int cmd_eval(int argc, char **argv) {
     ds = strcmp(split, "test") == 0 ? d.test : strcmp(split, "val") == 0 ? d.val : d.train;
     if (cli_load_weights(&r, teacher, d.train, model_path, &m, err, sizeof err) != 0) goto out;
 
-    logits = dump ? kd_alloc_floats(ds->n * (size_t)m->num_classes) : NULL;
+    const bool lm = m->gpt != NULL;
+    if (dump_tokens && !lm) {
+        snprintf(err, sizeof err, "--dump-tokens is for language-model recipes");
+        goto out;
+    }
+    /* a GPT's logits are (windows, context, vocab) */
+    const size_t per_sample = (size_t)m->num_classes * (lm ? ds->window - 1 : 1);
+    logits = dump ? kd_alloc_floats(ds->n * per_sample) : NULL;
     kd_eval_t ev;
     double t0 = kd_now();
     kd_evaluate(m, ds, (int)r.eval.batch_size, NULL, &ev, logits);
     double secs = kd_now() - t0;
-    printf("%s on %s (%zu samples): accuracy %.2f%%, mean loss %.4f, %.0f samples/s\n", model_path,
-           split, ev.count, 100.0 * ev.accuracy, ev.loss, secs > 0 ? ev.count / secs : 0.0);
+    if (lm)
+        printf("%s on %s (%zu windows, %zu tokens): loss %.4f, perplexity %.3f, %.4f bits per "
+               "byte, next-token accuracy %.2f%%, %.0f tokens/s\n",
+               model_path, split, ds->n, ev.count, ev.loss, ev.perplexity, ev.bits_per_byte,
+               100.0 * ev.accuracy, secs > 0 ? ev.count / secs : 0.0);
+    else
+        printf("%s on %s (%zu samples): accuracy %.2f%%, mean loss %.4f, %.0f samples/s\n",
+               model_path, split, ev.count, 100.0 * ev.accuracy, ev.loss,
+               secs > 0 ? ev.count / secs : 0.0);
     if (dump) {
-        if (kd_npy_write_f32(dump, logits, ds->n, (size_t)m->num_classes, err, sizeof err) != 0)
-            goto out;
-        printf("logits (%zu, %d) written to %s\n", ds->n, m->num_classes, dump);
+        const size_t shape[3] = {ds->n, lm ? ds->window - 1 : (size_t)m->num_classes,
+                                 (size_t)m->num_classes};
+        if (kd_npy_write_f32_nd(dump, logits, lm ? 3 : 2, shape, err, sizeof err) != 0) goto out;
+        if (lm)
+            printf("logits (%zu, %zu, %d) written to %s\n", ds->n, ds->window - 1, m->num_classes,
+                   dump);
+        else
+            printf("logits (%zu, %d) written to %s\n", ds->n, m->num_classes, dump);
+    }
+    if (dump_tokens) {
+        uint32_t *ids = kd_xmalloc((ds->n ? ds->n : 1) * sizeof *ids);
+        int32_t *windows = kd_xmalloc((ds->n ? ds->n : 1) * ds->window * sizeof *windows);
+        for (size_t i = 0; i < ds->n; i++) ids[i] = (uint32_t)i;
+        kd_dataset_gather_windows(ds, ids, ds->n, (uint32_t *)windows);
+        const size_t shape[2] = {ds->n, ds->window};
+        int wrc = kd_npy_write_i32_nd(dump_tokens, windows, 2, shape, err, sizeof err);
+        free(ids);
+        free(windows);
+        if (wrc != 0) goto out;
+        printf("token windows (%zu, %zu) written to %s\n", ds->n, ds->window, dump_tokens);
     }
     rc = 0;
 out:
@@ -317,6 +358,7 @@ int main(int argc, char **argv) {
     if (strcmp(cmd, "cache") == 0) return kd_cmd_cache(argc - 2, argv + 2);
     if (strcmp(cmd, "keygen") == 0) return kd_cmd_keygen(argc - 2, argv + 2);
     if (strcmp(cmd, "inventory") == 0) return kd_cmd_inventory(argc - 2, argv + 2);
+    if (strcmp(cmd, "sample") == 0) return kd_cmd_sample(argc - 2, argv + 2);
     fprintf(stderr, "kdist: unknown command '%s'\n", cmd);
     usage(stderr);
     return 2;

@@ -132,6 +132,12 @@ const float *kd_gpt_sampler_step(kd_gpt_sampler_t *s, uint32_t token);
 uint32_t kd_gpt_pick(const float *logits, int V, float temperature, int top_k, kd_rng_t *rng,
                      float *scratch);
 
+/* n_new tokens after prompt[0..n_prompt) (n_prompt >= 1) into out, drawn as kd_gpt_pick does
+ * from a generator keyed by seed alone (the same seed, the same text). Past the context the
+ * window slides: the cache restarts from the last half. Returns n_new. */
+size_t kd_gpt_generate(const kd_gpt_t *m, const uint32_t *prompt, size_t n_prompt, size_t n_new,
+                       float temperature, int top_k, uint64_t seed, uint32_t *out);
+
 /* Multiply-adds of a forward of one window of T tokens, head included. */
 double kd_gpt_forward_flops(const kd_gpt_config_t *cfg, int T);
 

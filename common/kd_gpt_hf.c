@@ -142,8 +142,10 @@ static int check_config(const char *cfg_path, const kd_gpt_config_t *want, char 
 
 int kd_gpt_resolve_path(const char *path, char *st_path, size_t st_len, char *cfg_path,
                         size_t cfg_len) {
-    if (is_dir(path)) {
+    if (is_dir(path)) { /* a Hugging Face directory, or a kdist run's */
         snprintf(st_path, st_len, "%s/model.safetensors", path);
+        if (!kd_file_exists(st_path)) snprintf(st_path, st_len, "%s/student.safetensors", path);
+        if (!kd_file_exists(st_path)) snprintf(st_path, st_len, "%s/model.safetensors", path);
         snprintf(cfg_path, cfg_len, "%s/config.json", path);
     } else {
         snprintf(st_path, st_len, "%s", path);

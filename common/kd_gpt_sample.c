@@ -148,3 +148,34 @@ uint32_t kd_gpt_pick(const float *logits, int V, float temperature, int top_k, k
     }
     return (uint32_t)best; /* u rounded to the very top */
 }
+
+size_t kd_gpt_generate(const kd_gpt_t *m, const uint32_t *prompt, size_t n_prompt, size_t n_new,
+                       float temperature, int top_k, uint64_t seed, uint32_t *out) {
+    KD_ASSERT(n_prompt >= 1);
+    const size_t ctx = (size_t)m->cfg.context, V = (size_t)m->cfg.vocab;
+    kd_gpt_sampler_t *s = kd_gpt_sampler_new(m);
+    float *scratch = kd_alloc_floats(V);
+    kd_rng_t rng;
+    kd_rng_init(&rng, seed);
+    uint32_t *all = kd_xmalloc((n_prompt + n_new) * sizeof *all);
+    memcpy(all, prompt, n_prompt * sizeof *all);
+    size_t n = n_prompt;
+    /* a prompt longer than the context keeps its end */
+    size_t start = n > ctx ? n - ctx : 0;
+    const float *logits = NULL;
+    for (size_t i = start; i < n; i++) logits = kd_gpt_sampler_step(s, all[i]);
+    for (size_t k = 0; k < n_new; k++) {
+        uint32_t next = kd_gpt_pick(logits, (int)V, temperature, top_k, &rng, scratch);
+        out[k] = all[n++] = next;
+        if (k + 1 == n_new) break;
+        if ((size_t)kd_gpt_sampler_position(s) == ctx) { /* full: slide to the last half */
+            kd_gpt_sampler_reset(s);
+            for (size_t i = n - ctx / 2 - 1; i + 1 < n; i++) kd_gpt_sampler_step(s, all[i]);
+        }
+        logits = kd_gpt_sampler_step(s, next);
+    }
+    free(all);
+    free(scratch);
+    kd_gpt_sampler_destroy(&s);
+    return n_new;
+}

@@ -17,32 +17,35 @@
 /* numpy aligns the data to 64 bytes so it can be memory-mapped. */
 #define NPY_ALIGN 64
 
-static uint32_t f32_bits(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    return u;
-}
-
 static float bits_f32(uint32_t u) {
     float f;
     memcpy(&f, &u, sizeof f);
     return f;
 }
 
-int kd_npy_write_f32(const char *path, const float *data, size_t rows, size_t cols, char *err,
-                     size_t errlen) {
-    KD_ASSERT(path && (data || rows == 0 || cols == 0));
-    if (cols != 0 && rows > SIZE_MAX / 4 / cols)
-        return kd_err(err, errlen, "%s: array of %zu x %zu floats is too large", path, rows, cols);
+/* An array of 4-byte elements (descr '<f4' or '<i4') of any shape, as numpy writes it. */
+static int write_npy(const char *path, const char *descr, const void *data, int ndim,
+                     const size_t *shape, char *err, size_t errlen) {
+    KD_ASSERT(path && ndim >= 1 && ndim <= 8);
+    size_t count = 1;
+    char dims[200] = "";
+    size_t pos = 0;
+    for (int d = 0; d < ndim; d++) {
+        if (shape[d] != 0 && count > SIZE_MAX / 4 / shape[d])
+            return kd_err(err, errlen, "%s: array of %zu x ... values is too large", path, count);
+        count *= shape[d];
+        pos += (size_t)snprintf(dims + pos, sizeof dims - pos, "%zu,%s", shape[d],
+                                d + 1 < ndim ? " " : "");
+    }
+    if (ndim > 1) dims[pos - 1] = 0; /* (2, 3) but (5,) */
+    KD_ASSERT(data || count == 0);
     char dict[256];
-    int dlen =
-        snprintf(dict, sizeof dict,
-                 "{'descr': '<f4', 'fortran_order': False, 'shape': (%zu, %zu), }", rows, cols);
+    int dlen = snprintf(dict, sizeof dict,
+                        "{'descr': '%s', 'fortran_order': False, 'shape': (%s), }", descr, dims);
     KD_ASSERT(dlen > 0 && (size_t)dlen < sizeof dict);
     /* Pad with spaces and end with '\n' so that prefix + header is a multiple of 64. */
     size_t hlen = NPY_V1_PREFIX + (size_t)dlen + 1;
     hlen = (hlen + NPY_ALIGN - 1) / NPY_ALIGN * NPY_ALIGN - NPY_V1_PREFIX;
-    size_t count = rows * cols;
     size_t total = NPY_V1_PREFIX + hlen + 4 * count;
     uint8_t *buf = kd_xmalloc(total);
     memcpy(buf, NPY_MAGIC, NPY_MAGIC_LEN);
@@ -54,8 +57,10 @@ int kd_npy_write_f32(const char *path, const float *data, size_t rows, size_t co
     memset(buf + NPY_V1_PREFIX + dlen, ' ', hlen - (size_t)dlen - 1);
     buf[NPY_V1_PREFIX + hlen - 1] = '\n';
     uint8_t *p = buf + NPY_V1_PREFIX + hlen;
+    const uint8_t *src = data;
     for (size_t i = 0; i < count; i++, p += 4) {
-        uint32_t u = f32_bits(data[i]);
+        uint32_t u;
+        memcpy(&u, src + 4 * i, 4);
         p[0] = (uint8_t)u;
         p[1] = (uint8_t)(u >> 8);
         p[2] = (uint8_t)(u >> 16);
@@ -64,6 +69,22 @@ int kd_npy_write_f32(const char *path, const float *data, size_t rows, size_t co
     int rc = kd_write_file_atomic(path, buf, total, err, errlen);
     free(buf);
     return rc;
+}
+
+int kd_npy_write_f32(const char *path, const float *data, size_t rows, size_t cols, char *err,
+                     size_t errlen) {
+    const size_t shape[2] = {rows, cols};
+    return write_npy(path, "<f4", data, 2, shape, err, errlen);
+}
+
+int kd_npy_write_f32_nd(const char *path, const float *data, int ndim, const size_t *shape,
+                        char *err, size_t errlen) {
+    return write_npy(path, "<f4", data, ndim, shape, err, errlen);
+}
+
+int kd_npy_write_i32_nd(const char *path, const int32_t *data, int ndim, const size_t *shape,
+                        char *err, size_t errlen) {
+    return write_npy(path, "<i4", data, ndim, shape, err, errlen);
 }
 
 /* A tiny reader for the Python literal numpy writes as its header: a dict of string keys whose

@@ -3,10 +3,16 @@
 #define KD_NPY_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 /* Writes data (rows, cols) atomically. */
 int kd_npy_write_f32(const char *path, const float *data, size_t rows, size_t cols, char *err,
                      size_t errlen);
+/* Any shape (ndim 1..8): float32 or int32 ('<i4'), atomically. */
+int kd_npy_write_f32_nd(const char *path, const float *data, int ndim, const size_t *shape,
+                        char *err, size_t errlen);
+int kd_npy_write_i32_nd(const char *path, const int32_t *data, int ndim, const size_t *shape,
+                        char *err, size_t errlen);
 /* Reads a 2-D little-endian float32 C-order array; caller frees *data. Validates magic, header,
  * dtype, order, shape and the file length; errors name the file. */
 int kd_npy_read_f32(const char *path, float **data, size_t *rows, size_t *cols, char *err,

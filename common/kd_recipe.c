@@ -1294,6 +1294,14 @@ cleanup:
     return rc;
 }
 
+int kd_recipe_check_cluster(const kd_recipe_t *r, const char *path, char *err, size_t errlen) {
+    if (!kd_recipe_is_lm(r)) return 0;
+    return kd_err(err, errlen,
+                  "%s: data.format %s: the cluster does not run language-model recipes yet; "
+                  "train this one in one process with `kdist train %s`",
+                  path, kd_data_format_name(r->data.format), path);
+}
+
 int kd_recipe_load(const char *path, const char *const *overrides, int n_overrides,
                    kd_recipe_t *out, char *err, size_t errlen) {
     uint8_t *data;

@@ -329,7 +329,9 @@ static int setup(coord_t *c, int argc, char **argv, bool *resume, char *err, siz
             return kd_err(err, errlen, "unexpected argument '%s'\n%s", argv[i], USAGE);
     }
     if (!recipe || !run_dir) return kd_err(err, errlen, "%s", USAGE);
-    if (kd_recipe_load(recipe, overrides, n_over, &c->r, err, errlen) != 0) return -1;
+    if (kd_recipe_load(recipe, overrides, n_over, &c->r, err, errlen) != 0 ||
+        kd_recipe_check_cluster(&c->r, recipe, err, errlen) != 0)
+        return -1;
     if (setup_curve(c, recipe, key, err, errlen) != 0) return -1;
     char what[KD_PATH_MAX + 32];
     snprintf(what, sizeof what, "%s: cluster.bind", recipe);

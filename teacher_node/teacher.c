@@ -695,7 +695,8 @@ int main(int argc, char **argv) {
     int status = 1;
     char err[KD_ERR_LEN];
     if (kd_recipe_load(t.recipe_path, t.overrides, t.n_overrides, &t.recipe, err, sizeof err) !=
-        0) {
+            0 ||
+        kd_recipe_check_cluster(&t.recipe, t.recipe_path, err, sizeof err) != 0) {
         kd_log(KD_LOG_ERROR, "TEACHER-RECIPE", "%s", err);
         goto cleanup;
     }

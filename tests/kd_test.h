@@ -4,9 +4,11 @@
 #define KD_TEST_H
 
 #include <math.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 static int kd_test_failures = 0;
@@ -61,6 +63,25 @@ static inline const char *kd_test_path(const char *dir, const char *name) {
     char *p = paths[next++ % 4];
     snprintf(p, sizeof paths[0], "%s/%s", dir, name);
     return p;
+}
+
+/* Runs a shell command line, capturing stdout+stderr into out (NUL-terminated, cut at outlen);
+ * returns its exit code, or -1 when it did not exit. */
+static inline int kd_test_run(char *out, size_t outlen, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static inline int kd_test_run(char *out, size_t outlen, const char *fmt, ...) {
+    char cmd[4096];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(cmd, sizeof cmd, fmt, ap);
+    va_end(ap);
+    strncat(cmd, " 2>&1", sizeof cmd - strlen(cmd) - 1);
+    FILE *p = popen(cmd, "r");
+    if (!p) return -1;
+    size_t n = fread(out, 1, outlen - 1, p);
+    out[n] = 0;
+    int status = pclose(p);
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
 }
 
 /* A fresh directory for a test's files: $KD_TEST_TMP/<name>.<pid> (or /tmp). */

@@ -18,21 +18,7 @@ static char bin_dir[KD_PATH_MAX];
 static char out_buf[65536];
 
 /* Runs a shell command line, capturing stdout+stderr into out_buf; returns the exit code. */
-static int run(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static int run(const char *fmt, ...) {
-    char cmd[4096];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(cmd, sizeof cmd, fmt, ap);
-    va_end(ap);
-    strncat(cmd, " 2>&1", sizeof cmd - strlen(cmd) - 1);
-    FILE *p = popen(cmd, "r");
-    if (!p) return -1;
-    size_t n = fread(out_buf, 1, sizeof out_buf - 1, p);
-    out_buf[n] = 0;
-    int status = pclose(p);
-    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-}
+#define run(...) kd_test_run(out_buf, sizeof out_buf, __VA_ARGS__)
 
 static void write_text(const char *path, const char *text) {
     char err[KD_ERR_LEN];
