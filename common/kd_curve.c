@@ -673,6 +673,7 @@ int kd_curve_watch_check(kd_curve_watch_t *w, const char *endpoint, const kd_cur
     while (w->monitor && next_event(w->monitor, &event, &value)) {
         if (event == ZMQ_EVENT_CONNECTED) {
             w->connecting = true;
+            w->connected++;
         } else if (event == ZMQ_EVENT_HANDSHAKE_SUCCEEDED) {
             w->connecting = false;
             if (verdict == KD_CURVE_PENDING) verdict = KD_CURVE_OK;

@@ -131,6 +131,7 @@ typedef struct {
     void *monitor;   /* PAIR receiving the events; NULL when not started */
     bool connecting; /* a connection is up and its handshake not done */
     long broken;     /* handshakes the server closed without a verdict (a wrong server key) */
+    long connected;  /* TCP connections made (what a silent coordinator is told apart by) */
 } kd_curve_watch_t;
 /* Starts watching sock (before it connects; kd_socket_dealer_curve makes the monitor itself);
  * 0, or -1 with err set. */

@@ -194,8 +194,13 @@ kd_session_event_t kd_session_tick(kd_session_t *s, double now, char *err, size_
     }
     if (check_handshakes(s, err, errlen) == KD_SESSION_FATAL) return KD_SESSION_FATAL;
     if (s->timeout_ms > 0 && now - s->last_heard > s->timeout_ms / 1000.0) {
-        kd_session_lose(s, s->joined ? "no word from the coordinator"
-                                     : "no welcome from the coordinator");
+        /* whether TCP got through tells a coordinator that is not there from one that is
+         * there and silent */
+        char why[96];
+        snprintf(why, sizeof why, "%s (%ld TCP connection(s) made)",
+                 s->joined ? "no word from the coordinator" : "no welcome from the coordinator",
+                 s->watch.connected);
+        kd_session_lose(s, why);
         return KD_SESSION_LOST;
     }
     return KD_SESSION_IDLE;
