@@ -638,8 +638,8 @@ int kd_curve_watch_start(kd_curve_watch_t *w, void *ctx, void *sock, const char 
     return w->monitor ? 0 : -1;
 }
 
-void kd_curve_watch_stop(kd_curve_watch_t *w) {
-    if (w->monitor) zmq_close(w->monitor);
+void kd_curve_watch_stop(kd_curve_watch_t *w, void *sock) {
+    kd_wire_monitor_close(sock, w->monitor);
     memset(w, 0, sizeof *w);
 }
 

@@ -137,8 +137,9 @@ typedef struct {
  * 0, or -1 with err set. */
 int kd_curve_watch_start(kd_curve_watch_t *w, void *ctx, void *sock, const char *name, char *err,
                          size_t errlen);
-/* Closes the monitor; safe on a watch never started. Call before closing the socket's context. */
-void kd_curve_watch_stop(kd_curve_watch_t *w);
+/* Stops watching sock and closes the monitor; safe on a watch never started. Call before closing
+ * sock. */
+void kd_curve_watch_stop(kd_curve_watch_t *w, void *sock);
 /* Drains the monitor without blocking and returns the worst outcome seen (one of the values
  * above); on a failure why says what to fix, naming the endpoint and, with curve, our public
  * key. Broken handshakes only count in w->broken: the client keeps retrying those. */

@@ -87,7 +87,7 @@ kd_session_t *kd_session_new(void *ctx, const kd_session_config_t *cfg) {
 }
 
 static void close_socket(kd_session_t *s) {
-    kd_curve_watch_stop(&s->watch);
+    kd_curve_watch_stop(&s->watch, s->dealer);
     if (s->dealer) zmq_close(s->dealer);
     s->dealer = NULL;
     s->joined = false;

@@ -478,7 +478,7 @@ void *kd_socket_dealer_curve(void *ctx, const char *identity, const char *endpoi
     }
     if (zmq_connect(s, endpoint) != 0) {
         kd_err(err, errlen, "cannot connect to %s: %s", endpoint, zmq_strerror(errno));
-        if (monitor) zmq_close(*monitor), *monitor = NULL;
+        if (monitor) kd_wire_monitor_close(s, *monitor), *monitor = NULL;
         zmq_close(s);
         return NULL;
     }
@@ -609,15 +609,27 @@ void *kd_wire_monitor_events(void *ctx, void *socket, const char *name, int even
     snprintf(endpoint, sizeof endpoint, "inproc://kd-monitor-%s-%p-%ld", name, socket,
              atomic_fetch_add(&serial, 1));
     void *pair = NULL;
+    int zero = 0;
     if (zmq_socket_monitor(socket, endpoint, events) != 0 || !(pair = zmq_socket(ctx, ZMQ_PAIR)) ||
+        zmq_setsockopt(pair, ZMQ_LINGER, &zero, sizeof zero) != 0 ||
+        /* no high-water mark: libzmq's I/O thread sends events blocking (see below) */
+        zmq_setsockopt(pair, ZMQ_RCVHWM, &zero, sizeof zero) != 0 ||
         zmq_connect(pair, endpoint) != 0) {
         kd_err(err, errlen, "cannot monitor the %s socket: %s", name, zmq_strerror(errno));
+        zmq_socket_monitor(socket, NULL, 0);
         if (pair) zmq_close(pair);
         return NULL;
     }
-    int zero = 0;
-    zmq_setsockopt(pair, ZMQ_LINGER, &zero, sizeof zero);
     return pair;
+}
+
+void kd_wire_monitor_close(void *socket, void *monitor) {
+    /* libzmq (4.3.4) sends monitor events from the context's I/O thread with a blocking send:
+     * with the reader closed first, the next event (a connection made as the peer comes back)
+     * blocks that thread for good, and no socket of the context reaches anyone again. So the
+     * socket stops monitoring before its reader goes. */
+    if (socket) zmq_socket_monitor(socket, NULL, 0);
+    if (monitor) zmq_close(monitor);
 }
 
 long kd_wire_refused(void *monitor, const char *what, long *total) {

@@ -168,6 +168,9 @@ void *kd_wire_monitor(void *ctx, void *socket, const char *name, char *err, size
 void *kd_wire_monitor_events(void *ctx, void *socket, const char *name, int events, char *err,
                              size_t errlen);
 long kd_wire_refused(void *monitor, const char *what, long *total);
+/* Stops socket's monitor and closes monitor, in the only safe order; before closing socket.
+ * Either may be NULL. */
+void kd_wire_monitor_close(void *socket, void *monitor);
 /* Binds sock to endpoint, reporting the resolved endpoint (for '*' ports). */
 int kd_socket_bind(void *sock, const char *endpoint, char *bound, size_t boundlen, char *err,
                    size_t errlen);

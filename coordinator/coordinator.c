@@ -525,7 +525,7 @@ out:
     kd_metrics_close(&c->metrics);
     coord_invalidate_weights(c);
     for (int k = 0; k < c->step_count; k++) kd_msg_close(&c->step_msgs[k]);
-    if (c->router_monitor) zmq_close(c->router_monitor);
+    kd_wire_monitor_close(c->router, c->router_monitor);
     kd_socket_close_draining(c->router);
     close_control_channel(c);
     kd_zap_destroy(&c->zap);

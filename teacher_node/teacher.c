@@ -749,7 +749,7 @@ int main(int argc, char **argv) {
            (unsigned long long)t.batches_streamed, (unsigned long long)t.messages_dropped,
            (unsigned long long)t.assigns_dropped, t.connections_refused);
 cleanup:
-    if (t.stream_monitor) zmq_close(t.stream_monitor);
+    kd_wire_monitor_close(t.push, t.stream_monitor);
     kd_session_destroy(&t.session);
     kd_socket_close_draining(t.push);
     kd_zap_destroy(&t.zap);

@@ -426,15 +426,15 @@ static void test_zap(void) {
     }
     CHECK(total >= 3);
 
-    kd_curve_watch_stop(&wgood);
-    kd_curve_watch_stop(&wbad);
-    kd_curve_watch_stop(&wplain);
-    kd_curve_watch_stop(&wlost);
+    kd_curve_watch_stop(&wgood, dealer);
+    kd_curve_watch_stop(&wbad, rogue);
+    kd_curve_watch_stop(&wplain, plain);
+    kd_curve_watch_stop(&wlost, astray);
     zmq_close(dealer);
     zmq_close(rogue);
     zmq_close(plain);
     zmq_close(astray);
-    zmq_close(refusals);
+    kd_wire_monitor_close(router, refusals);
     zmq_close(router);
     kd_zap_destroy(&zap);
     CHECK(zap == NULL);
@@ -492,7 +492,7 @@ static void test_zap_fails_closed(void) {
         zmq_pollitem_t item = {router, 0, ZMQ_POLLIN, 0};
         CHECK(zmq_poll(&item, 1, 0) == 0); /* nothing came through */
         zmq_close(dealer);
-        zmq_close(refusals);
+        kd_wire_monitor_close(router, refusals);
         zmq_close(router);
         zmq_ctx_term(ctx);
     }
@@ -515,7 +515,7 @@ static void test_mismatch_plain_server(void) {
     CHECK(dealer != NULL);
     CHECK(wait_verdict(&w, &c, why, sizeof why) == KD_CURVE_MISMATCH);
     CHECK_ERR_HAS(why, "does not use CurveZMQ");
-    kd_curve_watch_stop(&w);
+    kd_curve_watch_stop(&w, dealer);
     zmq_close(dealer);
     zmq_close(router);
     zmq_ctx_term(ctx);

@@ -7,10 +7,14 @@
  * set exactly (a teacher no longer listed is disconnected) and nacks the batches it cannot use
  * (NaN teacher logits, a label out of range) and carries on. Every wait is for an event, with
  * a deadline; times are only checked from below (a slow machine only waits longer). */
+#include <arpa/inet.h>
 #include <errno.h>
+#include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
 #include <zmq.h>
 
 #include "kd_checkpoint.h"
@@ -258,6 +262,59 @@ static void test_silence(void *ctx) {
     zmq_close(c.router);
 }
 
+/* A loopback endpoint nobody listens on: a port the kernel gave and took back (closing a plain
+ * socket is synchronous; zmq_close is not). */
+static void free_endpoint(char *endpoint, size_t len) {
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t alen = sizeof a;
+    CHECK(fd >= 0 && bind(fd, (struct sockaddr *)&a, sizeof a) == 0 &&
+          getsockname(fd, (struct sockaddr *)&a, &alen) == 0);
+    close(fd);
+    snprintf(endpoint, len, "tcp://127.0.0.1:%u", ntohs(a.sin_port));
+}
+
+/* Whether the next message router receives (peer id, then body) has body `body`, within its
+ * receive timeout. */
+static bool recv_body(void *router, const char *body) {
+    char frame[64];
+    int n = zmq_recv(router, frame, sizeof frame, 0); /* the peer's id */
+    if (n < 0) return false;
+    n = zmq_recv(router, frame, sizeof frame, 0);
+    return n == (int)strlen(body) && memcmp(frame, body, (size_t)n) == 0;
+}
+
+/* A monitored socket whose monitor is closed, then connects (its coordinator is back): the
+ * context's other sockets still reach their peers. libzmq sends monitor events from the I/O
+ * thread with a blocking send, so a reader closed before the socket stops monitoring wedged
+ * that thread and a restarted coordinator never heard from the node again. */
+static void test_monitor_close_keeps_context(void) {
+    void *ctx = zmq_ctx_new();
+    char endpoint[256];
+    free_endpoint(endpoint, sizeof endpoint); /* the coordinator is down; its port is known */
+    kd_curve_watch_t watch = {0};
+    void *old = kd_socket_dealer_curve(ctx, "worker-7-1", endpoint, 0, NULL, &watch.monitor, err,
+                                       sizeof err);
+    CHECK(old != NULL);
+    CHECK(zmq_send(old, "early", 5, 0) == 5); /* queued until it connects */
+    kd_curve_watch_stop(&watch, old);         /* the session gives up on it ... */
+    void *back = zmq_socket(ctx, ZMQ_ROUTER); /* ... the coordinator comes back ... */
+    int zero = 0;
+    zmq_setsockopt(back, ZMQ_LINGER, &zero, sizeof zero);
+    int timeout_ms = (int)(DEADLINE * 1000);
+    zmq_setsockopt(back, ZMQ_RCVTIMEO, &timeout_ms, sizeof timeout_ms);
+    CHECK(kd_socket_bind(back, endpoint, NULL, 0, err, sizeof err) == 0);
+    CHECK(recv_body(back, "early")); /* the old socket connected (its event was not sent) */
+    void *fresh = kd_socket_dealer(ctx, "worker-7-2", endpoint, 0, err, sizeof err);
+    CHECK(fresh != NULL);
+    CHECK(zmq_send(fresh, "hello", 5, 0) == 5);
+    CHECK(recv_body(back, "hello")); /* ... and the context's next socket reaches it */
+    zmq_close(old);
+    zmq_close(fresh);
+    zmq_close(back);
+    zmq_ctx_term(ctx);
+}
+
 /* A client speaks first and says Hello only when asked, once a second at most. */
 static void test_client(void *ctx) {
     coord_t c;
@@ -356,7 +413,7 @@ static void teacher_open(teacher_t *t, void *ctx, const char *name) {
 }
 
 static void teacher_close(teacher_t *t) {
-    zmq_close(t->monitor);
+    kd_wire_monitor_close(t->push, t->monitor);
     zmq_close(t->push);
 }
 
@@ -615,6 +672,7 @@ static void test_answers(void) {
 int main(void) {
     void *ctx = zmq_ctx_new();
     test_answers();
+    test_monitor_close_keeps_context();
     test_hello_welcome_heartbeats(ctx);
     test_retried_refusals(ctx);
     test_final_refusals(ctx);

@@ -925,7 +925,7 @@ int main(int argc, char **argv) {
            (unsigned long long)w.dropped, (unsigned long long)w.nacks);
 cleanup:
     kd_session_destroy(&w.session);
-    kd_curve_watch_stop(&w.pull_watch);
+    kd_curve_watch_stop(&w.pull_watch, w.pull);
     if (w.pull) zmq_close(w.pull);
     if (w.ctx) zmq_ctx_term(w.ctx); /* releases any gradient still queued */
     use_own_buffers(&w);
