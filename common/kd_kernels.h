@@ -124,6 +124,12 @@ void kd_attention_backward(float *dqkv, float *scratch, const float *dout, const
 void kd_attention_backward_naive(float *dqkv, const float *dout, const float *qkv, const float *att,
                                  int B, int T, int C, int NH);
 
+/* Softmax cross-entropy of the head (kd_gpt_loss), one row of logits at a time. */
+// x (n): log(sum_j e^x_j), shifted by max_j x_j (into *max unless NULL)
+float kd_logsumexp(const float *x, int n, float *max);
+// x (n) = e^(x - shift) * scale, in place: with shift = kd_logsumexp(x), the softmax * scale
+void kd_exp_shift_scale(float *x, int n, float shift, float scale);
+
 /* GELU, tanh approximation (GPT-2's "gelu_new", torch GELU(approximate='tanh')). */
 void kd_gelu_tanh_forward(float *out, const float *inp, size_t n);
 // dinp (n) overwritten: dout * gelu'(inp)
