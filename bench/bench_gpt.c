@@ -25,6 +25,7 @@
 #include "kd_model.h"
 #include "kd_optim.h"
 #include "kd_rng.h"
+#include "kd_train.h"
 #include "kd_util.h"
 
 #ifndef KD_BENCH_DIR
@@ -218,10 +219,7 @@ static int bench_one(const gpt_case_t *c, int threads, const bench_opts_t *o, in
                             .eps = 1e-8f,
                             .weight_decay = 0.1f,
                             .clip_norm = 1.0f};
-    s.opt = kd_optim_new(&oc, s.m->n_params);
-    for (int i = 0; i < s.m->n_tensors; i++)
-        if (!s.m->tensors[i].decay)
-            kd_optim_exempt_decay(s.opt, s.m->tensors[i].offset, s.m->tensors[i].count);
+    s.opt = kd_optim_for_gpt(&oc, s.m);
     const size_t N = (size_t)s.B * s.T;
     s.tokens = kd_xmalloc(N * sizeof *s.tokens);
     s.targets = kd_xmalloc(N * sizeof *s.targets);

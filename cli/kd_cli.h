@@ -57,6 +57,7 @@ typedef struct {
     long batches_applied, batches_expected, duplicates_dropped, restreamed;
     double loss, lr, train_accuracy, val_accuracy, test_accuracy;
     double samples_per_sec, elapsed, eta;
+    double tokens_per_sec, val_bits_per_byte; /* language models; NAN otherwise */
     int workers_live, teachers_live;
 } cli_progress_t;
 

@@ -607,12 +607,21 @@ static const char *print_summary(run_t *r) {
     printf("%-20s %s\n", "status", status);
     const char *error = json_string_value(json_object_get(root, "error"));
     if (error) printf("%-20s %s\n", "error", error);
-    row_num(root, "test accuracy", "test_accuracy", "%.2f%%", 100.0);
-    row_num(root, "val accuracy", "val_accuracy", "%.2f%%", 100.0);
+    if (kd_recipe_is_lm(&r->recipe)) { /* per token */
+        row_num(root, "val bits per byte", "val_bits_per_byte", "%.4f", 1.0);
+        row_num(root, "val perplexity", "val_perplexity", "%.3f", 1.0);
+        row_num(root, "test bits per byte", "test_bits_per_byte", "%.4f", 1.0);
+        row_num(root, "test perplexity", "test_perplexity", "%.3f", 1.0);
+        row_num(root, "next-token accuracy", "test_accuracy", "%.2f%% (test)", 100.0);
+    } else {
+        row_num(root, "test accuracy", "test_accuracy", "%.2f%%", 100.0);
+        row_num(root, "val accuracy", "val_accuracy", "%.2f%%", 100.0);
+    }
     row_num(root, "best step", "best_step", "%.0f", 1.0);
     row_num(root, "epochs", "epochs", "%.0f", 1.0);
     row_num(root, "steps", "steps", "%.0f", 1.0);
     row_num(root, "samples/s", "samples_per_sec", "%.0f", 1.0);
+    if (kd_recipe_is_lm(&r->recipe)) row_num(root, "tokens/s", "tokens_per_sec", "%.0f", 1.0);
     row_num(root, "wall time", "wall_seconds", "%.1f s", 1.0);
     row_num(root, "workers max", "workers_max", "%.0f", 1.0);
     json_t *ap = summary_get(root, "batches_applied"), *ex = summary_get(root, "batches_expected");

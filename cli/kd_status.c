@@ -240,6 +240,8 @@ int cli_progress_parse(const char *json, cli_progress_t *p, char *err, size_t er
     p->val_accuracy = json_num(root, "val_accuracy");
     p->test_accuracy = json_num(root, "test_accuracy");
     p->samples_per_sec = json_num(root, "samples_per_sec");
+    p->tokens_per_sec = json_num(root, "tokens_per_sec");
+    p->val_bits_per_byte = json_num(root, "val_bits_per_byte");
     p->elapsed = json_num(root, "elapsed");
     p->eta = json_num(root, "eta");
     p->workers_live = p->teachers_live = 0;
@@ -294,15 +296,20 @@ static void fmt_num(double v, const char *fmt, char *out, size_t n) {
 void cli_progress_line(const cli_progress_t *p, char *out, size_t n) {
     char eta[32], val[32], loss[32];
     cli_format_duration(p->step > 0 ? p->eta : NAN, eta, sizeof eta); /* no rate yet */
-    fmt_pct(p->val_accuracy, val, sizeof val);
+    const bool lm = !isnan(p->tokens_per_sec); /* a language model: per token */
+    if (lm)
+        fmt_num(p->val_bits_per_byte, "%.4f", val, sizeof val);
+    else
+        fmt_pct(p->val_accuracy, val, sizeof val);
     fmt_num(p->loss, "%.4f", loss, sizeof loss);
     double pct = p->total_steps > 0 ? 100.0 * (double)p->step / (double)p->total_steps : 0.0;
+    const double rate = lm ? p->tokens_per_sec : p->samples_per_sec;
     snprintf(out, n,
-             "epoch %ld/%ld  step %ld/%ld (%.0f%%)  loss %s  val acc %s  %.0f samples/s  "
-             "%d worker%s  ETA %s",
+             "epoch %ld/%ld  step %ld/%ld (%.0f%%)  loss %s  %s %s  %.0f %s/s  %d worker%s  "
+             "ETA %s",
              display_epoch(p), p->epochs > 0 ? p->epochs : 0, p->step > 0 ? p->step : 0,
-             p->total_steps > 0 ? p->total_steps : 0, pct, loss, val,
-             isfinite(p->samples_per_sec) ? p->samples_per_sec : 0.0, p->workers_live,
+             p->total_steps > 0 ? p->total_steps : 0, pct, loss, lm ? "val bpb" : "val acc", val,
+             isfinite(rate) ? rate : 0.0, lm ? "tokens" : "samples", p->workers_live,
              p->workers_live == 1 ? "" : "s", eta);
 }
 

@@ -139,10 +139,8 @@ static int write_summary(const char *path, const kd_recipe_t *r, const kd_model_
                   res->samples_per_sec, "wall_seconds", res->seconds);
     if (kd_recipe_is_lm(r)) {
         json_object_set_new(j, "tokens_per_sec", kd_json_number(res->tokens_per_sec));
-        json_object_set_new(j, "val_perplexity", kd_json_number(res->val.perplexity));
-        json_object_set_new(j, "val_bits_per_byte", kd_json_number(res->val.bits_per_byte));
-        json_object_set_new(j, "test_perplexity", kd_json_number(res->test.perplexity));
-        json_object_set_new(j, "test_bits_per_byte", kd_json_number(res->test.bits_per_byte));
+        kd_json_set_lm_eval(j, "val", res->val.perplexity, res->val.bits_per_byte);
+        kd_json_set_lm_eval(j, "test", res->test.perplexity, res->test.bits_per_byte);
     }
     char *text = json_dumps(j, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
     json_decref(j);

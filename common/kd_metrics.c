@@ -169,6 +169,14 @@ json_t *kd_json_number(double v) {
     return isfinite(v) ? json_real(v) : json_null();
 }
 
+void kd_json_set_lm_eval(json_t *j, const char *split, double perplexity, double bits_per_byte) {
+    char key[64];
+    snprintf(key, sizeof key, "%s_perplexity", split);
+    json_object_set_new(j, key, kd_json_number(perplexity));
+    snprintf(key, sizeof key, "%s_bits_per_byte", split);
+    json_object_set_new(j, key, kd_json_number(bits_per_byte));
+}
+
 static int write_jsonl(kd_metrics_t *m, long step, double wall_time, char *err, size_t errlen) {
     json_t *line = json_object();
     json_object_set_new(line, "step", json_integer(step));

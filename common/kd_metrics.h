@@ -14,6 +14,9 @@ typedef struct kd_metrics kd_metrics_t;
 /* A JSON number for v, or null when v is NaN or infinite (which JSON cannot spell; jansson
  * refuses them). Every kdist JSON writer puts doubles through this. New reference. */
 json_t *kd_json_number(double v);
+/* A language model's evaluation of one split in a summary: <split>_perplexity and
+ * <split>_bits_per_byte ("val", "test"). */
+void kd_json_set_lm_eval(json_t *j, const char *split, double perplexity, double bits_per_byte);
 
 /* Creates run_dir if needed and opens (appending) run_dir/events.out.tfevents.<unix
  * seconds>.<hostname> and run_dir/metrics.jsonl; the event file starts with the

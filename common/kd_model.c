@@ -243,13 +243,15 @@ int kd_model_new(const kd_layer_spec_t *specs, int n_specs, kd_shape_t input, kd
     return 0;
 }
 
+double kd_model_train_bytes_gpt(const kd_gpt_config_t *c, long B) {
+    /* per window: ~16 (N,C)-sized activations a layer, attention, the head chunk */
+    double T = c->context, C = c->width, per_layer = 16.0 * T * C + c->heads * T * T;
+    return 4.0 * (2.0 * (double)kd_gpt_param_count(c) + (double)B * c->layers * per_layer +
+                  (double)kd_gpt_head_chunk(c->vocab) * c->vocab);
+}
+
 double kd_model_train_bytes(const kd_model_t *m, long B) {
-    if (m->gpt) { /* per window: ~16 (N,C)-sized activations a layer, attention, the head chunk */
-        const kd_gpt_config_t *c = &m->gpt->cfg;
-        double T = c->context, C = c->width, per_layer = 16.0 * T * C + c->heads * T * T;
-        return 4.0 * (2.0 * (double)m->n_params + (double)B * c->layers * per_layer +
-                      (double)kd_gpt_head_chunk(c->vocab) * c->vocab);
-    }
+    if (m->gpt) return kd_model_train_bytes_gpt(&m->gpt->cfg, B);
     double units = 0, max_in = 1;
     for (int i = 0; i < m->n_layers; i++) {
         units += (double)kd_shape_size(m->layers[i].out);
@@ -274,6 +276,23 @@ int kd_model_new_gpt(const kd_gpt_config_t *cfg, kd_model_t **out, char *err, si
     m->grads = g->grads;
     *out = m;
     return 0;
+}
+
+int kd_model_new_like(const kd_model_t *m, kd_model_t **out, char *err, size_t errlen) {
+    if (m->gpt) return kd_model_new_gpt(&m->gpt->cfg, out, err, errlen);
+    kd_layer_spec_t specs[KD_MAX_LAYERS];
+    for (int i = 0; i < m->n_layers; i++) specs[i] = m->layers[i].spec;
+    return kd_model_new(specs, m->n_layers, m->input, out, err, errlen);
+}
+
+void kd_model_set_params(kd_model_t *m, float *params) {
+    m->params = params;
+    if (m->gpt) m->gpt->params = params;
+}
+
+void kd_model_set_grads(kd_model_t *m, float *grads) {
+    m->grads = grads;
+    if (m->gpt) m->gpt->grads = grads;
 }
 
 void kd_model_destroy(kd_model_t **self_p) {

@@ -90,6 +90,13 @@ typedef struct {
 int kd_model_new(const kd_layer_spec_t *specs, int n_specs, kd_shape_t input, kd_model_t **out,
                  char *err, size_t errlen);
 void kd_model_destroy(kd_model_t **self_p);
+/* A new model of m's architecture (layers or GPT), parameters zeroed. Caller owns *out. */
+int kd_model_new_like(const kd_model_t *m, kd_model_t **out, char *err, size_t errlen);
+/* Points the model's parameters (or gradients) at another buffer of n_params floats, e.g. a
+ * shared-memory slot. The caller keeps the model's own buffers and sets them back before
+ * kd_model_destroy, which frees whatever the model points at. */
+void kd_model_set_params(kd_model_t *m, float *params);
+void kd_model_set_grads(kd_model_t *m, float *grads);
 /* A model that is the GPT of cfg. Caller owns *out. 0, or -1 with err set. */
 int kd_model_new_gpt(const kd_gpt_config_t *cfg, kd_model_t **out, char *err, size_t errlen);
 /* The same resolution and checks as kd_model_new into *plan, without allocating anything (its
@@ -100,6 +107,8 @@ int kd_model_plan(const kd_layer_spec_t *specs, int n_specs, kd_shape_t input, k
 /* About how many bytes training batches of B takes: parameters, gradients, the activation
  * workspace (an upper estimate, for bounds). */
 double kd_model_train_bytes(const kd_model_t *m, long B);
+/* The same for a GPT of cfg, before it exists (sizes from the network). */
+double kd_model_train_bytes_gpt(const kd_gpt_config_t *cfg, long B);
 
 /* PyTorch's default initialisation (kaiming_uniform with a = sqrt(5)): weights and biases
  * U(-1/sqrt(fan_in), 1/sqrt(fan_in)), drawn deterministically from seed. */

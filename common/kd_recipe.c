@@ -1295,11 +1295,12 @@ cleanup:
 }
 
 int kd_recipe_check_cluster(const kd_recipe_t *r, const char *path, char *err, size_t errlen) {
-    if (!kd_recipe_is_lm(r)) return 0;
+    if (!kd_recipe_is_lm(r) || r->distill.loss.alpha <= 0) return 0;
     return kd_err(err, errlen,
-                  "%s: data.format %s: the cluster does not run language-model recipes yet; "
-                  "train this one in one process with `kdist train %s`",
-                  path, kd_data_format_name(r->data.format), path);
+                  "%s: data.format %s with distill.alpha %g: the cluster trains language models "
+                  "on their data alone so far (per-token teacher logits are not streamed yet); "
+                  "set distill.alpha=0",
+                  path, kd_data_format_name(r->data.format), (double)r->distill.loss.alpha);
 }
 
 int kd_recipe_load(const char *path, const char *const *overrides, int n_overrides,

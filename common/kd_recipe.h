@@ -161,8 +161,8 @@ int kd_recipe_set(kd_recipe_t *r, const char *assignment, char *err, size_t errl
 char *kd_recipe_to_yaml(const kd_recipe_t *r);
 int kd_recipe_write(const kd_recipe_t *r, const char *path, char *err, size_t errlen);
 
-/* What the cluster (coordinator, teacher nodes, workers) runs: not language-model recipes yet,
- * which `kdist train` trains in one process. 0, or -1 with err naming the recipe and the fix. */
+/* What the cluster (coordinator, teacher nodes, workers) runs: language models only without
+ * distillation so far. 0, or -1 with err naming the recipe and the fix. */
 int kd_recipe_check_cluster(const kd_recipe_t *r, const char *path, char *err, size_t errlen);
 
 /* data.dir joined with a file name (absolute names pass through). */

@@ -233,6 +233,18 @@ void kd_evaluate(kd_model_t *m, const kd_dataset_t *ds, int batch_size, const fl
     free(ids);
 }
 
+kd_optim_t *kd_optim_for_gpt(const kd_optim_config_t *cfg, const kd_gpt_t *g) {
+    kd_optim_t *opt = kd_optim_new(cfg, g->n_params);
+    for (int i = 0; i < g->n_tensors; i++)
+        if (!g->tensors[i].decay)
+            kd_optim_exempt_decay(opt, g->tensors[i].offset, g->tensors[i].count);
+    return opt;
+}
+
+kd_optim_t *kd_optim_for_model(const kd_optim_config_t *cfg, const kd_model_t *m) {
+    return m->gpt ? kd_optim_for_gpt(cfg, m->gpt) : kd_optim_new(cfg, m->n_params);
+}
+
 long kd_train_total_steps(const kd_recipe_t *r, size_t n_train) {
     long steps = r->train.epochs * (long)kd_epoch_count(n_train, (size_t)r->train.batch_size);
     if (r->train.max_steps > 0 && r->train.max_steps < steps) steps = r->train.max_steps;
@@ -277,7 +289,7 @@ int kd_train_local(const kd_recipe_t *r, kd_model_t *m, kd_model_t *teacher, con
     const int C = m->num_classes;
     const long total_steps = kd_train_total_steps(r, d->train->n);
     const kd_schedule_config_t sched = schedule_for(r, total_steps);
-    kd_optim_t *opt = kd_optim_new(&r->optim.cfg, m->n_params);
+    kd_optim_t *opt = kd_optim_for_model(&r->optim.cfg, m);
     float *x = m->gpt ? NULL : kd_alloc_floats(B_max * D);
     int32_t *y = kd_xmalloc(B_max * sizeof *y);
     float *teacher_logits = teacher ? kd_alloc_floats(B_max * (size_t)C) : NULL;

@@ -50,6 +50,11 @@ typedef struct {
 void kd_evaluate(kd_model_t *m, const kd_dataset_t *ds, int batch_size, const float *teacher,
                  kd_eval_t *out, float *logits);
 
+/* The recipe's optimizer for m's parameters; a GPT's biases and layernorm gains are exempt
+ * from weight decay (nanoGPT's parameter groups). Caller owns the result. */
+kd_optim_t *kd_optim_for_model(const kd_optim_config_t *cfg, const kd_model_t *m);
+kd_optim_t *kd_optim_for_gpt(const kd_optim_config_t *cfg, const kd_gpt_t *g);
+
 /* Optimizer steps of a whole run: epochs x batches per epoch, capped by train.max_steps. */
 long kd_train_total_steps(const kd_recipe_t *r, size_t n_train);
 

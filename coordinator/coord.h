@@ -101,6 +101,7 @@ typedef struct {
     /* metrics window */
     double win_loss, win_t0, win_staleness;
     long win_samples, win_correct, win_pushes, win_steps;
+    long win_predictions; /* what win_loss and win_correct count: samples, or an LM's tokens */
     double win_phase[4];
     double *win_layer_fwd, *win_layer_bwd;
     long messages_dropped;

@@ -352,7 +352,7 @@ static int setup(coord_t *c, int argc, char **argv, bool *resume, char *err, siz
     if (kd_recipe_write(&c->r, path, err, errlen) != 0) return -1;
     if (kd_splits_load(&c->r, &c->data, err, errlen) != 0) return -1;
     if (kd_model_from_recipe(&c->r, false, c->data.train, &c->model, err, errlen) != 0) return -1;
-    c->opt = kd_optim_new(&c->r.optim.cfg, c->model->n_params);
+    c->opt = kd_optim_for_model(&c->r.optim.cfg, c->model);
     c->sched = c->r.schedule.cfg;
     c->sched.total_steps = kd_train_total_steps(&c->r, c->data.train->n);
     c->n_batches = kd_epoch_count(c->data.train->n, (size_t)c->r.train.batch_size);

@@ -168,9 +168,7 @@ evaluator_t *evaluator_new(void *ctx, const kd_recipe_t *r, const kd_model_t *mo
     zmq_bind(ev->pipe, endpoint);
     zmq_connect(ev->worker, endpoint);
     char err[KD_ERR_LEN];
-    kd_layer_spec_t specs[KD_MAX_LAYERS];
-    for (int i = 0; i < model->n_layers; i++) specs[i] = model->layers[i].spec;
-    if (kd_model_new(specs, model->n_layers, model->input, &ev->model, err, sizeof err) != 0)
+    if (kd_model_new_like(model, &ev->model, err, sizeof err) != 0)
         KD_ASSERT(!"the coordinator's own model spec is valid");
     ev->data = data;
     ev->batch_size = (int)r->eval.batch_size;

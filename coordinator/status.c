@@ -33,10 +33,23 @@ void coord_handle_eval_result(coord_t *c, const eval_result_t *res) {
         kd_metrics_scalar(c->metrics, "eval/test_teacher_agreement", res->test.agreement);
         kd_metrics_scalar(c->metrics, "eval/test_teacher_kl", res->test.teacher_kl);
     }
+    if (c->model->gpt) {
+        kd_metrics_scalar(c->metrics, "eval/val_perplexity", res->val.perplexity);
+        kd_metrics_scalar(c->metrics, "eval/val_bits_per_byte", res->val.bits_per_byte);
+        kd_metrics_scalar(c->metrics, "eval/test_perplexity", res->test.perplexity);
+        kd_metrics_scalar(c->metrics, "eval/test_bits_per_byte", res->test.bits_per_byte);
+    }
     flush_metrics(c, res->step);
-    kd_log(KD_LOG_INFO, "COORD-EVAL", "step %ld: val accuracy %.4f (loss %.4f), test %.4f%s",
-           res->step, res->val.accuracy, res->val.loss, res->test.accuracy,
-           res->improved ? " (best)" : "");
+    if (c->model->gpt)
+        kd_log(KD_LOG_INFO, "COORD-EVAL",
+               "step %ld: val loss %.4f (%.4f bits per byte, perplexity %.3f, next-token "
+               "accuracy %.4f), test loss %.4f%s",
+               res->step, res->val.loss, res->val.bits_per_byte, res->val.perplexity,
+               res->val.accuracy, res->test.loss, res->improved ? " (best)" : "");
+    else
+        kd_log(KD_LOG_INFO, "COORD-EVAL", "step %ld: val accuracy %.4f (loss %.4f), test %.4f%s",
+               res->step, res->val.accuracy, res->val.loss, res->test.accuracy,
+               res->improved ? " (best)" : "");
     if (c->phase == RUN_RUNNING && c->r.eval.patience > 0 &&
         res->evals_since_best >= c->r.eval.patience) {
         kd_log(KD_LOG_INFO, "COORD-EARLY-STOP",
@@ -61,11 +74,14 @@ void coord_save_checkpoint(coord_t *c) {
 void coord_write_metrics(coord_t *c) {
     double now = kd_now(), dt = now - c->win_t0;
     if (c->win_pushes == 0) return;
-    kd_metrics_scalar(c->metrics, "train/loss", c->win_loss / (double)c->win_samples);
+    kd_metrics_scalar(c->metrics, "train/loss", c->win_loss / (double)c->win_predictions);
     kd_metrics_scalar(c->metrics, "train/accuracy",
-                      (double)c->win_correct / (double)c->win_samples);
+                      (double)c->win_correct / (double)c->win_predictions);
     kd_metrics_scalar(c->metrics, "train/lr", kd_schedule_lr(&c->sched, c->s.position));
     kd_metrics_scalar(c->metrics, "train/samples_per_sec", dt > 0 ? c->win_samples / dt : 0.0);
+    if (c->model->gpt)
+        kd_metrics_scalar(c->metrics, "train/tokens_per_sec",
+                          dt > 0 ? c->win_predictions / dt : 0.0);
     kd_metrics_scalar(c->metrics, "cluster/workers", coord_live_count(c, KDIST__ROLE__WORKER));
     kd_metrics_scalar(c->metrics, "cluster/teachers", coord_live_count(c, KDIST__ROLE__TEACHER));
     kd_metrics_scalar(c->metrics, "cluster/staleness", c->win_staleness / (double)c->win_pushes);
@@ -98,7 +114,7 @@ void coord_write_metrics(coord_t *c) {
     flush_metrics(c, c->s.step);
     c->win_t0 = now;
     c->win_loss = c->win_staleness = 0;
-    c->win_samples = c->win_correct = c->win_pushes = c->win_steps = 0;
+    c->win_samples = c->win_correct = c->win_pushes = c->win_steps = c->win_predictions = 0;
     memset(c->win_phase, 0, sizeof c->win_phase);
     memset(c->win_layer_fwd, 0, sizeof(double) * (size_t)c->model->n_layers);
     memset(c->win_layer_bwd, 0, sizeof(double) * (size_t)c->model->n_layers);
@@ -134,6 +150,8 @@ json_t *coord_status_json(coord_t *c) {
     /* step/total_steps count batches (the schedule's clock), so progress does not depend on
      * how many batches a sync step averages; updates counts optimizer steps. */
     json_object_set_new(j, "updates", json_integer(c->s.step));
+    if (c->model->gpt)
+        json_object_set_new(j, "tokens_per_sec", kd_json_number(rate * c->model->gpt->cfg.context));
     json_object_set_new(j, "stale_dropped", json_integer(c->stale_dropped));
     json_object_set_new(j, "connections_refused", json_integer(c->connections_refused));
     json_object_set_new(j, "teacher", teacher_work_json(c));
@@ -145,13 +163,16 @@ json_t *coord_status_json(coord_t *c) {
     if (c->fail_reason[0]) json_object_set_new(j, "error", json_string(c->fail_reason));
     json_object_set_new(j, "lr", kd_json_number(kd_schedule_lr(&c->sched, c->s.position)));
     if (c->win_samples) {
-        json_object_set_new(j, "loss", kd_json_number(c->win_loss / (double)c->win_samples));
+        json_object_set_new(j, "loss", kd_json_number(c->win_loss / (double)c->win_predictions));
         json_object_set_new(j, "train_accuracy",
-                            kd_json_number((double)c->win_correct / (double)c->win_samples));
+                            kd_json_number((double)c->win_correct / (double)c->win_predictions));
     }
     if (c->have_eval) {
         json_object_set_new(j, "val_accuracy", kd_json_number(c->last_eval.val.accuracy));
         json_object_set_new(j, "test_accuracy", kd_json_number(c->last_eval.test.accuracy));
+        if (c->model->gpt)
+            json_object_set_new(j, "val_bits_per_byte",
+                                kd_json_number(c->last_eval.val.bits_per_byte));
     }
     json_t *members = json_array();
     double now = kd_now();
@@ -224,6 +245,12 @@ int coord_write_summary(coord_t *c, const eval_result_t *final) {
     json_object_set_new(j, "members_lost", lost);
     json_object_set_new(j, "members_lost_total", json_integer(c->n_lost));
     json_object_set_new(j, "teacher", teacher_work_json(c));
+    if (c->model->gpt) {
+        json_object_set_new(j, "tokens_per_sec",
+                            kd_json_number(coord_train_rate(c) * c->model->gpt->cfg.context));
+        kd_json_set_lm_eval(j, "val", final->val.perplexity, final->val.bits_per_byte);
+        kd_json_set_lm_eval(j, "test", final->test.perplexity, final->test.bits_per_byte);
+    }
     if (!isnan(final->test.agreement)) { /* the student against the teacher */
         json_t *vs = json_object_get(j, "teacher");
         json_object_set_new(vs, "test_agreement", kd_json_number(final->test.agreement));

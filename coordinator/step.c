@@ -71,6 +71,7 @@ double coord_train_rate(coord_t *c) {
 static void account_push(coord_t *c, member_t *m, const Kdist__PushGradient *p) {
     c->win_loss += p->loss_sum;
     c->win_samples += p->samples;
+    c->win_predictions += c->model->gpt ? (long)p->tokens : (long)p->samples;
     c->win_correct += p->correct;
     c->win_pushes++;
     c->win_staleness += (double)(c->s.version - p->base_version);
@@ -258,6 +259,15 @@ static void reject_push(coord_t *c, member_t *m, const Kdist__BatchRef *ref, con
     coord_send_weights(c, m, REPLY_DROPPED);
 }
 
+/* Samples within a batch; loss and correct over the predictions: per sample, or a language
+ * model's per token (samples x context). */
+static bool push_counters_possible(const coord_t *c, const Kdist__PushGradient *p) {
+    const uint64_t per_sample = c->model->gpt ? (uint64_t)c->model->gpt->cfg.context : 0;
+    const uint64_t predictions = per_sample ? p->tokens : p->samples;
+    return p->samples > 0 && p->samples <= (uint32_t)c->r.train.batch_size &&
+           p->tokens == p->samples * per_sample && p->correct <= predictions;
+}
+
 void coord_on_push(coord_t *c, member_t *m, kd_msg_t *msg) {
     const Kdist__PushGradient *p = msg->env->push;
     char err[KD_ERR_LEN];
@@ -268,8 +278,7 @@ void coord_on_push(coord_t *c, member_t *m, kd_msg_t *msg) {
         coord_send_weights(c, m, REPLY_DROPPED); /* a member is never left without an answer */
         return;
     }
-    if (p->samples == 0 || p->samples > (uint32_t)c->r.train.batch_size ||
-        p->correct > p->samples) {
+    if (!push_counters_possible(c, p)) {
         coord_drop(c, msg, "push with impossible counters");
         coord_send_weights(c, m, REPLY_DROPPED); /* a member is never left without an answer */
         return;

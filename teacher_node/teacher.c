@@ -18,6 +18,7 @@
 #include "kd_node.h"
 #include "kd_recipe.h"
 #include "kd_session.h"
+#include "kd_tokens.h"
 #include "kd_train.h"
 #include "kd_util.h"
 #include "kd_wire.h"
@@ -136,25 +137,32 @@ static void clear_epoch(teacher_t *t) {
 static const struct {
     const char *key;
     size_t off; /* of a char[KD_PATH_MAX] in kd_recipe_t */
+    int count;  /* of them */
 } local_paths[] = {
-    {"data.dir", offsetof(kd_recipe_t, data.dir)},
-    {"data.train_images", offsetof(kd_recipe_t, data.train_images)},
-    {"data.train_labels", offsetof(kd_recipe_t, data.train_labels)},
-    {"data.test_images", offsetof(kd_recipe_t, data.test_images)},
-    {"data.test_labels", offsetof(kd_recipe_t, data.test_labels)},
-    {"teacher.checkpoint", offsetof(kd_recipe_t, teacher.checkpoint)},
-    {"cache.dir", offsetof(kd_recipe_t, cache.dir)},
+    {"data.dir", offsetof(kd_recipe_t, data.dir), 1},
+    {"data.train_images", offsetof(kd_recipe_t, data.train_images), 1},
+    {"data.train_labels", offsetof(kd_recipe_t, data.train_labels), 1},
+    {"data.test_images", offsetof(kd_recipe_t, data.test_images), 1},
+    {"data.test_labels", offsetof(kd_recipe_t, data.test_labels), 1},
+    {"teacher.checkpoint", offsetof(kd_recipe_t, teacher.checkpoint), 1},
+    {"cache.dir", offsetof(kd_recipe_t, cache.dir), 1},
+    {"data.files", offsetof(kd_recipe_t, data.files), KD_MAX_DATA_FILES},
+    {"data.tokenizer_dir", offsetof(kd_recipe_t, data.tokenizer_dir), 1},
 };
 
 static void keep_local_paths(kd_recipe_t *adopted, const kd_recipe_t *own) {
     for (size_t i = 0; i < sizeof local_paths / sizeof local_paths[0]; i++) {
-        char *theirs = (char *)adopted + local_paths[i].off;
-        const char *ours = (const char *)own + local_paths[i].off;
-        if (strcmp(theirs, ours) == 0) continue;
-        kd_log(KD_LOG_INFO, "TEACHER-LOCAL-PATH", "%s: this node's %s, not the coordinator's %s",
-               local_paths[i].key, ours[0] ? ours : "\"\"", theirs[0] ? theirs : "\"\"");
-        memcpy(theirs, ours, KD_PATH_MAX);
+        for (int k = 0; k < local_paths[i].count; k++) {
+            char *theirs = (char *)adopted + local_paths[i].off + (size_t)k * KD_PATH_MAX;
+            const char *ours = (const char *)own + local_paths[i].off + (size_t)k * KD_PATH_MAX;
+            if (strcmp(theirs, ours) == 0) continue;
+            kd_log(KD_LOG_INFO, "TEACHER-LOCAL-PATH",
+                   "%s: this node's %s, not the coordinator's %s", local_paths[i].key,
+                   ours[0] ? ours : "\"\"", theirs[0] ? theirs : "\"\"");
+            memcpy(theirs, ours, KD_PATH_MAX);
+        }
     }
+    adopted->data.n_files = own->data.n_files;
 }
 
 /* The data settings and the seed (which keys the validation hold-out) decide the split. The
@@ -162,7 +170,11 @@ static void keep_local_paths(kd_recipe_t *adopted, const kd_recipe_t *own) {
  * coordinator's data, the paths cannot tell. */
 static bool same_split(const kd_recipe_t *a, const kd_recipe_t *b) {
     return a->seed == b->seed && a->data.val_size == b->data.val_size &&
-           a->data.train_subset == b->data.train_subset;
+           a->data.train_subset == b->data.train_subset && a->data.format == b->data.format &&
+           strcmp(a->data.tokenizer, b->data.tokenizer) == 0 && a->data.stride == b->data.stride &&
+           a->data.val_fraction == b->data.val_fraction &&
+           a->data.test_fraction == b->data.test_fraction &&
+           a->student.gpt.context == b->student.gpt.context;
 }
 
 static int load_train(teacher_t *t, char *err, size_t errlen) {
@@ -445,6 +457,45 @@ static void free_buffer(void *data, void *hint) {
     free(data);
 }
 
+/* Sends batch b of the queue's head with its payloads (released by ZeroMQ, or here on
+ * failure). Returns 1 sent, 0 would block, -1 error. */
+static int send_batch(teacher_t *t, uint32_t b, kd_wire_tensor_t *tensors, int n_tensors) {
+    Kdist__BatchRef ref = KDIST__BATCH_REF__INIT;
+    ref.epoch = t->epoch->epoch;
+    ref.batch_id = b;
+    Kdist__Batch batch = KDIST__BATCH__INIT;
+    batch.ref = &ref;
+    batch.teacher_id = (char *)t->id;
+    kd_env_t env = KDIST__ENVELOPE__INIT;
+    env.body_case = KDIST__ENVELOPE__BODY_BATCH;
+    env.batch = &batch;
+    /* On failure kd_wire_send has released the buffers; the batch stays queued. */
+    if (kd_wire_send(t->push, NULL, 0, &env, tensors, n_tensors, ZMQ_DONTWAIT) != 0) {
+        if (errno == EAGAIN || errno == EINTR) return 0;
+        kd_log(KD_LOG_ERROR, "TEACHER-STREAM-FAIL", "cannot send batch %u: %s", b,
+               zmq_strerror(errno));
+        return -1;
+    }
+    t->queued[b] = 0;
+    t->q_pos++;
+    t->batches_streamed++;
+    return 1;
+}
+
+/* A language model's batch: its windows of token ids. */
+static int send_windows(teacher_t *t, uint32_t b, const uint32_t *ids, size_t B) {
+    const kd_dataset_t *d = t->train;
+    uint32_t *windows = kd_xmalloc(B * d->window * sizeof *windows);
+    kd_dataset_gather_windows(d, ids, B, windows);
+    /* ids are below the vocabulary (< 2^31): the same bits as int32 */
+    kd_wire_tensor_t tokens =
+        kd_layout_tensor(&KD_LAYOUT_TOKENS, (int64_t[]){(int64_t)B, (int64_t)d->window});
+    tokens.data = windows;
+    tokens.nbytes = B * d->window * sizeof *windows;
+    tokens.free_fn = free_buffer;
+    return send_batch(t, b, &tokens, 1);
+}
+
 /* Sends the head of the queue without blocking. Returns 1 sent, 0 would block, -1 error. */
 static int send_next_batch(teacher_t *t) {
     const uint32_t b = t->queue[t->q_pos];
@@ -452,6 +503,7 @@ static int send_next_batch(teacher_t *t) {
     const size_t B = kd_epoch_batch(t->epoch, b, &ids);
     KD_ASSERT(B > 0); /* ids were checked against n_batches on arrival */
     const kd_dataset_t *d = t->train;
+    if (d->tokens) return send_windows(t, b, ids, B);
     uint8_t *pixels = kd_xmalloc(B * d->sample_dim);
     int32_t *labels = kd_xmalloc(B * sizeof *labels);
     for (size_t i = 0; i < B; i++) {
@@ -482,26 +534,7 @@ static int send_next_batch(teacher_t *t) {
         tensors[i].nbytes = nbytes[i];
         tensors[i].free_fn = free_buffer;
     }
-    Kdist__BatchRef ref = KDIST__BATCH_REF__INIT;
-    ref.epoch = t->epoch->epoch;
-    ref.batch_id = b;
-    Kdist__Batch batch = KDIST__BATCH__INIT;
-    batch.ref = &ref;
-    batch.teacher_id = (char *)t->id;
-    kd_env_t env = KDIST__ENVELOPE__INIT;
-    env.body_case = KDIST__ENVELOPE__BODY_BATCH;
-    env.batch = &batch;
-    /* On failure kd_wire_send has released the buffers; the batch stays queued. */
-    if (kd_wire_send(t->push, NULL, 0, &env, tensors, logits ? 3 : 2, ZMQ_DONTWAIT) != 0) {
-        if (errno == EAGAIN || errno == EINTR) return 0;
-        kd_log(KD_LOG_ERROR, "TEACHER-STREAM-FAIL", "cannot send batch %u: %s", b,
-               zmq_strerror(errno));
-        return -1;
-    }
-    t->queued[b] = 0;
-    t->q_pos++;
-    t->batches_streamed++;
-    return 1;
+    return send_batch(t, b, tensors, logits ? 3 : 2);
 }
 
 static int stream_some(teacher_t *t) {

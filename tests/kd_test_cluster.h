@@ -4,6 +4,7 @@
 #define KD_TEST_CLUSTER_H
 
 #include <fcntl.h>
+#include <jansson.h>
 #include <signal.h>
 #include <spawn.h>
 #include <stdbool.h>
@@ -236,6 +237,42 @@ static inline bool kd_test_make_dirs(const char *path) {
     if (kd_mkdirs(path, err, sizeof err) == 0) return true;
     fprintf(stderr, "%s\n", err);
     return false;
+}
+
+/* ---- a `kdist run` from outside ------------------------------------------------------------- */
+
+/* The pid of the launcher's child (role "worker", "teacher" or "coordinator", and id) from
+ * <run dir>/launcher.json; 0 when it is not there (yet). */
+static inline pid_t kd_test_launcher_pid(const char *dir, const char *role, int id) {
+    char path[KD_PATH_MAX + 128];
+    snprintf(path, sizeof path, "%s/launcher.json", dir);
+    json_t *launcher = json_load_file(path, 0, NULL), *c;
+    pid_t pid = 0;
+    size_t i;
+    json_array_foreach(json_object_get(launcher, "children"), i, c) {
+        const char *r = json_string_value(json_object_get(c, "role"));
+        if (r && strcmp(r, role) == 0 && json_integer_value(json_object_get(c, "id")) == id)
+            pid = (pid_t)json_integer_value(json_object_get(c, "pid"));
+    }
+    json_decref(launcher);
+    return pid;
+}
+
+/* How many members of a role ("worker", "teacher") `kdist status DIR --json` counts; -1 when
+ * the coordinator does not answer. log is the status command's output file, buf its text. */
+static inline int kd_test_status_members(const char *kdist, const char *dir, const char *role,
+                                         const char *log, char *buf, size_t len) {
+    char *argv[] = {(char *)kdist, "status", (char *)dir, "--json", NULL};
+    if (kd_test_capture_finish(argv, log, 10, buf, len) != 0) return -1;
+    json_t *j = json_loads(buf, 0, NULL), *m;
+    int n = 0;
+    size_t i;
+    json_array_foreach(json_object_get(j, "members"), i, m) {
+        const char *r = json_string_value(json_object_get(m, "role"));
+        if (r && strcmp(r, role) == 0) n++;
+    }
+    json_decref(j);
+    return n;
 }
 
 #endif

@@ -13,6 +13,7 @@
 #include "kd_optim.h"
 #include "kd_safetensors.h"
 #include "kd_test.h"
+#include "kd_train.h"
 #include "kd_util.h"
 
 #define MODEL_DIR "data/gpt_small"
@@ -138,10 +139,7 @@ static void test_adamw_steps(void) {
                                .min_lr = 3e-4f,
                                .warmup_steps = 3,
                                .total_steps = STEPS};
-    kd_optim_t *opt = kd_optim_new(&oc, m->n_params);
-    for (int i = 0; i < m->n_tensors; i++)
-        if (!m->tensors[i].decay)
-            kd_optim_exempt_decay(opt, m->tensors[i].offset, m->tensors[i].count);
+    kd_optim_t *opt = kd_optim_for_gpt(&oc, m);
     uint32_t *windows = kd_xmalloc((size_t)STEPS * B * (T + 1) * sizeof *windows);
     io_tokens("step_tokens", (size_t)STEPS * B * (T + 1), windows);
     const float *ref_loss = io_f32("step_loss", STEPS), *ref_lr = io_f32("step_lr", STEPS);

@@ -3,7 +3,12 @@
  * no model can do better than 1.75 bits per byte, and one that learnt the source gets close.
  * `kdist train` writes the student with its config.json and a summary with perplexity and bits
  * per byte; `kdist eval` dumps logits and token windows; `kdist sample` is the same for a seed;
- * bad text is refused naming the file; the cluster refuses the recipe with the fix. */
+ * bad text is refused naming the file.
+ * On the cluster (`kdist run`: coordinator, teacher node, workers as processes): one sync worker
+ * gives the in-process trainer's weights bit for bit; three workers with one SIGKILLed mid-run
+ * complete with the ledger whole; a coordinator SIGKILLed after a checkpoint resumes the run;
+ * a distilling LM recipe is refused with the fix. */
+#include <dirent.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -11,6 +16,7 @@
 
 #include "kd_rng.h"
 #include "kd_test.h"
+#include "kd_test_cluster.h"
 #include "kd_util.h"
 
 #define ENTROPY_BITS 1.75
@@ -44,6 +50,158 @@ static void write_source(const char *path, size_t n, uint64_t seed) {
     }
     write_file(path, text, n);
     free(text);
+}
+
+/* A number of run_dir/summary.json (NAN when absent), and the run's status into status. */
+static double summary_number(const char *run_dir, const char *key, char *status, size_t n) {
+    char path[KD_PATH_MAX + 64];
+    snprintf(path, sizeof path, "%s/summary.json", run_dir);
+    json_t *j = json_load_file(path, 0, NULL), *v = json_object_get(j, key);
+    double x = json_is_number(v) ? json_number_value(v) : NAN;
+    if (status) snprintf(status, n, "%s", json_string_value(json_object_get(j, "status")) ?: "");
+    json_decref(j);
+    return x;
+}
+
+/* Batches the run's ledger expects and applied, from its summary. */
+static bool ledger_whole(const char *run_dir) {
+    char path[KD_PATH_MAX + 64];
+    snprintf(path, sizeof path, "%s/summary.json", run_dir);
+    json_t *j = json_load_file(path, 0, NULL), *l = json_object_get(j, "ledger");
+    json_int_t expected = json_integer_value(json_object_get(l, "batches_expected"));
+    json_int_t applied = json_integer_value(json_object_get(l, "batches_applied"));
+    json_decref(j);
+    fprintf(stderr, "  %s: %lld/%lld batches applied\n", run_dir, (long long)applied,
+            (long long)expected);
+    return expected > 0 && applied == expected;
+}
+
+/* `kdist run` of lm.yaml with the overrides (a NULL-terminated list) as run `name`, started in
+ * the background with its output in <tmp>/<name>.txt; the run dir into dir. */
+static pid_t start_cluster_run(const char *name, const char *const *overrides, bool resume,
+                               char *dir, size_t n) {
+    static char dir_arg[KD_PATH_MAX + 64], log[KD_PATH_MAX + 64];
+    snprintf(dir, n, "%s/runs/%s", tmp, name);
+    snprintf(dir_arg, sizeof dir_arg, "%s", dir);
+    snprintf(log, sizeof log, "%s/%s.txt", tmp, name);
+    char *argv[32] = {kdist, "run", (char *)tmp_path("lm.yaml"), "--run-dir", dir_arg};
+    int argc = 5;
+    if (resume) argv[argc++] = "--resume";
+    for (int i = 0; overrides[i] && argc < 31; i++) argv[argc++] = (char *)overrides[i];
+    return kd_test_start(log, argv);
+}
+
+/* Waits for the run to end; its output into out (and to stderr when it failed unexpectedly). */
+static int finish_cluster_run(pid_t pid, const char *name, bool expect_ok) {
+    int rc = kd_test_finish(pid, 400);
+    char log[KD_PATH_MAX + 64];
+    snprintf(log, sizeof log, "%s/%s.txt", tmp, name);
+    kd_test_slurp(log, out, sizeof out);
+    if ((rc == 0) != expect_ok) fprintf(stderr, "kdist run %s exited %d:\n%s\n", name, rc, out);
+    return rc;
+}
+
+/* One sync worker computes what `kdist train` does: the same weights, bit for bit. */
+static void test_cluster_equals_trainer(void) {
+    char dir[KD_PATH_MAX + 64];
+    const char *over[] = {"cluster.workers=1", "cluster.consistency=sync", NULL};
+    pid_t pid = start_cluster_run("cluster_sync1", over, false, dir, sizeof dir);
+    CHECK(pid > 0 && finish_cluster_run(pid, "cluster_sync1", true) == 0);
+    CHECK(strstr(out, "val bits per byte") && strstr(out, "tokens/s"));
+    CHECK(ledger_whole(dir));
+    uint8_t *a = NULL, *b = NULL;
+    size_t na = 0, nb = 0;
+    char err[KD_ERR_LEN], path[KD_PATH_MAX + 128];
+    snprintf(path, sizeof path, "%s/student.safetensors", dir);
+    CHECK(kd_read_file(path, &a, &na, err, sizeof err) == 0);
+    CHECK(kd_read_file(tmp_path("runs/lm_tiny/student.safetensors"), &b, &nb, err, sizeof err) ==
+          0);
+    CHECK(a && b && na == nb && memcmp(a, b, na) == 0);
+    free(a);
+    free(b);
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    CHECK(kd_file_exists(path));
+    char status[32];
+    double bpb = summary_number(dir, "val_bits_per_byte", status, sizeof status);
+    CHECK(strcmp(status, "completed") == 0 && bpb < ENTROPY_BITS + 0.15);
+}
+
+/* Three async workers, one SIGKILLed once the coordinator counts all three, no restart: the
+ * run completes with every batch applied once. The run (40 epochs) is long against the few
+ * seconds the workers take to join. */
+static void test_cluster_worker_killed(void) {
+    char dir[KD_PATH_MAX + 64], log[KD_PATH_MAX + 64];
+    const char *over[] = {
+        "cluster.workers=3",        "cluster.consistency=async",         "train.epochs=40",
+        "cluster.heartbeat_ms=100", "cluster.heartbeat_timeout_ms=1500", NULL};
+    pid_t pid = start_cluster_run("cluster_killed", over, false, dir, sizeof dir);
+    CHECK(pid > 0);
+    if (pid <= 0) return;
+    snprintf(log, sizeof log, "%s/status.txt", tmp);
+    static char buf[65536];
+    int workers = 0;
+    const double deadline = kd_now() + 120;
+    while (workers < 3 && kd_now() < deadline && waitpid(pid, NULL, WNOHANG) == 0) {
+        workers = kd_test_status_members(kdist, dir, "worker", log, buf, sizeof buf);
+        if (workers < 3) usleep(50000);
+    }
+    CHECK(workers == 3);
+    pid_t victim = kd_test_launcher_pid(dir, "worker", 2);
+    CHECK(victim > 0);
+    if (victim > 0 && workers == 3) kill(victim, SIGKILL);
+    CHECK(finish_cluster_run(pid, "cluster_killed", true) == 0);
+    CHECK(strstr(out, "lost                 worker 2 (died") != NULL);
+    CHECK(ledger_whole(dir));
+    char status[32];
+    double bpb = summary_number(dir, "val_bits_per_byte", status, sizeof status);
+    CHECK(strcmp(status, "completed") == 0 && bpb < ENTROPY_BITS + 0.15);
+}
+
+/* Whether dir holds a periodic checkpoint (ckpt-<step>-<seq>.safetensors) already. */
+static bool has_checkpoint(const char *dir) {
+    DIR *d = opendir(dir);
+    bool found = false;
+    for (struct dirent *e; d && !found && (e = readdir(d));) {
+        size_t n = strlen(e->d_name);
+        found = strncmp(e->d_name, "ckpt-", 5) == 0 && n > 12 &&
+                strcmp(e->d_name + n - 12, ".safetensors") == 0;
+    }
+    if (d) closedir(d);
+    return found;
+}
+
+/* The coordinator SIGKILLed once it wrote a checkpoint: that run fails; `kdist run --resume`
+ * continues it from the checkpoint and completes with the ledger whole. */
+static void test_cluster_resume(void) {
+    char dir[KD_PATH_MAX + 64], ckpt[KD_PATH_MAX + 96];
+    const char *over[] = {"cluster.workers=2", "cluster.consistency=sync", "train.epochs=40",
+                          "checkpoint.every_steps=20", NULL};
+    pid_t pid = start_cluster_run("cluster_resume", over, false, dir, sizeof dir);
+    CHECK(pid > 0);
+    if (pid <= 0) return;
+    snprintf(ckpt, sizeof ckpt, "%s/checkpoints", dir);
+    bool saved = false;
+    const double deadline = kd_now() + 120;
+    while (!saved && kd_now() < deadline && waitpid(pid, NULL, WNOHANG) == 0) {
+        saved = has_checkpoint(ckpt);
+        if (!saved) usleep(50000);
+    }
+    CHECK(saved);
+    pid_t coordinator = kd_test_launcher_pid(dir, "coordinator", 0);
+    CHECK(coordinator > 0);
+    if (coordinator > 0 && saved) kill(coordinator, SIGKILL);
+    CHECK(finish_cluster_run(pid, "cluster_resume", false) != 0);
+    pid = start_cluster_run("cluster_resume", over, true, dir, sizeof dir);
+    CHECK(pid > 0 && finish_cluster_run(pid, "cluster_resume", true) == 0);
+    CHECK(ledger_whole(dir));
+    char log[KD_PATH_MAX + 128];
+    static char text[1 << 20];
+    snprintf(log, sizeof log, "%s/logs/coordinator-0.log", dir);
+    kd_test_slurp(log, text, sizeof text);
+    CHECK(strstr(text, "COORD-RESUME resumed from") != NULL);
+    char status[32];
+    double bpb = summary_number(dir, "val_bits_per_byte", status, sizeof status);
+    CHECK(strcmp(status, "completed") == 0 && bpb < ENTROPY_BITS + 0.15);
 }
 
 static double json_number(const char *text, const char *key) {
@@ -98,6 +256,10 @@ int main(void) {
     free(summary);
     CHECK(kd_file_exists(tmp_path("runs/lm_tiny/config.json")));
 
+    test_cluster_equals_trainer();
+    test_cluster_worker_killed();
+    test_cluster_resume();
+
     /* eval: the dumps have the shapes the issue gives */
     CHECK(run("%s eval %s/runs/lm_tiny --recipe %s --split val --dump-logits %s --dump-tokens %s "
               "data.val_windows=5",
@@ -140,8 +302,9 @@ int main(void) {
     CHECK(run("%s train %s data.tokenizer=gpt2 data.files=bad.txt", kdist, tmp_path("lm.yaml")) ==
           1);
     CHECK(strstr(out, "bad.txt") && strstr(out, "byte offset 100"));
-    CHECK(run("%s run %s", kdist, tmp_path("lm.yaml")) == 2);
-    CHECK(strstr(out, "the cluster does not run language-model recipes yet") != NULL);
+    CHECK(run("%s run %s distill.alpha=0.5 teacher.checkpoint=%s/runs/lm_tiny", kdist,
+              tmp_path("lm.yaml"), tmp) == 2);
+    CHECK(strstr(out, "set distill.alpha=0") != NULL);
     CHECK(run("%s train %s data.files=nowhere.txt", kdist, tmp_path("lm.yaml")) == 1);
     CHECK(strstr(out, "nowhere.txt") != NULL);
 

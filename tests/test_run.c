@@ -205,38 +205,6 @@ static void test_status_and_stop(const char *tmp, const char *recipe) {
     json_decref(launcher);
 }
 
-/* The pid launcher.json gives the child of this role and id, or 0. */
-static pid_t launcher_pid(const char *dir, const char *role, int id) {
-    char path[KD_PATH_MAX + 128];
-    snprintf(path, sizeof path, "%s/launcher.json", dir);
-    json_t *launcher = json_load_file(path, 0, NULL), *c;
-    pid_t pid = 0;
-    size_t i;
-    json_array_foreach(json_object_get(launcher, "children"), i, c) {
-        const char *r = json_string_value(json_object_get(c, "role"));
-        if (r && strcmp(r, role) == 0 && json_integer_value(json_object_get(c, "id")) == id)
-            pid = (pid_t)json_integer_value(json_object_get(c, "pid"));
-    }
-    json_decref(launcher);
-    return pid;
-}
-
-/* How many workers the coordinator of the run in dir counts as members; -1 when it does not
- * answer. */
-static int member_workers(const char *tmp, const char *dir) {
-    char *json_argv[] = {kdist, "status", (char *)dir, "--json", NULL};
-    if (run_argv(tmp, 10, json_argv) != 0) return -1;
-    json_t *j = json_loads(out_buf, 0, NULL), *m;
-    int workers = 0;
-    size_t i;
-    json_array_foreach(json_object_get(j, "members"), i, m) {
-        const char *role = json_string_value(json_object_get(m, "role"));
-        if (role && strcmp(role, "worker") == 0) workers++;
-    }
-    json_decref(j);
-    return workers;
-}
-
 /* Starts `kdist run` of the named run (dir and out set from its name) with extra overrides,
  * and waits until its coordinator counts `want` workers as members; returns the launcher's
  * pid (0 when it did not start) with *workers the last count seen. */
@@ -264,7 +232,9 @@ static pid_t start_run_with_workers(const char *tmp, const char *recipe, const c
     if (pid <= 0) return 0;
     double deadline = kd_now() + 90.0;
     while (*workers < want && kd_now() < deadline && waitpid(pid, NULL, WNOHANG) == 0) {
-        *workers = member_workers(tmp, dir);
+        char log[KD_PATH_MAX + 32];
+        snprintf(log, sizeof log, "%s/out.txt", tmp);
+        *workers = kd_test_status_members(kdist, dir, "worker", log, out_buf, sizeof out_buf);
         if (*workers < want) usleep(50000);
     }
     CHECK(*workers == want);
@@ -285,7 +255,7 @@ static void test_worker_killed(const char *tmp, const char *recipe) {
     pid_t pid =
         start_run_with_workers(tmp, recipe, "run_killed", extra, 3, dir, out, sizeof dir, &workers);
     if (!pid) return;
-    pid_t victim = launcher_pid(dir, "worker", 2);
+    pid_t victim = kd_test_launcher_pid(dir, "worker", 2);
     CHECK(victim > 0);
     if (victim > 0 && workers == 3) kill(victim, SIGKILL);
     int rc = kd_test_finish(pid, 120);
@@ -321,7 +291,7 @@ static void test_coordinator_killed(const char *tmp, const char *recipe) {
     pid_t pid = start_run_with_workers(tmp, recipe, "run_coord_killed", extra, 2, dir, out,
                                        sizeof dir, &workers);
     if (!pid) return;
-    pid_t coordinator = launcher_pid(dir, "coordinator", 0);
+    pid_t coordinator = kd_test_launcher_pid(dir, "coordinator", 0);
     CHECK(coordinator > 0);
     if (coordinator > 0) kill(coordinator, SIGKILL);
     int rc = kd_test_finish(pid, 120);
@@ -457,7 +427,7 @@ static void test_eval_bounded(const char *tmp) {
     pid_t pid = start_run_with_workers(tmp, "../recipes/fashion_mlp_student.yaml", "run_eval",
                                        extra, 2, dir, out, sizeof dir, &workers);
     if (!pid) return;
-    pid_t coordinator = launcher_pid(dir, "coordinator", 0);
+    pid_t coordinator = kd_test_launcher_pid(dir, "coordinator", 0);
     CHECK(coordinator > 0);
     long step = 0, evals = 0, base_step = -1, base_evals = 0, base_rss = -1, hwm = -1;
     double deadline = kd_now() + 120.0;

@@ -64,10 +64,12 @@ typedef struct {
 
     /* Step buffers, sized for recipe.train.batch_size. */
     size_t batch_cap;
-    float *x;       /* (B, C*H*W) */
-    int32_t *y;     /* (B) */
-    float *dlogits; /* (B, num_classes) */
-    float *teacher; /* (B, num_classes) the teacher's logits when distilling, else NULL */
+    float *x;          /* (B, C*H*W) */
+    int32_t *y;        /* (B) */
+    float *dlogits;    /* (B, num_classes) */
+    float *teacher;    /* (B, num_classes) the teacher's logits when distilling, else NULL */
+    uint32_t *windows; /* (B, context + 1) a language model's token windows, else NULL */
+    kd_lm_batch_t lm;  /* their inputs and targets */
 
     /* The batch in hand. */
     uint32_t epoch, batch_id;
@@ -229,8 +231,8 @@ static void follow_teachers(worker_t *w, char **endpoints, size_t n, char **keys
 /* The model back on its own buffers (before it is freed, or when weights come by frame). */
 static void use_own_buffers(worker_t *w) {
     if (!w->model) return;
-    w->model->params = w->own_params;
-    w->model->grads = w->own_grads;
+    kd_model_set_params(w->model, w->own_params);
+    kd_model_set_grads(w->model, w->own_grads);
     w->params_slot = 0;
 }
 
@@ -246,12 +248,12 @@ static int take_weights(worker_t *w, const kd_msg_t *m, char *err, size_t errlen
         if (!seq)
             return kd_err(err, errlen, "shared-memory slot %u does not hold weights version %llu",
                           slot, (unsigned long long)m->env->weights->version);
-        w->model->params = kd_shm_slot(&w->weights_shm, slot - 1);
+        kd_model_set_params(w->model, kd_shm_slot(&w->weights_shm, slot - 1));
         w->params_slot = slot;
         w->params_seq = seq;
         return 0;
     }
-    w->model->params = w->own_params;
+    kd_model_set_params(w->model, w->own_params);
     w->params_slot = 0;
     const int64_t shape[1] = {(int64_t)w->model->n_params};
     const float *src = kd_layout_get(m, &KD_LAYOUT_WEIGHTS, shape, err, errlen);
@@ -290,9 +292,39 @@ static void free_step_buffers(worker_t *w) {
     free(w->y);
     free(w->dlogits);
     free(w->teacher);
+    free(w->windows);
+    kd_lm_batch_free(&w->lm);
     w->x = w->dlogits = w->teacher = NULL;
     w->y = NULL;
+    w->windows = NULL;
     w->batch_cap = 0;
+}
+
+/* The same for a GPT student: its config (the vocabulary from the Welcome unless the recipe
+ * gives one), windows of context + 1, the parameter count and memory for the batches. */
+static int check_welcome_sizes_gpt(const kd_recipe_t *r, const Kdist__Welcome *wel,
+                                   kd_shape_t shape, char *err, size_t errlen) {
+    kd_gpt_config_t cfg = r->student.gpt;
+    if (cfg.vocab == 0) cfg.vocab = (int)wel->num_classes;
+    char why[KD_ERR_LEN];
+    if (kd_gpt_config_check(&cfg, why, sizeof why) != 0)
+        return kd_err(err, errlen, "the coordinator's student.gpt: %s", why);
+    if (shape.c != 1 || shape.h != 1 || shape.w != cfg.context + 1)
+        return kd_err(err, errlen,
+                      "the coordinator's windows are %dx%dx%d, its student.gpt.context %d", shape.c,
+                      shape.h, shape.w, cfg.context);
+    if (wel->n_params != kd_gpt_param_count(&cfg))
+        return kd_err(err, errlen, "the coordinator's model has %llu params, its recipe %zu",
+                      (unsigned long long)wel->n_params, kd_gpt_param_count(&cfg));
+    const long B = r->train.batch_size;
+    const double need = kd_model_train_bytes_gpt(&cfg, B) + (double)B * 12.0 * shape.w;
+    const uint64_t have = kd_node_memory_bytes();
+    if (have && need > (double)have)
+        return kd_err(err, errlen,
+                      "the coordinator's recipe needs about %.1f GB to train batches of %ld "
+                      "windows (student of %llu params), more than this machine's %.1f GB",
+                      need / 1e9, B, (unsigned long long)wel->n_params, (double)have / 1e9);
+    return 0;
 }
 
 /* The sizes a Welcome's recipe implies, bounded before anything is allocated: the student
@@ -301,6 +333,7 @@ static void free_step_buffers(worker_t *w) {
  * never an abort in an allocation. */
 static int check_welcome_sizes(const kd_recipe_t *r, const Kdist__Welcome *wel, kd_shape_t shape,
                                char *err, size_t errlen) {
+    if (r->student.gpt.layers > 0) return check_welcome_sizes_gpt(r, wel, shape, err, errlen);
     kd_model_t *plan = kd_xmalloc(sizeof *plan);
     int rc = 0;
     char why[KD_ERR_LEN];
@@ -360,9 +393,14 @@ static int on_welcome(worker_t *w, const kd_msg_t *m) {
     wait_grads_released(w);
     use_own_buffers(w);
     kd_model_destroy(&w->model);
-    if (kd_model_new(r.student.layers, r.student.n_layers, shape, &w->model, err, sizeof err) !=
-        0) {
-        kd_log(KD_LOG_ERROR, "WORKER-MODEL", "student.layers: %s", err);
+    /* the sample shape and the class count (a GPT's vocabulary) are the Welcome's */
+    const kd_dataset_t shape_from = {.channels = shape.c,
+                                     .height = shape.h,
+                                     .width = shape.w,
+                                     .window = (size_t)shape.w,
+                                     .num_classes = (int)wel->num_classes};
+    if (kd_model_from_recipe(&r, false, &shape_from, &w->model, err, sizeof err) != 0) {
+        kd_log(KD_LOG_ERROR, "WORKER-MODEL", "%s", err);
         return FATAL;
     }
     w->own_params = w->model->params;
@@ -394,10 +432,14 @@ static int on_welcome(worker_t *w, const kd_msg_t *m) {
 
     free_step_buffers(w);
     w->batch_cap = (size_t)r.train.batch_size;
-    w->x = kd_alloc_floats(w->batch_cap * w->sample_dim);
-    w->y = kd_xmalloc(w->batch_cap * sizeof *w->y);
-    w->dlogits = kd_alloc_floats(w->batch_cap * (size_t)w->num_classes);
-    if (r.distill.loss.alpha > 0)
+    if (w->model->gpt) {
+        w->windows = kd_xmalloc(w->batch_cap * w->sample_dim * sizeof *w->windows);
+    } else {
+        w->x = kd_alloc_floats(w->batch_cap * w->sample_dim);
+        w->y = kd_xmalloc(w->batch_cap * sizeof *w->y);
+        w->dlogits = kd_alloc_floats(w->batch_cap * (size_t)w->num_classes);
+    }
+    if (r.distill.loss.alpha > 0 && !w->model->gpt)
         w->teacher = kd_alloc_floats(w->batch_cap * (size_t)w->num_classes);
     kd_set_threads(w->threads > 0 ? w->threads : (int)r.train.threads);
 
@@ -440,6 +482,36 @@ static int on_welcome(worker_t *w, const kd_msg_t *m) {
 
 /* ---- a training step --------------------------------------------------------------------- */
 
+/* A language model's batch: one "tokens" tensor of windows, every id inside the vocabulary. */
+static int take_windows(worker_t *w, const kd_msg_t *m, Kdist__NackReason *nack, char *err,
+                        size_t errlen) {
+    *nack = KDIST__NACK_REASON__NACK_INPUTS;
+    if (m->n_tensors != 1)
+        return kd_err(err, errlen, "batch with %d tensors, expected the token windows alone",
+                      m->n_tensors);
+    const int64_t shape[2] = {-1, (int64_t)w->sample_dim};
+    const int32_t *ids = kd_layout_get(m, &KD_LAYOUT_TOKENS, shape, err, errlen);
+    if (!ids) return -1;
+    const int64_t B = m->env->tensors[0]->shape[0];
+    if (B < 1 || B > (int64_t)w->batch_cap)
+        return kd_err(err, errlen, "batch of %lld windows (1..%zu allowed)", (long long)B,
+                      w->batch_cap);
+    const size_t n = (size_t)B * w->sample_dim;
+    for (size_t i = 0; i < n; i++) {
+        if (ids[i] < 0 || ids[i] >= w->num_classes)
+            return kd_err(err, errlen,
+                          "token id %d at %zu of window %zu is outside the "
+                          "vocabulary [0, %d)",
+                          ids[i], i % w->sample_dim, i / w->sample_dim, w->num_classes);
+        w->windows[i] = (uint32_t)ids[i];
+    }
+    *nack = KDIST__NACK_REASON__NACK_UNSPECIFIED;
+    w->epoch = m->env->batch->ref->epoch;
+    w->batch_id = m->env->batch->ref->batch_id;
+    w->B = (int)B;
+    return 0;
+}
+
 /* Checks a Batch and copies it into the step buffers. Returns 0, or -1 with err set and
  * *nack saying why the batch cannot be used (NACK_UNSPECIFIED when the message names no batch
  * to nack). */
@@ -454,6 +526,7 @@ static int take_batch(worker_t *w, const kd_msg_t *m, Kdist__NackReason *nack, c
     if (b->ref->epoch >= (uint32_t)w->recipe.train.epochs)
         return kd_err(err, errlen, "batch of epoch %u, the run has %ld", b->ref->epoch,
                       w->recipe.train.epochs);
+    if (w->model->gpt) return take_windows(w, m, nack, err, errlen);
     const int want = w->teacher ? 3 : 2;
     *nack = m->n_tensors == 2 && want == 3 ? KDIST__NACK_REASON__NACK_TEACHER_LOGITS
                                            : KDIST__NACK_REASON__NACK_INPUTS;
@@ -507,10 +580,13 @@ static int compute_and_push(worker_t *w, double wait_batch, double t_start) {
     memset(&w->stats, 0, sizeof w->stats);
     const uint64_t key = kd_batch_key((uint64_t)w->recipe.seed, w->epoch, w->batch_id);
     const bool shared = w->grad_shm.base != NULL;
-    m->grads = shared ? kd_shm_slot(&w->grad_shm, 0) : w->own_grads;
+    kd_model_set_grads(m, shared ? kd_shm_slot(&w->grad_shm, 0) : w->own_grads);
     if (shared) kd_shm_begin_write(&w->grad_shm, 0);
-    kd_train_gradient(m, &w->recipe.distill.loss, w->x, w->y, w->teacher, w->B, key, w->dlogits,
-                      &w->stats);
+    if (m->gpt)
+        kd_train_gradient_lm(m, w->windows, w->B, key, &w->lm, &w->stats);
+    else
+        kd_train_gradient(m, &w->recipe.distill.loss, w->x, w->y, w->teacher, w->B, key, w->dlogits,
+                          &w->stats);
     if (w->params_slot && !kd_shm_unchanged(&w->weights_shm, w->params_slot - 1, w->params_seq)) {
         /* the coordinator reused the slot under us: this gradient is worthless */
         lose_coordinator(w, "the shared-memory weights changed during the step");
@@ -535,6 +611,7 @@ static int compute_and_push(worker_t *w, double wait_batch, double t_start) {
     push.samples = (uint32_t)w->B;
     push.loss_sum = w->stats.loss_sum;
     push.correct = (uint32_t)w->stats.correct;
+    push.tokens = m->gpt ? (uint64_t)w->stats.count : 0;
     push.n_phase_seconds = 4;
     push.phase_seconds = phases;
     push.n_layer_forward_seconds = push.n_layer_backward_seconds = (size_t)m->n_layers;
