@@ -25,6 +25,7 @@ int kd_cmd_cache(int argc, char **argv);     /* kd_cache_cmd.c */
 int kd_cmd_keygen(int argc, char **argv);    /* kd_keygen.c */
 int kd_cmd_inventory(int argc, char **argv); /* kd_inventory.c */
 int kd_cmd_sample(int argc, char **argv);    /* kd_sample.c */
+int kd_cmd_data(int argc, char **argv);      /* kd_data_cmd.c */
 
 /* A DEALER connected to the coordinator, routing id client-<pid>-<incarnation>. */
 typedef struct cli_client cli_client_t;

@@ -6,7 +6,8 @@
  *   status [RUN_DIR|ENDPOINT]              ask a running coordinator (kd_status.c)
  *   scale RUN_DIR --workers N              more or fewer workers in a running run (kd_scale.c)
  *   drain RUN_DIR WORKER_ID                one worker finishes its step and leaves (kd_scale.c)
- *   cache ls|verify|gc|export|import       the teacher-logit cache (kd_cache_cmd.c) */
+ *   cache ls|verify|gc|export|import       the teacher-logit cache (kd_cache_cmd.c)
+ *   data prepare                           text tokenized into llm.c shards (kd_data_cmd.c) */
 #include <errno.h>
 #include <jansson.h>
 #include <stdio.h>
@@ -43,6 +44,8 @@ static void usage(FILE *out) {
         "         [--top-k K] [--seed S]\n"
         "        text from a GPT (a kdist checkpoint or a Hugging Face GPT-2 directory), the same\n"
         "        for the same seed\n"
+        "  data prepare --tokenizer bytes|gpt2 [--tokenizer-dir DIR] FILE... --out DIR\n"
+        "        tokenize text once into llm.c token shards (data.format: tokens)\n"
         "  recipe check RECIPE [section.key=value ...]   validate and print the resolved recipe\n"
         "  recipe keys                                    every recipe key, type and default\n"
         "  run RECIPE [section.key=value ...] [teacher_run.section.key=value ...]\n"
@@ -357,6 +360,7 @@ int main(int argc, char **argv) {
     if (strcmp(cmd, "keygen") == 0) return kd_cmd_keygen(argc - 2, argv + 2);
     if (strcmp(cmd, "inventory") == 0) return kd_cmd_inventory(argc - 2, argv + 2);
     if (strcmp(cmd, "sample") == 0) return kd_cmd_sample(argc - 2, argv + 2);
+    if (strcmp(cmd, "data") == 0) return kd_cmd_data(argc - 2, argv + 2);
     fprintf(stderr, "kdist: unknown command '%s'\n", cmd);
     usage(stderr);
     return 2;

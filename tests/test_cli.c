@@ -1,7 +1,8 @@
 /* test_cli: the kdist command as a user runs it — `kdist eval` of PyTorch-written weights
  * reproduces PyTorch's logits through --dump-logits; `kdist train` leaves recipe.yaml,
  * student.safetensors and summary.json, and eval of those weights agrees with the summary;
- * bad input gives a non-zero exit and a message naming the file and the problem. */
+ * `kdist data prepare` writes token shards that a tokens recipe reads as the same windows as the
+ * text recipe; bad input gives a non-zero exit and a message naming the file and the problem. */
 #include <jansson.h>
 #include <stdarg.h>
 #include <stdlib.h>
@@ -11,6 +12,7 @@
 #include "kd_npy.h"
 #include "kd_safetensors.h"
 #include "kd_test.h"
+#include "kd_tokens.h"
 #include "kd_util.h"
 
 static char kdist[KD_PATH_MAX];
@@ -167,6 +169,82 @@ static void test_plaintext_bind(const char *tmp) {
     }
 }
 
+/* The windows of a recipe's splits: its three datasets, for comparing two recipes' data. */
+static void load_lm_recipe(const char *path, kd_dataset_t *parts[3]) {
+    char err[KD_ERR_LEN];
+    kd_recipe_t r;
+    parts[0] = parts[1] = parts[2] = NULL;
+    if (kd_recipe_load(path, NULL, 0, &r, err, sizeof err) != 0 ||
+        kd_tokens_load_splits(&r, &parts[0], &parts[1], &parts[2], err, sizeof err) != 0) {
+        fprintf(stderr, "%s\n", err);
+        CHECK(!"the recipe's data loads");
+    }
+}
+
+/* kdist data prepare: one llm.c shard per text file; the recipe lines it prints read the same
+ * token stream (end-of-text between files) as the text recipe, so the windows, their count and
+ * the bytes behind bits per byte agree; malformed input is refused naming the file. */
+static void test_data_prepare(const char *tmp) {
+    char a[KD_PATH_MAX + 32], b[KD_PATH_MAX + 32], shards[KD_PATH_MAX + 32];
+    snprintf(a, sizeof a, "%s/psalm.txt", tmp);
+    snprintf(b, sizeof b, "%s/proverbs.md", tmp);
+    snprintf(shards, sizeof shards, "%s/shards", tmp);
+    char text[8192] = "";
+    for (int i = 0; i < 40; i++)
+        strcat(text,
+               "The LORD is my shepherd; I shall not want.  It's caf\xc3\xa9 \xe2\x80\x94 ok\n");
+    write_text(a, text);
+    write_text(b, "A soft answer turneth away wrath:\n\n\tbut grievous words stir up anger.\n");
+    CHECK(run("%s data prepare --tokenizer gpt2 %s %s --out %s", kdist, a, b, shards) == 0);
+    CHECK_ERR_HAS(out_buf, "psalm.bin");
+    CHECK_ERR_HAS(out_buf, "format: tokens");
+    CHECK_ERR_HAS(out_buf, "files: [psalm.bin, proverbs.bin]");
+
+    const char *common = "name: prepared\nstudent:\n  gpt: {layers: 1, width: 8, heads: 2, "
+                         "context: 16}\n";
+    char text_recipe[KD_PATH_MAX + 32], tokens_recipe[KD_PATH_MAX + 32], yaml[4 * KD_PATH_MAX];
+    snprintf(text_recipe, sizeof text_recipe, "%s/prepared_text.yaml", tmp);
+    snprintf(tokens_recipe, sizeof tokens_recipe, "%s/prepared_tokens.yaml", tmp);
+    snprintf(yaml, sizeof yaml,
+             "%sdata: {format: text, tokenizer: gpt2, dir: %s, files: [psalm.txt, proverbs.md], "
+             "val_fraction: 0.1, test_fraction: 0.1}\n",
+             common, tmp);
+    write_text(text_recipe, yaml);
+    snprintf(yaml, sizeof yaml,
+             "%sdata: {format: tokens, tokenizer: gpt2, dir: %s, files: [psalm.bin, proverbs.bin], "
+             "val_fraction: 0.1, test_fraction: 0.1}\n",
+             common, shards);
+    write_text(tokens_recipe, yaml);
+    kd_dataset_t *from_text[3], *from_tokens[3];
+    load_lm_recipe(text_recipe, from_text);
+    load_lm_recipe(tokens_recipe, from_tokens);
+    for (int p = 0; p < 3 && from_text[p] && from_tokens[p]; p++) {
+        const kd_dataset_t *x = from_text[p], *y = from_tokens[p];
+        CHECK(x->n > 0 && x->n == y->n && x->n_tokens == y->n_tokens);
+        CHECK(memcmp(x->tokens, y->tokens, x->n_tokens * sizeof *x->tokens) == 0);
+        uint32_t first = 0;
+        CHECK(kd_dataset_target_bytes(x, &first, 1) == kd_dataset_target_bytes(y, &first, 1));
+    }
+    for (int p = 0; p < 3; p++)
+        kd_dataset_destroy(&from_text[p]), kd_dataset_destroy(&from_tokens[p]);
+
+    /* refusals: text that is not UTF-8, a missing file, two inputs onto one shard, no --out */
+    char latin1[KD_PATH_MAX + 32];
+    snprintf(latin1, sizeof latin1, "%s/latin1.txt", tmp);
+    write_text(latin1, "caf\xe9\n");
+    CHECK(run("%s data prepare --tokenizer gpt2 %s --out %s", kdist, latin1, shards) == 1);
+    CHECK_ERR_HAS(out_buf, "latin1.txt: invalid UTF-8 at byte offset 3");
+    CHECK(run("%s data prepare --tokenizer bytes %s/none.txt --out %s", kdist, tmp, shards) == 1);
+    CHECK_ERR_HAS(out_buf, "none.txt");
+    CHECK(run("%s data prepare --tokenizer bytes %s %s/x/psalm.txt --out %s", kdist, a, tmp,
+              shards) == 2);
+    CHECK_ERR_HAS(out_buf, "would both be written to");
+    CHECK(run("%s data prepare --tokenizer bytes %s", kdist, a) == 2);
+    CHECK_ERR_HAS(out_buf, "--out is missing");
+    CHECK(run("%s data prepare --tokenizer sentencepiece %s --out %s", kdist, a, shards) == 1);
+    CHECK_ERR_HAS(out_buf, "unknown tokenizer");
+}
+
 /* docs/recipe.md carries the reference exactly as `kdist recipe keys` prints it. */
 static void test_recipe_doc_is_current(void) {
     CHECK(run("%s recipe keys", kdist) == 0);
@@ -191,6 +269,7 @@ int main(void) {
     test_eval_errors(tmp);
     test_train_then_eval(tmp);
     test_recipe_doc_is_current();
+    test_data_prepare(tmp);
     test_plaintext_bind(tmp);
     return kd_test_done("test_cli");
 }
