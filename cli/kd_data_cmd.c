@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "kd_cli.h"
+#include "kd_recipe.h"
 #include "kd_tokenizer.h"
 #include "kd_tokens.h"
 #include "kd_util.h"
@@ -17,8 +18,6 @@
     "        tokenizes each UTF-8 text FILE into DIR/<name>.bin (llm.c's shard format: a\n"        \
     "        256-int32 header with magic 20240520, then uint16 ids) and prints the recipe lines\n" \
     "        that read them (data.format: tokens)"
-
-#define DATA_MAX_FILES 64 /* data.files holds at most 64 entries */
 
 /* DIR/<base of path without its extension>.bin */
 static void shard_path(const char *dir, const char *path, char *out, size_t outlen) {
@@ -32,7 +31,7 @@ static void shard_path(const char *dir, const char *path, char *out, size_t outl
 static int prepare(const char *tokenizer, const char *tokenizer_dir, const char *const *files,
                    int n_files, const char *out_dir) {
     char err[KD_ERR_LEN];
-    char shards[DATA_MAX_FILES][KD_PATH_MAX];
+    char shards[KD_MAX_DATA_FILES][KD_PATH_MAX];
     for (int f = 0; f < n_files; f++) {
         shard_path(out_dir, files[f], shards[f], sizeof shards[f]);
         for (int g = 0; g < f; g++)
@@ -98,7 +97,7 @@ int kd_cmd_data(int argc, char **argv) {
         return help ? 0 : 2;
     }
     const char *tokenizer = NULL, *tokenizer_dir = NULL, *out_dir = NULL;
-    const char *files[DATA_MAX_FILES];
+    const char *files[KD_MAX_DATA_FILES];
     int n_files = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -113,9 +112,9 @@ int kd_cmd_data(int argc, char **argv) {
             fprintf(stderr, "kdist data prepare: unknown or incomplete option '%s'\n%s\n", a,
                     DATA_USAGE);
             return 2;
-        } else if (n_files == DATA_MAX_FILES) {
+        } else if (n_files == KD_MAX_DATA_FILES) {
             fprintf(stderr, "kdist data prepare: more than %d files (data.files holds %d)\n",
-                    DATA_MAX_FILES, DATA_MAX_FILES);
+                    KD_MAX_DATA_FILES, KD_MAX_DATA_FILES);
             return 2;
         } else
             files[n_files++] = a;

@@ -83,7 +83,7 @@ int kd_cmd_sample(int argc, char **argv) {
     kd_recipe_t r;
     kd_tokenizer_t *tok = NULL;
     kd_model_t *m = NULL;
-    uint32_t *ids = NULL, *out = NULL;
+    uint32_t *ids = NULL;
     char *text = NULL;
     int rc = 1;
     kd_gpt_config_t cfg;
@@ -105,7 +105,7 @@ int kd_cmd_sample(int argc, char **argv) {
                  model_path, cfg.vocab, r.data.tokenizer, kd_tokenizer_vocab(tok));
         goto done;
     }
-    size_t n = 0, cap = 0;
+    size_t n = 0, cap = 0, len = 0;
     if (kd_tokenizer_encode(tok, prompt, strlen(prompt), &ids, &n, &cap, err, sizeof err) != 0)
         goto done;
     if (n == 0) { /* no prompt: start from end-of-text, as GPT-2 does */
@@ -113,16 +113,9 @@ int kd_cmd_sample(int argc, char **argv) {
         KD_ASSERT(ids);
         ids[n++] = (uint32_t)kd_tokenizer_eot(tok);
     }
-    out = kd_xmalloc((size_t)n_tokens * sizeof *out);
-    kd_gpt_generate(m->gpt, ids, n, (size_t)n_tokens, (float)temperature, (int)top_k,
-                    (uint64_t)seed, out);
-    /* ids beyond the tokenizer's (a padded vocabulary) have no text: dropped */
-    size_t kept = 0, len = 0;
-    for (long i = 0; i < n_tokens; i++)
-        if (out[i] < (uint32_t)kd_tokenizer_vocab(tok)) out[kept++] = out[i];
-    if (kd_tokenizer_decode(tok, out, kept, NULL, 0, &len, err, sizeof err) != 0) goto done;
-    text = kd_xmalloc(len + 1);
-    if (kd_tokenizer_decode(tok, out, kept, text, len, &len, err, sizeof err) != 0) goto done;
+    if (kd_gpt_sample_text(m->gpt, tok, ids, n, false, (size_t)n_tokens, (float)temperature,
+                           (int)top_k, (uint64_t)seed, &text, &len, err, sizeof err) != 0)
+        goto done;
     fputs(prompt, stdout);
     fwrite(text, 1, len, stdout);
     fputc('\n', stdout);
@@ -130,7 +123,6 @@ int kd_cmd_sample(int argc, char **argv) {
 done:
     if (rc) fprintf(stderr, "kdist sample: %s\n", err);
     free(text);
-    free(out);
     free(ids);
     kd_model_destroy(&m);
     kd_tokenizer_destroy(&tok);

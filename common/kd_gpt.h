@@ -138,6 +138,17 @@ uint32_t kd_gpt_pick(const float *logits, int V, float temperature, int top_k, k
 size_t kd_gpt_generate(const kd_gpt_t *m, const uint32_t *prompt, size_t n_prompt, size_t n_new,
                        float temperature, int top_k, uint64_t seed, uint32_t *out);
 
+/* The same as text: n_new tokens generated after prompt[0..n_prompt) (n_prompt >= 1) and
+ * decoded by tok (ids beyond its vocabulary, a padded one's, have no text and are dropped).
+ * *text (caller frees) gets the continuation, preceded by the prompt's own text when
+ * with_prompt, NUL-terminated, *len bytes; a cut through a character is not repaired
+ * (kd_utf8_repair). 0, or -1 with err set (a prompt id outside tok's vocabulary). */
+struct kd_tokenizer;
+int kd_gpt_sample_text(const kd_gpt_t *m, const struct kd_tokenizer *tok, const uint32_t *prompt,
+                       size_t n_prompt, bool with_prompt, size_t n_new, float temperature,
+                       int top_k, uint64_t seed, char **text, size_t *len, char *err,
+                       size_t errlen);
+
 /* Multiply-adds of a forward of one window of T tokens, head included. */
 double kd_gpt_forward_flops(const kd_gpt_config_t *cfg, int T);
 

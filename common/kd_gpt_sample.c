@@ -7,6 +7,7 @@
 
 #include "kd_gpt.h"
 #include "kd_kernels.h"
+#include "kd_tokenizer.h"
 #include "kd_util.h"
 
 struct kd_gpt_sampler {
@@ -178,4 +179,29 @@ size_t kd_gpt_generate(const kd_gpt_t *m, const uint32_t *prompt, size_t n_promp
     free(scratch);
     kd_gpt_sampler_destroy(&s);
     return n_new;
+}
+
+int kd_gpt_sample_text(const kd_gpt_t *m, const kd_tokenizer_t *tok, const uint32_t *prompt,
+                       size_t n_prompt, bool with_prompt, size_t n_new, float temperature,
+                       int top_k, uint64_t seed, char **text, size_t *len, char *err,
+                       size_t errlen) {
+    KD_ASSERT(n_prompt >= 1);
+    *text = NULL;
+    *len = 0;
+    const size_t skip = with_prompt ? 0 : n_prompt;
+    uint32_t *all = kd_xmalloc((n_prompt + n_new) * sizeof *all);
+    memcpy(all, prompt, n_prompt * sizeof *all);
+    if (n_new)
+        kd_gpt_generate(m, prompt, n_prompt, n_new, temperature, top_k, seed, all + n_prompt);
+    size_t kept = 0;
+    for (size_t i = skip; i < n_prompt + n_new; i++)
+        if (all[i] < (uint32_t)kd_tokenizer_vocab(tok)) all[kept++] = all[i];
+    int rc = kd_tokenizer_decode(tok, all, kept, NULL, 0, len, err, errlen);
+    if (rc == 0) {
+        *text = kd_xmalloc(*len + 1);
+        rc = kd_tokenizer_decode(tok, all, kept, *text, *len, len, err, errlen);
+        (*text)[*len] = '\0';
+    }
+    free(all);
+    return rc;
 }

@@ -177,6 +177,15 @@ void kd_json_set_lm_eval(json_t *j, const char *split, double perplexity, double
     json_object_set_new(j, key, kd_json_number(bits_per_byte));
 }
 
+/* One object as one line of metrics.jsonl, flushed; takes the reference. */
+static int write_jsonl_line(kd_metrics_t *m, json_t *line, char *err, size_t errlen) {
+    int rc = json_dumpf(line, m->jsonl, JSON_COMPACT | JSON_PRESERVE_ORDER);
+    json_decref(line);
+    if (rc != 0 || fputc('\n', m->jsonl) == EOF || fflush(m->jsonl) != 0)
+        return kd_err(err, errlen, "%s: write failed: %s", m->jsonl_path, strerror(errno));
+    return 0;
+}
+
 static int write_jsonl(kd_metrics_t *m, long step, double wall_time, char *err, size_t errlen) {
     json_t *line = json_object();
     json_object_set_new(line, "step", json_integer(step));
@@ -190,11 +199,7 @@ static int write_jsonl(kd_metrics_t *m, long step, double wall_time, char *err, 
             return kd_err(err, errlen, "%s: tag \"%s\" is not valid UTF-8", m->jsonl_path, s->tag);
         }
     }
-    int rc = json_dumpf(line, m->jsonl, JSON_COMPACT | JSON_PRESERVE_ORDER);
-    json_decref(line);
-    if (rc != 0 || fputc('\n', m->jsonl) == EOF || fflush(m->jsonl) != 0)
-        return kd_err(err, errlen, "%s: write failed: %s", m->jsonl_path, strerror(errno));
-    return 0;
+    return write_jsonl_line(m, line, err, errlen);
 }
 
 int kd_metrics_flush(kd_metrics_t *m, long step, char *err, size_t errlen) {
@@ -225,6 +230,60 @@ int kd_metrics_flush(kd_metrics_t *m, long step, char *err, size_t errlen) {
     if (rc == 0) rc = write_jsonl(m, step, wall_time, err, errlen);
     for (int i = 0; i < m->n_slots; i++) m->slots[i].set = false;
     return rc;
+}
+
+int kd_metrics_text(kd_metrics_t *m, const char *tag, const char *text, long step, char *err,
+                    size_t errlen) {
+    KD_ASSERT(m && tag && text);
+    /* markdown: a preformatted block, so the text shows as it is (line breaks, #, *, ...) */
+    size_t lines = 1;
+    for (const char *p = text; *p; p++) lines += *p == '\n';
+    char *block = kd_xmalloc(strlen(text) + 4 * lines + 1), *out = block;
+    for (const char *p = text;; p++) {
+        if (!*p) break;
+        if (p == text || p[-1] == '\n') memcpy(out, "    ", 4), out += 4;
+        *out++ = *p;
+    }
+    *out = '\0';
+
+    Tensorboard__SummaryMetadata__PluginData plugin =
+        TENSORBOARD__SUMMARY_METADATA__PLUGIN_DATA__INIT;
+    plugin.plugin_name = (char *)"text";
+    Tensorboard__SummaryMetadata meta = TENSORBOARD__SUMMARY_METADATA__INIT;
+    meta.plugin_data = &plugin;
+    Tensorboard__TensorShapeProto scalar = TENSORBOARD__TENSOR_SHAPE_PROTO__INIT;
+    ProtobufCBinaryData string_val = {strlen(block), (uint8_t *)block};
+    Tensorboard__TensorProto tensor = TENSORBOARD__TENSOR_PROTO__INIT;
+    tensor.dtype = TENSORBOARD__DATA_TYPE__DT_STRING;
+    tensor.tensor_shape = &scalar;
+    tensor.n_string_val = 1;
+    tensor.string_val = &string_val;
+    Tensorboard__Summary__Value value = TENSORBOARD__SUMMARY__VALUE__INIT;
+    value.tag = (char *)tag;
+    value.metadata = &meta;
+    value.value_case = TENSORBOARD__SUMMARY__VALUE__VALUE_TENSOR;
+    value.tensor = &tensor;
+    Tensorboard__Summary__Value *values = &value;
+    Tensorboard__Summary summary = TENSORBOARD__SUMMARY__INIT;
+    summary.n_value = 1;
+    summary.value = &values;
+    Tensorboard__Event ev = TENSORBOARD__EVENT__INIT;
+    ev.wall_time = kd_wall_time();
+    ev.step = step;
+    ev.what_case = TENSORBOARD__EVENT__WHAT_SUMMARY;
+    ev.summary = &summary;
+    int rc = write_record(m, &ev.base, err, errlen);
+    free(block);
+    if (rc != 0) return rc;
+
+    json_t *line = json_object();
+    json_object_set_new(line, "step", json_integer(step));
+    json_object_set_new(line, "wall_time", json_real(ev.wall_time));
+    if (json_object_set_new(line, tag, json_string(text)) != 0) {
+        json_decref(line);
+        return kd_err(err, errlen, "%s: text \"%s\" is not valid UTF-8", m->jsonl_path, tag);
+    }
+    return write_jsonl_line(m, line, err, errlen);
 }
 
 /* ---- the student's GraphDef ---- */

@@ -1,5 +1,5 @@
-/* kd_metrics: a run's metrics outputs — a TensorBoard event file (TFRecord framing, scalars
- * and the student's graph) and metrics.jsonl with the same scalars, in the run directory.
+/* kd_metrics: a run's metrics outputs — a TensorBoard event file (TFRecord framing, scalars,
+ * text and the student's graph) and metrics.jsonl with the same scalars, in the run directory.
  * A kd_metrics_t owns both files and its buffers; it is not thread-safe (one per process). */
 #ifndef KD_METRICS_H
 #define KD_METRICS_H
@@ -34,6 +34,13 @@ void kd_metrics_scalar(kd_metrics_t *m, const char *tag, double value);
  * the same wall time, then flushes both files (no fsync) and clears the buffer. Nothing is
  * written when nothing is buffered. -1 with err naming the file on a write error. */
 int kd_metrics_flush(kd_metrics_t *m, long step, char *err, size_t errlen);
+
+/* Writes text at step now, as its own Event: a string tensor for TensorBoard's Text tab
+ * (plugin "text", which renders markdown, so text goes in as a preformatted block: every line
+ * indented by four spaces) and a metrics.jsonl line {"step", "wall_time", <tag>: text}.
+ * text must be UTF-8. -1 with err naming the file on a write error. */
+int kd_metrics_text(kd_metrics_t *m, const char *tag, const char *text, long step, char *err,
+                    size_t errlen);
 
 /* Writes the model as a GraphDef event for TensorBoard's Graphs tab: "input"
  * (Placeholder), one node per layer "layers.<i>" with the PyTorch class name as op

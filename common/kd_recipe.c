@@ -291,6 +291,13 @@ static const row_t schema[] = {
     LONG("eval.batch_size", eval.batch_size, BTW, 1, 65536, "1000", "samples per eval batch"),
     LONG("eval.patience", eval.patience, GE, 0, 0, "0",
          "evaluations without improvement before stopping (0 = never)"),
+    LONG("eval.sample_tokens", eval.sample_tokens, BTW, 0, KD_EVAL_SAMPLE_MAX_TOKENS, "128",
+         "language models: tokens of text the coordinator samples from the student at each "
+         "evaluation (temperature 0.8, top 40, seeded by the run's seed), to TensorBoard's Text "
+         "tab and metrics.jsonl as samples/student (0 = none)"),
+    STR("eval.sample_prompt", eval.sample_prompt, 0, NULL, "",
+        "language models: the text the samples continue (empty = a new document, from "
+        "end-of-text)"),
 
     LONG("checkpoint.every_steps", checkpoint.every_steps, GE, 0, 0, "0",
          "checkpoint every N steps (0 = only at the end)"),

@@ -17,11 +17,13 @@
 #include "kd_optim.h"
 #include "kd_util.h"
 
-#define KD_NAME_MAX            128
-#define KD_MAX_AUTHORIZED_KEYS 64  /* cluster.security.authorized_keys entries */
-#define KD_AUTHORIZED_KEY_MAX  512 /* bytes per entry, NUL included */
-#define KD_MAX_ROLE_KEYS       16  /* entries of worker_keys, teacher_keys, ... */
-#define KD_MAX_DATA_FILES      64  /* data.files entries */
+#define KD_NAME_MAX               128
+#define KD_MAX_AUTHORIZED_KEYS    64   /* cluster.security.authorized_keys entries */
+#define KD_AUTHORIZED_KEY_MAX     512  /* bytes per entry, NUL included */
+#define KD_MAX_ROLE_KEYS          16   /* entries of worker_keys, teacher_keys, ... */
+#define KD_MAX_DATA_FILES         64   /* data.files entries */
+#define KD_EVAL_SAMPLE_MAX_TOKENS 1024 /* eval.sample_tokens */
+#define KD_EVAL_PROMPT_MAX        512  /* bytes of eval.sample_prompt, NUL included */
 
 typedef enum { KD_DATA_IMAGES = 0, KD_DATA_TEXT, KD_DATA_TOKENS } kd_data_format_t;
 
@@ -93,7 +95,10 @@ typedef struct {
     struct {
         long every_steps; /* 0 = at the end of each epoch only */
         long batch_size;
-        long patience; /* evaluations without improvement before stopping (0 = never) */
+        long patience;      /* evaluations without improvement before stopping (0 = never) */
+        long sample_tokens; /* language models: text sampled at each evaluation */
+        char sample_prompt[KD_EVAL_PROMPT_MAX]; /* what the samples start from ("" = a new document)
+                                                 */
     } eval;
 
     struct {

@@ -238,6 +238,24 @@ static size_t utf8_next(const uint8_t *s, size_t len, size_t i, uint32_t *cp) {
     return n;
 }
 
+size_t kd_utf8_repair(const char *in, size_t len, char *out) {
+    const uint8_t *s = (const uint8_t *)in;
+    size_t o = 0;
+    for (size_t i = 0; i < len;) {
+        uint32_t cp;
+        size_t k = utf8_next(s, len, i, &cp);
+        if (k == 0) {
+            memcpy(out + o, "\xef\xbf\xbd", 3); /* U+FFFD */
+            o += 3, i++;
+        } else {
+            memcpy(out + o, in + i, k);
+            o += k, i += k;
+        }
+    }
+    out[o] = '\0';
+    return o;
+}
+
 static bool byte_printable(int b) {
     return (b >= '!' && b <= '~') || (b >= 0xa1 && b <= 0xac) || (b >= 0xae && b <= 0xff);
 }

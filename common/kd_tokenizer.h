@@ -47,6 +47,12 @@ int kd_tokenizer_encode(kd_tokenizer_t *t, const char *text, size_t len, uint32_
 int kd_tokenizer_decode(const kd_tokenizer_t *t, const uint32_t *ids, size_t n, char *out,
                         size_t cap, size_t *len, char *err, size_t errlen);
 
+/* in[0..len) as valid UTF-8 in out (at least 3 * len + 1 bytes; NUL-terminated): every byte
+ * that does not start a well-formed sequence becomes U+FFFD, as a text viewer would show it
+ * (generated text may end inside a character, and bytes models may emit any byte). Returns the
+ * bytes written, without the NUL. */
+size_t kd_utf8_repair(const char *in, size_t len, char *out);
+
 /* BLAKE2b-128 (hex) of what decides the ids: the vocabulary and the merges in rank order for
  * gpt2, the name for bytes. For cache keys and Hellos. */
 void kd_tokenizer_fingerprint(const kd_tokenizer_t *t, char out[KD_TOKENIZER_FP_HEX + 1]);

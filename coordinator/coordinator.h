@@ -65,6 +65,10 @@ typedef struct {
     char id[64];
 } coord_event_t;
 
+/* Room for eval.sample_tokens of text (GPT-2 tokens average about 4 bytes); a longer sample is
+ * cut at a character boundary. */
+#define EVAL_SAMPLE_BYTES 8192
+
 /* One evaluation's results (val and test), from the evaluator thread. */
 typedef struct {
     long step;
@@ -73,6 +77,7 @@ typedef struct {
     long best_step;
     double best_val_accuracy;
     int evals_since_best;
+    char sample[EVAL_SAMPLE_BYTES]; /* a language model's text sample (UTF-8), or "" */
 } eval_result_t;
 
 typedef struct evaluator evaluator_t;

@@ -4,7 +4,9 @@
  * fast schedule cannot queue copies of the weights without bound. Results come back over an
  * inproc pipe. It keeps the best weights on disk (never non-finite ones). When the
  * run distils from a teacher whose weights it can load, it also compares the student with the
- * teacher (top-1 agreement, mean KL) on both sets, from teacher logits computed once. */
+ * teacher (top-1 agreement, mean KL) on both sets, from teacher logits computed once. A language
+ * model also writes a few lines of text at each evaluation (eval.sample_tokens), the same seed
+ * every time, so the samples show what training changed. */
 #include <jansson.h>
 #include <math.h>
 #include <pthread.h>
@@ -15,6 +17,7 @@
 #include "coordinator.h"
 #include "kd_checkpoint.h"
 #include "kd_log.h"
+#include "kd_tokenizer.h"
 
 struct evaluator {
     void *pipe;   /* coordinator's end: results */
@@ -34,6 +37,9 @@ struct evaluator {
     float *teacher_val, *teacher_test; /* (n, C) the teacher's logits, once computed */
     bool teacher_tried;
     char best_path[KD_PATH_MAX + 64];
+    kd_tokenizer_t *tok; /* a language model's, for its samples; NULL: no samples */
+    uint32_t *prompt;    /* (n_prompt) what they continue */
+    size_t n_prompt;
     int outstanding;
     /* actor state */
     double best_val_accuracy;
@@ -108,6 +114,62 @@ int evaluator_read_best(const char *best_path, evaluator_best_t *out) {
     return rc;
 }
 
+/* The model's text after its prompt (ev->prompt) into out (EVAL_SAMPLE_BYTES), repaired to
+ * UTF-8 and cut at a character boundary when long. */
+#define SAMPLE_TEMPERATURE 0.8f
+#define SAMPLE_TOP_K       40
+#define SAMPLE_PROMPT_MAX  16 /* tokens of validation text when the recipe gives no prompt */
+static void sample_text(evaluator_t *ev, char *out) {
+    const kd_recipe_t *r = &ev->recipe;
+    char *text = NULL, err[KD_ERR_LEN];
+    size_t len = 0;
+    out[0] = '\0';
+    if (kd_gpt_sample_text(ev->model->gpt, ev->tok, ev->prompt, ev->n_prompt, true,
+                           (size_t)r->eval.sample_tokens, SAMPLE_TEMPERATURE, SAMPLE_TOP_K,
+                           kd_rng_key((uint64_t)r->seed, 0x73616d70 /* "samp" */, 0), &text, &len,
+                           err, sizeof err) != 0) {
+        kd_log(KD_LOG_WARN, "COORD-SAMPLE", "no text sample: %s", err);
+        return;
+    }
+    char *repaired = kd_xmalloc(3 * len + 1);
+    size_t n = kd_utf8_repair(text, len, repaired);
+    if (n >= EVAL_SAMPLE_BYTES) { /* back to the start of a character */
+        n = EVAL_SAMPLE_BYTES - 1;
+        while (n > 0 && ((uint8_t)repaired[n] & 0xc0) == 0x80) n--;
+    }
+    memcpy(out, repaired, n);
+    out[n] = '\0';
+    free(repaired);
+    free(text);
+}
+
+/* What the samples continue: eval.sample_prompt, or the start of the validation (else test)
+ * text: a model that never saw end-of-text (one file) cannot start a document from it. Opens
+ * the tokenizer; false (logged) when there will be no samples. */
+static bool prepare_samples(evaluator_t *ev) {
+    const kd_recipe_t *r = &ev->recipe;
+    char err[KD_ERR_LEN];
+    if (kd_tokenizer_open(r->data.tokenizer,
+                          r->data.tokenizer_dir[0] ? r->data.tokenizer_dir : NULL, &ev->tok, err,
+                          sizeof err) != 0) {
+        kd_log(KD_LOG_WARN, "COORD-SAMPLE", "no text samples: %s", err);
+        return false;
+    }
+    size_t cap = 0;
+    if (r->eval.sample_prompt[0]) {
+        if (kd_tokenizer_encode(ev->tok, r->eval.sample_prompt, strlen(r->eval.sample_prompt),
+                                &ev->prompt, &ev->n_prompt, &cap, err, sizeof err) != 0)
+            kd_log(KD_LOG_WARN, "COORD-SAMPLE", "no text samples: eval.sample_prompt: %s", err);
+        return ev->n_prompt > 0;
+    }
+    const kd_dataset_t *from = ev->data->val && ev->data->val->n ? ev->data->val : ev->data->test;
+    if (!from || from->n == 0) return false;
+    ev->n_prompt = from->window - 1 < SAMPLE_PROMPT_MAX ? from->window - 1 : SAMPLE_PROMPT_MAX;
+    ev->prompt = kd_xmalloc(ev->n_prompt * sizeof *ev->prompt);
+    memcpy(ev->prompt, from->tokens, ev->n_prompt * sizeof *ev->prompt);
+    return ev->n_prompt > 0;
+}
+
 /* Waits for a snapshot and copies it into the model; false when told to quit. */
 static bool take_snapshot(evaluator_t *ev, long *step) {
     pthread_mutex_lock(&ev->lock);
@@ -149,6 +211,7 @@ static void *evaluator_main(void *arg) {
         res.best_step = ev->best_step;
         res.best_val_accuracy = ev->best_val_accuracy;
         res.evals_since_best = ev->evals_since_best;
+        if (ev->tok && finite) sample_text(ev, res.sample);
         zmq_send(ev->worker, &res, sizeof res, 0);
     }
     return NULL;
@@ -178,6 +241,8 @@ evaluator_t *evaluator_new(void *ctx, const kd_recipe_t *r, const kd_model_t *mo
     ev->best_val_accuracy = best ? best->val_accuracy : 0;
     ev->evals_since_best = best ? best->evals_since : 0;
     ev->waiting = kd_alloc_floats(model->n_params);
+    if (model->gpt && r->eval.sample_tokens > 0 && !prepare_samples(ev))
+        kd_tokenizer_destroy(&ev->tok);
     pthread_mutex_init(&ev->lock, NULL);
     pthread_cond_init(&ev->wake, NULL);
     pthread_create(&ev->thread, NULL, evaluator_main, ev);
@@ -235,6 +300,8 @@ void evaluator_destroy(evaluator_t **self_p) {
     zmq_close(ev->pipe);
     zmq_close(ev->worker);
     kd_model_destroy(&ev->model);
+    kd_tokenizer_destroy(&ev->tok);
+    free(ev->prompt);
     free(ev->teacher_val);
     free(ev->teacher_test);
     free(ev);

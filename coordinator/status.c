@@ -40,6 +40,10 @@ void coord_handle_eval_result(coord_t *c, const eval_result_t *res) {
         kd_metrics_scalar(c->metrics, "eval/test_bits_per_byte", res->test.bits_per_byte);
     }
     flush_metrics(c, res->step);
+    char err[KD_ERR_LEN];
+    if (res->sample[0] && kd_metrics_text(c->metrics, "samples/student", res->sample, res->step,
+                                          err, sizeof err) != 0)
+        kd_log(KD_LOG_ERROR, "COORD-METRICS", "%s", err);
     if (c->model->gpt)
         kd_log(KD_LOG_INFO, "COORD-EVAL",
                "step %ld: val loss %.4f (%.4f bits per byte, perplexity %.3f, next-token "

@@ -5,9 +5,10 @@
  * per byte; `kdist eval` dumps logits and token windows; `kdist sample` is the same for a seed;
  * bad text is refused naming the file.
  * On the cluster (`kdist run`: coordinator, teacher node, workers as processes): one sync worker
- * gives the in-process trainer's weights bit for bit; three workers with one SIGKILLed mid-run
- * complete with the ledger whole; a coordinator SIGKILLed after a checkpoint resumes the run;
- * a distilling LM recipe is refused with the fix. */
+ * gives the in-process trainer's weights bit for bit and a text sample at each evaluation;
+ * sync, async and ssp runs with a worker SIGKILLed mid-run complete with the ledger whole; a
+ * coordinator SIGKILLed after a checkpoint resumes the run; a distilling LM recipe is refused with
+ * the fix. */
 #include <dirent.h>
 #include <math.h>
 #include <stdio.h>
@@ -101,6 +102,30 @@ static int finish_cluster_run(pid_t pid, const char *name, bool expect_ok) {
     return rc;
 }
 
+/* The student's text samples in the run's metrics.jsonl: how many, and whether the last is at
+ * least 64 bytes of mostly the source's letters (the model learnt the alphabet). */
+static bool last_sample_good(const char *run_dir, int *n_samples) {
+    char path[KD_PATH_MAX + 128];
+    snprintf(path, sizeof path, "%s/metrics.jsonl", run_dir);
+    FILE *f = fopen(path, "r");
+    static char line[1 << 16];
+    bool good = false;
+    *n_samples = 0;
+    while (f && fgets(line, sizeof line, f)) {
+        json_t *j = json_loads(line, 0, NULL);
+        const char *text = json_string_value(json_object_get(j, "samples/student"));
+        if (text) {
+            size_t n = strlen(text), letters = 0;
+            for (size_t i = 0; i < n; i++) letters += text[i] && strchr("abcd", text[i]);
+            (*n_samples)++;
+            good = n >= 64 && letters >= n * 9 / 10;
+        }
+        json_decref(j);
+    }
+    if (f) fclose(f);
+    return good;
+}
+
 /* One sync worker computes what `kdist train` does: the same weights, bit for bit. */
 static void test_cluster_equals_trainer(void) {
     char dir[KD_PATH_MAX + 64];
@@ -124,37 +149,51 @@ static void test_cluster_equals_trainer(void) {
     char status[32];
     double bpb = summary_number(dir, "val_bits_per_byte", status, sizeof status);
     CHECK(strcmp(status, "completed") == 0 && bpb < ENTROPY_BITS + 0.15);
+    /* a text sample at each evaluation (one per epoch) */
+    int n_samples = 0;
+    CHECK(last_sample_good(dir, &n_samples));
+    long epochs = (long)summary_number(dir, "epochs", NULL, 0);
+    CHECK(n_samples == epochs);
+    if (n_samples != epochs) fprintf(stderr, "  %d samples in %ld epochs\n", n_samples, epochs);
 }
 
-/* Three async workers, one SIGKILLed once the coordinator counts all three, no restart: the
- * run completes with every batch applied once. The run (40 epochs) is long against the few
- * seconds the workers take to join. */
-static void test_cluster_worker_killed(void) {
-    char dir[KD_PATH_MAX + 64], log[KD_PATH_MAX + 64];
-    const char *over[] = {
-        "cluster.workers=3",        "cluster.consistency=async",         "train.epochs=40",
-        "cluster.heartbeat_ms=100", "cluster.heartbeat_timeout_ms=1500", NULL};
-    pid_t pid = start_cluster_run("cluster_killed", over, false, dir, sizeof dir);
+/* `workers` workers in `consistency` mode, worker 1 SIGKILLed once the coordinator counts them
+ * all, no restart: the run completes with every batch applied once. The run (40 epochs) is long
+ * against the few seconds the workers take to join. */
+static void test_cluster_worker_killed(const char *consistency, int workers) {
+    char dir[KD_PATH_MAX + 64], log[KD_PATH_MAX + 64], name[64], n_arg[64], mode_arg[64];
+    snprintf(name, sizeof name, "cluster_killed_%s", consistency);
+    snprintf(n_arg, sizeof n_arg, "cluster.workers=%d", workers);
+    snprintf(mode_arg, sizeof mode_arg, "cluster.consistency=%s", consistency);
+    const char *over[] = {n_arg,
+                          mode_arg,
+                          "train.epochs=40",
+                          "cluster.heartbeat_ms=100",
+                          "cluster.heartbeat_timeout_ms=1500",
+                          NULL};
+    pid_t pid = start_cluster_run(name, over, false, dir, sizeof dir);
     CHECK(pid > 0);
     if (pid <= 0) return;
     snprintf(log, sizeof log, "%s/status.txt", tmp);
     static char buf[65536];
-    int workers = 0;
+    int live = 0;
     const double deadline = kd_now() + 120;
-    while (workers < 3 && kd_now() < deadline && waitpid(pid, NULL, WNOHANG) == 0) {
-        workers = kd_test_status_members(kdist, dir, "worker", log, buf, sizeof buf);
-        if (workers < 3) usleep(50000);
+    while (live < workers && kd_now() < deadline && waitpid(pid, NULL, WNOHANG) == 0) {
+        live = kd_test_status_members(kdist, dir, "worker", log, buf, sizeof buf);
+        if (live < workers) usleep(50000);
     }
-    CHECK(workers == 3);
-    pid_t victim = kd_test_launcher_pid(dir, "worker", 2);
+    CHECK(live == workers);
+    pid_t victim = kd_test_launcher_pid(dir, "worker", 1);
     CHECK(victim > 0);
-    if (victim > 0 && workers == 3) kill(victim, SIGKILL);
-    CHECK(finish_cluster_run(pid, "cluster_killed", true) == 0);
-    CHECK(strstr(out, "lost                 worker 2 (died") != NULL);
+    if (victim > 0 && live == workers) kill(victim, SIGKILL);
+    CHECK(finish_cluster_run(pid, name, true) == 0);
+    CHECK(strstr(out, "lost                 worker 1 (died") != NULL);
     CHECK(ledger_whole(dir));
     char status[32];
     double bpb = summary_number(dir, "val_bits_per_byte", status, sizeof status);
     CHECK(strcmp(status, "completed") == 0 && bpb < ENTROPY_BITS + 0.15);
+    fprintf(stderr, "  %s: %s, %d workers, worker 1 killed: %.4f bits per byte\n", name,
+            consistency, workers, bpb);
 }
 
 /* Whether dir holds a periodic checkpoint (ckpt-<step>-<seq>.safetensors) already. */
@@ -257,7 +296,9 @@ int main(void) {
     CHECK(kd_file_exists(tmp_path("runs/lm_tiny/config.json")));
 
     test_cluster_equals_trainer();
-    test_cluster_worker_killed();
+    test_cluster_worker_killed("sync", 2);
+    test_cluster_worker_killed("async", 3);
+    test_cluster_worker_killed("ssp", 3);
     test_cluster_resume();
 
     /* eval: the dumps have the shapes the issue gives */

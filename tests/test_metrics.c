@@ -591,6 +591,92 @@ static void test_roundtrip(void) {
     free(buf);
 }
 
+/* A text summary as TensorBoard's text plugin reads it: Summary.Value{tag 1, metadata 9
+ * {plugin_data 1 {plugin_name 1}}, tensor 8 {dtype 1 = DT_STRING 7, tensor_shape 2 (a scalar),
+ * string_val 8}}, decoded here field by field; and the same text in metrics.jsonl. */
+static void test_text(void) {
+    const char *dir = kd_test_tmpdir("test_metrics_text");
+    char run_dir[KD_PATH_MAX], err[KD_ERR_LEN];
+    snprintf(run_dir, sizeof run_dir, "%s/runs/text", dir);
+    kd_metrics_t *m = kd_metrics_open(run_dir, err, sizeof err);
+    CHECK(m != NULL);
+    if (!m) return;
+    const char *text = "# In the beginning\nGod created *the heaven*\n";
+    CHECK(kd_metrics_text(m, "samples/student", text, 42, err, sizeof err) == 0);
+    CHECK(kd_metrics_text(m, "samples/student", "bad \xff byte", 43, err, sizeof err) == -1);
+    CHECK_ERR_HAS(err, "metrics.jsonl");
+    char events_path[KD_PATH_MAX], jsonl_path[KD_PATH_MAX];
+    snprintf(events_path, sizeof events_path, "%s", kd_metrics_events_path(m));
+    snprintf(jsonl_path, sizeof jsonl_path, "%s", kd_metrics_jsonl_path(m));
+    kd_metrics_close(&m);
+
+    uint8_t *buf = NULL;
+    size_t len = 0;
+    CHECK(kd_read_file(events_path, &buf, &len, err, sizeof err) == 0);
+    if (!buf) return;
+    t_rec_t recs[4];
+    char why[128] = "";
+    /* file_version, the text, and the second (refused in JSON, but TensorBoard's copy went) */
+    CHECK(t_read_records(buf, len, recs, 4, why, sizeof why) == 3);
+    t_event_t ev;
+    CHECK(t_decode_event(&recs[1], &ev) && ev.has_summary && ev.step == 42);
+    /* the value, by hand */
+    t_pb_t r = {recs[1].data, recs[1].data + recs[1].len};
+    t_field_t f, sf, vf, tf;
+    bool bad = false, found = false;
+    while (t_next(&r, &f, &bad))
+        if (f.field == 5 && f.wire == 2) {
+            t_pb_t sr = {f.data, f.data + f.len};
+            CHECK(t_next(&sr, &sf, &bad) && sf.field == 1 && sf.wire == 2);
+            t_pb_t vr = {sf.data, sf.data + sf.len};
+            char plugin[32] = "", tag[64] = "", value[256] = "";
+            uint64_t dtype = 0;
+            bool has_shape = false;
+            int n_strings = 0;
+            while (t_next(&vr, &vf, &bad)) {
+                if (vf.field == 1 && vf.wire == 2) t_copy(tag, sizeof tag, &vf);
+                if (vf.field == 9 && vf.wire == 2) {
+                    t_pb_t mr = {vf.data, vf.data + vf.len};
+                    t_field_t mf, pf;
+                    while (t_next(&mr, &mf, &bad))
+                        if (mf.field == 1 && mf.wire == 2) {
+                            t_pb_t pr = {mf.data, mf.data + mf.len};
+                            while (t_next(&pr, &pf, &bad))
+                                if (pf.field == 1 && pf.wire == 2)
+                                    t_copy(plugin, sizeof plugin, &pf);
+                        }
+                }
+                if (vf.field == 8 && vf.wire == 2) {
+                    t_pb_t tr = {vf.data, vf.data + vf.len};
+                    while (t_next(&tr, &tf, &bad)) {
+                        if (tf.field == 1 && tf.wire == 0) dtype = tf.u;
+                        if (tf.field == 2 && tf.wire == 2) has_shape = true;
+                        if (tf.field == 8 && tf.wire == 2)
+                            t_copy(value, sizeof value, &tf), n_strings++;
+                    }
+                }
+            }
+            found = true;
+            CHECK(strcmp(tag, "samples/student") == 0);
+            CHECK(strcmp(plugin, "text") == 0);
+            CHECK(dtype == 7 && has_shape && n_strings == 1);
+            /* markdown: a preformatted block, every line indented by four spaces */
+            CHECK(strcmp(value, "    # In the beginning\n    God created *the heaven*\n") == 0);
+        }
+    CHECK(found && !bad);
+    free(buf);
+
+    FILE *jf = fopen(jsonl_path, "r");
+    char line[1024] = "";
+    CHECK(jf && fgets(line, sizeof line, jf));
+    if (jf) fclose(jf);
+    json_t *j = json_loads(line, 0, NULL);
+    CHECK(json_integer_value(json_object_get(j, "step")) == 42);
+    CHECK(json_string_value(json_object_get(j, "samples/student")) &&
+          strcmp(json_string_value(json_object_get(j, "samples/student")), text) == 0);
+    json_decref(j);
+}
+
 static void test_open_errors(void) {
     const char *dir = kd_test_tmpdir("test_metrics_err");
     char path[KD_PATH_MAX], err[KD_ERR_LEN] = "";
@@ -606,6 +692,7 @@ static void test_open_errors(void) {
 int main(void) {
     test_crc_vector();
     test_roundtrip();
+    test_text();
     test_open_errors();
     return kd_test_done("test_metrics");
 }

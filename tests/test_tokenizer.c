@@ -544,6 +544,29 @@ static const char *mkdir_tmp(const char *name) {
 #define TINY_EXTRA  ", \"he\": 256, \"\\u0120t\": 257, \"<|endoftext|>\": 258"
 #define TINY_MERGES "#version: 0.2\nh e\n\xc4\xa0 t\n"
 
+/* kd_utf8_repair: valid text unchanged; each byte that starts no well-formed sequence (a lone
+ * continuation, an overlong, a surrogate, a cut-off character) becomes U+FFFD. */
+static void test_utf8_repair(void) {
+    struct {
+        const char *in, *want;
+    } cases[] = {
+        {"plain \xc3\xa9 \xe2\x80\x94 \xf0\x9f\x98\x80",
+         "plain \xc3\xa9 \xe2\x80\x94 \xf0\x9f\x98\x80"},
+        {"a\x80" "b", "a\xef\xbf\xbd"
+                   "b"},
+        {"\xc0\xaf", "\xef\xbf\xbd\xef\xbf\xbd"},                 /* overlong '/' */
+        {"\xed\xa0\x80", "\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd"}, /* a surrogate */
+        {"end \xe2\x80", "end \xef\xbf\xbd\xef\xbf\xbd"},         /* cut inside a character */
+        {"", ""},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        size_t n = strlen(cases[i].in);
+        char out[64];
+        CHECK(kd_utf8_repair(cases[i].in, n, out) == strlen(cases[i].want));
+        CHECK(strcmp(out, cases[i].want) == 0);
+    }
+}
+
 static void test_tiny(void) {
     char err[KD_ERR_LEN] = "";
     const char *dir = mkdir_tmp("tiny");
@@ -688,6 +711,7 @@ int main(void) {
     snprintf(tmp, sizeof tmp, "%s", kd_test_tmpdir("tokenizer"));
     snprintf(gpt2_dir, sizeof gpt2_dir, "%s", kd_tokenizer_gpt2_dir());
     test_bytes();
+    test_utf8_repair();
     test_tiny();
     test_malformed_files();
 
