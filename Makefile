@@ -27,6 +27,7 @@ demo: build
 bench: build
 	@$(BUILD)/bin/kd_bench_step
 	@$(BUILD)/bin/kd_bench_teacher
+	@$(BUILD)/bin/kd_bench_gpt
 
 # The whole suite once more under AddressSanitizer + UndefinedBehaviorSanitizer.
 asan-test: deps

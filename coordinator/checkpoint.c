@@ -136,14 +136,14 @@ int coord_checkpoint_save(const char *dir, const coord_state_t *s, const kd_mode
     kd_st_writer_add(w, "optim.m", KD_DTYPE_F32, 1, &n, opt->m);
     if (opt->v) kd_st_writer_add(w, "optim.v", KD_DTYPE_F32, 1, &n, opt->v);
     kd_st_writer_add(w, "ledger.applied", KD_DTYPE_U8, 1, &nb, applied);
-    json_t *j = json_pack(
-        "{s:s, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:f, s:f, s:I}", "run_id", s->run_id,
-        "epoch", (json_int_t)s->epoch, "step", (json_int_t)s->step, "version",
-        (json_int_t)s->version, "position", (json_int_t)s->position, "batches_applied",
-        (json_int_t)s->batches_applied, "batches_expected", (json_int_t)s->batches_expected,
-        "duplicates", (json_int_t)s->duplicates, "restreamed", (json_int_t)s->restreamed, "optim_t",
-        (json_int_t)opt->t, "elapsed", s->elapsed, "best_val_accuracy", s->best_val_accuracy,
-        "best_step", (json_int_t)s->best_step);
+    json_t *j =
+        json_pack("{s:s, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:f, s:f, s:I}", "run_id",
+                  s->run_id, "epoch", (json_int_t)s->epoch, "step", (json_int_t)s->step, "version",
+                  (json_int_t)s->version, "position", (json_int_t)s->position, "batches_applied",
+                  (json_int_t)s->batches_applied, "batches_expected",
+                  (json_int_t)s->batches_expected, "duplicates", (json_int_t)s->duplicates,
+                  "restreamed", (json_int_t)s->restreamed, "optim_t", (json_int_t)opt->t, "elapsed",
+                  s->elapsed, "best_score", s->best_score, "best_step", (json_int_t)s->best_step);
     char *text = j ? json_dumps(j, JSON_COMPACT) : NULL;
     json_decref(j);
     if (!text) {
@@ -270,11 +270,14 @@ static int load_one(const char *path, coord_state_t *s, kd_model_t *m, kd_optim_
                expected = 0, dups = 0, restreamed = 0, best_step = -1;
     double elapsed = 0, best = 0;
     const char *run_id = "";
+    /* "best_score"; checkpoints of kdist before it kept "best_val_accuracy" */
+    if (!json_object_get(j, "best_score"))
+        json_object_set(j, "best_score", json_object_get(j, "best_val_accuracy"));
     json_unpack(j, "{s?s, s?I, s?I, s?I, s?I, s?I, s?I, s?I, s?I, s?I, s?F, s?F, s?I}", "run_id",
                 &run_id, "epoch", &epoch, "step", &step, "version", &version, "position", &position,
                 "batches_applied", &applied_total, "batches_expected", &expected, "duplicates",
-                &dups, "restreamed", &restreamed, "optim_t", &t, "elapsed", &elapsed,
-                "best_val_accuracy", &best, "best_step", &best_step);
+                &dups, "restreamed", &restreamed, "optim_t", &t, "elapsed", &elapsed, "best_score",
+                &best, "best_step", &best_step);
     snprintf(s->run_id, sizeof s->run_id, "%s", run_id);
     s->epoch = (uint32_t)epoch;
     s->step = step;
@@ -285,7 +288,7 @@ static int load_one(const char *path, coord_state_t *s, kd_model_t *m, kd_optim_
     s->duplicates = dups;
     s->restreamed = restreamed;
     s->elapsed = elapsed;
-    s->best_val_accuracy = best;
+    s->best_score = best;
     s->best_step = best_step;
     json_int_t since = 0;
     json_unpack(j, "{s?I}", "evals_since_best", &since);

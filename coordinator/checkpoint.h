@@ -20,7 +20,7 @@ typedef struct {
     long batches_applied, batches_expected;
     long duplicates, restreamed;
     double elapsed;
-    double best_val_accuracy;
+    double best_score; /* evaluator_score of the best evaluation */
     long best_step;
     long evals_since_best; /* patience spent */
 } coord_state_t;

@@ -458,18 +458,17 @@ int main(int argc, char **argv) {
     KD_ASSERT(n_best < (int)sizeof best); /* run_dir is bounded at set-up */
     /* What to beat: the checkpoint's best, or the best file's if that came later */
     evaluator_best_t to_beat = {.step = c->s.best_step,
-                                .val_accuracy = c->s.best_val_accuracy,
+                                .score = c->s.best_score,
                                 .evals_since = (int)c->s.evals_since_best},
                      on_disk;
     if (resumed == 0 && evaluator_read_best(best, &on_disk) == 0 &&
-        (to_beat.step < 0 || on_disk.val_accuracy > to_beat.val_accuracy)) {
+        (to_beat.step < 0 || on_disk.score > to_beat.score)) {
         kd_log(KD_LOG_INFO, "COORD-RESUME-BEST",
-               "%s holds the best so far (step %ld, val accuracy %.4f), newer than the "
-               "checkpoint's",
-               best, on_disk.step, on_disk.val_accuracy);
-        to_beat = (evaluator_best_t){.step = on_disk.step, .val_accuracy = on_disk.val_accuracy};
+               "%s holds the best so far (step %ld, score %.4f), newer than the checkpoint's", best,
+               on_disk.step, on_disk.score);
+        to_beat = (evaluator_best_t){.step = on_disk.step, .score = on_disk.score};
         c->s.best_step = on_disk.step;
-        c->s.best_val_accuracy = on_disk.val_accuracy;
+        c->s.best_score = on_disk.score;
     }
     c->eval = evaluator_new(c->ctx, &c->r, c->model, &c->data, best, &to_beat);
     c->t0 = c->win_t0 = kd_now();

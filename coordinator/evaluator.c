@@ -42,7 +42,7 @@ struct evaluator {
     size_t n_prompt;
     int outstanding;
     /* actor state */
-    double best_val_accuracy;
+    double best_score;
     long best_step;
     int evals_since_best;
 };
@@ -82,8 +82,8 @@ static void load_teacher_logits(evaluator_t *ev) {
  * resumed coordinator knows what it has to beat even when the best came after the checkpoint. */
 static int save_best(evaluator_t *ev, char *err, size_t errlen) {
     char meta[128];
-    snprintf(meta, sizeof meta, "{\"step\": %ld, \"val_accuracy\": %.17g}", ev->best_step,
-             ev->best_val_accuracy);
+    snprintf(meta, sizeof meta, "{\"step\": %ld, \"score\": %.17g, \"metric\": \"%s\"}",
+             ev->best_step, ev->best_score, ev->model->gpt ? "-val_loss" : "val_accuracy");
     kd_st_writer_t *w = kd_st_writer_new();
     kd_checkpoint_add_model(w, ev->model);
     kd_st_writer_metadata(w, BEST_METADATA, meta);
@@ -101,13 +101,16 @@ int evaluator_read_best(const char *best_path, evaluator_best_t *out) {
     json_t *j = meta ? json_loads(meta, 0, &jerr) : NULL;
     json_int_t step = -1;
     double acc = 0;
-    int rc = j && json_unpack(j, "{s:I, s:F}", "step", &step, "val_accuracy", &acc) == 0 &&
-                     step >= 0 && isfinite(acc)
+    /* "score"; files of kdist before it kept "val_accuracy" */
+    if (j && !json_object_get(j, "score"))
+        json_object_set(j, "score", json_object_get(j, "val_accuracy"));
+    int rc = j && json_unpack(j, "{s:I, s:F}", "step", &step, "score", &acc) == 0 && step >= 0 &&
+                     isfinite(acc)
                  ? 0
                  : -1;
     if (rc == 0) {
         out->step = (long)step;
-        out->val_accuracy = acc;
+        out->score = acc;
     }
     json_decref(j);
     kd_st_close(&st);
@@ -170,6 +173,10 @@ static bool prepare_samples(evaluator_t *ev) {
     return ev->n_prompt > 0;
 }
 
+double evaluator_score(const kd_model_t *m, const kd_eval_t *val) {
+    return m->gpt ? -val->loss : val->accuracy;
+}
+
 /* Waits for a snapshot and copies it into the model; false when told to quit. */
 static bool take_snapshot(evaluator_t *ev, long *step) {
     pthread_mutex_lock(&ev->lock);
@@ -198,9 +205,10 @@ static void *evaluator_main(void *arg) {
         /* non-finite weights are never the best, whatever their accuracy */
         char err[KD_ERR_LEN];
         bool finite = kd_checkpoint_check_finite(ev->model, ev->best_path, err, sizeof err) == 0;
-        res.improved = finite && (ev->best_step < 0 || res.val.accuracy > ev->best_val_accuracy);
+        const double score = evaluator_score(ev->model, &res.val);
+        res.improved = finite && !isnan(score) && (ev->best_step < 0 || score > ev->best_score);
         if (res.improved) {
-            ev->best_val_accuracy = res.val.accuracy;
+            ev->best_score = score;
             ev->best_step = step;
             ev->evals_since_best = 0;
             if (save_best(ev, err, sizeof err) != 0)
@@ -209,7 +217,7 @@ static void *evaluator_main(void *arg) {
             ev->evals_since_best++;
         }
         res.best_step = ev->best_step;
-        res.best_val_accuracy = ev->best_val_accuracy;
+        res.best_score = ev->best_score;
         res.evals_since_best = ev->evals_since_best;
         if (ev->tok && finite) sample_text(ev, res.sample);
         zmq_send(ev->worker, &res, sizeof res, 0);
@@ -238,7 +246,7 @@ evaluator_t *evaluator_new(void *ctx, const kd_recipe_t *r, const kd_model_t *mo
     ev->recipe = *r;
     snprintf(ev->best_path, sizeof ev->best_path, "%s", best_path);
     ev->best_step = best ? best->step : -1;
-    ev->best_val_accuracy = best ? best->val_accuracy : 0;
+    ev->best_score = best ? best->score : 0;
     ev->evals_since_best = best ? best->evals_since : 0;
     ev->waiting = kd_alloc_floats(model->n_params);
     if (model->gpt && r->eval.sample_tokens > 0 && !prepare_samples(ev))

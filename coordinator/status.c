@@ -20,7 +20,7 @@ void coord_request_eval(coord_t *c) {
 void coord_handle_eval_result(coord_t *c, const eval_result_t *res) {
     c->last_eval = *res;
     c->have_eval = true;
-    c->s.best_val_accuracy = res->best_val_accuracy;
+    c->s.best_score = res->best_score;
     c->s.best_step = res->best_step;
     c->s.evals_since_best = res->evals_since_best;
     kd_metrics_scalar(c->metrics, "eval/val_accuracy", res->val.accuracy);
@@ -219,7 +219,8 @@ int coord_write_summary(coord_t *c, const eval_result_t *final) {
         "test_accuracy", kd_json_number(final->test.accuracy), "test_loss",
         kd_json_number(final->test.loss), "val_accuracy", kd_json_number(final->val.accuracy),
         "val_loss", kd_json_number(final->val.loss), "best_step", (json_int_t) final->best_step,
-        "best_val_accuracy", kd_json_number(final->best_val_accuracy), "epochs",
+        c->model->gpt ? "best_val_loss" : "best_val_accuracy",
+        kd_json_number(c->model->gpt ? -final->best_score : final->best_score), "epochs",
         (json_int_t)(c->applied_count == c->n_batches ? c->s.epoch + 1 : c->s.epoch), "steps",
         (json_int_t)c->s.step, "samples_per_sec", kd_json_number(coord_train_rate(c)),
         "wall_seconds", kd_json_number(t), "workers_max", c->workers_max, "parameters",

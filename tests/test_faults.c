@@ -859,7 +859,7 @@ static bool best_on_disk(const cluster_t *c, long *step, double *accuracy, uint8
     const char *meta = kd_st_metadata(st, "kdist.best");
     json_t *j = meta ? json_loads(meta, 0, NULL) : NULL;
     *step = jint(j, "step");
-    *accuracy = json_number_value(json_object_get(j, "val_accuracy"));
+    *accuracy = json_number_value(json_object_get(j, "score")); /* a classifier: val accuracy */
     json_decref(j);
     kd_st_close(&st);
     return meta && kd_read_file(path, bytes, len, err, sizeof err) == 0;

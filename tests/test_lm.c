@@ -194,6 +194,13 @@ static void test_cluster_worker_killed(const char *consistency, int workers) {
     CHECK(strcmp(status, "completed") == 0 && bpb < ENTROPY_BITS + 0.15);
     fprintf(stderr, "  %s: %s, %d workers, worker 1 killed: %.4f bits per byte\n", name,
             consistency, workers, bpb);
+    /* best/ holds the lowest validation loss of the 40 evaluations, as the summary says */
+    double best = summary_number(dir, "best_val_loss", NULL, 0);
+    CHECK(best <= summary_number(dir, "val_loss", NULL, 0));
+    CHECK(run("%s eval %s/checkpoints/best/student.safetensors --recipe %s --split val", kdist, dir,
+              tmp_path("lm.yaml")) == 0);
+    const char *loss = strstr(out, "loss ");
+    CHECK(loss && fabs(strtod(loss + 5, NULL) - best) < 1e-3);
 }
 
 /* Whether dir holds a periodic checkpoint (ckpt-<step>-<seq>.safetensors) already. */
