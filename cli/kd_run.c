@@ -626,9 +626,14 @@ static const char *print_summary(run_t *r) {
     row_num(root, "workers max", "workers_max", "%.0f", 1.0);
     json_t *ap = summary_get(root, "batches_applied"), *ex = summary_get(root, "batches_expected");
     json_t *du = summary_get(root, "duplicates_dropped"), *re = summary_get(root, "restreamed");
-    printf("%-20s %lld/%lld batches applied, %lld duplicates dropped, %lld restreamed\n", "ledger",
-           (long long)json_number_value(ap), (long long)json_number_value(ex),
-           (long long)json_number_value(du), (long long)json_number_value(re));
+    /* a run that train.max_steps ended applies fewer batches than its epochs hold, on purpose */
+    const long steps = (long)json_number_value(summary_get(root, "steps"));
+    const bool capped = r->recipe.train.max_steps > 0 && steps == r->recipe.train.max_steps &&
+                        json_number_value(ap) < json_number_value(ex);
+    printf("%-20s %lld/%lld batches applied%s, %lld duplicates dropped, %lld restreamed\n",
+           "ledger", (long long)json_number_value(ap), (long long)json_number_value(ex),
+           capped ? " (train.max_steps ended the run)" : "", (long long)json_number_value(du),
+           (long long)json_number_value(re));
     json_t *lost = json_object_get(root, "members_lost"), *m;
     size_t i;
     json_array_foreach(lost, i, m) {
