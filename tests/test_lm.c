@@ -250,6 +250,73 @@ static void test_cluster_resume(void) {
     CHECK(strcmp(status, "completed") == 0 && bpb < ENTROPY_BITS + 0.15);
 }
 
+/* CurveZMQ and elasticity with a language model: every connection encrypted and
+ * authenticated (kdist keygen --cluster, weights over TCP: no shared memory), one async worker,
+ * `kdist scale --workers 2` once it trains, then Ctrl-C once the status counts both: the run
+ * stops cleanly with its ledger whole so far. Paced by events only: the run (100,000 epochs)
+ * never ends by itself. */
+static void test_cluster_curve_scaled(void) {
+    char keys[KD_PATH_MAX + 64], keys_arg[KD_PATH_MAX + 96], dir[KD_PATH_MAX + 64];
+    snprintf(keys, sizeof keys, "%s/keys", tmp);
+    CHECK(run("%s keygen --cluster %s", kdist, keys) == 0);
+    snprintf(keys_arg, sizeof keys_arg, "cluster.security.keys_dir=%s", keys);
+    char roles[3][KD_PATH_MAX + 128];
+    const char *role_keys[3][2] = {
+        {"worker_keys", "worker"}, {"teacher_keys", "teacher"}, {"operator_keys", "client"}};
+    for (int i = 0; i < 3; i++)
+        snprintf(roles[i], sizeof roles[i], "cluster.security.%s=%s/%s.pub", role_keys[i][0], keys,
+                 role_keys[i][1]);
+    const char *over[] = {"cluster.workers=1",
+                          "cluster.consistency=async",
+                          "cluster.shared_memory=false",
+                          "cluster.security.curve=true",
+                          keys_arg,
+                          roles[0],
+                          roles[1],
+                          roles[2],
+                          "train.epochs=100000",
+                          NULL};
+    pid_t pid = start_cluster_run("cluster_curve_scaled", over, false, dir, sizeof dir);
+    CHECK(pid > 0);
+    if (pid <= 0) return;
+    char log[KD_PATH_MAX + 128];
+    snprintf(log, sizeof log, "%s/status_curve.txt", tmp);
+    static char buf[65536];
+    int live = 0;
+    for (int want = 1; want <= 2; want++) {
+        const double deadline = kd_now() + 120;
+        live = 0;
+        while (live < want && kd_now() < deadline && waitpid(pid, NULL, WNOHANG) == 0) {
+            live = kd_test_status_members(kdist, dir, "worker", log, buf, sizeof buf);
+            if (live < want) usleep(50000);
+        }
+        CHECK(live == want);
+        if (want == 1 && live == 1) /* `kdist scale` finds client.key through the run dir */
+            CHECK(run("%s scale %s --workers 2 --timeout 120", kdist, dir) == 0);
+    }
+    kill(pid, SIGINT); /* what Ctrl-C sends kdist run: exit 1, the run did not complete */
+    CHECK(finish_cluster_run(pid, "cluster_curve_scaled", false) == 1);
+    CHECK(strstr(out, "interrupted: the run ended with status 'stopped'") != NULL);
+    char path[KD_PATH_MAX + 128];
+    snprintf(path, sizeof path, "%s/summary.json", dir);
+    json_t *j = json_load_file(path, 0, NULL), *l = json_object_get(j, "ledger");
+    CHECK(j && strcmp(json_string_value(json_object_get(j, "status")) ?: "", "stopped") == 0);
+    /* every batch of the completed epochs applied, none of a later epoch than begun */
+    const json_int_t per_epoch = 63, epochs = json_integer_value(json_object_get(j, "epochs"));
+    const json_int_t applied = json_integer_value(json_object_get(l, "batches_applied"));
+    const json_int_t expected = json_integer_value(json_object_get(l, "batches_expected"));
+    CHECK(applied > 0 && applied >= epochs * per_epoch && applied <= expected &&
+          expected <= (epochs + 1) * per_epoch);
+    CHECK(json_integer_value(json_object_get(j, "workers_max")) == 2);
+    fprintf(stderr, "  cluster_curve_scaled: stopped after %lld epochs, %lld/%lld batches\n",
+            (long long)epochs, (long long)applied, (long long)expected);
+    json_decref(j);
+    static char text[1 << 20];
+    snprintf(log, sizeof log, "%s/logs/coordinator-0.log", dir);
+    kd_test_slurp(log, text, sizeof text);
+    CHECK(strstr(text, "CurveZMQ") != NULL);
+}
+
 static double json_number(const char *text, const char *key) {
     char pat[128];
     snprintf(pat, sizeof pat, "\"%s\": ", key);
@@ -307,6 +374,7 @@ int main(void) {
     test_cluster_worker_killed("async", 3);
     test_cluster_worker_killed("ssp", 3);
     test_cluster_resume();
+    test_cluster_curve_scaled();
 
     /* eval: the dumps have the shapes the issue gives */
     CHECK(run("%s eval %s/runs/lm_tiny --recipe %s --split val --dump-logits %s --dump-tokens %s "

@@ -552,8 +552,10 @@ static void test_utf8_repair(void) {
     } cases[] = {
         {"plain \xc3\xa9 \xe2\x80\x94 \xf0\x9f\x98\x80",
          "plain \xc3\xa9 \xe2\x80\x94 \xf0\x9f\x98\x80"},
-        {"a\x80" "b", "a\xef\xbf\xbd"
-                   "b"},
+        {"a\x80"
+         "b",
+         "a\xef\xbf\xbd"
+         "b"},
         {"\xc0\xaf", "\xef\xbf\xbd\xef\xbf\xbd"},                 /* overlong '/' */
         {"\xed\xa0\x80", "\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd"}, /* a surrogate */
         {"end \xe2\x80", "end \xef\xbf\xbd\xef\xbf\xbd"},         /* cut inside a character */
