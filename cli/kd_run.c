@@ -1055,6 +1055,14 @@ int cli_run_cluster(const cli_run_spec_t *spec) {
         rc = 2;
         goto cleanup;
     }
+    if (r->recipe.cluster.start_workers > r->recipe.cluster.workers) {
+        fprintf(stderr,
+                "kdist run: %s: cluster.start_workers %ld is more than the %ld workers kdist run "
+                "starts (cluster.workers): the run would never begin\n",
+                r->recipe_path, r->recipe.cluster.start_workers, r->recipe.cluster.workers);
+        rc = 2;
+        goto cleanup;
+    }
     if (setup_curve(r, err, sizeof err) != 0) {
         fprintf(stderr, "kdist run: %s\n", err);
         rc = 2;

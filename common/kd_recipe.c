@@ -305,6 +305,9 @@ static const row_t schema[] = {
 
     LONG("cluster.workers", cluster.workers, BTW, 1, 1024, "2", "student workers"),
     LONG("cluster.teachers", cluster.teachers, BTW, 1, 64, "1", "teacher nodes"),
+    LONG("cluster.start_workers", cluster.start_workers, BTW, 0, 1024, "0",
+         "hold the first batches until this many workers are members, each time the coordinator "
+         "starts, so an async run begins with its whole pool (0 = begin with the first worker)"),
     ENUM("cluster.consistency", cluster.consistency, cons_ops, "sync",
          "gradient consistency model"),
     LONG("cluster.staleness", cluster.staleness, BTW, 0, 1000000, "2",

@@ -109,6 +109,7 @@ typedef struct {
     struct {
         long workers;
         long teachers;
+        long start_workers; /* the first batches wait for this many workers (0 = no wait) */
         kd_consistency_t consistency;
         long staleness; /* ssp bound */
         long heartbeat_ms;

@@ -76,6 +76,8 @@ typedef struct {
     int *owner;       /* (n_batches) the member index of the teacher node it was assigned to */
     bool assigned;    /* this epoch's batches went out */
     double assign_at; /* when to hand them out with fewer teacher nodes than cluster.teachers */
+    bool started;     /* batches handed out since this process started (cluster.start_workers) */
+    bool start_held;  /* the hold was logged */
     double last_progress;
 
     /* the open sync step: gradients held until it closes */

@@ -71,6 +71,16 @@ static size_t unapplied_batches(coord_t *c, uint32_t *out) {
 void coord_assign_epoch(coord_t *c) {
     if (coord_live_count(c, KDIST__ROLE__TEACHER) == 0)
         return; /* the first teacher's Hello assigns */
+    const int workers = coord_live_count(c, KDIST__ROLE__WORKER);
+    if (!c->started && workers < c->r.cluster.start_workers) { /* a worker's Hello assigns */
+        if (!c->start_held)
+            kd_log(KD_LOG_INFO, "COORD-HOLD",
+                   "the first batches wait for %ld workers (cluster.start_workers), %d so far",
+                   c->r.cluster.start_workers, workers);
+        c->start_held = true;
+        return;
+    }
+    c->started = true;
     uint32_t *ids = kd_xmalloc((c->n_batches ? c->n_batches : 1) * sizeof *ids);
     size_t n = unapplied_batches(c, ids);
     assign_batches(c, ids, n, false);

@@ -158,15 +158,20 @@ static void test_cluster_equals_trainer(void) {
 }
 
 /* `workers` workers in `consistency` mode, worker 1 SIGKILLed once the coordinator counts them
- * all, no restart: the run completes with every batch applied once. The run (40 epochs) is long
- * against the few seconds the workers take to join. */
+ * all and the run has taken its first step, no restart: the run completes with every batch
+ * applied once. Paced by events: cluster.start_workers holds the first batches until every
+ * worker is a member, so the kill comes at the start of a 40-epoch run however fast the
+ * machine. */
 static void test_cluster_worker_killed(const char *consistency, int workers) {
     char dir[KD_PATH_MAX + 64], log[KD_PATH_MAX + 64], name[64], n_arg[64], mode_arg[64];
     snprintf(name, sizeof name, "cluster_killed_%s", consistency);
     snprintf(n_arg, sizeof n_arg, "cluster.workers=%d", workers);
     snprintf(mode_arg, sizeof mode_arg, "cluster.consistency=%s", consistency);
+    char hold_arg[64];
+    snprintf(hold_arg, sizeof hold_arg, "cluster.start_workers=%d", workers);
     const char *over[] = {n_arg,
                           mode_arg,
+                          hold_arg,
                           "train.epochs=40",
                           "cluster.heartbeat_ms=100",
                           "cluster.heartbeat_timeout_ms=1500",
