@@ -94,8 +94,7 @@ int kd_cmd_sample(int argc, char **argv) {
         goto done;
     }
     kd_set_threads((int)r.train.threads);
-    if (kd_tokenizer_open(r.data.tokenizer, r.data.tokenizer_dir[0] ? r.data.tokenizer_dir : NULL,
-                          &tok, err, sizeof err) != 0 ||
+    if (kd_tokens_open_tokenizer(&r, &tok, err, sizeof err) != 0 ||
         model_config(&r, model_path, &cfg, err, sizeof err) != 0 ||
         kd_model_new_gpt(&cfg, &m, err, sizeof err) != 0 ||
         kd_checkpoint_load(m, model_path, err, sizeof err) != 0)

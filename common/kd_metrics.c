@@ -239,8 +239,7 @@ int kd_metrics_text(kd_metrics_t *m, const char *tag, const char *text, long ste
     size_t lines = 1;
     for (const char *p = text; *p; p++) lines += *p == '\n';
     char *block = kd_xmalloc(strlen(text) + 4 * lines + 1), *out = block;
-    for (const char *p = text;; p++) {
-        if (!*p) break;
+    for (const char *p = text; *p; p++) {
         if (p == text || p[-1] == '\n') memcpy(out, "    ", 4), out += 4;
         *out++ = *p;
     }

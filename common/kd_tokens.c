@@ -109,7 +109,7 @@ int kd_tokens_vocab(const kd_recipe_t *r) {
     return strcmp(r->data.tokenizer, "gpt2") == 0 ? 50257 : 257;
 }
 
-static int open_tokenizer(const kd_recipe_t *r, kd_tokenizer_t **tok, char *err, size_t errlen) {
+int kd_tokens_open_tokenizer(const kd_recipe_t *r, kd_tokenizer_t **tok, char *err, size_t errlen) {
     const char *dir = r->data.tokenizer_dir[0] ? r->data.tokenizer_dir : NULL;
     return kd_tokenizer_open(r->data.tokenizer, dir, tok, err, errlen);
 }
@@ -188,7 +188,7 @@ int kd_tokens_load_splits(const kd_recipe_t *r, kd_dataset_t **train, kd_dataset
     const size_t context = (size_t)r->student.gpt.context, window = context + 1;
     const size_t stride = r->data.stride > 0 ? (size_t)r->data.stride : context;
     kd_tokenizer_t *tok = NULL;
-    if (open_tokenizer(r, &tok, err, errlen) != 0) return -1;
+    if (kd_tokens_open_tokenizer(r, &tok, err, errlen) != 0) return -1;
     int vocab = kd_tokens_vocab(r), rc = -1;
     if (vocab < kd_tokenizer_vocab(tok)) {
         kd_err(err, errlen, "student.gpt.vocab %d is smaller than data.tokenizer %s's %d ids",

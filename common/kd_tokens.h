@@ -11,6 +11,7 @@
 
 #include "kd_data.h"
 #include "kd_recipe.h"
+#include "kd_tokenizer.h"
 
 #define KD_LLMC_MAGIC       20240520
 #define KD_LLMC_HEADER_INTS 256
@@ -39,6 +40,10 @@ int kd_tokens_write_llmc(const char *path, const uint32_t *ids, size_t n, char *
  * vocabulary. Errors name the file and the problem. */
 int kd_tokens_load_splits(const kd_recipe_t *r, kd_dataset_t **train, kd_dataset_t **val,
                           kd_dataset_t **test, char *err, size_t errlen);
+
+/* The recipe's data.tokenizer, from data.tokenizer_dir (empty: the installed files). Caller owns
+ * *tok. 0, or -1 with err set (kd_tokenizer_open). */
+int kd_tokens_open_tokenizer(const kd_recipe_t *r, kd_tokenizer_t **tok, char *err, size_t errlen);
 
 /* The vocabulary of the recipe's tokenizer (257 bytes, 50257 gpt2), without loading data. */
 int kd_tokens_vocab(const kd_recipe_t *r);

@@ -20,7 +20,7 @@ typedef struct {
     long batches_applied, batches_expected;
     long duplicates, restreamed;
     double elapsed;
-    double best_score; /* evaluator_score of the best evaluation */
+    double best_score; /* eval_result_t.best_score of the best evaluation */
     long best_step;
     long evals_since_best; /* patience spent */
 } coord_state_t;

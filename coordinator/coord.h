@@ -77,7 +77,7 @@ typedef struct {
     bool assigned;    /* this epoch's batches went out */
     double assign_at; /* when to hand them out with fewer teacher nodes than cluster.teachers */
     bool started;     /* batches handed out since this process started (cluster.start_workers) */
-    bool start_held;  /* the hold was logged */
+    bool held;        /* the first Assign is due but waits for cluster.start_workers workers */
     double last_progress;
 
     /* the open sync step: gradients held until it closes */

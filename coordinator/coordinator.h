@@ -75,7 +75,7 @@ typedef struct {
     kd_eval_t val, test;
     bool improved; /* the best validation score so far */
     long best_step;
-    double best_score; /* evaluator_score's */
+    double best_score; /* val accuracy, or minus val loss for a language model */
     int evals_since_best;
     char sample[EVAL_SAMPLE_BYTES]; /* a language model's text sample (UTF-8), or "" */
 } eval_result_t;
@@ -84,15 +84,10 @@ typedef struct evaluator evaluator_t;
 
 /* What the next evaluation has to beat: the best so far and the evaluations since. */
 typedef struct {
-    long step; /* -1: none yet */
-    double score;
+    long step;    /* -1: none yet */
+    double score; /* as eval_result_t.best_score */
     int evals_since;
 } evaluator_best_t;
-
-/* What "best" means, higher is better: a classifier's validation accuracy, a language model's
- * validation loss negated (next-token accuracy rewards confident top-1 guesses, not the
- * calibrated distribution a language model is trained and distilled for). */
-double evaluator_score(const kd_model_t *m, const kd_eval_t *val);
 
 /* Starts the evaluator actor on its own copy of the model; it saves the best weights to
  * best_path when validation accuracy improves on *best (NULL: nothing to beat yet). */

@@ -17,7 +17,7 @@
 #include "coordinator.h"
 #include "kd_checkpoint.h"
 #include "kd_log.h"
-#include "kd_tokenizer.h"
+#include "kd_tokens.h"
 
 struct evaluator {
     void *pipe;   /* coordinator's end: results */
@@ -152,9 +152,7 @@ static void sample_text(evaluator_t *ev, char *out) {
 static bool prepare_samples(evaluator_t *ev) {
     const kd_recipe_t *r = &ev->recipe;
     char err[KD_ERR_LEN];
-    if (kd_tokenizer_open(r->data.tokenizer,
-                          r->data.tokenizer_dir[0] ? r->data.tokenizer_dir : NULL, &ev->tok, err,
-                          sizeof err) != 0) {
+    if (kd_tokens_open_tokenizer(r, &ev->tok, err, sizeof err) != 0) {
         kd_log(KD_LOG_WARN, "COORD-SAMPLE", "no text samples: %s", err);
         return false;
     }
@@ -173,7 +171,10 @@ static bool prepare_samples(evaluator_t *ev) {
     return ev->n_prompt > 0;
 }
 
-double evaluator_score(const kd_model_t *m, const kd_eval_t *val) {
+/* What "best" means, higher is better: a classifier's validation accuracy, a language model's
+ * validation loss negated (next-token accuracy rewards confident top-1 guesses, not the
+ * calibrated distribution a language model is trained and distilled for). */
+static double score_of(const kd_model_t *m, const kd_eval_t *val) {
     return m->gpt ? -val->loss : val->accuracy;
 }
 
@@ -205,7 +206,7 @@ static void *evaluator_main(void *arg) {
         /* non-finite weights are never the best, whatever their accuracy */
         char err[KD_ERR_LEN];
         bool finite = kd_checkpoint_check_finite(ev->model, ev->best_path, err, sizeof err) == 0;
-        const double score = evaluator_score(ev->model, &res.val);
+        const double score = score_of(ev->model, &res.val);
         res.improved = finite && !isnan(score) && (ev->best_step < 0 || score > ev->best_score);
         if (res.improved) {
             ev->best_score = score;

@@ -73,11 +73,11 @@ void coord_assign_epoch(coord_t *c) {
         return; /* the first teacher's Hello assigns */
     const int workers = coord_live_count(c, KDIST__ROLE__WORKER);
     if (!c->started && workers < c->r.cluster.start_workers) { /* a worker's Hello assigns */
-        if (!c->start_held)
+        if (!c->held)
             kd_log(KD_LOG_INFO, "COORD-HOLD",
                    "the first batches wait for %ld workers (cluster.start_workers), %d so far",
                    c->r.cluster.start_workers, workers);
-        c->start_held = true;
+        c->held = true;
         return;
     }
     c->started = true;

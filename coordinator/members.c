@@ -314,11 +314,7 @@ void coord_on_hello(coord_t *c, kd_msg_t *msg) {
     if (m->role == KDIST__ROLE__WORKER) {
         int w = coord_live_count(c, KDIST__ROLE__WORKER);
         if (w > c->workers_max) c->workers_max = w;
-        /* the worker cluster.start_workers waited for: the teachers are there or waited for */
-        if (!c->started && !c->assigned &&
-            (coord_live_count(c, KDIST__ROLE__TEACHER) >= c->r.cluster.teachers ||
-             (c->assign_at > 0 && kd_now() >= c->assign_at)))
-            coord_assign_epoch(c);
+        if (c->held && !c->started) coord_assign_epoch(c); /* maybe the one it waits for */
     } else {
         send_peers(c);
         /* The first Assign waits (briefly) for the recipe's teacher nodes, so nodes started
