@@ -16,6 +16,9 @@
  *     fp32  f32[C]                    fp16  f16[C]
  *     int8  f32 centre, f32 scale, i8[C]: logit = centre + scale * q
  *     topk  f32 lse_rest, f32 value[k] (descending), u32 class[k]
+ *     sampled  class[k] ascending (repeats are counts), u16 when C <= 65536 else u32: k draws
+ *              from softmax(logits / sample_temperature), keyed by the row's index
+ *   (file header bytes 44..48 hold the sampled encoding's temperature as f32, else 0)
  *
  * The file is created at its full length, so unwritten blocks are holes that read as zeros:
  * a zero header is a miss. A header with a bad marker, a wrong checksum or payload bytes without
@@ -50,6 +53,7 @@
 
 #include "kd_checkpoint.h"
 #include "kd_npy.h"
+#include "kd_rng.h"
 #include "kd_util.h"
 
 #define FORMAT_NAME        "kdist-logit-cache"
@@ -69,6 +73,15 @@
 #define IMPORT_PREFIX      "import:"
 #define ENC_DIR_MAX        24 /* "topk" and up to 10 digits */
 
+/* The encoders' scratch, sized for one key (allocated on first use). */
+typedef struct {
+    float *top_val;    /* (k) topk */
+    uint32_t *top_idx; /* (k) */
+    uint8_t *in_top;   /* (C) */
+    double *cdf;       /* (C) sampled */
+    uint32_t *draws;   /* (k) */
+} codec_t;
+
 struct kd_cache {
     kd_cache_key_t key;
     char dir[KD_PATH_MAX];
@@ -79,13 +92,16 @@ struct kd_cache {
     double created;
     int fd;
     size_t n_blocks, record_bytes, block_stride;
-    uint8_t *buf;      /* one block: header + records */
-    float *top_val;    /* (k) topk scratch */
-    uint32_t *top_idx; /* (k) */
-    uint8_t *in_top;   /* (C) */
-    float *scratch;    /* (block_rows, C) for verify and coverage */
+    uint8_t *buf;       /* one block: header + records */
+    codec_t codec;      /* for put_block */
+    float *scratch;     /* (block_rows, C) for verify and coverage */
+    uint32_t *view_ids; /* (k) a record's view (decode_row, get_records) */
+    float *view_vals;   /* (max(k, C)) */
     kd_cache_stats_t stats;
 };
+
+static void codec_free(codec_t *cd);
+static void view_buffers(const kd_cache_key_t *key, uint32_t **ids, float **vals);
 
 /* ---- little-endian fields ------------------------------------------------------------------- */
 
@@ -158,8 +174,8 @@ int kd_cache_encoding_parse(const char *s, kd_cache_encoding_t *enc, int *k) {
         size_t n = strlen(name);
         if (strncmp(s, name, n) != 0) continue;
         long v = 0;
-        if (s[n] && (e != KD_ENC_TOPK || kd_parse_long(s + n, &v) != 0 || v < 1 || v > INT_MAX))
-            return -1;
+        bool counted = e == KD_ENC_TOPK || e == KD_ENC_SAMPLED;
+        if (s[n] && (!counted || kd_parse_long(s + n, &v) != 0 || v < 1 || v > INT_MAX)) return -1;
         *enc = (kd_cache_encoding_t)e;
         *k = (int)v;
         return 0;
@@ -167,12 +183,21 @@ int kd_cache_encoding_parse(const char *s, kd_cache_encoding_t *enc, int *k) {
     return -1;
 }
 
-/* The entry's directory name: "fp16", "topk16", ... */
-static void encoding_dir_name(kd_cache_encoding_t enc, int k, char *out, size_t outlen) {
-    if (enc == KD_ENC_TOPK)
-        snprintf(out, outlen, "topk%d", k);
+/* The entry's directory name: "fp16", "topk16", "sampled12" (drawn at T = 1), "sampled12-t2". */
+static void encoding_dir_name(const kd_cache_key_t *key, char *out, size_t outlen) {
+    if (key->encoding == KD_ENC_TOPK)
+        snprintf(out, outlen, "topk%d", key->k);
+    else if (key->encoding == KD_ENC_SAMPLED && key->sample_temperature == 1.0f)
+        snprintf(out, outlen, "sampled%d", key->k);
+    else if (key->encoding == KD_ENC_SAMPLED)
+        snprintf(out, outlen, "sampled%d-t%g", key->k, (double)key->sample_temperature);
     else
-        snprintf(out, outlen, "%s", kd_cache_encoding_name(enc));
+        snprintf(out, outlen, "%s", kd_cache_encoding_name(key->encoding));
+}
+
+/* Bytes of a sampled record's class id. */
+static size_t id_bytes(int C) {
+    return C <= 65536 ? 2 : 4;
 }
 
 static size_t record_bytes_of(kd_cache_encoding_t enc, int C, int k) {
@@ -183,9 +208,15 @@ static size_t record_bytes_of(kd_cache_encoding_t enc, int C, int k) {
         return 2 * (size_t)C;
     case KD_ENC_INT8:
         return 8 + (size_t)C;
+    case KD_ENC_SAMPLED:
+        return (size_t)k * id_bytes(C);
     default:
         return 4 + 8 * (size_t)k;
     }
+}
+
+size_t kd_cache_record_bytes(kd_cache_encoding_t enc, int C, int k) {
+    return record_bytes_of(enc, C, k);
 }
 
 static bool is_fp_hex(const char *s) {
@@ -303,10 +334,18 @@ static int check_key(kd_cache_key_t *key, const char *what, char *err, size_t er
                       1 << 26);
     if ((unsigned)key->encoding >= KD_ENC_COUNT)
         return kd_err(err, errlen, "%s: unknown encoding %d", what, (int)key->encoding);
-    if (key->encoding != KD_ENC_TOPK) key->k = 0;
+    if (key->encoding != KD_ENC_TOPK && key->encoding != KD_ENC_SAMPLED) key->k = 0;
+    if (key->encoding != KD_ENC_SAMPLED) key->sample_temperature = 0.0f;
     if (key->encoding == KD_ENC_TOPK && (key->k < 1 || key->k > key->n_classes))
         return kd_err(err, errlen, "%s: topk needs k in 1..n_classes (%d), not %d", what,
                       key->n_classes, key->k);
+    if (key->encoding == KD_ENC_SAMPLED && (key->k < 1 || key->k > KD_CACHE_MAX_SAMPLES))
+        return kd_err(err, errlen, "%s: sampled needs 1..%d draws per row, not %d", what,
+                      KD_CACHE_MAX_SAMPLES, key->k);
+    if (key->encoding == KD_ENC_SAMPLED &&
+        !(key->sample_temperature > 0.0f && key->sample_temperature <= 100.0f))
+        return kd_err(err, errlen, "%s: sampled needs a temperature in (0, 100], not %g", what,
+                      (double)key->sample_temperature);
     if (key->block_rows == 0) key->block_rows = KD_CACHE_DEFAULT_BLOCK_ROWS;
     if (key->block_rows > KD_CACHE_MAX_BLOCK_ROWS)
         return kd_err(err, errlen, "%s: block_rows %zu is more than %d", what, key->block_rows,
@@ -397,6 +436,8 @@ static char *manifest_text(const kd_cache_key_t *key, bool imported) {
     json_object_set_new(j, "n_classes", json_integer(key->n_classes));
     json_object_set_new(j, "encoding", json_string(kd_cache_encoding_name(key->encoding)));
     json_object_set_new(j, "k", json_integer(key->k));
+    if (key->encoding == KD_ENC_SAMPLED)
+        json_object_set_new(j, "temperature", json_real(key->sample_temperature));
     json_object_set_new(j, "block_rows", json_integer((json_int_t)key->block_rows));
     json_object_set_new(
         j, "record_bytes",
@@ -459,10 +500,20 @@ static int parse_manifest(const char *path, json_t *root, kd_cache_key_t *key, d
     int parsed_k;
     if (field_str(path, root, "encoding", text, sizeof text, err, errlen) != 0) return -1;
     if (kd_cache_encoding_parse(text, &key->encoding, &parsed_k) != 0 || parsed_k != 0)
-        return kd_err(err, errlen, "%s: field 'encoding' is '%s', not fp32, fp16, int8 or topk",
-                      path, text);
-    if (field_int(path, root, "k", 0, key->n_classes, &v, err, errlen) != 0) return -1;
+        return kd_err(err, errlen,
+                      "%s: field 'encoding' is '%s', not fp32, fp16, int8, topk or sampled", path,
+                      text);
+    if (field_int(path, root, "k", 0,
+                  key->encoding == KD_ENC_SAMPLED ? KD_CACHE_MAX_SAMPLES : key->n_classes, &v, err,
+                  errlen) != 0)
+        return -1;
     key->k = (int)v;
+    if (key->encoding == KD_ENC_SAMPLED) {
+        json_t *t = json_object_get(root, "temperature");
+        if (!json_is_number(t))
+            return kd_err(err, errlen, "%s: field 'temperature' must be a number (sampled)", path);
+        key->sample_temperature = (float)json_number_value(t);
+    }
     if (field_int(path, root, "block_rows", 1, KD_CACHE_MAX_BLOCK_ROWS, &v, err, errlen) != 0)
         return -1;
     key->block_rows = (size_t)v;
@@ -508,6 +559,7 @@ static void file_header(const kd_cache_key_t *key, uint8_t h[FILE_HEADER_BYTES])
     put_u32(h + 28, (uint32_t)record_bytes_of(key->encoding, key->n_classes, key->k));
     put_u64(h + 32, key->n_samples);
     put_u32(h + 40, BLOCK_HEADER_BYTES);
+    put_f32(h + 44, key->sample_temperature);
     sodium_ready();
     crypto_generichash(h + FILE_HASHED_BYTES, 16, h, FILE_HASHED_BYTES, NULL, 0);
 }
@@ -525,9 +577,9 @@ static int check_file_header(const char *path, const char *manifest, const uint8
     static const struct {
         const char *name;
         int off;
-    } fields[] = {{"version", 8},    {"encoding", 12},    {"n_classes", 16},
-                  {"k", 20},         {"block_rows", 24},  {"record_bytes", 28},
-                  {"n_samples", 32}, {"block header", 40}};
+    } fields[] = {{"version", 8},    {"encoding", 12},     {"n_classes", 16},
+                  {"k", 20},         {"block_rows", 24},   {"record_bytes", 28},
+                  {"n_samples", 32}, {"block header", 40}, {"temperature bits", 44}};
     for (size_t i = 0; i < sizeof fields / sizeof fields[0]; i++) {
         int o = fields[i].off;
         uint64_t g = o == 32 ? get_u64(got + o) : get_u32(got + o);
@@ -582,10 +634,12 @@ static int check_same_key(const kd_cache_t *c, const kd_cache_key_t *want, char 
     if (got->n_classes != want->n_classes)
         return kd_err(err, errlen, "%s: field 'n_classes' is %d but %d were asked for", m,
                       got->n_classes, want->n_classes);
-    if (got->encoding != want->encoding || got->k != want->k)
-        return kd_err(err, errlen, "%s: field 'encoding' is %s (k %d), not %s (k %d)", m,
-                      kd_cache_encoding_name(got->encoding), got->k,
-                      kd_cache_encoding_name(want->encoding), want->k);
+    if (got->encoding != want->encoding || got->k != want->k ||
+        got->sample_temperature != want->sample_temperature)
+        return kd_err(err, errlen, "%s: field 'encoding' is %s (k %d, T %g), not %s (k %d, T %g)",
+                      m, kd_cache_encoding_name(got->encoding), got->k,
+                      (double)got->sample_temperature, kd_cache_encoding_name(want->encoding),
+                      want->k, (double)want->sample_temperature);
     if (strcmp(got->teacher_fp, want->teacher_fp) != 0 || strcmp(got->data_fp, want->data_fp) != 0)
         return kd_err(err, errlen, "%s: fingerprints %s-%s do not match the directory name", m,
                       got->teacher_fp, got->data_fp);
@@ -625,7 +679,7 @@ static kd_cache_t *open_dir(const char *entry_dir, const kd_cache_key_t *want, b
     name_from_dir(c->dir, c->name, sizeof c->name);
     if (read_manifest(c->manifest_path, &c->key, &c->created, err, errlen) != 0) goto fail;
     char expect[KD_CACHE_NAME_MAX], sub[ENC_DIR_MAX];
-    encoding_dir_name(c->key.encoding, c->key.k, sub, sizeof sub);
+    encoding_dir_name(&c->key, sub, sizeof sub);
     snprintf(expect, sizeof expect, "%s-%s/%s", c->key.teacher_fp, c->key.data_fp, sub);
     if (strcmp(expect, c->name) != 0) {
         kd_err(err, errlen, "%s: describes entry %s but lies in %s", c->manifest_path, expect,
@@ -636,11 +690,8 @@ static kd_cache_t *open_dir(const char *entry_dir, const kd_cache_key_t *want, b
     geometry(c);
     if (open_data_file(c, err, errlen) != 0) goto fail;
     if (want && check_same_key(c, want, err, errlen) != 0) goto fail;
-    size_t C = (size_t)c->key.n_classes;
     c->buf = kd_xmalloc(c->block_stride);
-    c->in_top = kd_xmalloc(C);
-    c->top_val = kd_xmalloc(sizeof(float) * (size_t)(c->key.k + 1));
-    c->top_idx = kd_xmalloc(sizeof(uint32_t) * (size_t)(c->key.k + 1));
+    view_buffers(&c->key, &c->view_ids, &c->view_vals);
     return c;
 fail:
     kd_cache_close(&c);
@@ -652,7 +703,7 @@ fail:
 static int create_entry(const char *pair, const char *final, const kd_cache_key_t *key,
                         bool imported, char *err, size_t errlen) {
     char tmp[KD_PATH_MAX], path[KD_PATH_MAX + 32], sub[ENC_DIR_MAX];
-    encoding_dir_name(key->encoding, key->k, sub, sizeof sub);
+    encoding_dir_name(key, sub, sizeof sub);
     for (int attempt = 0; attempt < CREATE_ATTEMPTS; attempt++) {
         if (kd_mkdirs(pair, err, errlen) != 0) return -1;
         if (path_fmt(tmp, sizeof tmp, err, errlen, "%s/.tmp-%s-XXXXXX", pair, sub) != 0) return -1;
@@ -700,7 +751,7 @@ kd_cache_t *kd_cache_open(const char *dir, const kd_cache_key_t *key_in, char *e
     kd_cache_key_t key = *key_in;
     if (check_key(&key, dir, err, errlen) != 0) return NULL;
     char pair[KD_PATH_MAX], final[KD_PATH_MAX], sub[ENC_DIR_MAX];
-    encoding_dir_name(key.encoding, key.k, sub, sizeof sub);
+    encoding_dir_name(&key, sub, sizeof sub);
     if (path_fmt(pair, sizeof pair, err, errlen, "%s/%s-%s", dir, key.teacher_fp, key.data_fp) !=
             0 ||
         path_fmt(final, sizeof final, err, errlen, "%s/%s", pair, sub) != 0)
@@ -723,10 +774,10 @@ void kd_cache_close(kd_cache_t **self_p) {
     kd_cache_t *c = *self_p;
     if (c->fd >= 0) close(c->fd);
     free(c->buf);
-    free(c->in_top);
-    free(c->top_val);
-    free(c->top_idx);
+    codec_free(&c->codec);
     free(c->scratch);
+    free(c->view_ids);
+    free(c->view_vals);
     free(c);
     *self_p = NULL;
 }
@@ -761,6 +812,25 @@ kd_cache_stats_t kd_cache_stats(const kd_cache_t *c) {
 
 /* ---- encoders ------------------------------------------------------------------------------- */
 
+static void codec_free(codec_t *cd) {
+    free(cd->top_val);
+    free(cd->top_idx);
+    free(cd->in_top);
+    free(cd->cdf);
+    free(cd->draws);
+    memset(cd, 0, sizeof *cd);
+}
+
+static void codec_ready(codec_t *cd, const kd_cache_key_t *key) {
+    if (cd->in_top) return;
+    size_t C = (size_t)key->n_classes, k = (size_t)key->k + 1;
+    cd->in_top = kd_xmalloc(C);
+    cd->top_val = kd_xmalloc(k * sizeof *cd->top_val);
+    cd->top_idx = kd_xmalloc(k * sizeof *cd->top_idx);
+    cd->draws = kd_xmalloc(k * sizeof *cd->draws);
+    if (key->encoding == KD_ENC_SAMPLED) cd->cdf = kd_xmalloc(C * sizeof *cd->cdf);
+}
+
 static void encode_int8_row(const float *x, int C, uint8_t *rec) {
     float lo = x[0], hi = x[0];
     for (int i = 1; i < C; i++) {
@@ -781,10 +851,10 @@ static void encode_int8_row(const float *x, int C, uint8_t *rec) {
 
 /* The k largest logits, descending, ties to the lower class (deterministic), and the
  * log-sum-exp of the others. */
-static void encode_topk_row(kd_cache_t *c, const float *x, uint8_t *rec) {
-    int C = c->key.n_classes, k = c->key.k, n = 0;
-    float *val = c->top_val;
-    uint32_t *idx = c->top_idx;
+static void encode_topk_row(codec_t *cd, const kd_cache_key_t *key, const float *x, uint8_t *rec) {
+    int C = key->n_classes, k = key->k, n = 0;
+    float *val = cd->top_val;
+    uint32_t *idx = cd->top_idx;
     for (int i = 0; i < C; i++) {
         if (n == k && !(x[i] > val[k - 1])) continue;
         int j = n < k ? n++ : k - 1;
@@ -795,13 +865,13 @@ static void encode_topk_row(kd_cache_t *c, const float *x, uint8_t *rec) {
         val[j] = x[i];
         idx[j] = (uint32_t)i;
     }
-    for (int i = 0; i < C; i++) c->in_top[i] = 0;
-    for (int j = 0; j < k; j++) c->in_top[idx[j]] = 1;
+    for (int i = 0; i < C; i++) cd->in_top[i] = 0;
+    for (int j = 0; j < k; j++) cd->in_top[idx[j]] = 1;
     double hi = -INFINITY, sum = 0.0;
     for (int i = 0; i < C; i++)
-        if (!c->in_top[i]) hi = fmax(hi, x[i]);
+        if (!cd->in_top[i]) hi = fmax(hi, x[i]);
     for (int i = 0; i < C; i++)
-        if (!c->in_top[i]) sum += exp(x[i] - hi);
+        if (!cd->in_top[i]) sum += exp(x[i] - hi);
     put_f32(rec, k < C ? (float)(hi + log(sum)) : -INFINITY);
     for (int j = 0; j < k; j++) {
         put_f32(rec + 4 + 4 * j, val[j]);
@@ -809,9 +879,49 @@ static void encode_topk_row(kd_cache_t *c, const float *x, uint8_t *rec) {
     }
 }
 
-static void encode_row(kd_cache_t *c, const float *x, uint8_t *rec) {
-    int C = c->key.n_classes;
-    switch (c->key.encoding) {
+static int by_u32(const void *a, const void *b) {
+    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* k classes drawn with replacement from softmax(x / T), from a generator keyed by the row
+ * alone (every writer of the row draws the same), stored sorted. */
+static void encode_sampled_row(codec_t *cd, const kd_cache_key_t *key, const float *x, size_t row,
+                               uint8_t *rec) {
+    const int C = key->n_classes, k = key->k;
+    const double inv_t = 1.0 / (double)key->sample_temperature;
+    double hi = -INFINITY, sum = 0.0;
+    for (int i = 0; i < C; i++) hi = fmax(hi, (double)x[i] * inv_t);
+    for (int i = 0; i < C; i++) cd->cdf[i] = sum += exp((double)x[i] * inv_t - hi);
+    kd_rng_t rng;
+    kd_rng_init(&rng, kd_rng_key(0x6b6473616d706c65ull /* "kdsample" */, row, 0));
+    for (int j = 0; j < k; j++) {
+        double u = (double)(kd_rng_next(&rng) >> 11) * 0x1.0p-53 * sum;
+        int lo = 0, hi_i = C - 1; /* the first class whose cumulative mass exceeds u */
+        while (lo < hi_i) {
+            int mid = (lo + hi_i) / 2;
+            if (cd->cdf[mid] > u)
+                hi_i = mid;
+            else
+                lo = mid + 1;
+        }
+        cd->draws[j] = (uint32_t)lo;
+    }
+    qsort(cd->draws, (size_t)k, sizeof *cd->draws, by_u32);
+    const size_t w = id_bytes(C);
+    for (int j = 0; j < k; j++) {
+        if (w == 2)
+            put_u16(rec + 2 * j, (uint16_t)cd->draws[j]);
+        else
+            put_u32(rec + 4 * j, cd->draws[j]);
+    }
+}
+
+static void encode_row(codec_t *cd, const kd_cache_key_t *key, const float *x, size_t row,
+                       uint8_t *rec) {
+    int C = key->n_classes;
+    codec_ready(cd, key);
+    switch (key->encoding) {
     case KD_ENC_FP32:
         for (int i = 0; i < C; i++) put_f32(rec + 4 * i, x[i]);
         break;
@@ -821,41 +931,117 @@ static void encode_row(kd_cache_t *c, const float *x, uint8_t *rec) {
     case KD_ENC_INT8:
         encode_int8_row(x, C, rec);
         break;
+    case KD_ENC_SAMPLED:
+        encode_sampled_row(cd, key, x, row, rec);
+        break;
     default:
-        encode_topk_row(c, x, rec);
+        encode_topk_row(cd, key, x, rec);
     }
 }
 
-/* 0, or -1 when the record cannot be what we wrote (only topk has such states). */
-static int decode_row(const kd_cache_t *c, const uint8_t *rec, float *out) {
-    int C = c->key.n_classes, k = c->key.k;
-    switch (c->key.encoding) {
+static uint32_t sampled_id(const kd_cache_key_t *key, const uint8_t *rec, int j) {
+    return id_bytes(key->n_classes) == 2 ? get_u16(rec + 2 * j) : get_u32(rec + 4 * j);
+}
+
+int kd_cache_record_view(const kd_cache_key_t *key, const uint8_t *rec, uint32_t *ids,
+                         float *values, kd_teacher_row_t *out) {
+    const int C = key->n_classes, k = key->k;
+    *out = (kd_teacher_row_t){.rest_lse = -INFINITY};
+    switch (key->encoding) {
     case KD_ENC_FP32:
-        for (int i = 0; i < C; i++) out[i] = get_f32(rec + 4 * i);
-        return 0;
+        for (int i = 0; i < C; i++) values[i] = get_f32(rec + 4 * i);
+        break;
     case KD_ENC_FP16:
-        for (int i = 0; i < C; i++) out[i] = f16_to_f32(get_u16(rec + 2 * i));
-        return 0;
+        for (int i = 0; i < C; i++) values[i] = f16_to_f32(get_u16(rec + 2 * i));
+        break;
     case KD_ENC_INT8: {
         float centre = get_f32(rec), scale = get_f32(rec + 4);
-        for (int i = 0; i < C; i++) out[i] = centre + scale * (float)(int8_t)rec[8 + i];
+        for (int i = 0; i < C; i++) values[i] = centre + scale * (float)(int8_t)rec[8 + i];
+        break;
+    }
+    case KD_ENC_SAMPLED: {
+        int n = 0;
+        for (int j = 0; j < k; j++) {
+            uint32_t id = sampled_id(key, rec, j);
+            if (id >= (uint32_t)C || (n > 0 && id < ids[n - 1])) return -1;
+            if (n > 0 && id == ids[n - 1]) {
+                values[n - 1] += 1.0f;
+                continue;
+            }
+            ids[n] = id;
+            values[n++] = 1.0f;
+        }
+        *out = (kd_teacher_row_t){n, ids, values, -INFINITY, true};
         return 0;
     }
     default: {
-        float lse = get_f32(rec);
-        if (k < C) {
-            if (!isfinite(lse)) return -1;
-            float rest = (float)((double)lse - log((double)(C - k)));
-            for (int i = 0; i < C; i++) out[i] = rest;
-        }
+        out->rest_lse = get_f32(rec);
+        if (k < C ? !isfinite(out->rest_lse) : out->rest_lse != -INFINITY) return -1;
         for (int j = 0; j < k; j++) {
-            uint32_t cls = get_u32(rec + 4 + 4 * (size_t)k + 4 * j);
-            if (cls >= (uint32_t)C) return -1;
-            out[cls] = get_f32(rec + 4 + 4 * j);
+            ids[j] = get_u32(rec + 4 + 4 * (size_t)k + 4 * j);
+            values[j] = get_f32(rec + 4 + 4 * j);
+            if (ids[j] >= (uint32_t)C || !isfinite(values[j])) return -1;
+            if (j > 0 && values[j] > values[j - 1]) return -1; /* the encoder sorts them */
         }
+        out->n = k;
+        out->ids = ids;
+        out->values = values;
         return 0;
     }
     }
+    for (int i = 0; i < C; i++)
+        if (!isfinite(values[i])) return -1;
+    out->n = C;
+    out->values = values;
+    return 0;
+}
+
+/* A dense row: 0, or -1 when the record cannot be what we wrote. topk: the kept logits and the
+ * rest's share; sampled: log of each class's share of the draws (-inf when never drawn). */
+static int decode_row(const kd_cache_key_t *key, const uint8_t *rec, float *out, uint32_t *ids,
+                      float *vals) {
+    const int C = key->n_classes, k = key->k;
+    kd_teacher_row_t v;
+    if (kd_cache_record_view(key, rec, ids, vals, &v) != 0) return -1;
+    if (!v.ids) {
+        memcpy(out, vals, (size_t)C * sizeof *out);
+        return 0;
+    }
+    float rest =
+        v.sampled || k >= C ? -INFINITY : (float)((double)v.rest_lse - log((double)(C - k)));
+    for (int i = 0; i < C; i++) out[i] = rest;
+    for (int j = 0; j < v.n; j++)
+        out[v.ids[j]] = v.sampled ? (float)log((double)v.values[j] / k) : v.values[j];
+    return 0;
+}
+
+static void view_buffers(const kd_cache_key_t *key, uint32_t **ids, float **vals) {
+    *ids = kd_xmalloc((size_t)(key->k + 1) * sizeof **ids);
+    *vals = kd_alloc_floats((size_t)(key->k > key->n_classes ? key->k : key->n_classes));
+}
+
+int kd_cache_encode_records(const kd_cache_key_t *key_in, size_t first_row, size_t rows,
+                            const float *logits, uint8_t *records, void **scratch, char *err,
+                            size_t errlen) {
+    kd_cache_key_t key = *key_in;
+    if (check_key(&key, "encode", err, errlen) != 0) return -1;
+    const size_t C = (size_t)key.n_classes,
+                 rb = record_bytes_of(key.encoding, key.n_classes, key.k);
+    for (size_t i = 0; i < rows * C; i++)
+        if (!isfinite(logits[i]))
+            return kd_err(err, errlen, "logit of row %zu class %zu is %g; not encoded",
+                          first_row + i / C, i % C, (double)logits[i]);
+    codec_t *cd = scratch ? *scratch : NULL;
+    if (!cd) cd = kd_xcalloc(1, sizeof *cd);
+    for (size_t r = 0; r < rows; r++)
+        encode_row(cd, &key, logits + r * C, first_row + r, records + r * rb);
+    if (scratch)
+        *scratch = cd;
+    else {
+        codec_free(cd);
+        free(cd);
+    }
+    return 0;
 }
 
 /* ---- blocks --------------------------------------------------------------------------------- */
@@ -925,23 +1111,25 @@ static int read_block(kd_cache_t *c, size_t b, char *why, size_t whylen, char *e
     return st;
 }
 
-int kd_cache_get_block(kd_cache_t *c, size_t b, float *logits, char *err, size_t errlen) {
-    KD_ASSERT(c && logits);
+/* Reads block b and checks every record (decoded into c->scratch when decode), counting the
+ * outcome. KD_CACHE_HIT / MISS / CORRUPT (err says why), or -1. */
+static int read_valid_block(kd_cache_t *c, size_t b, bool decode, char *err, size_t errlen) {
     if (block_range(c, b, err, errlen) != 0) return -1;
     char why[160] = "";
     int st = read_block(c, b, why, sizeof why, err, errlen);
     if (st < 0) return -1;
-    size_t rows = kd_cache_rows_in_block(c, b), C = (size_t)c->key.n_classes;
-    if (st == KD_CACHE_HIT) {
-        /* Decode into scratch first so a bad record leaves the caller's logits untouched. */
-        if (!c->scratch) c->scratch = kd_alloc_floats(c->key.block_rows * C);
-        for (size_t r = 0; r < rows && st == KD_CACHE_HIT; r++)
-            if (decode_row(c, c->buf + BLOCK_HEADER_BYTES + r * c->record_bytes,
-                           c->scratch + r * C) != 0) {
-                snprintf(why, sizeof why, "row %zu holds an impossible top-k record", r);
-                st = KD_CACHE_CORRUPT;
-            }
-        if (st == KD_CACHE_HIT) memcpy(logits, c->scratch, rows * C * sizeof(float));
+    const size_t rows = kd_cache_rows_in_block(c, b), C = (size_t)c->key.n_classes;
+    if (decode && !c->scratch) c->scratch = kd_alloc_floats(c->key.block_rows * C);
+    kd_teacher_row_t v;
+    for (size_t r = 0; r < rows && st == KD_CACHE_HIT; r++) {
+        const uint8_t *rec = c->buf + BLOCK_HEADER_BYTES + r * c->record_bytes;
+        int bad = decode ? decode_row(&c->key, rec, c->scratch + r * C, c->view_ids, c->view_vals)
+                         : kd_cache_record_view(&c->key, rec, c->view_ids, c->view_vals, &v);
+        if (bad) {
+            snprintf(why, sizeof why, "row %zu holds an impossible %s record", r,
+                     kd_cache_encoding_name(c->key.encoding));
+            st = KD_CACHE_CORRUPT;
+        }
     }
     if (st == KD_CACHE_HIT) c->stats.hits++;
     if (st == KD_CACHE_MISS) c->stats.misses++;
@@ -954,23 +1142,32 @@ int kd_cache_get_block(kd_cache_t *c, size_t b, float *logits, char *err, size_t
     return st;
 }
 
-int kd_cache_put_block(kd_cache_t *c, size_t b, const float *logits, char *err, size_t errlen) {
+int kd_cache_get_block(kd_cache_t *c, size_t b, float *logits, char *err, size_t errlen) {
     KD_ASSERT(c && logits);
-    if (block_range(c, b, err, errlen) != 0) return -1;
-    if (!c->writable) return kd_err(err, errlen, "%s: opened read-only", c->data_path);
-    size_t rows = kd_cache_rows_in_block(c, b), C = (size_t)c->key.n_classes;
-    for (size_t i = 0; i < rows * C; i++)
-        if (!isfinite(logits[i]))
-            return kd_err(err, errlen,
-                          "%s: block %zu: logit of sample %zu class %zu is %g; not cached",
-                          c->data_path, b, b * c->key.block_rows + i / C, i % C, (double)logits[i]);
+    int st = read_valid_block(c, b, true, err, errlen);
+    /* decoded into scratch first, so a bad record leaves the caller's logits untouched */
+    if (st == KD_CACHE_HIT)
+        memcpy(logits, c->scratch,
+               kd_cache_rows_in_block(c, b) * (size_t)c->key.n_classes * sizeof(float));
+    return st;
+}
+
+int kd_cache_get_records(kd_cache_t *c, size_t b, uint8_t *records, char *err, size_t errlen) {
+    KD_ASSERT(c && records);
+    int st = read_valid_block(c, b, false, err, errlen);
+    if (st == KD_CACHE_HIT)
+        memcpy(records, c->buf + BLOCK_HEADER_BYTES,
+               kd_cache_rows_in_block(c, b) * c->record_bytes);
+    return st;
+}
+
+/* Writes the records already in c->buf (after its header room) as block b. */
+static int write_block(kd_cache_t *c, size_t b, char *err, size_t errlen) {
     uint8_t *h = c->buf;
-    for (size_t r = 0; r < rows; r++)
-        encode_row(c, logits + r * C, h + BLOCK_HEADER_BYTES + r * c->record_bytes);
-    size_t payload = rows * c->record_bytes;
+    size_t payload = kd_cache_rows_in_block(c, b) * c->record_bytes;
     put_u32(h, BLOCK_MAGIC);
     put_u32(h + 4, (uint32_t)b);
-    put_u32(h + 8, (uint32_t)rows);
+    put_u32(h + 8, (uint32_t)kd_cache_rows_in_block(c, b));
     put_u32(h + 12, (uint32_t)c->record_bytes);
     block_hash(h, payload, h + BLOCK_HASHED_BYTES);
     if (pwrite_full(c->fd, h, BLOCK_HEADER_BYTES + payload, block_offset(c, b)) != 0)
@@ -978,6 +1175,43 @@ int kd_cache_put_block(kd_cache_t *c, size_t b, const float *logits, char *err, 
                       strerror(errno));
     c->stats.puts++;
     return 0;
+}
+
+static int writable_block(const kd_cache_t *c, size_t b, char *err, size_t errlen) {
+    if (block_range(c, b, err, errlen) != 0) return -1;
+    if (!c->writable) return kd_err(err, errlen, "%s: opened read-only", c->data_path);
+    return 0;
+}
+
+int kd_cache_put_block(kd_cache_t *c, size_t b, const float *logits, char *err, size_t errlen) {
+    KD_ASSERT(c && logits);
+    if (writable_block(c, b, err, errlen) != 0) return -1;
+    size_t rows = kd_cache_rows_in_block(c, b), C = (size_t)c->key.n_classes;
+    for (size_t i = 0; i < rows * C; i++)
+        if (!isfinite(logits[i]))
+            return kd_err(err, errlen,
+                          "%s: block %zu: logit of sample %zu class %zu is %g; not cached",
+                          c->data_path, b, b * c->key.block_rows + i / C, i % C, (double)logits[i]);
+    for (size_t r = 0; r < rows; r++)
+        encode_row(&c->codec, &c->key, logits + r * C, b * c->key.block_rows + r,
+                   c->buf + BLOCK_HEADER_BYTES + r * c->record_bytes);
+    return write_block(c, b, err, errlen);
+}
+
+int kd_cache_put_records(kd_cache_t *c, size_t b, const uint8_t *records, char *err,
+                         size_t errlen) {
+    KD_ASSERT(c && records);
+    if (writable_block(c, b, err, errlen) != 0) return -1;
+    size_t rows = kd_cache_rows_in_block(c, b);
+    kd_teacher_row_t v;
+    for (size_t r = 0; r < rows; r++)
+        if (kd_cache_record_view(&c->key, records + r * c->record_bytes, c->view_ids, c->view_vals,
+                                 &v) != 0)
+            return kd_err(err, errlen,
+                          "%s: block %zu: row %zu is not a valid %s record; not cached",
+                          c->data_path, b, r, kd_cache_encoding_name(c->key.encoding));
+    memcpy(c->buf + BLOCK_HEADER_BYTES, records, rows * c->record_bytes);
+    return write_block(c, b, err, errlen);
 }
 
 int kd_cache_roundtrip_rows(kd_cache_encoding_t enc, int k, int n_classes, size_t rows,
@@ -995,17 +1229,16 @@ int kd_cache_roundtrip_rows(kd_cache_encoding_t enc, int k, int n_classes, size_
                           (double)in[i]);
     c.record_bytes = record_bytes_of(c.key.encoding, n_classes, c.key.k);
     uint8_t *rec = kd_xmalloc(c.record_bytes);
-    c.in_top = kd_xmalloc(C);
-    c.top_val = kd_xmalloc(sizeof(float) * (size_t)(c.key.k + 1));
-    c.top_idx = kd_xmalloc(sizeof(uint32_t) * (size_t)(c.key.k + 1));
+    view_buffers(&c.key, &c.view_ids, &c.view_vals);
     for (size_t r = 0; r < rows; r++) {
-        encode_row(&c, in + r * C, rec);
-        KD_ASSERT(decode_row(&c, rec, out + r * C) == 0); /* what we encoded decodes */
+        encode_row(&c.codec, &c.key, in + r * C, r, rec);
+        /* what we encoded decodes */
+        KD_ASSERT(decode_row(&c.key, rec, out + r * C, c.view_ids, c.view_vals) == 0);
     }
     free(rec);
-    free(c.in_top);
-    free(c.top_val);
-    free(c.top_idx);
+    codec_free(&c.codec);
+    free(c.view_ids);
+    free(c.view_vals);
     return 0;
 }
 

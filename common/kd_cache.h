@@ -13,6 +13,7 @@
 #include <stdint.h>
 
 #include "kd_data.h"
+#include "kd_loss.h"
 #include "kd_model.h"
 
 #define KD_CACHE_FP_BYTES           16 /* BLAKE2b-128 */
@@ -27,6 +28,8 @@ typedef enum {
     KD_ENC_FP16,     /* IEEE half, round to nearest even; |x| > 65504 saturates */
     KD_ENC_INT8,     /* per row: centre and scale, then one int8 per class */
     KD_ENC_TOPK,     /* per row: k largest logits (exact) + their classes + lse of the rest */
+    KD_ENC_SAMPLED,  /* per row: k classes drawn from softmax(logits / T), sorted (language
+                        models: an unbiased sparse target, Anshumann et al. 2025) */
     KD_ENC_COUNT
 } kd_cache_encoding_t;
 
@@ -40,9 +43,11 @@ typedef struct {
     size_t n_samples;
     int n_classes;
     kd_cache_encoding_t encoding;
-    int k;             /* KD_ENC_TOPK: logits kept per row, 1..n_classes; otherwise ignored */
-    size_t block_rows; /* samples per block of a new entry (0: default); an existing entry
-                          keeps its own, see kd_cache_block_rows */
+    int k; /* KD_ENC_TOPK: logits kept per row, 1..n_classes; KD_ENC_SAMPLED: draws
+              per row, 1..KD_CACHE_MAX_SAMPLES; otherwise ignored */
+    float sample_temperature; /* KD_ENC_SAMPLED: the T of the draws (> 0); otherwise ignored */
+    size_t block_rows;        /* samples per block of a new entry (0: default); an existing entry
+                                 keeps its own, see kd_cache_block_rows */
     /* Recorded in the manifest for people (kdist cache ls); not part of the key. */
     char teacher_desc[KD_CACHE_DESC_MAX];
     char data_desc[KD_CACHE_DESC_MAX];
@@ -54,13 +59,17 @@ typedef struct {
 
 typedef struct kd_cache kd_cache_t;
 
-/* "fp32", "fp16", "int8", "topk" (defined with the other enum names in kd_names.c). */
+#define KD_CACHE_MAX_SAMPLES 1024 /* draws per row of the sampled encoding */
+
+/* "fp32", "fp16", "int8", "topk", "sampled" (defined with the other enum names in kd_names.c). */
 const char *kd_cache_encoding_name(kd_cache_encoding_t enc);
-/* Exactly "fp32", "fp16", "int8" or "topk" (the recipe's cache.encoding). 0, or -1. */
+/* Exactly one of those names (the recipe's cache.encoding). 0, or -1. */
 int kd_cache_encoding_from_name(const char *s, kd_cache_encoding_t *enc);
-/* "fp32" | "fp16" | "int8" | "topk" | "topk<k>" (e.g. "topk16"). *k gets the number after
- * "topk" (0 when there is none, and for the dense encodings). 0, or -1. */
+/* A name, or "topk<k>" / "sampled<k>" (e.g. "topk16"). *k gets the number after the name (0
+ * when there is none, and for the dense encodings). 0, or -1. */
 int kd_cache_encoding_parse(const char *s, kd_cache_encoding_t *enc, int *k);
+/* Bytes of one row's record (see kd_cache.c): what a position costs on disk and on the wire. */
+size_t kd_cache_record_bytes(kd_cache_encoding_t enc, int n_classes, int k);
 
 /* Fingerprints, as KD_CACHE_FP_HEX hex digits + NUL. Teacher: the architecture
  * (kd_model_describe) and every parameter byte. Data: shape, class count, pixel bytes, labels
@@ -121,6 +130,31 @@ void kd_cache_release_block(kd_cache_t *c, size_t block);
  * the encoding or k is invalid). */
 int kd_cache_roundtrip_rows(kd_cache_encoding_t enc, int k, int n_classes, size_t rows,
                             const float *in, float *out, char *err, size_t errlen);
+/* ---- records: rows in their encoding, never decoded to dense rows (big vocabularies) ---- */
+/* A record's view is a kd_teacher_row_t (kd_loss.h): dense rows decoded whole; topk its k
+ * logits and classes (descending) with the log-sum-exp of the rest; sampled the distinct
+ * classes drawn with their counts. */
+
+/* Encodes rows rows of logits (rows, n_classes) into records (rows, kd_cache_record_bytes) as
+ * key says; first_row is the global row index of the first one (the sampled draws are keyed by
+ * it, so every writer of a row draws the same classes). scratch: NULL, or what a previous call
+ * returned in *scratch (freed with free()). 0, or -1 with err set (a logit not finite). */
+int kd_cache_encode_records(const kd_cache_key_t *key, size_t first_row, size_t rows,
+                            const float *logits, uint8_t *records, void **scratch, char *err,
+                            size_t errlen);
+/* The view of one record: ids (k) and values (max(k, n_classes)) are the caller's buffers the
+ * view points into. 0, or -1 when the record cannot be one the encoder wrote (a class out of
+ * range, a value not finite, sampled ids not sorted). */
+int kd_cache_record_view(const kd_cache_key_t *key, const uint8_t *record, uint32_t *ids,
+                         float *values, kd_teacher_row_t *out);
+/* Block b's records, checked (checksum, and every record by kd_cache_record_view), into
+ * records (rows_in_block, record_bytes). KD_CACHE_HIT / MISS / CORRUPT (records untouched) as
+ * kd_cache_get_block, or -1. */
+int kd_cache_get_records(kd_cache_t *c, size_t block, uint8_t *records, char *err, size_t errlen);
+/* Writes encoded records as block b (one pwrite), as kd_cache_put_block. 0, or -1. */
+int kd_cache_put_records(kd_cache_t *c, size_t block, const uint8_t *records, char *err,
+                         size_t errlen);
+
 /* fdatasync of the data file: a durability point (a crash loses nothing written before). */
 int kd_cache_flush(kd_cache_t *c, char *err, size_t errlen);
 

@@ -18,13 +18,11 @@ typedef struct {
     double *p;    /* (C) softmax; exactly 0 where it underflows, logp stays finite */
 } row_dist_t;
 
-// d.logp, d.p (C) = log_softmax, softmax of x (C) / T, in double
-static void row_softmax(const float *x, row_dist_t d, int C, double inv_t) {
+// d.logp, d.p (C) = log_softmax, softmax of the logits already in d.logp
+static void normalize(row_dist_t d, int C) {
     double mx = -INFINITY;
-    for (int j = 0; j < C; j++) {
-        d.logp[j] = (double)x[j] * inv_t;
+    for (int j = 0; j < C; j++)
         if (d.logp[j] > mx) mx = d.logp[j];
-    }
     double sum = 0.0;
     for (int j = 0; j < C; j++) {
         d.p[j] = exp(d.logp[j] - mx);
@@ -35,6 +33,12 @@ static void row_softmax(const float *x, row_dist_t d, int C, double inv_t) {
         d.logp[j] -= lse;
         d.p[j] *= inv_sum;
     }
+}
+
+// d.logp, d.p (C) = log_softmax, softmax of x (C) / T, in double
+static void row_softmax(const float *x, row_dist_t d, int C, double inv_t) {
+    for (int j = 0; j < C; j++) d.logp[j] = (double)x[j] * inv_t;
+    normalize(d, C);
 }
 
 static int row_argmax(const float *x, int C) {
@@ -178,6 +182,124 @@ float kd_loss(const kd_loss_config_t *cfg, const float *logits, const float *tea
         stats->count += B;
     }
     return (float)(loss_sum * inv_b);
+}
+
+/* The sparse loss works on buckets: one per teacher id, and the rest of the vocabulary as one
+ * more (topk). A bucket's logit is the log-sum-exp of its members', so the bucket
+ * distributions are softmaxes and row_divergence applies unchanged; its gradient g_b with
+ * respect to a bucket logit reaches a member j as g_b * q_j / Q_b (dS_b/ds_j), which is g_b
+ * itself for a one-id bucket. */
+double kd_loss_sparse_row(const kd_loss_config_t *cfg, const kd_teacher_row_t *t, float *z, int C,
+                          int32_t y, float scale, bool grad, kd_loss_stats_t *stats) {
+    KD_ASSERT(cfg && t && z && C > 0 && y < C);
+    KD_ASSERT(cfg->temperature > 0.0f && cfg->alpha >= 0.0f && cfg->alpha <= 1.0f);
+    KD_ASSERT(!t->sampled || cfg->divergence == KD_DIV_FORWARD_KL);
+    if (y < 0) {
+        if (grad)
+            for (int j = 0; j < C; j++) z[j] = 0.0f;
+        return 0.0;
+    }
+    if (!t->ids) { /* a dense row: the dense loss */
+        float g_stack[KD_LOSS_STACK_C];
+        float *g = C <= KD_LOSS_STACK_C ? g_stack : kd_xmalloc((size_t)C * sizeof *g);
+        double loss = kd_loss(cfg, z, t->values, &y, 1, C, grad ? g : NULL, stats);
+        if (grad)
+            for (int j = 0; j < C; j++) z[j] = g[j] * scale;
+        if (g != g_stack) free(g);
+        return loss;
+    }
+    const double T = cfg->temperature, inv_t = 1.0 / T, alpha = cfg->alpha;
+    const int n = t->n;
+    const bool has_rest = n < C; /* topk: rest_lse is finite then (kd_cache_record_view) */
+    const int nb = n + (has_rest ? 1 : 0);
+    double stack_buf[7 * (KD_LOSS_STACK_C + 1)];
+    double *buf =
+        nb <= KD_LOSS_STACK_C ? stack_buf : kd_xmalloc(7 * ((size_t)nb + 1) * sizeof(double));
+    const size_t w = (size_t)nb + 1;
+    row_dist_t P = {buf, buf + w}, Q = {buf + 2 * w, buf + 3 * w}, M = {buf + 4 * w, buf + 5 * w};
+    double *gq = buf + 6 * w;
+
+    /* the student: the full row at T (and at 1 for the cross-entropy) */
+    double mx_t = -INFINITY, mx_1 = -INFINITY;
+    for (int j = 0; j < C; j++) mx_1 = fmax(mx_1, (double)z[j]);
+    mx_t = mx_1 * inv_t;
+    double sum_t = 0.0, sum_1 = 0.0, kept_t = 0.0;
+    for (int j = 0; j < C; j++) {
+        sum_t += exp((double)z[j] * inv_t - mx_t);
+        if (T != 1.0) sum_1 += exp((double)z[j] - mx_1);
+    }
+    if (T == 1.0) sum_1 = sum_t;
+    const double lse_t = mx_t + log(sum_t), lse_1 = mx_1 + log(sum_1);
+    for (int b = 0; b < n; b++) {
+        Q.logp[b] = (double)z[t->ids[b]] * inv_t;
+        kept_t += exp(Q.logp[b] - mx_t);
+    }
+    /* the rest's mass without cancellation beyond what sum_t - kept_t loses */
+    const double rest_t = sum_t - kept_t;
+    if (nb > n) Q.logp[n] = rest_t > 0.0 ? mx_t + log(rest_t) : -INFINITY;
+    normalize(Q, nb);
+
+    /* the teacher */
+    int t_top = 0;
+    if (t->sampled) {
+        double total = 0.0;
+        for (int b = 0; b < n; b++) total += t->values[b];
+        for (int b = 0; b < n; b++) {
+            P.p[b] = t->values[b] / total;
+            P.logp[b] = log(P.p[b]);
+            if (t->values[b] > t->values[t_top]) t_top = b;
+        }
+        if (has_rest) { /* never drawn: no teacher mass; the divergence skips p = 0 terms */
+            P.p[n] = 0.0;
+            P.logp[n] = -INFINITY;
+        }
+    } else {
+        for (int b = 0; b < n; b++) P.logp[b] = (double)t->values[b] * inv_t;
+        /* the rest's C - n classes share exp(rest_lse) equally: log((C-n) e^((lse - log(C-n))/T))
+         */
+        if (nb > n) {
+            double lr = log((double)(C - n));
+            P.logp[n] = lr + ((double)t->rest_lse - lr) * inv_t;
+        }
+        normalize(P, nb);
+        for (int b = 1; b < n; b++)
+            if (t->values[b] > t->values[t_top]) t_top = b;
+    }
+
+    const double kd = T * T * row_divergence(cfg->divergence, P, Q, M, nb, grad ? gq : NULL);
+    const double ce = lse_1 - (double)z[y];
+    const double loss = alpha * kd + (1.0 - alpha) * ce;
+    int am = 0;
+    for (int j = 1; j < C; j++)
+        if (z[j] > z[am]) am = j;
+    if (stats) {
+        stats->loss_sum += loss;
+        stats->ce_sum += ce;
+        stats->kd_sum += kd;
+        stats->correct += am == y;
+        stats->agree += (uint32_t)am == t->ids[t_top];
+        stats->count += 1;
+    }
+    if (grad) {
+        /* d(T^2 D)/dz = T * dD/ds; members of the rest bucket get their share of g_rest */
+        const double w_ce = (1.0 - alpha) * scale, w_kd = alpha * T * scale;
+        const double rest_w = has_rest && Q.p[n] > 1e-300 ? gq[n] / Q.p[n] : 0.0;
+        /* keep the kept ids' logits: z is overwritten in place */
+        double *zk = M.p; /* M is free after row_divergence */
+        for (int b = 0; b < n; b++) zk[b] = (double)z[t->ids[b]];
+        for (int j = 0; j < C; j++) {
+            const double q_t = exp((double)z[j] * inv_t - lse_t);
+            const double p_1 = T == 1.0 ? q_t : exp((double)z[j] - lse_1);
+            z[j] = (float)(w_ce * (p_1 - (j == y ? 1.0 : 0.0)) + w_kd * rest_w * q_t);
+        }
+        for (int b = 0; b < n; b++) {
+            const int j = (int)t->ids[b];
+            const double p_1 = exp(zk[b] - lse_1);
+            z[j] = (float)(w_ce * (p_1 - (j == y ? 1.0 : 0.0)) + w_kd * gq[b]);
+        }
+    }
+    if (buf != stack_buf) free(buf);
+    return loss;
 }
 
 void kd_log_softmax(const float *x, float *out, int B, int C, float T) {

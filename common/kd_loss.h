@@ -6,6 +6,7 @@
 #ifndef KD_LOSS_H
 #define KD_LOSS_H
 
+#include <stdbool.h>
 #include <stdint.h>
 
 typedef enum {
@@ -40,6 +41,26 @@ typedef struct {
  * it receives d(mean loss)/d(logits). stats (may be NULL) is accumulated (+=). */
 float kd_loss(const kd_loss_config_t *cfg, const float *logits, const float *teacher,
               const int32_t *labels, int B, int C, float *dlogits, kd_loss_stats_t *stats);
+
+/* One position's teacher as a sparse cache record gives it (kd_cache_record_view). */
+typedef struct {
+    int n;          /* entries in ids and values; the class count for a dense row */
+    uint32_t *ids;  /* (n) the classes; NULL for a dense row (class i = entry i) */
+    float *values;  /* (n) raw logits (dense, topk) or counts of draws (sampled) */
+    float rest_lse; /* topk: log-sum-exp of the logits not kept (-inf when none); else -inf */
+    bool sampled;   /* values count draws from the teacher at the loss's temperature */
+} kd_teacher_row_t;
+
+/* The mixed loss of one position against a sparse teacher: student logits z (C), target y
+ * (< 0: the position does not count: 0, and a zero gradient). The teacher's distribution is
+ * over buckets: each id, and for topk the rest as one more (its logits taken equal, sharing
+ * exp(rest_lse)), so D stays a proper divergence and T changes without recomputing; sampled
+ * rows are the empirical distribution of the draws, whose forward KL gradient (q - counts / n)
+ * is an unbiased estimate of the dense one (only forward_kl: the others are not linear in the
+ * teacher). The student's side is its full log-softmax gathered at the ids. With grad, z is
+ * overwritten with scale * d(loss)/dz. stats (may be NULL) += this position. */
+double kd_loss_sparse_row(const kd_loss_config_t *cfg, const kd_teacher_row_t *t, float *z, int C,
+                          int32_t y, float scale, bool grad, kd_loss_stats_t *stats);
 
 /* Row-wise log-softmax of x (B,C) / T into out (B,C). */
 void kd_log_softmax(const float *x, float *out, int B, int C, float T);

@@ -16,7 +16,7 @@ static const char *const sched_kind_names[KD_SCHED_COUNT] = {"constant", "step",
                                                              "onecycle"};
 static const char *const consistency_names[] = {"sync", "async", "ssp"};
 static const char *const data_format_names[] = {"images", "text", "tokens"};
-static const char *const encoding_names[KD_ENC_COUNT] = {"fp32", "fp16", "int8", "topk"};
+static const char *const encoding_names[KD_ENC_COUNT] = {"fp32", "fp16", "int8", "topk", "sampled"};
 
 static const char *name_of(const char *const *names, int count, int value) {
     return (value >= 0 && value < count) ? names[value] : "?";

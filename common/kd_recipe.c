@@ -238,9 +238,12 @@ static const row_t schema[] = {
     STR("cache.dir", cache.dir, 0, NULL, "cache",
         "directory of the teacher-logit cache, shared by teacher nodes and runs"),
     ENUM("cache.encoding", cache.encoding, cenc_ops, "fp32",
-         "fp32, fp16, int8 (per-row scale) or topk (cache.topk values + the rest's mass)"),
+         "fp32, fp16, int8 (per-row scale), topk (cache.topk values + the rest's mass) or "
+         "sampled (language models: cache.samples draws per position at distill.temperature)"),
     LONG("cache.topk", cache.topk, BTW, 1, 1 << 20, "5",
-         "logits kept per sample with the topk encoding"),
+         "logits kept per sample (per position) with the topk encoding"),
+    LONG("cache.samples", cache.samples, BTW, 1, KD_CACHE_MAX_SAMPLES, "12",
+         "classes drawn from the teacher per position with the sampled encoding"),
     STR("cache.import", cache.import, 0, NULL, "",
         "distil from logits imported with `kdist cache import --label LABEL` (no teacher model)"),
 
@@ -1114,6 +1117,18 @@ static const char *check_models(const kd_recipe_t *r, bool layers_given, char *w
     if (lm && r->teacher.n_layers > 0)
         return kd_err(why, n, "teacher: a language-model recipe takes teacher.gpt, not layers"),
                "teacher.layers";
+    if (r->cache.encoding == KD_ENC_SAMPLED && !lm)
+        return kd_err(why, n,
+                      "cache.encoding sampled is for language models (data.format text or tokens); "
+                      "images take fp32, fp16, int8 or topk"),
+               "cache.encoding";
+    if (r->cache.encoding == KD_ENC_SAMPLED && r->distill.loss.divergence != KD_DIV_FORWARD_KL)
+        return kd_err(why, n,
+                      "distill.loss %s with cache.encoding sampled: the draws give an unbiased "
+                      "estimate of forward_kl only (the other divergences are not linear in the "
+                      "teacher's probabilities); use forward_kl, or topk / a dense encoding",
+                      kd_divergence_name(r->distill.loss.divergence)),
+               "distill.loss";
     if (lm && r->data.n_files == 0)
         return kd_err(why, n, "data.format %s needs data.files",
                       kd_data_format_name(r->data.format)),

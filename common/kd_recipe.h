@@ -74,6 +74,7 @@ typedef struct {
         char dir[KD_PATH_MAX];        /* the teacher-logit cache, shared by teacher nodes */
         kd_cache_encoding_t encoding; /* how logits are stored */
         long topk;                    /* logits kept per sample for the topk encoding */
+        long samples;                 /* draws per position for the sampled encoding */
         char import[KD_NAME_MAX];     /* label of imported logits to distil from, or empty */
     } cache;
 
