@@ -398,7 +398,7 @@ static int compare(const kd_recipe_t *r, const char *dir, const char *alone_dir)
     static char teacher_w[KD_PATH_MAX], alone_w[KD_PATH_MAX + 32], student_w[KD_PATH_MAX + 32];
     cli_compare_row_t rows[3];
     int n = 0;
-    if (r->teacher.n_layers > 0 && r->teacher.checkpoint[0] &&
+    if ((r->teacher.n_layers > 0 || r->teacher.gpt.layers > 0) && r->teacher.checkpoint[0] &&
         kd_file_exists(r->teacher.checkpoint)) {
         snprintf(teacher_w, sizeof teacher_w, "%s", r->teacher.checkpoint);
         rows[n++] = (cli_compare_row_t){"teacher", "teacher", teacher_w, true, NULL};
@@ -428,7 +428,7 @@ static int compare(const kd_recipe_t *r, const char *dir, const char *alone_dir)
 /* The table is for runs that have something to be compared with: a teacher, or a baseline. */
 static bool wants_table(const plan_t *p, const kd_recipe_t *r) {
     return p->baseline || r->distill.loss.alpha > 0 ||
-           (r->teacher.n_layers > 0 && r->teacher.checkpoint[0] &&
+           ((r->teacher.n_layers > 0 || r->teacher.gpt.layers > 0) && r->teacher.checkpoint[0] &&
             kd_file_exists(r->teacher.checkpoint));
 }
 

@@ -1020,6 +1020,17 @@ static void view_buffers(const kd_cache_key_t *key, uint32_t **ids, float **vals
     *vals = kd_alloc_floats((size_t)(key->k > key->n_classes ? key->k : key->n_classes));
 }
 
+void kd_cache_codec_free(void **scratch) {
+    if (!scratch || !*scratch) return;
+    codec_free(*scratch);
+    free(*scratch);
+    *scratch = NULL;
+}
+
+void kd_cache_entry_subdir(const kd_cache_key_t *key, char *out, size_t outlen) {
+    encoding_dir_name(key, out, outlen);
+}
+
 int kd_cache_encode_records(const kd_cache_key_t *key_in, size_t first_row, size_t rows,
                             const float *logits, uint8_t *records, void **scratch, char *err,
                             size_t errlen) {

@@ -137,11 +137,16 @@ int kd_cache_roundtrip_rows(kd_cache_encoding_t enc, int k, int n_classes, size_
 
 /* Encodes rows rows of logits (rows, n_classes) into records (rows, kd_cache_record_bytes) as
  * key says; first_row is the global row index of the first one (the sampled draws are keyed by
- * it, so every writer of a row draws the same classes). scratch: NULL, or what a previous call
- * returned in *scratch (freed with free()). 0, or -1 with err set (a logit not finite). */
+ * it, so every writer of a row draws the same classes). scratch: NULL, or where the encoder
+ * keeps its buffers between calls (start with NULL; free with kd_cache_codec_free). 0, or -1
+ * with err set (a logit not finite). */
 int kd_cache_encode_records(const kd_cache_key_t *key, size_t first_row, size_t rows,
                             const float *logits, uint8_t *records, void **scratch, char *err,
                             size_t errlen);
+void kd_cache_codec_free(void **scratch);
+/* The entry's directory name under <teacher_fp>-<data_fp>/: "fp16", "topk16", "sampled12",
+ * "sampled12-t2" (drawn at T = 2). */
+void kd_cache_entry_subdir(const kd_cache_key_t *key, char *out, size_t outlen);
 /* The view of one record: ids (k) and values (max(k, n_classes)) are the caller's buffers the
  * view points into. 0, or -1 when the record cannot be one the encoder wrote (a class out of
  * range, a value not finite, sampled ids not sorted). */

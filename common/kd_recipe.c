@@ -232,7 +232,10 @@ static const row_t schema[] = {
         "does not exist"),
     LAYERS("teacher.layers", teacher, 0, "the teacher network (list of layers)"),
     LONG("teacher.batch_size", teacher.batch_size, BTW, 1, 65536, "256",
-         "samples per teacher forward pass"),
+         "samples (language models: windows) per teacher forward pass"),
+    BOOL("teacher.drop_vocab_padding", teacher.drop_vocab_padding, "false",
+         "a GPT teacher whose vocabulary is padded beyond the tokenizer's (50304 for 50257): "
+         "drop the padding logits (without this, a larger teacher.gpt.vocab is refused)"),
     GPT_KEYS("teacher", teacher),
 
     STR("cache.dir", cache.dir, 0, NULL, "cache",
@@ -1320,12 +1323,14 @@ cleanup:
 }
 
 int kd_recipe_check_cluster(const kd_recipe_t *r, const char *path, char *err, size_t errlen) {
-    if (!kd_recipe_is_lm(r) || r->distill.loss.alpha <= 0) return 0;
-    return kd_err(err, errlen,
-                  "%s: data.format %s with distill.alpha %g: the cluster trains language models "
-                  "on their data alone so far (per-token teacher logits are not streamed yet); "
-                  "set distill.alpha=0",
-                  path, kd_data_format_name(r->data.format), (double)r->distill.loss.alpha);
+    if (r->distill.loss.alpha <= 0 || r->cache.import[0]) return 0;
+    const bool lm = kd_recipe_is_lm(r);
+    if ((lm ? r->teacher.gpt.layers == 0 : r->teacher.n_layers == 0) || !r->teacher.checkpoint[0])
+        return kd_err(err, errlen,
+                      "%s: distill.alpha is %g but there is no teacher: set %s and "
+                      "teacher.checkpoint, or cache.import to distil from imported logits",
+                      path, (double)r->distill.loss.alpha, lm ? "teacher.gpt" : "teacher.layers");
+    return 0;
 }
 
 int kd_recipe_load(const char *path, const char *const *overrides, int n_overrides,

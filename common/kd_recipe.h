@@ -63,7 +63,8 @@ typedef struct {
         int n_layers;
         kd_layer_spec_t layers[KD_MAX_LAYERS];
         long batch_size;
-        kd_gpt_config_t gpt; /* gpt.layers > 0: the teacher is a GPT */
+        kd_gpt_config_t gpt;     /* gpt.layers > 0: the teacher is a GPT */
+        bool drop_vocab_padding; /* a GPT teacher's logits beyond the tokenizer's are dropped */
     } teacher;
 
     struct {
@@ -168,8 +169,9 @@ int kd_recipe_set(kd_recipe_t *r, const char *assignment, char *err, size_t errl
 char *kd_recipe_to_yaml(const kd_recipe_t *r);
 int kd_recipe_write(const kd_recipe_t *r, const char *path, char *err, size_t errlen);
 
-/* What the cluster (coordinator, teacher nodes, workers) runs: language models only without
- * distillation so far. 0, or -1 with err naming the recipe and the fix. */
+/* What the cluster (coordinator, teacher nodes, workers) runs: a distilling run needs a teacher
+ * (teacher.layers, or teacher.gpt for a language model, with teacher.checkpoint) or imported
+ * logits. 0, or -1 with err naming the recipe and the fix. */
 int kd_recipe_check_cluster(const kd_recipe_t *r, const char *path, char *err, size_t errlen);
 
 /* data.dir joined with a file name (absolute names pass through). */

@@ -1,10 +1,13 @@
 /* kd_train: the in-process training loop (see kd_train.h). */
 #include "kd_train.h"
 
+#include "kd_cache.h"
+
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "kd_cache.h"
 #include "kd_log.h"
 #include "kd_rng.h"
 #include "kd_tokens.h"
@@ -131,14 +134,96 @@ void kd_lm_batch_split(kd_lm_batch_t *b, const uint32_t *windows, int B, int T) 
 void kd_lm_batch_free(kd_lm_batch_t *b) {
     free(b->tokens);
     free(b->targets);
+    free(b->view_ids);
+    free(b->view_vals);
     memset(b, 0, sizeof *b);
 }
 
+void kd_lm_teacher_format(const kd_recipe_t *r, int vocab, kd_lm_teacher_t *out) {
+    *out = (kd_lm_teacher_t){
+        .key = {.n_samples = 1, .n_classes = vocab, .encoding = r->cache.encoding}};
+    if (out->key.encoding == KD_ENC_TOPK) out->key.k = (int)r->cache.topk;
+    if (out->key.encoding == KD_ENC_SAMPLED) {
+        out->key.k = (int)r->cache.samples;
+        out->key.sample_temperature = r->distill.loss.temperature;
+    }
+    out->record_bytes = kd_cache_record_bytes(out->key.encoding, vocab, out->key.k);
+}
+
+/* The view buffers for t's records. */
+static void view_ready(kd_lm_batch_t *b, const kd_lm_teacher_t *t) {
+    size_t need = (size_t)(t->key.k > t->key.n_classes ? t->key.k : t->key.n_classes) + 1;
+    if (need <= b->view_cap) return;
+    free(b->view_ids);
+    free(b->view_vals);
+    b->view_ids = kd_xmalloc(need * sizeof *b->view_ids);
+    b->view_vals = kd_alloc_floats(need);
+    b->view_cap = need;
+}
+
+int kd_lm_teacher_check(const kd_lm_teacher_t *t, int B, int T, kd_lm_batch_t *scratch, char *err,
+                        size_t errlen) {
+    view_ready(scratch, t);
+    kd_teacher_row_t v;
+    for (size_t p = 0; p < (size_t)B * T; p++)
+        if (kd_cache_record_view(&t->key, t->records + p * t->record_bytes, scratch->view_ids,
+                                 scratch->view_vals, &v) != 0)
+            return kd_err(err, errlen,
+                          "teacher record of window %zu position %zu is not a valid %s record "
+                          "(a class out of range or a value that is not finite)",
+                          p / (size_t)T, p % (size_t)T, kd_cache_encoding_name(t->key.encoding));
+    return 0;
+}
+
+struct distill_ctx {
+    const kd_loss_config_t *loss;
+    const kd_lm_teacher_t *teacher;
+    kd_lm_batch_t *b;
+    int V;
+    float inv_count;
+    kd_loss_stats_t stats;
+};
+
+/* kd_gpt_head's chunk: each position against its teacher record, in place. */
+static double distill_chunk(void *ctx_, size_t pos0, size_t n, float *logits, bool grad) {
+    struct distill_ctx *c = ctx_;
+    const kd_lm_teacher_t *t = c->teacher;
+    double sum = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        const size_t p = pos0 + i;
+        kd_teacher_row_t v;
+        KD_ASSERT(kd_cache_record_view(&t->key, t->records + p * t->record_bytes, c->b->view_ids,
+                                       c->b->view_vals, &v) == 0);
+        sum += kd_loss_sparse_row(c->loss, &v, logits + i * (size_t)c->V, c->V, c->b->targets[p],
+                                  c->inv_count, grad, &c->stats);
+    }
+    return sum * c->inv_count;
+}
+
 float kd_train_gradient_lm(kd_model_t *m, const uint32_t *windows, int B, uint64_t batch_key,
+                           const kd_loss_config_t *loss_cfg, const kd_lm_teacher_t *teacher,
                            kd_lm_batch_t *scratch, kd_loss_stats_t *stats) {
     const int T = m->gpt->cfg.context;
     kd_lm_batch_split(scratch, windows, B, T);
     kd_gpt_forward(m->gpt, scratch->tokens, B, T, true, batch_key);
+    if (teacher) {
+        KD_ASSERT(teacher->key.n_classes == m->gpt->cfg.vocab);
+        view_ready(scratch, teacher);
+        struct distill_ctx ctx = {
+            loss_cfg,       teacher, scratch, m->gpt->cfg.vocab, 1.0f / (float)((size_t)B * T),
+            {.loss_sum = 0}};
+        double loss = kd_gpt_head(m->gpt, distill_chunk, &ctx, true);
+        kd_gpt_backward(m->gpt);
+        if (stats) {
+            stats->loss_sum += ctx.stats.loss_sum;
+            stats->ce_sum += ctx.stats.ce_sum;
+            stats->kd_sum += ctx.stats.kd_sum;
+            stats->correct += ctx.stats.correct;
+            stats->agree += ctx.stats.agree;
+            stats->count += ctx.stats.count;
+        }
+        return (float)loss;
+    }
     size_t correct = 0;
     double loss = kd_gpt_loss(m->gpt, scratch->targets, true, &correct);
     kd_gpt_backward(m->gpt);
@@ -159,35 +244,88 @@ static int lm_eval_batch(const kd_gpt_config_t *c, const kd_dataset_t *ds, int w
     return want < cap ? want : cap;
 }
 
-static void evaluate_lm(kd_model_t *m, const kd_dataset_t *ds, int batch_size, kd_eval_t *out,
-                        float *logits) {
+#define ECE_BINS 15
+
+/* What an evaluation adds up over a language model's positions, one head chunk at a time. */
+struct lm_eval_ctx {
+    const int32_t *targets;
+    const float *teacher; /* (positions of this batch, V) or NULL */
+    float *logits;        /* (positions of this batch, V) copy-out, or NULL */
+    float *scratch;       /* (2 * chunk, V) when teacher */
+    int V;
+    double loss_sum, kl_sum;
+    size_t correct;
+    long agree;
+    double bin_conf[ECE_BINS], bin_correct[ECE_BINS], bin_count[ECE_BINS];
+};
+
+static double lm_eval_chunk(void *ctx_, size_t pos0, size_t n, float *logits, bool grad) {
+    (void)grad;
+    struct lm_eval_ctx *c = ctx_;
+    const int V = c->V;
+    if (c->logits) memcpy(c->logits + pos0 * V, logits, n * (size_t)V * sizeof(float));
+    if (c->teacher)
+        compare_with_teacher(logits, c->teacher + pos0 * V, (int)n, V, c->scratch, &c->agree,
+                             &c->kl_sum);
+    for (size_t i = 0; i < n; i++) {
+        const float *row = logits + i * V;
+        const int32_t y = c->targets[pos0 + i];
+        int top = 0;
+        for (int j = 1; j < V; j++) top = row[j] > row[top] ? j : top; /* the first maximum */
+        double z = 0.0;
+        for (int j = 0; j < V; j++) z += exp((double)(row[j] - row[top]));
+        c->loss_sum += (double)row[top] + log(z) - row[y];
+        c->correct += top == y;
+        /* calibration: the confidence of the top guess against how often it is right */
+        const double conf = 1.0 / z;
+        int bin = (int)(conf * ECE_BINS);
+        bin = bin >= ECE_BINS ? ECE_BINS - 1 : bin;
+        c->bin_conf[bin] += conf;
+        c->bin_correct[bin] += top == y;
+        c->bin_count[bin] += 1;
+    }
+    return 0.0;
+}
+
+/* teacher (ds->n, T, V) or NULL: compared with position by position. */
+static void evaluate_lm(kd_model_t *m, const kd_dataset_t *ds, int batch_size, const float *teacher,
+                        kd_eval_t *out, float *logits) {
     const int T = (int)ds->window - 1, V = m->num_classes;
     KD_ASSERT(T <= m->gpt->cfg.context);
     const int Bmax = lm_eval_batch(&m->gpt->cfg, ds, batch_size < 1 ? 64 : batch_size);
     uint32_t *windows = kd_xmalloc((size_t)Bmax * ds->window * sizeof *windows);
     uint32_t *ids = kd_xmalloc((size_t)Bmax * sizeof *ids);
     kd_lm_batch_t lb = {0};
-    double loss_sum = 0.0, bytes = 0.0;
-    size_t correct_sum = 0, tokens = 0;
+    struct lm_eval_ctx ctx = {.V = V};
+    if (teacher) ctx.scratch = kd_alloc_floats(2 * kd_gpt_head_chunk(V) * (size_t)V);
+    double bytes = 0.0;
+    size_t tokens = 0;
     for (size_t start = 0; start < ds->n; start += (size_t)Bmax) {
         int B = (int)(ds->n - start < (size_t)Bmax ? ds->n - start : (size_t)Bmax);
         for (int i = 0; i < B; i++) ids[i] = (uint32_t)(start + (size_t)i);
         kd_dataset_gather_windows(ds, ids, (size_t)B, windows);
         kd_lm_batch_split(&lb, windows, B, T);
         kd_gpt_forward(m->gpt, lb.tokens, B, T, false, 0);
-        size_t correct = 0;
-        loss_sum += kd_gpt_loss(m->gpt, lb.targets, false, &correct) * B * T;
-        if (logits) kd_gpt_logits(m->gpt, logits + start * (size_t)T * V);
-        correct_sum += correct;
+        ctx.targets = lb.targets;
+        ctx.teacher = teacher ? teacher + start * (size_t)T * V : NULL;
+        ctx.logits = logits ? logits + start * (size_t)T * V : NULL;
+        kd_gpt_head(m->gpt, lm_eval_chunk, &ctx, false);
         tokens += (size_t)B * T;
         bytes += kd_dataset_target_bytes(ds, ids, (size_t)B);
     }
     out->count = tokens;
-    out->loss = tokens ? loss_sum / (double)tokens : NAN;
-    out->accuracy = tokens ? (double)correct_sum / (double)tokens : NAN;
+    out->loss = tokens ? ctx.loss_sum / (double)tokens : NAN;
+    out->accuracy = tokens ? (double)ctx.correct / (double)tokens : NAN;
     out->perplexity = exp(out->loss);
-    out->bits_per_byte = bytes > 0 ? loss_sum / (M_LN2 * bytes) : NAN;
-    out->agreement = out->teacher_kl = NAN;
+    out->bits_per_byte = bytes > 0 ? ctx.loss_sum / (M_LN2 * bytes) : NAN;
+    out->agreement = teacher && tokens ? (double)ctx.agree / (double)tokens : NAN;
+    out->teacher_kl = teacher && tokens ? ctx.kl_sum / (double)tokens : NAN;
+    double ece = 0.0;
+    for (int b = 0; b < ECE_BINS; b++)
+        if (ctx.bin_count[b] > 0)
+            ece += fabs(ctx.bin_correct[b] - ctx.bin_conf[b]) / (double)(tokens ? tokens : 1);
+    out->ece = tokens ? ece : NAN;
+    free(ctx.scratch);
     kd_lm_batch_free(&lb);
     free(windows);
     free(ids);
@@ -196,11 +334,10 @@ static void evaluate_lm(kd_model_t *m, const kd_dataset_t *ds, int batch_size, k
 void kd_evaluate(kd_model_t *m, const kd_dataset_t *ds, int batch_size, const float *teacher,
                  kd_eval_t *out, float *logits) {
     if (m->gpt) {
-        KD_ASSERT(!teacher);
-        evaluate_lm(m, ds, batch_size, out, logits);
+        evaluate_lm(m, ds, batch_size, teacher, out, logits);
         return;
     }
-    out->perplexity = out->bits_per_byte = NAN;
+    out->perplexity = out->bits_per_byte = out->ece = NAN;
     const int C = m->num_classes;
     if (batch_size < 1) batch_size = 256;
     float *x = kd_alloc_floats((size_t)batch_size * ds->sample_dim);
@@ -313,7 +450,7 @@ int kd_train_local(const kd_recipe_t *r, kd_model_t *m, kd_model_t *teacher, con
             kd_loss_stats_t batch_stats = {0};
             if (m->gpt) {
                 kd_dataset_gather_windows(d->train, ids, (size_t)B, windows);
-                kd_train_gradient_lm(m, windows, B, key, &lm, &batch_stats);
+                kd_train_gradient_lm(m, windows, B, key, loss, NULL, &lm, &batch_stats);
             } else {
                 kd_dataset_gather(d->train, ids, (size_t)B, x, y);
                 if (teacher)

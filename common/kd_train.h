@@ -42,11 +42,15 @@ typedef struct {
      * (count tokens), perplexity exp(loss), bits per byte the loss in bits over the bytes of
      * text the targets stand for (comparable across tokenizers; NAN when unknown). */
     double perplexity, bits_per_byte;
+    /* Language models: expected calibration error of the top-1 guess (15 equal bins of
+     * confidence; NAN for classifiers). */
+    double ece;
 } kd_eval_t;
 
 /* Evaluates m (dropout off) on every sample of ds in batches. teacher (ds->n, C), when not
- * NULL, is compared with; logits (ds->n, C) is filled when not NULL. A GPT on windows: logits
- * (ds->n, context, vocab); batches are capped to bound the attention's memory; no teacher. */
+ * NULL, is compared with; logits (ds->n, C) is filled when not NULL. A GPT on windows: teacher
+ * and logits (ds->n, context, vocab), compared position by position; batches are capped to
+ * bound the attention's memory. */
 void kd_evaluate(kd_model_t *m, const kd_dataset_t *ds, int batch_size, const float *teacher,
                  kd_eval_t *out, float *logits);
 
@@ -73,15 +77,37 @@ typedef struct {
     uint32_t *tokens;
     int32_t *targets;
     size_t cap;
+    uint32_t *view_ids; /* a teacher record's view (kd_cache_record_view) */
+    float *view_vals;
+    size_t view_cap;
 } kd_lm_batch_t;
+
+/* A language model's teacher as a batch carries it: one record per position in a cache
+ * encoding (kd_cache.h), decoded position by position as the loss needs it. */
+typedef struct {
+    kd_cache_key_t key; /* encoding, k, sample_temperature, n_classes (fingerprints unused) */
+    size_t record_bytes;
+    const uint8_t *records; /* (B, T, record_bytes) */
+} kd_lm_teacher_t;
+
+/* The records the recipe's teacher nodes send for a vocabulary: cache.encoding with cache.topk
+ * or cache.samples (drawn at distill.temperature). records stays NULL. */
+void kd_lm_teacher_format(const kd_recipe_t *r, int vocab, kd_lm_teacher_t *out);
+/* Checks every record of B windows of T positions (kd_cache_record_view). 0, or -1 with err
+ * naming the window and position. */
+int kd_lm_teacher_check(const kd_lm_teacher_t *t, int B, int T, kd_lm_batch_t *scratch, char *err,
+                        size_t errlen);
 
 void kd_lm_batch_split(kd_lm_batch_t *b, const uint32_t *windows, int B, int T);
 void kd_lm_batch_free(kd_lm_batch_t *b);
 
-/* Worker half of a GPT step: forward, mean next-token cross-entropy and backward on windows
- * (B, context + 1). Leaves the gradient in m->grads; stats get per-token sums (count tokens);
- * returns the loss. */
+/* Worker half of a GPT step: forward, loss and backward on windows (B, context + 1). The loss is
+ * the mean next-token cross-entropy or, with a teacher (NULL: none; its records checked by
+ * kd_lm_teacher_check), loss's mix of it with the divergence to the teacher at every position
+ * (kd_loss_sparse_row), averaged over the positions. Leaves the gradient in m->grads; stats
+ * get per-token sums (count tokens); returns the loss. */
 float kd_train_gradient_lm(kd_model_t *m, const uint32_t *windows, int B, uint64_t batch_key,
+                           const kd_loss_config_t *loss, const kd_lm_teacher_t *teacher,
                            kd_lm_batch_t *scratch, kd_loss_stats_t *stats);
 
 typedef struct {

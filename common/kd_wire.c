@@ -251,6 +251,8 @@ const kd_layout_t KD_LAYOUT_INPUTS = {0, "inputs", KD_DTYPE_U8, 4};
 const kd_layout_t KD_LAYOUT_LABELS = {1, "labels", KD_DTYPE_I32, 1};
 const kd_layout_t KD_LAYOUT_TEACHER_LOGITS = {2, "teacher_logits", KD_DTYPE_F32, 2};
 const kd_layout_t KD_LAYOUT_TOKENS = {0, "tokens", KD_DTYPE_I32, 2};
+/* a language model's teacher: (windows, positions, record bytes) in the cache's encoding */
+const kd_layout_t KD_LAYOUT_TEACHER_RECORDS = {1, "teacher_records", KD_DTYPE_U8, 3};
 
 kd_wire_tensor_t kd_layout_tensor(const kd_layout_t *l, const int64_t *shape) {
     kd_wire_tensor_t t = {.name = l->name, .dtype = l->dtype, .ndim = l->ndim};

@@ -93,7 +93,8 @@ typedef struct {
  *   Batch     0 inputs          U8  (B, C, H, W)
  *             1 labels          I32 (B)
  *             2 teacher_logits  F32 (B, classes)   when the run distils
- *   Batch     0 tokens          I32 (B, context + 1)  a language model's windows, alone */
+ *   Batch     0 tokens          I32 (B, context + 1)  a language model's windows
+ *             1 teacher_records U8  (B, context, record bytes)  when it distils (kd_cache.h) */
 typedef struct {
     int index; /* its place among the message's payloads */
     const char *name;
@@ -101,7 +102,7 @@ typedef struct {
     int ndim;
 } kd_layout_t;
 extern const kd_layout_t KD_LAYOUT_WEIGHTS, KD_LAYOUT_GRADIENT, KD_LAYOUT_INPUTS, KD_LAYOUT_LABELS,
-    KD_LAYOUT_TEACHER_LOGITS, KD_LAYOUT_TOKENS;
+    KD_LAYOUT_TEACHER_LOGITS, KD_LAYOUT_TOKENS, KD_LAYOUT_TEACHER_RECORDS;
 /* A payload of layout l to send: name, dtype and shape (l->ndim values) set, the rest zero. */
 kd_wire_tensor_t kd_layout_tensor(const kd_layout_t *l, const int64_t *shape);
 /* The received payload of layout l, checked as kd_msg_tensor does. */

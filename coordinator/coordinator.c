@@ -336,12 +336,6 @@ static int setup(coord_t *c, int argc, char **argv, bool *resume, char *err, siz
     char what[KD_PATH_MAX + 32];
     snprintf(what, sizeof what, "%s: cluster.bind", recipe);
     if (kd_curve_check_plaintext_bind(&c->r, c->r.cluster.bind, what, err, errlen) != 0) return -1;
-    if (c->r.distill.loss.alpha > 0 && !c->r.cache.import[0] &&
-        (c->r.teacher.n_layers == 0 || !c->r.teacher.checkpoint[0]))
-        return kd_err(err, errlen,
-                      "%s: distill.alpha is %g but there is no teacher: set teacher.layers and "
-                      "teacher.checkpoint, or cache.import to distil from imported logits",
-                      recipe, (double)c->r.distill.loss.alpha);
     snprintf(c->run_dir, sizeof c->run_dir, "%s", run_dir);
     snprintf(c->ckpt_dir, sizeof c->ckpt_dir, "%s/checkpoints", run_dir);
     char best_dir[KD_PATH_MAX + 64];

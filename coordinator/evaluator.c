@@ -19,6 +19,9 @@
 #include "kd_log.h"
 #include "kd_tokens.h"
 
+/* The teacher's logits kept for comparisons (a language model's are per position). */
+#define TEACHER_EVAL_MAX_FLOATS ((size_t)128 << 20)
+
 struct evaluator {
     void *pipe;   /* coordinator's end: results */
     void *worker; /* actor's end */
@@ -61,7 +64,24 @@ static void load_teacher_logits(evaluator_t *ev) {
         kd_model_destroy(&t);
         return;
     }
-    const size_t C = (size_t)t->num_classes;
+    if (t->num_classes != ev->model->num_classes) { /* a padded vocabulary */
+        kd_log(KD_LOG_INFO, "COORD-EVAL-TEACHER",
+               "no teacher comparison: the teacher has %d classes, the student %d", t->num_classes,
+               ev->model->num_classes);
+        kd_model_destroy(&t);
+        return;
+    }
+    /* per sample: a classifier's logits; a language model's, every position's */
+    const size_t C = (size_t)t->num_classes * (t->gpt ? ev->data->test->window - 1 : 1);
+    const size_t floats = C * ((ev->data->val ? ev->data->val->n : 0) + ev->data->test->n);
+    if (floats > TEACHER_EVAL_MAX_FLOATS) {
+        kd_log(KD_LOG_INFO, "COORD-EVAL-TEACHER",
+               "no teacher comparison: the teacher's logits on the validation and test sets "
+               "would take %.1f GB (evaluate fewer windows: data.val_windows, data.test_windows)",
+               (double)floats * 4.0 / 1e9);
+        kd_model_destroy(&t);
+        return;
+    }
     kd_eval_t unused;
     if (ev->data->val && ev->data->val->n) {
         ev->teacher_val = kd_alloc_floats(ev->data->val->n * C);

@@ -250,6 +250,15 @@ int coord_write_summary(coord_t *c, const eval_result_t *final) {
     json_object_set_new(j, "members_lost", lost);
     json_object_set_new(j, "members_lost_total", json_integer(c->n_lost));
     json_object_set_new(j, "teacher", teacher_work_json(c));
+    if (c->model->gpt && c->r.distill.loss.alpha > 0) { /* what one position's teacher cost */
+        kd_lm_teacher_t format;
+        kd_lm_teacher_format(&c->r, c->model->num_classes, &format);
+        json_t *work = json_object_get(j, "teacher");
+        json_object_set_new(work, "encoding",
+                            json_string(kd_cache_encoding_name(format.key.encoding)));
+        json_object_set_new(work, "record_bytes_per_token",
+                            json_integer((json_int_t)format.record_bytes));
+    }
     if (c->model->gpt) {
         json_object_set_new(j, "tokens_per_sec",
                             kd_json_number(coord_train_rate(c) * c->model->gpt->cfg.context));

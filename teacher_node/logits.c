@@ -28,6 +28,7 @@
 #include "kd_log.h"
 #include "kd_train.h"
 #include "kd_util.h"
+#include "lm_logits.h"
 
 #define PROGRESS_SECONDS 5.0
 
@@ -47,6 +48,7 @@ typedef struct {
 #define FILL_LANES_MAX 8
 
 struct teacher_logits {
+    lm_logits_t *lm; /* a language model's: every function below hands over to it */
     kd_recipe_t recipe;
     const kd_dataset_t *train;
     size_t N, D, S, block_rows, n_blocks;
@@ -122,13 +124,6 @@ static void publish(teacher_logits_t *tl, size_t b) {
 
 static bool lossy(const teacher_logits_t *tl) {
     return tl->enc != KD_ENC_FP32;
-}
-
-static void encoding_dir(kd_cache_encoding_t enc, int k, char *out, size_t outlen) {
-    if (enc == KD_ENC_TOPK)
-        snprintf(out, outlen, "topk%d", k);
-    else
-        snprintf(out, outlen, "%s", kd_cache_encoding_name(enc));
 }
 
 void teacher_logits_data_fingerprint(const kd_dataset_t *train, char out[KD_CACHE_FP_HEX + 1]) {
@@ -390,6 +385,7 @@ static void *fill_main(void *arg) {
 
 int teacher_logits_start_fill(teacher_logits_t *tl, int index, int count, char *err,
                               size_t errlen) {
+    if (tl->lm) return lm_logits_start_fill(tl->lm, index, count, err, errlen);
     if (tl->started) return kd_err(err, errlen, "teacher logits: the fill already started");
     if (count < 1 || index < 0 || index >= count)
         return kd_err(err, errlen, "teacher logits: node index %d is not in 0..%d", index,
@@ -468,6 +464,8 @@ static int serve_computed(teacher_logits_t *tl, const pending_t *p, size_t n, co
 
 int teacher_logits_get(teacher_logits_t *tl, const uint32_t *ids, size_t B, float *out, char *err,
                        size_t errlen) {
+    if (tl->lm)
+        return kd_err(err, errlen, "teacher logits: a language model's are records, not rows");
     const size_t C = (size_t)tl->C;
     for (size_t i = 0; i < B; i++)
         if (ids[i] >= tl->N)
@@ -495,17 +493,33 @@ int teacher_logits_get(teacher_logits_t *tl, const uint32_t *ids, size_t B, floa
     return rc;
 }
 
+int teacher_logits_get_records(teacher_logits_t *tl, const uint32_t *ids, size_t B, uint8_t *out,
+                               char *err, size_t errlen) {
+    if (!tl->lm) return kd_err(err, errlen, "teacher logits: records are a language model's");
+    return lm_logits_get(tl->lm, ids, B, out, err, errlen);
+}
+
+size_t teacher_logits_record_bytes(const teacher_logits_t *tl) {
+    return tl->lm ? lm_logits_record_bytes(tl->lm) : 0;
+}
+
 bool teacher_logits_complete(const teacher_logits_t *tl) {
+    if (tl->lm) return lm_logits_complete(tl->lm);
     return atomic_load_explicit(&tl->ready, memory_order_acquire) == tl->n_blocks;
 }
 
 bool teacher_logits_failed(const teacher_logits_t *tl, char *err, size_t errlen) {
+    if (tl->lm) return lm_logits_failed(tl->lm, err, errlen);
     if (!atomic_load_explicit(&tl->failed, memory_order_acquire)) return false;
     kd_err(err, errlen, "%s", tl->fill_err);
     return true;
 }
 
 void teacher_logits_stats(const teacher_logits_t *tl, teacher_logits_stats_t *out) {
+    if (tl->lm) {
+        lm_logits_stats(tl->lm, out);
+        return;
+    }
     out->forward_samples = stat_get(&tl->forward_samples);
     out->forward_batches = stat_get(&tl->forward_batches);
     out->on_demand_samples = stat_get(&tl->on_demand);
@@ -519,7 +533,7 @@ int teacher_logits_classes(const teacher_logits_t *tl) {
 }
 
 const char *teacher_logits_entry(const teacher_logits_t *tl) {
-    return tl->entry;
+    return tl->lm ? lm_logits_entry(tl->lm) : tl->entry;
 }
 
 /* ---- opening ------------------------------------------------------------------------------- */
@@ -611,7 +625,8 @@ static int find_import(teacher_logits_t *tl, const char *pair, char *out, size_t
                        size_t errlen) {
     static const char *const PRECISE_FIRST[] = {"fp32", "fp16", "int8", "topk"};
     char want[32];
-    encoding_dir(tl->enc, tl->k, want, sizeof want);
+    kd_cache_key_t key = {.encoding = tl->enc, .k = tl->k};
+    kd_cache_entry_subdir(&key, want, sizeof want);
     DIR *d = opendir(pair);
     if (!d) return -1;
     char best[64] = "";
@@ -705,6 +720,11 @@ teacher_logits_t *teacher_logits_open(const kd_recipe_t *r, const kd_dataset_t *
                                       size_t errlen) {
     KD_ASSERT(r && train);
     teacher_logits_t *tl = kd_xcalloc(1, sizeof *tl);
+    if (train->tokens) {
+        tl->C = train->num_classes;
+        if (!(tl->lm = lm_logits_open(r, train, err, errlen))) goto fail;
+        return tl;
+    }
     tl->recipe = *r;
     tl->train = train;
     tl->N = train->n;
@@ -744,6 +764,7 @@ fail:
 void teacher_logits_close(teacher_logits_t **tl_p) {
     if (!tl_p || !*tl_p) return;
     teacher_logits_t *tl = *tl_p;
+    lm_logits_close(&tl->lm);
     if (tl->started) {
         atomic_store(&tl->stop, true);
         for (int i = 0; i < tl->n_fill; i++) pthread_join(tl->threads[i], NULL);

@@ -69,6 +69,13 @@ teacher_logits_t *teacher_logits_open(const kd_recipe_t *r, const kd_dataset_t *
 int teacher_logits_get(teacher_logits_t *tl, const uint32_t *ids, size_t B, float *out, char *err,
                        size_t errlen);
 
+/* Language models (the split is token windows; lm_logits.h): out (B, T, record bytes) = the
+ * records of windows ids in the cache's encoding (teacher_logits_record_bytes each). */
+int teacher_logits_get_records(teacher_logits_t *tl, const uint32_t *ids, size_t B, uint8_t *out,
+                               char *err, size_t errlen);
+/* Bytes of one position's record (language models); 0 for classifiers. */
+size_t teacher_logits_record_bytes(const teacher_logits_t *tl);
+
 /* Starts the thread that fills the table block by block: a cache hit loads the block; a miss or
  * a corrupt block (logged at WARN with the cache's message) is computed by the teacher and put
  * into the cache. Teacher node `index` of `count` sharing one cache directory starts at block

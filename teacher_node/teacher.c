@@ -196,8 +196,13 @@ static bool same_logits(const kd_recipe_t *a, const kd_recipe_t *b) {
            a->teacher.n_layers == b->teacher.n_layers &&
            memcmp(a->teacher.layers, b->teacher.layers,
                   (size_t)a->teacher.n_layers * sizeof a->teacher.layers[0]) == 0 &&
+           memcmp(&a->teacher.gpt, &b->teacher.gpt, sizeof a->teacher.gpt) == 0 &&
+           a->teacher.drop_vocab_padding == b->teacher.drop_vocab_padding &&
            a->teacher.batch_size == b->teacher.batch_size &&
            a->cache.encoding == b->cache.encoding && a->cache.topk == b->cache.topk &&
+           a->cache.samples == b->cache.samples &&
+           (a->cache.encoding != KD_ENC_SAMPLED ||
+            a->distill.loss.temperature == b->distill.loss.temperature) &&
            strcmp(a->cache.import, b->cache.import) == 0;
 }
 
@@ -257,6 +262,21 @@ static bool logits_ready(teacher_t *t) {
 static int check_adopted_sizes(const teacher_t *t, const kd_recipe_t *r, char *err, size_t errlen) {
     if (r->distill.loss.alpha <= 0) return 0; /* no teacher runs here */
     const kd_dataset_t *d = t->train;
+    if (r->teacher.gpt.layers > 0) { /* a language model's teacher: its GPT config is checked */
+        char why[KD_ERR_LEN];
+        kd_gpt_config_t cfg = r->teacher.gpt;
+        if (cfg.vocab == 0) cfg.vocab = t->train->num_classes; /* the data's, as it is built */
+        if (kd_gpt_config_check(&cfg, why, sizeof why) != 0)
+            return kd_err(err, errlen, "the coordinator's teacher.gpt: %s", why);
+        const double need = kd_model_train_bytes_gpt(&cfg, r->teacher.batch_size);
+        const uint64_t have = kd_node_memory_bytes();
+        if (have && need > (double)have)
+            return kd_err(err, errlen,
+                          "the coordinator's recipe needs about %.1f GB for the teacher's "
+                          "passes over %ld windows, more than this machine's %.1f GB",
+                          need / 1e9, r->teacher.batch_size, (double)have / 1e9);
+        return 0;
+    }
     kd_model_t *plan = kd_xmalloc(sizeof *plan);
     char why[KD_ERR_LEN];
     int rc = 0;
@@ -482,18 +502,33 @@ static int send_batch(teacher_t *t, uint32_t b, kd_wire_tensor_t *tensors, int n
     return 1;
 }
 
-/* A language model's batch: its windows of token ids. */
+/* A language model's batch: its windows of token ids and, when distilling, the teacher's
+ * records of their positions in the cache's encoding (never decoded here). */
 static int send_windows(teacher_t *t, uint32_t b, const uint32_t *ids, size_t B) {
     const kd_dataset_t *d = t->train;
+    const size_t T = d->window - 1, rb = t->logits ? teacher_logits_record_bytes(t->logits) : 0;
     uint32_t *windows = kd_xmalloc(B * d->window * sizeof *windows);
     kd_dataset_gather_windows(d, ids, B, windows);
-    /* ids are below the vocabulary (< 2^31): the same bits as int32 */
-    kd_wire_tensor_t tokens =
-        kd_layout_tensor(&KD_LAYOUT_TOKENS, (int64_t[]){(int64_t)B, (int64_t)d->window});
-    tokens.data = windows;
-    tokens.nbytes = B * d->window * sizeof *windows;
-    tokens.free_fn = free_buffer;
-    return send_batch(t, b, &tokens, 1);
+    uint8_t *records = rb ? kd_xmalloc(B * T * rb) : NULL;
+    char err[KD_ERR_LEN];
+    if (records && teacher_logits_get_records(t->logits, ids, B, records, err, sizeof err) != 0) {
+        kd_log(KD_LOG_ERROR, "TEACHER-LOGITS", "batch %u: %s", b, err);
+        free(windows);
+        free(records);
+        return -1;
+    }
+    kd_wire_tensor_t tensors[2] = {
+        /* ids are below the vocabulary (< 2^31): the same bits as int32 */
+        kd_layout_tensor(&KD_LAYOUT_TOKENS, (int64_t[]){(int64_t)B, (int64_t)d->window}),
+        kd_layout_tensor(&KD_LAYOUT_TEACHER_RECORDS,
+                         (int64_t[]){(int64_t)B, (int64_t)T, (int64_t)rb}),
+    };
+    tensors[0].data = windows;
+    tensors[0].nbytes = B * d->window * sizeof *windows;
+    tensors[1].data = records;
+    tensors[1].nbytes = B * T * rb;
+    tensors[0].free_fn = tensors[1].free_fn = free_buffer;
+    return send_batch(t, b, tensors, records ? 2 : 1);
 }
 
 /* Sends the head of the queue without blocking. Returns 1 sent, 0 would block, -1 error. */

@@ -425,7 +425,7 @@ int main(void) {
     CHECK(strstr(out, "bad.txt") && strstr(out, "byte offset 100"));
     CHECK(run("%s run %s distill.alpha=0.5 teacher.checkpoint=%s/runs/lm_tiny", kdist,
               tmp_path("lm.yaml"), tmp) == 2);
-    CHECK(strstr(out, "set distill.alpha=0") != NULL);
+    CHECK(strstr(out, "there is no teacher: set teacher.gpt") != NULL);
     CHECK(run("%s train %s data.files=nowhere.txt", kdist, tmp_path("lm.yaml")) == 1);
     CHECK(strstr(out, "nowhere.txt") != NULL);
 

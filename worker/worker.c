@@ -70,6 +70,10 @@ typedef struct {
     float *teacher;    /* (B, num_classes) the teacher's logits when distilling, else NULL */
     uint32_t *windows; /* (B, context + 1) a language model's token windows, else NULL */
     kd_lm_batch_t lm;  /* their inputs and targets */
+    /* A language model's teacher when distilling (records NULL otherwise): the batch's records
+     * (B, context, record_bytes), copied from the message, in the cache's encoding */
+    kd_lm_teacher_t lm_teacher;
+    uint8_t *lm_records;
 
     /* The batch in hand. */
     uint32_t epoch, batch_id;
@@ -294,6 +298,9 @@ static void free_step_buffers(worker_t *w) {
     free(w->teacher);
     free(w->windows);
     kd_lm_batch_free(&w->lm);
+    free(w->lm_records);
+    w->lm_records = NULL;
+    w->lm_teacher.records = NULL;
     w->x = w->dlogits = w->teacher = NULL;
     w->y = NULL;
     w->windows = NULL;
@@ -441,6 +448,10 @@ static int on_welcome(worker_t *w, const kd_msg_t *m) {
     }
     if (r.distill.loss.alpha > 0 && !w->model->gpt)
         w->teacher = kd_alloc_floats(w->batch_cap * (size_t)w->num_classes);
+    if (r.distill.loss.alpha > 0 && w->model->gpt) {
+        kd_lm_teacher_format(&r, w->num_classes, &w->lm_teacher);
+        w->lm_records = kd_xmalloc(w->batch_cap * (w->sample_dim - 1) * w->lm_teacher.record_bytes);
+    }
     kd_set_threads(w->threads > 0 ? w->threads : (int)r.train.threads);
 
     if (!w->pull) {
@@ -482,13 +493,17 @@ static int on_welcome(worker_t *w, const kd_msg_t *m) {
 
 /* ---- a training step --------------------------------------------------------------------- */
 
-/* A language model's batch: one "tokens" tensor of windows, every id inside the vocabulary. */
+/* A language model's batch: a "tokens" tensor of windows, every id inside the vocabulary, and
+ * when distilling the teacher's records of their positions, every one of them valid. */
 static int take_windows(worker_t *w, const kd_msg_t *m, Kdist__NackReason *nack, char *err,
                         size_t errlen) {
-    *nack = KDIST__NACK_REASON__NACK_INPUTS;
-    if (m->n_tensors != 1)
-        return kd_err(err, errlen, "batch with %d tensors, expected the token windows alone",
-                      m->n_tensors);
+    const bool distil = w->lm_records != NULL;
+    *nack = distil && m->n_tensors == 1 ? KDIST__NACK_REASON__NACK_TEACHER_LOGITS
+                                        : KDIST__NACK_REASON__NACK_INPUTS;
+    if (m->n_tensors != (distil ? 2 : 1))
+        return kd_err(err, errlen, "batch with %d tensors, expected the token windows%s",
+                      m->n_tensors,
+                      distil ? " and the teacher's records (distill.alpha > 0)" : " alone");
     const int64_t shape[2] = {-1, (int64_t)w->sample_dim};
     const int32_t *ids = kd_layout_get(m, &KD_LAYOUT_TOKENS, shape, err, errlen);
     if (!ids) return -1;
@@ -504,6 +519,17 @@ static int take_windows(worker_t *w, const kd_msg_t *m, Kdist__NackReason *nack,
                           "vocabulary [0, %d)",
                           ids[i], i % w->sample_dim, i / w->sample_dim, w->num_classes);
         w->windows[i] = (uint32_t)ids[i];
+    }
+    if (distil) {
+        *nack = KDIST__NACK_REASON__NACK_TEACHER_LOGITS;
+        const int64_t T = (int64_t)w->sample_dim - 1;
+        const int64_t rshape[3] = {B, T, (int64_t)w->lm_teacher.record_bytes};
+        const uint8_t *rec = kd_layout_get(m, &KD_LAYOUT_TEACHER_RECORDS, rshape, err, errlen);
+        if (!rec) return -1;
+        memcpy(w->lm_records, rec, (size_t)B * (size_t)T * w->lm_teacher.record_bytes);
+        w->lm_teacher.records = w->lm_records;
+        if (kd_lm_teacher_check(&w->lm_teacher, (int)B, (int)T, &w->lm, err, errlen) != 0)
+            return -1;
     }
     *nack = KDIST__NACK_REASON__NACK_UNSPECIFIED;
     w->epoch = m->env->batch->ref->epoch;
@@ -583,7 +609,8 @@ static int compute_and_push(worker_t *w, double wait_batch, double t_start) {
     kd_model_set_grads(m, shared ? kd_shm_slot(&w->grad_shm, 0) : w->own_grads);
     if (shared) kd_shm_begin_write(&w->grad_shm, 0);
     if (m->gpt)
-        kd_train_gradient_lm(m, w->windows, w->B, key, &w->lm, &w->stats);
+        kd_train_gradient_lm(m, w->windows, w->B, key, &w->recipe.distill.loss,
+                             w->lm_records ? &w->lm_teacher : NULL, &w->lm, &w->stats);
     else
         kd_train_gradient(m, &w->recipe.distill.loss, w->x, w->y, w->teacher, w->B, key, w->dlogits,
                           &w->stats);

@@ -1,0 +1,238 @@
+/* test_lm_distill: token-level distillation of a GPT through the cluster (`kdist run`: a
+ * coordinator, a teacher node and a worker as processes) with the teacher's per-position logits
+ * in the persistent cache. A tiny teacher is trained first with `kdist train`; then:
+ *  - a top-k run computes every window once through the teacher and completes with the ledger
+ *    whole; a second run and an alpha/temperature sweep compute no teacher forward pass;
+ *  - the sampled encoding gets its own entry per temperature (a re-sample), never the top-k's;
+ *  - another context (other windows) gets a new entry;
+ *  - a corrupted block is detected, recomputed and rewritten;
+ *  - a recipe that cannot be served (sampled with reverse KL, a padded teacher vocabulary
+ *    without teacher.drop_vocab_padding) is refused with the fix. */
+#include <dirent.h>
+#include <fcntl.h>
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "kd_rng.h"
+#include "kd_test.h"
+#include "kd_test_cluster.h"
+#include "kd_util.h"
+
+static char kdist[KD_PATH_MAX];
+static char out[65536];
+static const char *tmp;
+
+#define run(...) kd_test_run(out, sizeof out, __VA_ARGS__)
+
+static const char *tmp_path(const char *name) {
+    return kd_test_path(tmp, name);
+}
+
+/* Text with structure a bigger model learns better: words from a small vocabulary, each
+ * followed by a likely next word (a Markov chain over 12 words). */
+static void write_source(const char *path, size_t n) {
+    static const char *const words[] = {"and ", "the ", "lord ", "said ", "unto ", "moses ",
+                                        "of ",  "his ", "land ", "in ",   "that ", "day, "};
+    FILE *f = fopen(path, "w");
+    kd_rng_t rng;
+    kd_rng_init(&rng, 11);
+    size_t w = 0, len = 0;
+    while (len < n) {
+        len += (size_t)fprintf(f, "%s", words[w]);
+        uint32_t u = kd_rng_below(&rng, 8);
+        w = u < 5 ? (w * 7 + 3) % 12 : u < 7 ? (w + 1) % 12 : kd_rng_below(&rng, 12);
+    }
+    fclose(f);
+}
+
+static json_t *summary(const char *name) {
+    char path[KD_PATH_MAX + 64];
+    snprintf(path, sizeof path, "%s/runs/%s/summary.json", tmp, name);
+    return json_load_file(path, 0, NULL);
+}
+
+static long long teacher_count(json_t *s, const char *key) {
+    return json_integer_value(json_object_get(json_object_get(s, "teacher"), key));
+}
+
+static bool ledger_whole(json_t *s) {
+    json_t *l = json_object_get(s, "ledger");
+    json_int_t want = json_integer_value(json_object_get(l, "batches_expected"));
+    return want > 0 && json_integer_value(json_object_get(l, "batches_applied")) == want &&
+           strcmp(json_string_value(json_object_get(s, "status")) ?: "", "completed") == 0;
+}
+
+/* kdist run of distill.yaml as `name` with extra overrides; its summary (caller frees). */
+static json_t *distil(const char *name, const char *overrides) {
+    int rc = run("%s run %s name=%s %s", kdist, tmp_path("distill.yaml"), name, overrides);
+    if (rc != 0) fprintf(stderr, "kdist run %s exited %d:\n%s\n", name, rc, out);
+    CHECK(rc == 0);
+    json_t *s = summary(name);
+    CHECK(s && ledger_whole(s));
+    return s;
+}
+
+/* The entries (encoding directories) under the cache's fingerprint pairs, joined by spaces. */
+static void cache_entries(char *buf, size_t n) {
+    char dir[KD_PATH_MAX + 16];
+    snprintf(dir, sizeof dir, "%s/cache", tmp);
+    buf[0] = 0;
+    DIR *d = opendir(dir);
+    struct dirent *e;
+    while (d && (e = readdir(d))) {
+        if (e->d_name[0] == '.') continue;
+        char sub[KD_PATH_MAX + 300];
+        snprintf(sub, sizeof sub, "%s/%s", dir, e->d_name);
+        DIR *d2 = opendir(sub);
+        struct dirent *e2;
+        while (d2 && (e2 = readdir(d2)))
+            if (e2->d_name[0] != '.')
+                snprintf(buf + strlen(buf), n - strlen(buf), "%.33s/%s ", e->d_name, e2->d_name);
+        if (d2) closedir(d2);
+    }
+    if (d) closedir(d);
+}
+
+static int count_words(const char *s) {
+    int n = 0;
+    for (const char *p = s; (p = strchr(p, ' ')); p++) n++;
+    return n;
+}
+
+/* Flips a byte inside the first block's records of the entry whose name ends in enc. */
+static bool corrupt_entry(const char *enc) {
+    char entries[4096];
+    cache_entries(entries, sizeof entries);
+    for (char *tok = strtok(entries, " "); tok; tok = strtok(NULL, " ")) {
+        const char *slash = strrchr(tok, '/');
+        if (!slash || strcmp(slash + 1, enc) != 0) continue;
+        /* tok is "<first 33 of pair>/<enc>": find the pair by prefix */
+        char dir[KD_PATH_MAX + 16];
+        snprintf(dir, sizeof dir, "%s/cache", tmp);
+        DIR *d = opendir(dir);
+        struct dirent *e;
+        while (d && (e = readdir(d))) {
+            if (strncmp(e->d_name, tok, (size_t)(slash - tok)) != 0) continue;
+            char path[KD_PATH_MAX + 400];
+            snprintf(path, sizeof path, "%s/%s/%s/logits.bin", dir, e->d_name, enc);
+            int fd = open(path, O_RDWR);
+            uint8_t b = 0;
+            const off_t at = 64 + 32 + 5; /* file header, block 0's header, into its records */
+            bool ok = fd >= 0 && pread(fd, &b, 1, at) == 1;
+            b ^= 0x5a;
+            ok = ok && pwrite(fd, &b, 1, at) == 1;
+            if (fd >= 0) close(fd);
+            closedir(d);
+            return ok;
+        }
+        if (d) closedir(d);
+    }
+    return false;
+}
+
+int main(void) {
+    tmp = kd_test_tmpdir("test_lm_distill");
+    const char *bin = getenv("KD_BIN_DIR");
+    snprintf(kdist, sizeof kdist, "%s/kdist", bin ? bin : "../build/bin");
+    write_source(tmp_path("source.txt"), 60000);
+    char recipe[4096];
+    const char *common =
+        "data: {format: text, dir: %s, files: [source.txt], tokenizer: bytes, "
+        "val_fraction: 0.1, test_fraction: 0.1, val_windows: 16, test_windows: 16}\n"
+        "optim: {name: adamw, lr: 1e-2, weight_decay: 0.01, clip_norm: 1.0}\n"
+        "schedule: {name: cosine, warmup_steps: 10, min_lr: 1e-3}\n"
+        "train: {epochs: 1, batch_size: 16, threads: 1}\n"
+        "logging: {runs_dir: %s/runs}\n";
+    char data[1024];
+    snprintf(data, sizeof data, common, tmp, tmp);
+    snprintf(recipe, sizeof recipe,
+             "name: teacher\n%sstudent:\n  gpt: {layers: 2, width: 32, heads: 2, context: 32}\n",
+             data);
+    kd_test_write_text(tmp_path("teacher.yaml"), recipe);
+    CHECK(run("%s train %s", kdist, tmp_path("teacher.yaml")) == 0);
+    snprintf(recipe, sizeof recipe,
+             "name: distilled\n%s"
+             "student:\n  gpt: {layers: 1, width: 16, heads: 2, context: 32}\n"
+             "teacher:\n  gpt: {layers: 2, width: 32, heads: 2, context: 32}\n"
+             "  checkpoint: %s/runs/teacher/student.safetensors\n  batch_size: 8\n"
+             "distill: {alpha: 0.7, temperature: 1.0}\n"
+             "cache: {dir: %s/cache, encoding: topk, topk: 4}\n"
+             "cluster: {workers: 1, teachers: 1, consistency: sync}\n",
+             data, tmp, tmp);
+    kd_test_write_text(tmp_path("distill.yaml"), recipe);
+
+    /* the first run computes every training window once through the teacher */
+    json_t *first = distil("d1", "");
+    const long long windows = teacher_count(first, "forward_samples");
+    CHECK(windows > 1000 && teacher_count(first, "cache_misses") == windows);
+    CHECK(teacher_count(first, "record_bytes_per_token") == 4 + 8 * 4);
+    CHECK(json_is_number(json_object_get(json_object_get(first, "teacher"), "val_kl")));
+    /* the same recipe again, and an alpha / temperature sweep: all from the cache */
+    json_t *again = distil("d2", "");
+    CHECK(teacher_count(again, "forward_samples") == 0);
+    CHECK(teacher_count(again, "cache_hits") == windows);
+    json_t *sweep = distil("d3", "distill.alpha=0.3 distill.temperature=2");
+    CHECK(teacher_count(sweep, "forward_samples") == 0);
+    char entries[4096];
+    cache_entries(entries, sizeof entries);
+    CHECK(count_words(entries) == 1 && strstr(entries, "/topk4 "));
+
+    /* sampled: an entry of its own, drawn again at another temperature */
+    json_t *sampled = distil("s1", "cache.encoding=sampled cache.samples=6");
+    CHECK(teacher_count(sampled, "forward_samples") == windows);
+    CHECK(teacher_count(sampled, "record_bytes_per_token") == 6 * 2);
+    json_t *hot = distil("s2", "cache.encoding=sampled cache.samples=6 distill.temperature=2");
+    CHECK(teacher_count(hot, "forward_samples") == windows);
+    cache_entries(entries, sizeof entries);
+    CHECK(count_words(entries) == 3 && strstr(entries, "/sampled6 ") &&
+          strstr(entries, "/sampled6-t2 "));
+    /* dense fp16 for a small vocabulary */
+    json_t *dense = distil("f1", "cache.encoding=fp16");
+    CHECK(teacher_count(dense, "record_bytes_per_token") == 2 * 257);
+
+    /* a corrupted block is found, recomputed and rewritten; the next run reads it whole */
+    CHECK(corrupt_entry("topk4"));
+    json_t *healed = distil("d4", "");
+    CHECK(teacher_count(healed, "cache_corrupt") == 1);
+    CHECK(teacher_count(healed, "forward_samples") == 8); /* its group of teacher.batch_size */
+    json_t *whole = distil("d5", "");
+    CHECK(teacher_count(whole, "forward_samples") == 0 &&
+          teacher_count(whole, "cache_corrupt") == 0);
+
+    /* other windows (the context): another data fingerprint, a new entry */
+    json_t *ctx = distil("c1", "student.gpt.context=16");
+    CHECK(teacher_count(ctx, "forward_samples") > windows); /* windows of 17: more of them */
+    cache_entries(entries, sizeof entries);
+    CHECK(count_words(entries) == 5 && strstr(entries, "/fp16 "));
+
+    /* refusals that name the fix */
+    CHECK(run("%s run %s name=bad1 cache.encoding=sampled distill.loss=reverse_kl", kdist,
+              tmp_path("distill.yaml")) != 0);
+    CHECK(strstr(out, "forward_kl only") != NULL);
+    /* a teacher whose vocabulary is padded past the tokenizer's (300 for 257 ids): refused
+     * unless its padding logits are dropped explicitly */
+    CHECK(run("%s train %s name=padded student.gpt.vocab=300", kdist, tmp_path("teacher.yaml")) ==
+          0);
+    char padded[KD_PATH_MAX + 128];
+    snprintf(padded, sizeof padded,
+             "teacher.gpt.vocab=300 teacher.checkpoint=%s/runs/padded/student.safetensors", tmp);
+    CHECK(run("%s run %s name=bad2 %s", kdist, tmp_path("distill.yaml"), padded) != 0);
+    CHECK(strstr(out, "teacher.drop_vocab_padding: true") != NULL);
+    char dropped[KD_PATH_MAX + 200];
+    snprintf(dropped, sizeof dropped, "%s teacher.drop_vocab_padding=true", padded);
+    json_t *pad = distil("p1", dropped);
+    CHECK(teacher_count(pad, "forward_samples") == windows);
+
+    json_t *all[] = {first, again, sweep, sampled, hot, dense, ctx, healed, whole, pad};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) json_decref(all[i]);
+    if (!kd_test_failures) {
+        char cmd[KD_PATH_MAX + 16];
+        snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmp);
+        if (system(cmd) != 0) fprintf(stderr, "cannot remove %s\n", tmp);
+    }
+    return kd_test_done("test_lm_distill");
+}
