@@ -9,6 +9,7 @@
 
 #include "kd_cache.h"
 #include "kd_cli.h"
+#include "kd_train.h"
 #include "kd_util.h"
 
 #define DEFAULT_DIR "cache"
@@ -26,12 +27,19 @@ static void usage(FILE *out) {
             "  export ENTRY [--encoding E] --out FILE.npy\n"
             "                             decoded logits as float32 (N, C); the entry must be\n"
             "                             complete\n"
-            "  import --data-fingerprint FP --label NAME --encoding E [--k K]\n"
-            "         [--block-rows N] FILE.npy\n"
-            "                             logits computed elsewhere, as teacher 'import:NAME'\n"
+            "  import --data-fingerprint FP|--recipe RECIPE --label NAME --encoding E [--k K]\n"
+            "         [--block-rows N] [--temperature T] FILE.npy\n"
+            "  import ... --encoding topk<K> --vocab V --ids IDS.npy --logprobs LOGPROBS.npy\n"
+            "                             logits computed elsewhere, as teacher 'import:NAME':\n"
+            "                             float32 (N, C), or a language model's (windows,\n"
+            "                             positions, vocabulary); or its top-k pairs, int ids and\n"
+            "                             float32 log-probabilities (windows, positions, K); the\n"
+            "                             fingerprint of the recipe's training split with\n"
+            "                             --recipe\n"
             "\n"
             "ENTRY is <teacher_fp>-<data_fp>[/<encoding>] or a prefix of it; encodings are\n"
-            "fp32, fp16, int8 and topk<K> (e.g. topk16, or --encoding topk --k 16).\n");
+            "fp32, fp16, int8, topk<K> (e.g. topk16, or --encoding topk --k 16) and, for\n"
+            "language models, sampled<K> (K draws per position at --temperature, default 1).\n");
 }
 
 /* A usage error: one line saying what is wrong, exit code 2. */
@@ -41,7 +49,9 @@ static int usage_error(const char *cmd, const char *msg) {
 }
 
 typedef struct {
-    const char *dir, *encoding, *out, *data_fp, *label;
+    const char *dir, *encoding, *out, *data_fp, *label, *recipe, *ids, *logprobs;
+    const char *temperature;
+    long vocab;
     long k, block_rows;
     double older_than_days;
     bool all;
@@ -96,6 +106,11 @@ static int parse_opts(const char *cmd, int argc, char **argv, const char *allowe
         if (strcmp(a, "--out") == 0) o->out = v;
         if (strcmp(a, "--data-fingerprint") == 0) o->data_fp = v;
         if (strcmp(a, "--label") == 0) o->label = v;
+        if (strcmp(a, "--recipe") == 0) o->recipe = v;
+        if (strcmp(a, "--ids") == 0) o->ids = v;
+        if (strcmp(a, "--logprobs") == 0) o->logprobs = v;
+        if (strcmp(a, "--temperature") == 0) o->temperature = v;
+        if (strcmp(a, "--vocab") == 0 && parse_number(cmd, a, v, &o->vocab) != 0) return 2;
         if (strcmp(a, "--k") == 0 && parse_number(cmd, a, v, &o->k) != 0) return 2;
         if (strcmp(a, "--block-rows") == 0 && parse_number(cmd, a, v, &o->block_rows) != 0)
             return 2;
@@ -306,15 +321,89 @@ static int cache_export(int argc, char **argv) {
 
 /* ---- import -------------------------------------------------------------------------------- */
 
+/* The data fingerprint of a recipe's training split, as its teacher nodes key the cache. */
+static int recipe_data_fingerprint(const char *path, char *fp, char *err, size_t errlen) {
+    kd_recipe_t *r = kd_xmalloc(sizeof *r);
+    kd_splits_t d = {0};
+    int rc = -1;
+    if (kd_recipe_load(path, NULL, 0, r, err, errlen) == 0 &&
+        kd_splits_load(r, &d, err, errlen) == 0) {
+        kd_cache_fingerprint_data(
+            d.train,
+            d.train->tokens ? KD_CACHE_PREPROCESSING_TOKENS : KD_CACHE_PREPROCESSING_PIXELS, fp);
+        rc = 0;
+    }
+    kd_splits_destroy(&d);
+    free(r);
+    return rc;
+}
+
+/* A language model's import (a 3-D FILE.npy, or --ids with --logprobs). */
+static int import_lm(const cache_opts_t *o, kd_cache_encoding_t enc, int k, const char *data_fp,
+                     char *name, size_t name_len, char *err, size_t errlen) {
+    kd_npy_array_t dense = {0}, ids = {0}, lp = {0};
+    kd_cache_lm_import_t in = {.dense_path = o->n_args ? o->args[0] : NULL,
+                               .ids_path = o->ids,
+                               .logprobs_path = o->logprobs,
+                               .vocab = (int)o->vocab,
+                               .encoding = enc,
+                               .k = k,
+                               .sample_temperature = 1.0f,
+                               .data_fp = data_fp,
+                               .label = o->label};
+    double t = 1.0;
+    if (o->temperature && (kd_parse_double(o->temperature, &t) != 0 || !(t > 0 && t <= 100)))
+        return kd_err(err, errlen, "--temperature needs a number in (0, 100], not '%s'",
+                      o->temperature);
+    in.sample_temperature = (float)t;
+    int rc = -1;
+    if (o->ids) {
+        if (kd_npy_read(o->ids, KD_NPY_I32 | KD_NPY_I64, &ids, err, errlen) == 0 &&
+            kd_npy_read(o->logprobs, KD_NPY_F32, &lp, err, errlen) == 0) {
+            in.ids = &ids;
+            in.logprobs = &lp;
+            rc = kd_cache_import_lm(o->dir, &in, name, name_len, err, errlen);
+        }
+    } else if (kd_npy_read(o->args[0], KD_NPY_F32, &dense, err, errlen) == 0) {
+        in.dense = &dense;
+        rc = kd_cache_import_lm(o->dir, &in, name, name_len, err, errlen);
+    }
+    free(dense.data);
+    free(ids.data);
+    free(lp.data);
+    return rc;
+}
+
+/* The number of dimensions of an .npy file's array (its header only), or -1. */
+static int npy_ndim(const char *path) {
+    FILE *f = fopen(path, "rb");
+    char head[512] = "";
+    size_t n = f ? fread(head, 1, sizeof head - 1, f) : 0;
+    if (f) fclose(f);
+    head[n] = 0;
+    const char *p = n > 10 ? strstr(head + 10, "'shape': (") : NULL;
+    if (!p) return -1;
+    int commas = 0;
+    for (p += 10; *p && *p != ')'; p++) commas += *p == ',';
+    return p[-1] == ',' ? commas : commas + 1;
+}
+
 static int cache_import(int argc, char **argv) {
     cache_opts_t o;
     if (parse_opts("import", argc, argv,
-                   " --dir --data-fingerprint --label --encoding --k --block-rows ", &o) != 0)
+                   " --dir --data-fingerprint --recipe --label --encoding --k --block-rows --ids "
+                   "--logprobs --vocab --temperature ",
+                   &o) != 0)
         return 2;
-    if (o.n_args != 1) return usage_error("import", "needs exactly one FILE.npy");
-    if (!o.data_fp) return usage_error("import", "needs --data-fingerprint FP");
+    const bool pairs = o.ids || o.logprobs;
+    if (pairs && (!o.ids || !o.logprobs || o.n_args != 0 || o.vocab < 1))
+        return usage_error("import", "top-k pairs need --ids, --logprobs and --vocab, no FILE");
+    if (!pairs && o.n_args != 1) return usage_error("import", "needs exactly one FILE.npy");
+    if (!o.data_fp == !o.recipe)
+        return usage_error("import", "needs --data-fingerprint FP or --recipe RECIPE");
     if (!o.label) return usage_error("import", "needs --label NAME");
-    if (!o.encoding) return usage_error("import", "needs --encoding fp32|fp16|int8|topk<K>");
+    if (!o.encoding)
+        return usage_error("import", "needs --encoding fp32|fp16|int8|topk<K>|sampled<K>");
     kd_cache_encoding_t enc;
     int k;
     if (kd_cache_encoding_parse(o.encoding, &enc, &k) != 0) {
@@ -331,19 +420,29 @@ static int cache_import(int argc, char **argv) {
         return 2;
     }
     if (!k) k = (int)o.k;
-    if (enc == KD_ENC_TOPK && k == 0) {
-        fprintf(stderr, "kdist cache import: topk needs k (--encoding topk16 or --k 16)\n");
+    if ((enc == KD_ENC_TOPK || enc == KD_ENC_SAMPLED) && k == 0 && !pairs) {
+        fprintf(stderr, "kdist cache import: %s needs k (--encoding %s16 or --k 16)\n",
+                kd_cache_encoding_name(enc), kd_cache_encoding_name(enc));
         return 2;
     }
-    char err[KD_ERR_LEN], name[KD_CACHE_NAME_MAX], teacher_fp[KD_CACHE_FP_HEX + 1];
-    if (kd_cache_import_npy(o.dir, o.args[0], o.data_fp, o.label, enc, k, (size_t)o.block_rows,
-                            name, sizeof name, err, sizeof err) != 0) {
+    char err[KD_ERR_LEN], name[KD_CACHE_NAME_MAX], teacher_fp[KD_CACHE_FP_HEX + 1],
+        data_fp[KD_CACHE_FP_HEX + 1];
+    if (o.recipe && recipe_data_fingerprint(o.recipe, data_fp, err, sizeof err) != 0) {
+        fprintf(stderr, "kdist cache import: --recipe %s: %s\n", o.recipe, err);
+        return 1;
+    }
+    const char *fp = o.data_fp ? o.data_fp : data_fp;
+    int rc = pairs || npy_ndim(o.args[0]) == 3
+                 ? import_lm(&o, enc, k, fp, name, sizeof name, err, sizeof err)
+                 : kd_cache_import_npy(o.dir, o.args[0], fp, o.label, enc, k, (size_t)o.block_rows,
+                                       name, sizeof name, err, sizeof err);
+    if (rc != 0) {
         fprintf(stderr, "kdist cache import: %s\n", err);
         return 1;
     }
     kd_cache_fingerprint_import(o.label, teacher_fp);
-    printf("imported %s as %s/%s\nteacher 'import:%s' has fingerprint %s\n", o.args[0], o.dir, name,
-           o.label, teacher_fp);
+    printf("imported %s as %s/%s\nteacher 'import:%s' has fingerprint %s\n",
+           pairs ? o.ids : o.args[0], o.dir, name, o.label, teacher_fp);
     return 0;
 }
 

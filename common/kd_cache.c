@@ -1509,24 +1509,51 @@ static int check_label(const char *label, char *err, size_t errlen) {
     return 0;
 }
 
-int kd_cache_import_npy(const char *dir, const char *npy_path, const char *data_fp,
-                        const char *label, kd_cache_encoding_t enc, int k, size_t block_rows,
-                        char *name_out, size_t name_len, char *err, size_t errlen) {
+/* An import's key checks (label, data fingerprint) and its entry, opened empty: 0, or -1. */
+static int open_import(const char *dir, kd_cache_key_t *key, const char *data_fp, const char *label,
+                       const char *source, kd_cache_t **out, char *err, size_t errlen) {
+    *out = NULL;
     if (check_label(label, err, errlen) != 0) return -1;
     if (strlen(data_fp) != KD_CACHE_FP_HEX || !is_fp_hex(data_fp))
         return kd_err(err, errlen, "data fingerprint '%s' is not %d lower-case hex digits", data_fp,
                       KD_CACHE_FP_HEX);
+    kd_cache_fingerprint_import(label, key->teacher_fp);
+    snprintf(key->data_fp, sizeof key->data_fp, "%s", data_fp);
+    snprintf(key->teacher_desc, sizeof key->teacher_desc, "%s%s", IMPORT_PREFIX, label);
+    snprintf(key->data_desc, sizeof key->data_desc, "imported from %.400s", source);
+    kd_cache_t *c = kd_cache_open(dir, key, err, errlen);
+    size_t written = 0;
+    if (!c || kd_cache_coverage(c, &written, err, errlen) != 0) {
+        kd_cache_close(&c);
+        return -1;
+    }
+    if (written) {
+        kd_err(err, errlen,
+               "%s: already holds %zu blocks imported as '%s'; remove it first (kdist cache gc "
+               "%s)",
+               c->dir, written, label, c->name);
+        kd_cache_close(&c);
+        return -1;
+    }
+    *out = c;
+    return 0;
+}
+
+static int finish_import(kd_cache_t *c, char *name_out, size_t name_len, char *err, size_t errlen) {
+    if (kd_cache_flush(c, err, errlen) != 0) return -1;
+    if (name_out) snprintf(name_out, name_len, "%s", c->name);
+    return 0;
+}
+
+int kd_cache_import_npy(const char *dir, const char *npy_path, const char *data_fp,
+                        const char *label, kd_cache_encoding_t enc, int k, size_t block_rows,
+                        char *name_out, size_t name_len, char *err, size_t errlen) {
     float *logits = NULL;
     size_t rows, cols;
     if (kd_npy_read_f32(npy_path, &logits, &rows, &cols, err, errlen) != 0) return -1;
     kd_cache_key_t key = {.n_samples = rows, .encoding = enc, .k = k, .block_rows = block_rows};
     key.n_classes = cols > (1 << 26) ? 0 : (int)cols;
-    kd_cache_fingerprint_import(label, key.teacher_fp);
-    snprintf(key.data_fp, sizeof key.data_fp, "%s", data_fp);
-    snprintf(key.teacher_desc, sizeof key.teacher_desc, "%s%s", IMPORT_PREFIX, label);
-    snprintf(key.data_desc, sizeof key.data_desc, "imported from %s", npy_path);
     kd_cache_t *c = NULL;
-    size_t written = 0;
     int rc = -1;
     if (rows == 0 || key.n_classes == 0) {
         kd_err(err, errlen, "%s: shape (%zu, %zu) is not (samples, classes) logits", npy_path, rows,
@@ -1540,24 +1567,143 @@ int kd_cache_import_npy(const char *dir, const char *npy_path, const char *data_
                    i / cols, i % cols, (double)logits[i]);
             goto out;
         }
-    if (!(c = kd_cache_open(dir, &key, err, errlen))) goto out;
-    if (kd_cache_coverage(c, &written, err, errlen) != 0) goto out;
-    if (written) {
-        kd_err(err, errlen,
-               "%s: already holds %zu blocks imported as '%s'; remove it first (kdist cache gc "
-               "%s)",
-               c->dir, written, label, c->name);
-        goto out;
-    }
+    if (open_import(dir, &key, data_fp, label, npy_path, &c, err, errlen) != 0) goto out;
     size_t C = (size_t)key.n_classes;
     for (size_t b = 0; b < c->n_blocks; b++)
         if (kd_cache_put_block(c, b, logits + b * c->key.block_rows * C, err, errlen) != 0)
             goto out;
-    if (kd_cache_flush(c, err, errlen) != 0) goto out;
-    if (name_out) snprintf(name_out, name_len, "%s", c->name);
-    rc = 0;
+    rc = finish_import(c, name_out, name_len, err, errlen);
 out:
     kd_cache_close(&c);
     free(logits);
+    return rc;
+}
+
+/* One position's top-k record from k (id, log-probability) pairs: sorted descending (ties to
+ * the lower id), the rest's mass 1 - sum p as its log-sum-exp (log-probabilities are logits
+ * whose log-sum-exp is 0). 0, or -1 with why set. */
+static int topk_record_from_pairs(const int64_t *ids, const float *lp, int k, int C, uint8_t *rec,
+                                  uint32_t *idx, float *val, char *why, size_t whylen) {
+    double mass = 0.0;
+    for (int j = 0; j < k; j++) {
+        if (ids[j] < 0 || ids[j] >= C)
+            return kd_err(why, whylen, "id %lld is outside the vocabulary [0, %d)",
+                          (long long)ids[j], C);
+        if (!isfinite(lp[j]) || lp[j] > 1e-4f)
+            return kd_err(why, whylen,
+                          "value %g is not a log-probability (finite and <= 0: log_softmax)",
+                          (double)lp[j]);
+        mass += exp((double)lp[j]);
+        int n = j; /* insertion: descending value, ties to the lower id */
+        while (n > 0 && (val[n - 1] < lp[j] || (val[n - 1] == lp[j] && idx[n - 1] > ids[j]))) {
+            val[n] = val[n - 1];
+            idx[n] = idx[n - 1];
+            n--;
+        }
+        val[n] = lp[j];
+        idx[n] = (uint32_t)ids[j];
+    }
+    for (int j = 1; j < k; j++)
+        for (int i = 0; i < j; i++)
+            if (idx[i] == idx[j]) return kd_err(why, whylen, "id %u appears twice", idx[j]);
+    if (mass > 1.0 + 1e-3)
+        return kd_err(why, whylen,
+                      "its probabilities sum to %.4f > 1: the values must be log-probabilities "
+                      "(log_softmax of the logits), not raw logits",
+                      mass);
+    /* what is left for the others; never exactly 0, so the rest stays a bucket */
+    put_f32(rec, k < C ? (float)log(fmax(1.0 - mass, 1e-30)) : -INFINITY);
+    for (int j = 0; j < k; j++) {
+        put_f32(rec + 4 + 4 * j, val[j]);
+        put_u32(rec + 4 + 4 * (size_t)k + 4 * j, idx[j]);
+    }
+    return 0;
+}
+
+int kd_cache_import_lm(const char *dir, const kd_cache_lm_import_t *in, char *name_out,
+                       size_t name_len, char *err, size_t errlen) {
+    const kd_npy_array_t *dense = in->dense, *ids = in->ids, *lp = in->logprobs;
+    const bool pairs = dense == NULL;
+    const kd_npy_array_t *shape = pairs ? ids : dense;
+    if (!shape || shape->ndim != 3 || shape->shape[0] == 0 || shape->shape[1] == 0 ||
+        shape->shape[2] == 0)
+        return kd_err(err, errlen, "%s: expected a 3-D array (windows, positions, %s)",
+                      pairs ? in->ids_path : in->dense_path, pairs ? "k" : "vocabulary");
+    const size_t N = shape->shape[0], T = shape->shape[1], K = shape->shape[2];
+    if (pairs &&
+        (!lp || lp->ndim != 3 || lp->shape[0] != N || lp->shape[1] != T || lp->shape[2] != K))
+        return kd_err(err, errlen, "%s and %s: the ids and values must have the same shape",
+                      in->ids_path, in->logprobs_path);
+    const int C = pairs ? in->vocab : (int)(K > (1 << 26) ? 0 : K);
+    if (C < 1 || (pairs && K > (size_t)C))
+        return kd_err(err, errlen, "%s",
+                      pairs ? "--vocab must be at least k (the pairs' last "
+                              "dimension)"
+                            : "the vocabulary is out of range");
+    kd_cache_key_t key = {.n_samples = N * T,
+                          .n_classes = C,
+                          .encoding = pairs ? KD_ENC_TOPK : in->encoding,
+                          .k = pairs ? (int)K : in->k,
+                          .sample_temperature = in->sample_temperature,
+                          .block_rows = T};
+    if (pairs && in->encoding != KD_ENC_TOPK)
+        return kd_err(err, errlen, "top-k pairs import as --encoding topk (topk%zu), not %s", K,
+                      kd_cache_encoding_name(in->encoding));
+    if (pairs && in->k && (size_t)in->k != K)
+        return kd_err(err, errlen, "--encoding topk%d but %s holds %zu per position", in->k,
+                      in->ids_path, K);
+    kd_cache_t *c = NULL;
+    const char *source = pairs ? in->ids_path : in->dense_path;
+    const size_t rb = record_bytes_of(key.encoding, C, key.k);
+    uint8_t *records = kd_xmalloc(T * rb);
+    int64_t *row_ids = kd_xmalloc(K * sizeof *row_ids);
+    uint32_t *idx = kd_xmalloc((K + 1) * sizeof *idx);
+    float *val = kd_alloc_floats(K + 1);
+    void *codec = NULL;
+    int rc = -1;
+    /* every value checked before the entry exists: a bad file leaves nothing behind */
+    for (size_t i = 0; !pairs && i < dense->count; i++)
+        if (!isfinite(((const float *)dense->data)[i])) {
+            kd_err(err, errlen, "%s: window %zu position %zu id %zu is %g; logits must be finite",
+                   in->dense_path, i / (T * K), i / K % T, i % K,
+                   (double)((const float *)dense->data)[i]);
+            goto out;
+        }
+    /* pairs: a checking pass over every window first; dense rows were checked above */
+    for (int pass = pairs ? 0 : 1; pass < 2; pass++) {
+        if (pass == 1 &&
+            open_import(dir, &key, in->data_fp, in->label, source, &c, err, errlen) != 0)
+            goto out;
+        for (size_t v = 0; v < N; v++) {
+            for (size_t t = 0; t < T; t++) {
+                const size_t at = (v * T + t) * K;
+                char why[256];
+                if (!pairs) {
+                    if (kd_cache_encode_records(&key, v * T + t, 1, (const float *)dense->data + at,
+                                                records + t * rb, &codec, err, errlen) != 0)
+                        goto out;
+                    continue;
+                }
+                for (size_t j = 0; j < K; j++)
+                    row_ids[j] = ids->dtype == KD_NPY_I64 ? ((const int64_t *)ids->data)[at + j]
+                                                          : ((const int32_t *)ids->data)[at + j];
+                if (topk_record_from_pairs(row_ids, (const float *)lp->data + at, (int)K, C,
+                                           records + t * rb, idx, val, why, sizeof why) != 0) {
+                    kd_err(err, errlen, "%s / %s: window %zu position %zu: %s", in->ids_path,
+                           in->logprobs_path, v, t, why);
+                    goto out;
+                }
+            }
+            if (pass == 1 && kd_cache_put_records(c, v, records, err, errlen) != 0) goto out;
+        }
+    }
+    rc = finish_import(c, name_out, name_len, err, errlen);
+out:
+    kd_cache_codec_free(&codec);
+    kd_cache_close(&c);
+    free(records);
+    free(row_ids);
+    free(idx);
+    free(val);
     return rc;
 }

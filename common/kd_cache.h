@@ -76,6 +76,10 @@ size_t kd_cache_record_bytes(kd_cache_encoding_t enc, int n_classes, int k);
  * and a description of the preprocessing (whatever changes the teacher's inputs, e.g.
  * "pixels/255; split=train val=5000 seed=1"). Import: logits computed elsewhere, named by a
  * user's label; the manifest records the teacher as "import:<label>". */
+/* What the teachers' inputs went through, part of the data fingerprint (a change can never be
+ * served old logits): pixels as every process scales them; language models' token windows. */
+#define KD_CACHE_PREPROCESSING_PIXELS "pixels u8/255"
+#define KD_CACHE_PREPROCESSING_TOKENS "token windows"
 void kd_cache_fingerprint_teacher(const kd_model_t *teacher, char out[KD_CACHE_FP_HEX + 1]);
 void kd_cache_fingerprint_data(const kd_dataset_t *ds, const char *preprocessing,
                                char out[KD_CACHE_FP_HEX + 1]);
@@ -209,5 +213,26 @@ int kd_cache_export_npy(kd_cache_t *c, const char *npy_path, char *err, size_t e
 int kd_cache_import_npy(const char *dir, const char *npy_path, const char *data_fp,
                         const char *label, kd_cache_encoding_t enc, int k, size_t block_rows,
                         char *name_out, size_t name_len, char *err, size_t errlen);
+
+/* A language model's logits computed elsewhere (a PyTorch or vLLM teacher on a GPU) for the
+ * training windows with fingerprint data_fp, as teacher "import:<label>", one block per
+ * window: dense (windows, positions, vocabulary) float32 logits in any encoding (k, and the
+ * sampled temperature, as for a teacher node), or top-k pairs: ids (windows, positions, k)
+ * int32 or int64 with logprobs of the same shape, float32 log-probabilities (log_softmax at
+ * T = 1, as vLLM's logprobs) over a vocabulary of `vocab` ids, as topk<k> (the rest's mass is
+ * what they leave). Every value is checked before the entry is created. */
+#include "kd_npy.h"
+typedef struct {
+    const kd_npy_array_t *dense; /* or NULL: the pairs */
+    const kd_npy_array_t *ids, *logprobs;
+    const char *dense_path, *ids_path, *logprobs_path; /* for messages */
+    int vocab;                                         /* the pairs' */
+    kd_cache_encoding_t encoding;
+    int k;
+    float sample_temperature;
+    const char *data_fp, *label;
+} kd_cache_lm_import_t;
+int kd_cache_import_lm(const char *dir, const kd_cache_lm_import_t *in, char *name_out,
+                       size_t name_len, char *err, size_t errlen);
 
 #endif

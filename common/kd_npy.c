@@ -150,11 +150,17 @@ static int parse_shape(cursor_t *c, uint64_t *dims, int *ndim) {
     }
 }
 
-int kd_npy_read_f32(const char *path, float **data, size_t *rows, size_t *cols, char *err,
-                    size_t errlen) {
-    KD_ASSERT(path && data && rows && cols);
-    *data = NULL;
-    *rows = *cols = 0;
+/* The dtypes kd_npy_read accepts, with their element sizes. */
+static const struct {
+    const char *descr;
+    kd_npy_dtype_t dtype;
+    size_t size;
+} DTYPES[] = {{"<f4", KD_NPY_F32, 4}, {"<i4", KD_NPY_I32, 4}, {"<i8", KD_NPY_I64, 8}};
+
+int kd_npy_read(const char *path, unsigned accept_dtypes, kd_npy_array_t *out, char *err,
+                size_t errlen) {
+    KD_ASSERT(path && out);
+    memset(out, 0, sizeof *out);
     uint8_t *buf = NULL;
     size_t len = 0;
     int rc = -1;
@@ -191,7 +197,7 @@ int kd_npy_read_f32(const char *path, float **data, size_t *rows, size_t *cols, 
     }
 
     cursor_t c = {(const char *)buf + prefix, (const char *)buf + prefix + hlen};
-    int have_descr = 0, have_order = 0, have_shape = 0;
+    int have_descr = 0, have_order = 0, have_shape = 0, which = -1;
     uint64_t dims[NPY_MAX_DIMS];
     int ndim = 0;
     if (!accept(&c, '{')) goto bad_header;
@@ -201,9 +207,16 @@ int kd_npy_read_f32(const char *path, float **data, size_t *rows, size_t *cols, 
         if (parse_str(&c, &key, &klen) != 0 || !accept(&c, ':')) goto bad_header;
         if (klen == 5 && memcmp(key, "descr", 5) == 0) {
             if (parse_str(&c, &val, &vlen) != 0) goto bad_header;
-            if (vlen != 3 || memcmp(val, "<f4", 3) != 0) {
-                kd_err(err, errlen, "%s: dtype '%.*s' not supported: expected '<f4' (float32)",
-                       path, (int)(vlen > 32 ? 32 : vlen), val);
+            for (int i = 0; i < (int)(sizeof DTYPES / sizeof DTYPES[0]); i++)
+                if ((accept_dtypes & DTYPES[i].dtype) && vlen == 3 &&
+                    memcmp(val, DTYPES[i].descr, 3) == 0)
+                    which = i;
+            if (which < 0) {
+                kd_err(err, errlen, "%s: dtype '%.*s' not supported: expected %s", path,
+                       (int)(vlen > 32 ? 32 : vlen), val,
+                       accept_dtypes == KD_NPY_F32  ? "'<f4' (float32)"
+                       : accept_dtypes & KD_NPY_F32 ? "'<f4' (float32)"
+                                                    : "'<i4' or '<i8' (int32 or int64)");
                 goto cleanup;
             }
             have_descr = 1;
@@ -230,34 +243,40 @@ int kd_npy_read_f32(const char *path, float **data, size_t *rows, size_t *cols, 
     }
     skip_ws(&c);
     if (c.p != c.end || !have_descr || !have_order || !have_shape) goto bad_header;
-    if (ndim != 2) {
-        kd_err(err, errlen, "%s: array has %d dimension%s, expected 2", path, ndim,
-               ndim == 1 ? "" : "s");
+    const size_t elem = DTYPES[which].size, data_len = len - prefix - hlen;
+    uint64_t count = 1;
+    for (int i = 0; i < ndim; i++) {
+        if (dims[i] != 0 && count > UINT64_MAX / elem / dims[i]) {
+            kd_err(err, errlen, "%s: its shape is too large", path);
+            goto cleanup;
+        }
+        count *= dims[i];
+    }
+    if (count * elem != (uint64_t)data_len) {
+        kd_err(err, errlen, "%s: %s: its shape needs %llu bytes of data, found %zu", path,
+               data_len < count * elem ? "truncated" : "trailing bytes",
+               (unsigned long long)(count * elem), data_len);
         goto cleanup;
     }
-    size_t data_len = len - prefix - hlen;
-    if (dims[0] != 0 && dims[1] > UINT64_MAX / 4 / dims[0]) {
-        kd_err(err, errlen, "%s: shape (%llu, %llu) is too large", path,
-               (unsigned long long)dims[0], (unsigned long long)dims[1]);
-        goto cleanup;
+    out->dtype = DTYPES[which].dtype;
+    out->ndim = ndim;
+    for (int i = 0; i < ndim; i++) out->shape[i] = (size_t)dims[i];
+    out->count = (size_t)count;
+    out->data = kd_xmalloc(data_len ? data_len : 1);
+    const uint8_t *p = buf + prefix + hlen; /* little-endian, whatever the host */
+    for (size_t i = 0; i < out->count; i++, p += elem) {
+        uint32_t lo =
+            (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+        if (out->dtype == KD_NPY_F32)
+            ((float *)out->data)[i] = bits_f32(lo);
+        else if (out->dtype == KD_NPY_I32)
+            ((int32_t *)out->data)[i] = (int32_t)lo;
+        else
+            ((int64_t *)out->data)[i] =
+                (int64_t)((uint64_t)lo | (uint64_t)((uint32_t)p[4] | (uint32_t)p[5] << 8 |
+                                                    (uint32_t)p[6] << 16 | (uint32_t)p[7] << 24)
+                                             << 32);
     }
-    uint64_t need = dims[0] * dims[1] * 4;
-    if (need != (uint64_t)data_len) {
-        kd_err(err, errlen,
-               "%s: %s: shape (%llu, %llu) needs %llu bytes of float32 data, found %zu", path,
-               data_len < need ? "truncated" : "trailing bytes", (unsigned long long)dims[0],
-               (unsigned long long)dims[1], (unsigned long long)need, data_len);
-        goto cleanup;
-    }
-    size_t count = (size_t)(dims[0] * dims[1]);
-    float *out = kd_xmalloc(count * sizeof(float));
-    const uint8_t *p = buf + prefix + hlen;
-    for (size_t i = 0; i < count; i++, p += 4)
-        out[i] = bits_f32((uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 |
-                          (uint32_t)p[3] << 24);
-    *data = out;
-    *rows = (size_t)dims[0];
-    *cols = (size_t)dims[1];
     rc = 0;
     goto cleanup;
 
@@ -269,4 +288,23 @@ bad_header:
 cleanup:
     free(buf);
     return rc;
+}
+
+int kd_npy_read_f32(const char *path, float **data, size_t *rows, size_t *cols, char *err,
+                    size_t errlen) {
+    KD_ASSERT(path && data && rows && cols);
+    *data = NULL;
+    *rows = *cols = 0;
+    kd_npy_array_t a;
+    if (kd_npy_read(path, KD_NPY_F32, &a, err, errlen) != 0) return -1;
+    if (a.ndim != 2) {
+        kd_err(err, errlen, "%s: array has %d dimension%s, expected 2", path, a.ndim,
+               a.ndim == 1 ? "" : "s");
+        free(a.data);
+        return -1;
+    }
+    *data = a.data;
+    *rows = a.shape[0];
+    *cols = a.shape[1];
+    return 0;
 }

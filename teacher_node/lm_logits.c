@@ -26,7 +26,6 @@
 
 #define LM_PROGRESS_SECONDS 5.0
 #define LM_LANES_MAX        8
-#define LM_PREPROCESSING    "token windows"
 
 enum { GROUP_EMPTY = 0, GROUP_BUSY, GROUP_READY };
 
@@ -96,7 +95,7 @@ void lm_logits_key(const kd_recipe_t *r, const kd_dataset_t *train, kd_cache_key
     *key = format.key;
     key->n_samples = train->n * (train->window - 1);
     key->block_rows = train->window - 1;
-    kd_cache_fingerprint_data(train, LM_PREPROCESSING, key->data_fp);
+    kd_cache_fingerprint_data(train, KD_CACHE_PREPROCESSING_TOKENS, key->data_fp);
 }
 
 /* ---- the teacher ---------------------------------------------------------------------------- */

@@ -30,7 +30,7 @@
 
 /* How the teacher sees pixels (kd_pixels_to_float, as the workers do); part of the data
  * fingerprint, so a change of preprocessing can never be served old logits. */
-#define TEACHER_LOGITS_PREPROCESSING "pixels u8/255"
+#define TEACHER_LOGITS_PREPROCESSING KD_CACHE_PREPROCESSING_PIXELS
 
 typedef struct teacher_logits teacher_logits_t;
 

@@ -154,6 +154,18 @@ static inline void kd_test_write_text(const char *path, const char *text) {
     }
 }
 
+/* Whether two files hold the same bytes (weights two runs wrote). */
+static inline bool kd_test_same_file(const char *a, const char *b) {
+    uint8_t *x = NULL, *y = NULL;
+    size_t nx = 0, ny = 0;
+    char err[KD_ERR_LEN];
+    bool same = kd_read_file(a, &x, &nx, err, sizeof err) == 0 &&
+                kd_read_file(b, &y, &ny, err, sizeof err) == 0 && nx == ny && memcmp(x, y, nx) == 0;
+    free(x);
+    free(y);
+    return same;
+}
+
 /* Whether dir/name exists (an output of a run, a file a process wrote). */
 static inline bool kd_test_exists_in(const char *dir, const char *name) {
     char path[KD_PATH_MAX + 128];

@@ -87,17 +87,6 @@ static char out_buf[1 << 17]; /* the last kdist command's output */
 
 /* ---- small helpers ------------------------------------------------------------------------- */
 
-static bool same_file_bytes(const char *a, const char *b) {
-    uint8_t *x = NULL, *y = NULL;
-    size_t nx = 0, ny = 0;
-    char err[KD_ERR_LEN];
-    bool same = kd_read_file(a, &x, &nx, err, sizeof err) == 0 &&
-                kd_read_file(b, &y, &ny, err, sizeof err) == 0 && nx == ny && memcmp(x, y, nx) == 0;
-    free(x);
-    free(y);
-    return same;
-}
-
 /* Runs `kdist ARGS...` (NULL-terminated) to completion; its stdout and stderr in out_buf.
  * Returns the exit code, -1 past the deadline. */
 static int kdist_cmd(const char *first, ...) {
@@ -419,7 +408,7 @@ static void test_computed_once(void) {
         CHECK(accuracy(b) == accuracy_a);
         char path[KD_PATH_MAX + 128];
         student_path(&c, path, sizeof path);
-        CHECK(same_file_bytes(path, student_a));
+        CHECK(kd_test_same_file(path, student_a));
     }
     json_decref(b);
 
@@ -431,7 +420,7 @@ static void test_computed_once(void) {
         check_work(&c, s, (work_t){0, N_BLOCKS, 0, 0});
         char path[KD_PATH_MAX + 128];
         student_path(&c, path, sizeof path);
-        CHECK(!same_file_bytes(path, student_a)); /* it did train differently */
+        CHECK(!kd_test_same_file(path, student_a)); /* it did train differently */
     }
     json_decref(s);
     CHECK(cache_ls_count(cache_dir) == 1);
@@ -505,7 +494,7 @@ static void test_corrupt_block(void) {
         check_work(&c, s, (work_t){BLOCK_ROWS, N_BLOCKS - 1, 0, 1});
         char path[KD_PATH_MAX + 128];
         student_path(&c, path, sizeof path);
-        CHECK(same_file_bytes(path, student_a));
+        CHECK(kd_test_same_file(path, student_a));
     }
     json_decref(s);
     int rc = kdist_cmd("cache", "verify", "--dir", cache_dir, entry_a, NULL);

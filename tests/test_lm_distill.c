@@ -6,10 +6,14 @@
  *  - the sampled encoding gets its own entry per temperature (a re-sample), never the top-k's;
  *  - another context (other windows) gets a new entry;
  *  - a corrupted block is detected, recomputed and rewritten;
+ *  - logits computed elsewhere (`kdist eval --dump-logits` stands in for a GPU teacher) are
+ *    imported, dense and as top-k log-probability pairs, and distil with no teacher weights:
+ *    the dense import in the teacher node's own batch slots gives its student bit for bit;
  *  - a recipe that cannot be served (sampled with reverse KL, a padded teacher vocabulary
  *    without teacher.drop_vocab_padding) is refused with the fix. */
 #include <dirent.h>
 #include <fcntl.h>
+#include <math.h>
 #include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -17,6 +21,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "kd_npy.h"
 #include "kd_rng.h"
 #include "kd_test.h"
 #include "kd_test_cluster.h"
@@ -134,6 +139,42 @@ static bool corrupt_entry(const char *enc) {
     return false;
 }
 
+/* Writes the top-k (id, log-probability) pairs of every position of dense (N, T, V) logits,
+ * the form a vLLM teacher's logprobs take, as int64 ids and float32 values. */
+static bool write_topk_pairs(const char *dense_path, int k, bool raw, const char *ids_path,
+                             const char *lp_path) {
+    kd_npy_array_t a;
+    char err[KD_ERR_LEN];
+    if (kd_npy_read(dense_path, KD_NPY_F32, &a, err, sizeof err) != 0 || a.ndim != 3) return false;
+    const size_t N = a.shape[0], T = a.shape[1], V = a.shape[2], rows = N * T;
+    const float *x = a.data;
+    int32_t *ids = kd_xmalloc(rows * (size_t)k * sizeof *ids);
+    float *lp = kd_alloc_floats(rows * (size_t)k);
+    for (size_t r = 0; r < rows; r++) {
+        const float *row = x + r * V;
+        double mx = row[0], z = 0.0;
+        for (size_t j = 1; j < V; j++) mx = fmax(mx, row[j]);
+        for (size_t j = 0; j < V; j++) z += exp(row[j] - mx);
+        for (int j = 0; j < k; j++) { /* the j-th largest, by selection */
+            size_t best = SIZE_MAX;
+            for (size_t c = 0; c < V; c++) {
+                bool taken = false;
+                for (int i = 0; i < j; i++) taken |= (size_t)ids[r * k + i] == c;
+                if (!taken && (best == SIZE_MAX || row[c] > row[best])) best = c;
+            }
+            ids[r * k + j] = (int32_t)best;
+            lp[r * k + j] = raw ? row[best] : (float)(row[best] - mx - log(z));
+        }
+    }
+    const size_t shape[3] = {N, T, (size_t)k};
+    bool ok = kd_npy_write_i32_nd(ids_path, ids, 3, shape, err, sizeof err) == 0 &&
+              kd_npy_write_f32_nd(lp_path, lp, 3, shape, err, sizeof err) == 0;
+    free(ids);
+    free(lp);
+    free(a.data);
+    return ok;
+}
+
 int main(void) {
     tmp = kd_test_tmpdir("test_lm_distill");
     const char *bin = getenv("KD_BIN_DIR");
@@ -171,6 +212,55 @@ int main(void) {
     CHECK(windows > 1000 && teacher_count(first, "cache_misses") == windows);
     CHECK(teacher_count(first, "record_bytes_per_token") == 4 + 8 * 4);
     CHECK(json_is_number(json_object_get(json_object_get(first, "teacher"), "val_kl")));
+    /* logits computed elsewhere: the teacher's on the training windows, dumped by kdist eval
+     * in the node's batches of teacher.batch_size (8), imported with no teacher model */
+    CHECK(run("%s eval %s/runs/teacher --recipe %s --model teacher --split train --dump-logits %s "
+              "eval.batch_size=8",
+              kdist, tmp, tmp_path("distill.yaml"), tmp_path("dense.npy")) == 0);
+    CHECK(run("%s cache import --dir %s/imports --recipe %s --label gpu --encoding topk4 %s", kdist,
+              tmp, tmp_path("distill.yaml"), tmp_path("dense.npy")) == 0);
+    CHECK(strstr(out, "teacher 'import:gpu'") != NULL);
+    char imported[KD_PATH_MAX + 160];
+    snprintf(imported, sizeof imported,
+             "cache.dir=%s/imports cache.import=gpu teacher.checkpoint=%s/nothing.safetensors", tmp,
+             tmp);
+    json_t *imp = distil("i1", imported);
+    CHECK(teacher_count(imp, "forward_samples") == 0);
+    char w1[KD_PATH_MAX + 64], w2[KD_PATH_MAX + 64];
+    snprintf(w1, sizeof w1, "%s/runs/d1/student.safetensors", tmp);
+    snprintf(w2, sizeof w2, "%s/runs/i1/student.safetensors", tmp);
+    CHECK(kd_test_same_file(w1, w2)); /* the same logits, the same records, the same student */
+    /* top-k pairs of log-probabilities: the rest's mass is what they leave */
+    CHECK(
+        write_topk_pairs(tmp_path("dense.npy"), 4, false, tmp_path("ids.npy"), tmp_path("lp.npy")));
+    CHECK(
+        run("%s cache import --dir %s/pairs --recipe %s --label vllm --encoding topk4 --vocab 257 "
+            "--ids %s --logprobs %s",
+            kdist, tmp, tmp_path("distill.yaml"), tmp_path("ids.npy"), tmp_path("lp.npy")) == 0);
+    snprintf(imported, sizeof imported,
+             "cache.dir=%s/pairs cache.import=vllm teacher.checkpoint=%s/nothing.safetensors", tmp,
+             tmp);
+    json_t *pairs = distil("i2", imported);
+    const double l1 = json_real_value(json_object_get(first, "val_loss")),
+                 l2 = json_real_value(json_object_get(pairs, "val_loss"));
+    CHECK(fabs(l1 - l2) < 1e-3 * l1);
+    /* a vocabulary smaller than an id; values of another shape; raw logits */
+    CHECK(run("%s cache import --dir %s/pairs2 --recipe %s --label x --encoding topk4 --vocab 20 "
+              "--ids %s --logprobs %s",
+              kdist, tmp, tmp_path("distill.yaml"), tmp_path("ids.npy"), tmp_path("lp.npy")) == 1);
+    CHECK(strstr(out, "outside the vocabulary [0, 20)") && strstr(out, "window 0 position"));
+    CHECK(run("%s cache import --dir %s/pairs3 --recipe %s --label x --encoding topk4 --vocab 257 "
+              "--ids %s --logprobs %s",
+              kdist, tmp, tmp_path("distill.yaml"), tmp_path("ids.npy"),
+              tmp_path("dense.npy")) == 1);
+    CHECK(strstr(out, "same shape") != NULL);
+    CHECK(
+        write_topk_pairs(tmp_path("dense.npy"), 4, true, tmp_path("ids.npy"), tmp_path("raw.npy")));
+    CHECK(run("%s cache import --dir %s/pairs4 --recipe %s --label x --encoding topk4 --vocab 257 "
+              "--ids %s --logprobs %s",
+              kdist, tmp, tmp_path("distill.yaml"), tmp_path("ids.npy"), tmp_path("raw.npy")) == 1);
+    CHECK(strstr(out, "log-probabilit") != NULL);
+
     /* the same recipe again, and an alpha / temperature sweep: all from the cache */
     json_t *again = distil("d2", "");
     CHECK(teacher_count(again, "forward_samples") == 0);
@@ -227,7 +317,7 @@ int main(void) {
     json_t *pad = distil("p1", dropped);
     CHECK(teacher_count(pad, "forward_samples") == windows);
 
-    json_t *all[] = {first, again, sweep, sampled, hot, dense, ctx, healed, whole, pad};
+    json_t *all[] = {first, again, sweep, sampled, hot, dense, ctx, healed, whole, pad, imp, pairs};
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) json_decref(all[i]);
     if (!kd_test_failures) {
         char cmd[KD_PATH_MAX + 16];
