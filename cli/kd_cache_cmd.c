@@ -190,10 +190,15 @@ static int cache_ls(int argc, char **argv) {
             continue;
         }
         double pct = e->blocks ? 100.0 * (double)e->blocks_written / (double)e->blocks : 0.0;
-        printf("%s\n    %zu samples x %d classes, %s, %zu/%zu blocks (%.1f%%), %s on disk, "
-               "created %s\n    teacher: %s\n",
-               e->name, e->key.n_samples, e->key.n_classes, strchr(e->name, '/') + 1,
-               e->blocks_written, e->blocks, pct, size, created, e->key.teacher_desc);
+        /* a language model's entry has one row per position (token), one block per window */
+        const bool lm = strstr(e->key.data_desc, KD_CACHE_PREPROCESSING_TOKENS) != NULL;
+        printf("%s\n    %zu %s x %d classes, %s (%zu bytes a %s), %zu/%zu %s (%.1f%%), %s on "
+               "disk, created %s\n    teacher: %s\n",
+               e->name, e->key.n_samples, lm ? "tokens" : "samples", e->key.n_classes,
+               strchr(e->name, '/') + 1,
+               kd_cache_record_bytes(e->key.encoding, e->key.n_classes, e->key.k),
+               lm ? "token" : "sample", e->blocks_written, e->blocks, lm ? "windows" : "blocks",
+               pct, size, created, e->key.teacher_desc);
         if (e->key.data_desc[0]) printf("    data: %s\n", e->key.data_desc);
     }
     if (n) {

@@ -96,6 +96,12 @@ void lm_logits_key(const kd_recipe_t *r, const kd_dataset_t *train, kd_cache_key
     key->n_samples = train->n * (train->window - 1);
     key->block_rows = train->window - 1;
     kd_cache_fingerprint_data(train, KD_CACHE_PREPROCESSING_TOKENS, key->data_fp);
+    char files[KD_PATH_MAX];
+    kd_recipe_data_path(r, r->data.n_files ? r->data.files[0] : "", files, sizeof files);
+    snprintf(key->data_desc, sizeof key->data_desc,
+             "%s of %.300s%s (tokenizer %s, context %zu, stride %zu): %zu windows",
+             KD_CACHE_PREPROCESSING_TOKENS, files, r->data.n_files > 1 ? " and more" : "",
+             train->tokenizer, train->window - 1, train->stride, train->n);
 }
 
 /* ---- the teacher ---------------------------------------------------------------------------- */

@@ -280,6 +280,10 @@ int main(void) {
     cache_entries(entries, sizeof entries);
     CHECK(count_words(entries) == 3 && strstr(entries, "/sampled6 ") &&
           strstr(entries, "/sampled6-t2 "));
+    CHECK(run("%s cache ls --dir %s/cache", kdist, tmp) == 0);
+    CHECK(strstr(out, "sampled6-t2 (12 bytes a token)") &&
+          strstr(out, "topk4 (36 bytes a token)") && strstr(out, "windows (100.0%)") &&
+          strstr(out, "context 32"));
     /* dense fp16 for a small vocabulary */
     json_t *dense = distil("f1", "cache.encoding=fp16");
     CHECK(teacher_count(dense, "record_bytes_per_token") == 2 * 257);
