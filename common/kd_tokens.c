@@ -268,3 +268,11 @@ double kd_dataset_target_bytes(const kd_dataset_t *ds, const uint32_t *ids, size
     }
     return bytes;
 }
+
+void kd_tokens_windows_id(const kd_dataset_t *ds, char fp[KD_CACHE_FP_HEX + 1], char *desc,
+                          size_t desc_len) {
+    kd_cache_fingerprint_data(ds, KD_CACHE_PREPROCESSING_TOKENS, fp);
+    snprintf(desc, desc_len,
+             "tokenizer %s (fingerprint %.12s), context %zu, stride %zu, %zu windows",
+             ds->tokenizer, ds->tokenizer_fp, ds->window - 1, ds->stride, ds->n);
+}

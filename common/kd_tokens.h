@@ -48,6 +48,12 @@ int kd_tokens_open_tokenizer(const kd_recipe_t *r, kd_tokenizer_t **tok, char *e
 /* The vocabulary of the recipe's tokenizer (257 bytes, 50257 gpt2), without loading data. */
 int kd_tokens_vocab(const kd_recipe_t *r);
 
+/* What identifies a split's windows: the cache's data fingerprint of them (token ids, the
+ * tokenizer's fingerprint, context and stride) into fp, and the same for people into desc
+ * ("tokenizer gpt2 (fingerprint ...), context 64, stride 64, 1500 windows"). */
+void kd_tokens_windows_id(const kd_dataset_t *ds, char fp[KD_CACHE_FP_HEX + 1], char *desc,
+                          size_t desc_len);
+
 /* windows (n, ds->window) = the windows of samples ids[0..n). */
 void kd_dataset_gather_windows(const kd_dataset_t *ds, const uint32_t *ids, size_t n,
                                uint32_t *windows);

@@ -1,6 +1,7 @@
 /* members.c: membership: who is in the run (Hello, heartbeats, departures, eviction), and sending
  * to them. */
 #include "coord.h"
+#include "kd_tokens.h"
 
 const char *coord_role_name(Kdist__Role role) {
     switch (role) {
@@ -131,6 +132,12 @@ static void send_welcome(coord_t *c, member_t *m) {
     }
     w.heartbeat_ms = (uint32_t)c->r.cluster.heartbeat_ms;
     w.n_params = c->model->n_params;
+    char windows_fp[KD_CACHE_FP_HEX + 1], windows[256];
+    if (c->data.train->tokens) {
+        kd_tokens_windows_id(c->data.train, windows_fp, windows, sizeof windows);
+        w.windows_fingerprint = windows_fp;
+        w.windows = windows;
+    }
     Kdist__SharedMemory offer = KDIST__SHARED_MEMORY__INIT;
     if (coord_offer_shared_memory(c, m, &offer)) w.shared_memory = &offer;
     kd_env_t env = KDIST__ENVELOPE__INIT;

@@ -323,6 +323,20 @@ static int on_welcome(teacher_t *t, const Kdist__Welcome *w) {
             return -1;
         }
     }
+    if (w->windows_fingerprint && w->windows_fingerprint[0] && t->train->tokens) {
+        /* the paths are this node's: only the windows they give can say it is the same data */
+        char fp[KD_CACHE_FP_HEX + 1], ours[256];
+        kd_tokens_windows_id(t->train, fp, ours, sizeof ours);
+        if (strcmp(fp, w->windows_fingerprint) != 0) {
+            kd_log(KD_LOG_ERROR, "TEACHER-WINDOWS",
+                   "the coordinator trains on other windows than this node's data gives: its %s "
+                   "(data fingerprint %s), this node's %s (data fingerprint %s); give this node "
+                   "the same data files (data.dir, data.files), data.tokenizer and tokenizer "
+                   "files",
+                   w->windows ? w->windows : "?", w->windows_fingerprint, ours, fp);
+            return -1;
+        }
+    }
     if (new_logits) {
         if (open_logits(t, err, sizeof err) != 0) {
             kd_log(KD_LOG_ERROR, "TEACHER-LOGITS", "%s", err);

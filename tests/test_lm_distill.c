@@ -9,10 +9,12 @@
  *  - logits computed elsewhere (`kdist eval --dump-logits` stands in for a GPU teacher) are
  *    imported, dense and as top-k log-probability pairs, and distil with no teacher weights:
  *    the dense import in the teacher node's own batch slots gives its student bit for bit;
+ *  - a teacher node whose own data gives other windows than the coordinator's refuses them;
  *  - a recipe that cannot be served (sampled with reverse KL, a padded teacher vocabulary
  *    without teacher.drop_vocab_padding) is refused with the fix. */
 #include <dirent.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <math.h>
 #include <jansson.h>
 #include <stdio.h>
@@ -175,6 +177,44 @@ static bool write_topk_pairs(const char *dense_path, int k, bool raw, const char
     return ok;
 }
 
+/* A teacher node whose data.dir holds another text than the coordinator's: the paths are its
+ * own, so only the windows' fingerprint in the Welcome can tell; it must refuse them. */
+static void test_teacher_other_windows(void) {
+    char other[KD_PATH_MAX + 16], run_dir[KD_PATH_MAX + 16], log[KD_PATH_MAX + 32];
+    snprintf(other, sizeof other, "%s/other", tmp);
+    snprintf(run_dir, sizeof run_dir, "%s/runs/w1", tmp);
+    CHECK(kd_test_make_dirs(other) && kd_test_make_dirs(run_dir));
+    char path[KD_PATH_MAX + 32];
+    snprintf(path, sizeof path, "%s/source.txt", other);
+    write_source(path, 50000);
+    char *argv[32];
+    int argc = kd_test_coordinator_argv(argv, tmp_path("distill.yaml"), run_dir);
+    argv[argc++] = "name=w1";
+    argv[argc] = NULL;
+    snprintf(log, sizeof log, "%s/coordinator.log", run_dir);
+    pid_t coord = kd_test_spawn(argv, log);
+    char endpoint_file[KD_PATH_MAX + 64], endpoint[256] = "";
+    snprintf(endpoint_file, sizeof endpoint_file, "%s/coordinator.endpoint", run_dir);
+    CHECK(kd_test_wait_file(endpoint_file, 60) &&
+          kd_test_read_text(endpoint_file, endpoint, sizeof endpoint));
+    endpoint[strcspn(endpoint, "\n")] = 0;
+    char dir_override[KD_PATH_MAX + 32];
+    snprintf(dir_override, sizeof dir_override, "data.dir=%s", other);
+    argc = kd_test_teacher_argv(argv, endpoint, "0", tmp_path("distill.yaml"));
+    argv[argc++] = "name=w1";
+    argv[argc++] = dir_override;
+    argv[argc] = NULL;
+    snprintf(log, sizeof log, "%s/teacher.log", run_dir);
+    pid_t teacher = kd_test_spawn(argv, log);
+    CHECK(kd_test_wait(teacher, 120) > 0); /* it refused and exited; it never streamed */
+    static char text[1 << 16];
+    kd_test_slurp(log, text, sizeof text);
+    CHECK(strstr(text, "TEACHER-WINDOWS") && strstr(text, "other windows") &&
+          strstr(text, "tokenizer bytes"));
+    kill(coord, SIGTERM);
+    CHECK(kd_test_wait(coord, 60) >= 0);
+}
+
 int main(void) {
     tmp = kd_test_tmpdir("test_lm_distill");
     const char *bin = getenv("KD_BIN_DIR");
@@ -302,6 +342,8 @@ int main(void) {
     CHECK(teacher_count(ctx, "forward_samples") > windows); /* windows of 17: more of them */
     cache_entries(entries, sizeof entries);
     CHECK(count_words(entries) == 5 && strstr(entries, "/fp16 "));
+
+    test_teacher_other_windows();
 
     /* refusals that name the fix */
     CHECK(run("%s run %s name=bad1 cache.encoding=sampled distill.loss=reverse_kl", kdist,
