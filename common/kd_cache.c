@@ -1509,14 +1509,20 @@ static int check_label(const char *label, char *err, size_t errlen) {
     return 0;
 }
 
-/* An import's key checks (label, data fingerprint) and its entry, opened empty: 0, or -1. */
-static int open_import(const char *dir, kd_cache_key_t *key, const char *data_fp, const char *label,
-                       const char *source, kd_cache_t **out, char *err, size_t errlen) {
-    *out = NULL;
+/* The names an import is filed under, checked before any file is read. */
+static int check_import_names(const char *data_fp, const char *label, char *err, size_t errlen) {
     if (check_label(label, err, errlen) != 0) return -1;
     if (strlen(data_fp) != KD_CACHE_FP_HEX || !is_fp_hex(data_fp))
         return kd_err(err, errlen, "data fingerprint '%s' is not %d lower-case hex digits", data_fp,
                       KD_CACHE_FP_HEX);
+    return 0;
+}
+
+/* An import's key (label, data fingerprint) and its entry, opened empty: 0, or -1. */
+static int open_import(const char *dir, kd_cache_key_t *key, const char *data_fp, const char *label,
+                       const char *source, kd_cache_t **out, char *err, size_t errlen) {
+    *out = NULL;
+    if (check_import_names(data_fp, label, err, errlen) != 0) return -1;
     kd_cache_fingerprint_import(label, key->teacher_fp);
     snprintf(key->data_fp, sizeof key->data_fp, "%s", data_fp);
     snprintf(key->teacher_desc, sizeof key->teacher_desc, "%s%s", IMPORT_PREFIX, label);
@@ -1550,7 +1556,9 @@ int kd_cache_import_npy(const char *dir, const char *npy_path, const char *data_
                         char *name_out, size_t name_len, char *err, size_t errlen) {
     float *logits = NULL;
     size_t rows, cols;
-    if (kd_npy_read_f32(npy_path, &logits, &rows, &cols, err, errlen) != 0) return -1;
+    if (check_import_names(data_fp, label, err, errlen) != 0 ||
+        kd_npy_read_f32(npy_path, &logits, &rows, &cols, err, errlen) != 0)
+        return -1;
     kd_cache_key_t key = {.n_samples = rows, .encoding = enc, .k = k, .block_rows = block_rows};
     key.n_classes = cols > (1 << 26) ? 0 : (int)cols;
     kd_cache_t *c = NULL;
@@ -1624,6 +1632,7 @@ int kd_cache_import_lm(const char *dir, const kd_cache_lm_import_t *in, char *na
                        size_t name_len, char *err, size_t errlen) {
     const kd_npy_array_t *dense = in->dense, *ids = in->ids, *lp = in->logprobs;
     const bool pairs = dense == NULL;
+    if (check_import_names(in->data_fp, in->label, err, errlen) != 0) return -1;
     const kd_npy_array_t *shape = pairs ? ids : dense;
     if (!shape || shape->ndim != 3 || shape->shape[0] == 0 || shape->shape[1] == 0 ||
         shape->shape[2] == 0)
