@@ -2,13 +2,16 @@
  * per-token losses of language-model distillation against top-k and sampled teachers. The
  * references are independent: the dense kd_loss (top-k with k = C has no rest bucket, so it must
  * be the dense loss), central finite differences, the bucket formula written out for forward
- * KL, and the mean of many sampled gradients (unbiased: it must approach the dense gradient). */
+ * KL, the mean of many sampled gradients (unbiased: it must approach the dense gradient), and a
+ * PyTorch computation of the same losses on the same ids (tests/data/make_sparse_loss_fixtures.py:
+ * autograd over the buckets, written from the definitions). */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 
 #include "kd_cache.h"
 #include "kd_loss.h"
+#include "kd_safetensors.h"
 #include "kd_util.h"
 #include "kd_test.h"
 
@@ -248,11 +251,116 @@ static void test_masked_position(void) {
     for (int j = 0; j < 8; j++) CHECK(z[j] == 0.0f);
 }
 
+/* ---- against PyTorch ----------------------------------------------------------------------- */
+
+#define TORCH_FILE "data/sparse_loss_io.safetensors"
+
+static kd_safetensors_t *torch_io;
+
+/* A tensor of the fixture copied out (its data need not be aligned); exits when misshaped. */
+static void *torch_tensor(const char *name, kd_dtype_t dtype, size_t count) {
+    const kd_st_tensor_t *t = kd_st_find(torch_io, name);
+    if (!t || t->dtype != dtype || t->nbytes != count * 4) {
+        fprintf(stderr, "%s: tensor %s missing or misshaped\n", TORCH_FILE, name);
+        exit(1);
+    }
+    void *c = kd_xmalloc(t->nbytes);
+    memcpy(c, kd_st_data(torch_io, t), t->nbytes);
+    return c;
+}
+
+/* Every row of one case: kdist's loss and gradient against PyTorch's. */
+static void check_torch_case(const char *name, const kd_loss_config_t *cfg,
+                             const kd_teacher_row_t *rows, const float *z, const int32_t *y, int R,
+                             int V) {
+    char what[128];
+    snprintf(what, sizeof what, "%s.loss", name);
+    float *want_loss = torch_tensor(what, KD_DTYPE_F32, (size_t)R);
+    snprintf(what, sizeof what, "%s.grad", name);
+    float *want_grad = torch_tensor(what, KD_DTYPE_F32, (size_t)R * V);
+    double worst = 0.0;
+    float *g = kd_alloc_floats((size_t)V);
+    for (int r = 0; r < R; r++) {
+        memcpy(g, z + (size_t)r * V, (size_t)V * sizeof *g);
+        double loss = kd_loss_sparse_row(cfg, &rows[r], g, V, y[r], 1.0f, true, NULL);
+        worst = fmax(worst, fabs(loss - want_loss[r]) / fmax(1.0, fabs(want_loss[r])));
+        for (int j = 0; j < V; j++)
+            worst = fmax(worst, fabs((double)g[j] - want_grad[(size_t)r * V + j]));
+    }
+    if (worst > 1e-6) fprintf(stderr, "%s: kdist and PyTorch differ by %.3g\n", name, worst);
+    CHECK(worst <= 1e-6); /* float32 rounding: they agree to ~5e-8 */
+    free(g);
+    free(want_loss);
+    free(want_grad);
+}
+
+static void test_against_pytorch(void) {
+    char err[KD_ERR_LEN];
+    if (kd_st_open(TORCH_FILE, &torch_io, err, sizeof err) != 0) {
+        fprintf(stderr, "%s\n", err);
+        CHECK(false);
+        return;
+    }
+    enum { R = 6, V = 50, K = 8, N = 12 };
+    float *z = torch_tensor("z", KD_DTYPE_F32, R * V);
+    int32_t *y = torch_tensor("y", KD_DTYPE_I32, R);
+    int32_t *top_ids = torch_tensor("topk_ids", KD_DTYPE_I32, R * K);
+    float *top_vals = torch_tensor("topk_vals", KD_DTYPE_F32, R * K);
+    float *top_rest = torch_tensor("topk_rest", KD_DTYPE_F32, R);
+    int32_t *draws = torch_tensor("sampled_ids", KD_DTYPE_I32, R * N);
+
+    /* top-k rows as given */
+    uint32_t ids[R][K];
+    kd_teacher_row_t rows[R];
+    for (int r = 0; r < R; r++) {
+        for (int b = 0; b < K; b++) ids[r][b] = (uint32_t)top_ids[r * K + b];
+        rows[r] = (kd_teacher_row_t){
+            .n = K, .ids = ids[r], .values = top_vals + r * K, .rest_lse = top_rest[r]};
+    }
+    static const char *const div_names[] = {"forward_kl", "reverse_kl", "symmetric_kl", "js"};
+    static const float temps[] = {1.0f, 2.5f}, alphas[] = {0.5f, 1.0f};
+    for (int d = 0; d < 4; d++)
+        for (int ti = 0; ti < 2; ti++)
+            for (int ai = 0; ai < 2; ai++) {
+                char name[96];
+                snprintf(name, sizeof name, "topk.%s.t%g.a%g", div_names[d], (double)temps[ti],
+                         (double)alphas[ai]);
+                kd_loss_config_t cfg = {DIVS[d], temps[ti], alphas[ai]};
+                check_torch_case(name, &cfg, rows, z, y, R, V);
+            }
+
+    /* sampled rows through the cache's own record layout: u16 draws, ascending */
+    kd_cache_key_t key = key_for(KD_ENC_SAMPLED, V, N, 2.0f);
+    encoded_t enc[R];
+    for (int r = 0; r < R; r++) {
+        for (int i = 0; i < N; i++) {
+            uint16_t id = (uint16_t)draws[r * N + i];
+            memcpy(enc[r].rec + 2 * i, &id, 2);
+        }
+        CHECK(kd_cache_record_view(&key, enc[r].rec, enc[r].ids, enc[r].vals, &enc[r].view) == 0);
+        rows[r] = enc[r].view;
+    }
+    for (int ai = 0; ai < 2; ai++) {
+        char name[96];
+        snprintf(name, sizeof name, "sampled.forward_kl.t2.a%g", (double)alphas[ai]);
+        kd_loss_config_t cfg = {KD_DIV_FORWARD_KL, 2.0f, alphas[ai]};
+        check_torch_case(name, &cfg, rows, z, y, R, V);
+    }
+    free(z);
+    free(y);
+    free(top_ids);
+    free(top_vals);
+    free(top_rest);
+    free(draws);
+    kd_st_close(&torch_io);
+}
+
 int main(void) {
     test_topk_full_is_dense();
     test_topk_gradients();
     test_sampled_unbiased();
     test_bad_records();
     test_masked_position();
+    test_against_pytorch();
     return kd_test_done("test_loss_sparse");
 }
