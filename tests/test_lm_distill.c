@@ -5,6 +5,8 @@
  *    whole; a second run and an alpha/temperature sweep compute no teacher forward pass;
  *  - the sampled encoding gets its own entry per temperature (a re-sample), never the top-k's;
  *  - another context (other windows) gets a new entry;
+ *  - two teacher nodes fill one cold cache, one is killed mid-fill: the run completes and the
+ *    entry is the one a single node wrote, byte for byte;
  *  - a corrupted block is detected, recomputed and rewritten;
  *  - logits computed elsewhere (`kdist eval --dump-logits` stands in for a GPU teacher) are
  *    imported, dense and as top-k log-probability pairs, and distil with no teacher weights:
@@ -177,6 +179,102 @@ static bool write_topk_pairs(const char *dense_path, int k, bool raw, const char
     return ok;
 }
 
+/* Of an entry's logits.bin (format in kd_cache.c): how many blocks carry the written marker,
+ * in total and in each half of the file; the block count in *n_blocks. -1 before the file. */
+static long written_blocks(const char *path, long *n_blocks, long *low, long *high) {
+    int fd = open(path, O_RDONLY);
+    if (fd < 0) return -1;
+    uint8_t h[64];
+    long n = -1;
+    if (pread(fd, h, sizeof h, 0) == (ssize_t)sizeof h && memcmp(h, "KDLOGIT1", 8) == 0) {
+        uint32_t block_rows, record_bytes;
+        uint64_t rows;
+        memcpy(&block_rows, h + 24, 4);
+        memcpy(&record_bytes, h + 28, 4);
+        memcpy(&rows, h + 32, 8);
+        *n_blocks = block_rows ? (long)((rows + block_rows - 1) / block_rows) : 0;
+        const off_t stride = 32 + (off_t)block_rows * record_bytes;
+        n = *low = *high = 0;
+        for (long b = 0; b < *n_blocks; b++) {
+            uint8_t m[4] = {0};
+            if (pread(fd, m, 4, 64 + b * stride) == 4 && memcmp(m, "KDCB", 4) == 0) {
+                n++;
+                ++*(b < *n_blocks / 2 ? low : high);
+            }
+        }
+    }
+    close(fd);
+    return n;
+}
+
+static void signal_all(const pid_t *pids, int n, int sig) {
+    for (int i = 0; i < n; i++) kill(pids[i], sig);
+}
+
+/* Two teacher nodes fill one cold cache at once (node 0 from the first window, node 1 from the
+ * middle) and one is SIGKILLed mid-fill. Paced by signals, not by the machine's speed: both
+ * nodes are stopped as soon as they exist and continued together, then stopped again the
+ * moment each half of the entry holds a written block, so the kill always lands mid-fill. The
+ * run completes with the ledger whole, and the entry is the one a single node wrote, byte for
+ * byte. entry: the single node's logits.bin; pair: its directory's name. */
+static void test_two_teachers_one_killed(const char *entry, const char *pair) {
+    char dir_arg[KD_PATH_MAX + 32], run_dir[KD_PATH_MAX + 32], log[KD_PATH_MAX + 32],
+        shared[KD_PATH_MAX + 400];
+    snprintf(dir_arg, sizeof dir_arg, "cache.dir=%s/cache_shared", tmp);
+    snprintf(run_dir, sizeof run_dir, "%s/runs/k1", tmp);
+    snprintf(log, sizeof log, "%s/k1.log", tmp);
+    snprintf(shared, sizeof shared, "%s/cache_shared/%s/topk4/logits.bin", tmp, pair);
+    char *argv[] = {kdist,
+                    "run",
+                    (char *)tmp_path("distill.yaml"),
+                    "name=k1",
+                    dir_arg,
+                    "cluster.teachers=2",
+                    "cluster.heartbeat_ms=100",
+                    "cluster.heartbeat_timeout_ms=1500",
+                    NULL};
+    pid_t run_pid = kd_test_start(log, argv);
+    pid_t teachers[2] = {0, 0};
+    double deadline = kd_test_now() + 60;
+    while (kd_test_now() < deadline && !(teachers[0] > 0 && teachers[1] > 0)) {
+        for (int t = 0; t < 2; t++)
+            if (teachers[t] <= 0 && (teachers[t] = kd_test_launcher_pid(run_dir, "teacher", t)) > 0)
+                kill(teachers[t], SIGSTOP);
+        nanosleep(&(struct timespec){0, 1000 * 1000}, NULL);
+    }
+    CHECK(teachers[0] > 0 && teachers[1] > 0);
+    if (!(teachers[0] > 0 && teachers[1] > 0)) return;
+    signal_all(teachers, 2, SIGCONT);
+    long written = -1, n_blocks = 0, low = 0, high = 0;
+    deadline = kd_test_now() + 120;
+    while (kd_test_now() < deadline) {
+        written = written_blocks(shared, &n_blocks, &low, &high);
+        if (low > 0 && high > 0) break;
+        nanosleep(&(struct timespec){0, 200 * 1000}, NULL);
+    }
+    signal_all(teachers, 2, SIGSTOP);
+    written = written_blocks(shared, &n_blocks, &low, &high);
+    fprintf(stderr, "two teachers: node 0 killed with %ld of %ld blocks written (%ld + %ld)\n",
+            written, n_blocks, low, high);
+    CHECK(low > 0 && high > 0 && written < n_blocks);
+    kill(teachers[0], SIGKILL);
+    kill(teachers[1], SIGCONT);
+    int rc = kd_test_finish(run_pid, 300);
+    kd_test_slurp(log, out, sizeof out);
+    CHECK(rc == 0);
+    if (rc != 0) fprintf(stderr, "kdist run k1 exited %d:\n%s\n", rc, out);
+    CHECK(strstr(out, "teacher 0 failed: killed by signal 9") != NULL);
+    json_t *s = summary("k1");
+    CHECK(s && ledger_whole(s));
+    json_decref(s);
+    /* every window whole, and the same bytes a single node wrote */
+    CHECK(run("%s cache verify --dir %s/cache_shared", kdist, tmp) == 0);
+    char want[96];
+    snprintf(want, sizeof want, "%ld blocks: %ld ok, 0 missing, 0 corrupt", n_blocks, n_blocks);
+    CHECK(strstr(out, want) != NULL);
+    CHECK(kd_test_same_file(entry, shared));
+}
+
 /* A teacher node whose data.dir holds another text than the coordinator's: the paths are its
  * own, so only the windows' fingerprint in the Welcome can tell; it must refuse them. */
 static void test_teacher_other_windows(void) {
@@ -310,6 +408,13 @@ int main(void) {
     char entries[4096];
     cache_entries(entries, sizeof entries);
     CHECK(count_words(entries) == 1 && strstr(entries, "/topk4 "));
+    char pair[300] = "", entry[KD_PATH_MAX + 400];
+    DIR *d = opendir(tmp_path("cache"));
+    for (struct dirent *e; d && (e = readdir(d));)
+        if (e->d_name[0] != '.') snprintf(pair, sizeof pair, "%s", e->d_name);
+    if (d) closedir(d);
+    snprintf(entry, sizeof entry, "%s/cache/%s/topk4/logits.bin", tmp, pair);
+    test_two_teachers_one_killed(entry, pair);
 
     /* sampled: an entry of its own, drawn again at another temperature */
     json_t *sampled = distil("s1", "cache.encoding=sampled cache.samples=6");
