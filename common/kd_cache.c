@@ -1,24 +1,23 @@
-/* kd_cache: the teacher-logit cache (see kd_cache.h). On-disk format, version 1; every integer
- * and float is little-endian:
+/* kd_cache: the teacher-logit cache (see kd_cache.h). On-disk format, version 2 for topk
+ * entries and 1 for the others (version 2 changed only the topk record: fp16 logits and 16-bit
+ * ids, half the bytes, so entries of the other encodings written before stay valid); every
+ * integer and float is little-endian:
  *
  *   <dir>/<teacher_fp>-<data_fp>/<enc>/      enc: fp32 | fp16 | int8 | topk<k>
  *       manifest.json   format, version, fingerprints, teacher and data descriptions,
  *                       n_samples, n_classes, encoding, k, block_rows, record_bytes, created
  *       logits.bin      file header (64 bytes), then one block per block_rows sample ids
  *
- *   file header: "KDLOGIT1", u32 version, u32 encoding, u32 n_classes, u32 k, u32 block_rows,
- *                u32 record_bytes, u64 n_samples, u32 block header bytes, u32 0,
- *                BLAKE2b-128 of the 48 bytes before it
- *   block b at 64 + b * (32 + block_rows * record_bytes), holding rows(b) records:
- *                u32 "KDCB" (the written marker), u32 b, u32 rows, u32 record_bytes,
- *                BLAKE2b-128 of those 16 bytes and the records, then the records
- *   record (one sample, C classes):
- *     fp32  f32[C]                    fp16  f16[C]
- *     int8  f32 centre, f32 scale, i8[C]: logit = centre + scale * q
- *     topk  f32 lse_rest, f32 value[k] (descending), u32 class[k]
- *     sampled  class[k] ascending (repeats are counts), u16 when C <= 65536 else u32: k draws
- *              from softmax(logits / sample_temperature), keyed by the row's index
- *   (file header bytes 44..48 hold the sampled encoding's temperature as f32, else 0)
+ *   file header: "KDLOGIT1", u32 version (as the manifest's), u32 encoding, u32 n_classes, u32 k,
+ * u32 block_rows, u32 record_bytes, u64 n_samples, u32 block header bytes, u32 0, BLAKE2b-128 of
+ * the 48 bytes before it block b at 64 + b * (32 + block_rows * record_bytes), holding rows(b)
+ * records: u32 "KDCB" (the written marker), u32 b, u32 rows, u32 record_bytes, BLAKE2b-128 of those
+ * 16 bytes and the records, then the records record (one sample, C classes): fp32  f32[C] fp16
+ * f16[C] int8  f32 centre, f32 scale, i8[C]: logit = centre + scale * q topk  f32 lse_rest, f32 top
+ * (the largest logit), f16 value[j] - top for j = 1..k-1 (descending; fp16 is finest near 0, where
+ * the logits that matter are), id class[k] sampled  id class[k] ascending (repeats are counts): k
+ * draws from softmax(logits / sample_temperature), keyed by the row's index id: u16 when C <=
+ * 65536, else u32 (file header bytes 44..48 hold the sampled encoding's temperature as f32, else 0)
  *
  * The file is created at its full length, so unwritten blocks are holes that read as zeros:
  * a zero header is a miss. A header with a bad marker, a wrong checksum or payload bytes without
@@ -57,7 +56,7 @@
 #include "kd_util.h"
 
 #define FORMAT_NAME        "kdist-logit-cache"
-#define FORMAT_VERSION     1
+#define FORMAT_VERSION     2 /* of topk entries; the others are still written as 1 */
 #define MANIFEST_NAME      "manifest.json"
 #define DATA_NAME          "logits.bin"
 #define FILE_MAGIC         "KDLOGIT1"
@@ -195,9 +194,26 @@ static void encoding_dir_name(const kd_cache_key_t *key, char *out, size_t outle
         snprintf(out, outlen, "%s", kd_cache_encoding_name(key->encoding));
 }
 
-/* Bytes of a sampled record's class id. */
+/* Bytes of a class id in a topk or sampled record. */
 static size_t id_bytes(int C) {
     return C <= 65536 ? 2 : 4;
+}
+
+/* Class id j of an id array at p (a topk or sampled record's), for C classes. */
+static void put_id(uint8_t *p, int C, int j, uint32_t id) {
+    if (id_bytes(C) == 2)
+        put_u16(p + 2 * (size_t)j, (uint16_t)id);
+    else
+        put_u32(p + 4 * (size_t)j, id);
+}
+
+static uint32_t get_id(const uint8_t *p, int C, int j) {
+    return id_bytes(C) == 2 ? get_u16(p + 2 * (size_t)j) : get_u32(p + 4 * (size_t)j);
+}
+
+/* The format version an entry of this encoding is written in (see the top of the file). */
+static int entry_version(kd_cache_encoding_t enc) {
+    return enc == KD_ENC_TOPK ? FORMAT_VERSION : 1;
 }
 
 static size_t record_bytes_of(kd_cache_encoding_t enc, int C, int k) {
@@ -211,7 +227,7 @@ static size_t record_bytes_of(kd_cache_encoding_t enc, int C, int k) {
     case KD_ENC_SAMPLED:
         return (size_t)k * id_bytes(C);
     default:
-        return 4 + 8 * (size_t)k;
+        return 8 + 2 * (size_t)(k - 1) + (size_t)k * id_bytes(C);
     }
 }
 
@@ -426,7 +442,7 @@ static char *manifest_text(const kd_cache_key_t *key, bool imported) {
     strftime(created, sizeof created, "%Y-%m-%dT%H:%M:%SZ", &tm);
     json_t *j = json_object();
     json_object_set_new(j, "format", json_string(FORMAT_NAME));
-    json_object_set_new(j, "version", json_integer(FORMAT_VERSION));
+    json_object_set_new(j, "version", json_integer(entry_version(key->encoding)));
     json_object_set_new(j, "teacher_fingerprint", json_string(key->teacher_fp));
     json_object_set_new(j, "data_fingerprint", json_string(key->data_fp));
     json_object_set_new(j, "teacher", json_string(key->teacher_desc));
@@ -483,6 +499,7 @@ static int parse_manifest(const char *path, json_t *root, kd_cache_key_t *key, d
     if (strcmp(text, FORMAT_NAME) != 0)
         return kd_err(err, errlen, "%s: field 'format' is '%s', not '%s'", path, text, FORMAT_NAME);
     if (field_int(path, root, "version", 1, FORMAT_VERSION, &v, err, errlen) != 0) return -1;
+    const json_int_t version = v;
     if (field_str(path, root, "teacher_fingerprint", key->teacher_fp, sizeof key->teacher_fp, err,
                   errlen) != 0 ||
         field_str(path, root, "data_fingerprint", key->data_fp, sizeof key->data_fp, err, errlen) !=
@@ -508,6 +525,12 @@ static int parse_manifest(const char *path, json_t *root, kd_cache_key_t *key, d
                   errlen) != 0)
         return -1;
     key->k = (int)v;
+    if (version != entry_version(key->encoding))
+        return kd_err(err, errlen,
+                      "%s: a %s entry in format version %lld, which this kdist does not read (its "
+                      "%s entries are version %d: an older kdist wrote this one); remove it "
+                      "(kdist cache gc ENTRY) and the next run computes it again",
+                      path, text, (long long)version, text, entry_version(key->encoding));
     if (key->encoding == KD_ENC_SAMPLED) {
         json_t *t = json_object_get(root, "temperature");
         if (!json_is_number(t))
@@ -551,7 +574,7 @@ static int read_manifest(const char *path, kd_cache_key_t *key, double *created,
 static void file_header(const kd_cache_key_t *key, uint8_t h[FILE_HEADER_BYTES]) {
     memset(h, 0, FILE_HEADER_BYTES);
     memcpy(h, FILE_MAGIC, 8);
-    put_u32(h + 8, FORMAT_VERSION);
+    put_u32(h + 8, (uint32_t)entry_version(key->encoding));
     put_u32(h + 12, (uint32_t)key->encoding);
     put_u32(h + 16, (uint32_t)key->n_classes);
     put_u32(h + 20, (uint32_t)key->k);
@@ -849,6 +872,20 @@ static void encode_int8_row(const float *x, int C, uint8_t *rec) {
     }
 }
 
+/* A topk record of the k kept logits val (descending) of classes idx and the others' lse. */
+static void put_topk_record(uint8_t *rec, int C, int k, float rest_lse, const float *val,
+                            const uint32_t *idx) {
+    put_f32(rec, rest_lse);
+    put_f32(rec + 4, val[0]);
+    for (int j = 1; j < k; j++) {
+        /* below fp16's range the logit's probability is 0 at any temperature anyway */
+        float delta = fmaxf(val[j] - val[0], -65504.0f);
+        put_u16(rec + 8 + 2 * (size_t)(j - 1), f32_to_f16(delta));
+    }
+    uint8_t *ids = rec + 8 + 2 * (size_t)(k - 1);
+    for (int j = 0; j < k; j++) put_id(ids, C, j, idx[j]);
+}
+
 /* The k largest logits, descending, ties to the lower class (deterministic), and the
  * log-sum-exp of the others. */
 static void encode_topk_row(codec_t *cd, const kd_cache_key_t *key, const float *x, uint8_t *rec) {
@@ -872,11 +909,7 @@ static void encode_topk_row(codec_t *cd, const kd_cache_key_t *key, const float 
         if (!cd->in_top[i]) hi = fmax(hi, x[i]);
     for (int i = 0; i < C; i++)
         if (!cd->in_top[i]) sum += exp(x[i] - hi);
-    put_f32(rec, k < C ? (float)(hi + log(sum)) : -INFINITY);
-    for (int j = 0; j < k; j++) {
-        put_f32(rec + 4 + 4 * j, val[j]);
-        put_u32(rec + 4 + 4 * (size_t)k + 4 * j, idx[j]);
-    }
+    put_topk_record(rec, C, k, k < C ? (float)(hi + log(sum)) : -INFINITY, val, idx);
 }
 
 static int by_u32(const void *a, const void *b) {
@@ -908,13 +941,7 @@ static void encode_sampled_row(codec_t *cd, const kd_cache_key_t *key, const flo
         cd->draws[j] = (uint32_t)lo;
     }
     qsort(cd->draws, (size_t)k, sizeof *cd->draws, by_u32);
-    const size_t w = id_bytes(C);
-    for (int j = 0; j < k; j++) {
-        if (w == 2)
-            put_u16(rec + 2 * j, (uint16_t)cd->draws[j]);
-        else
-            put_u32(rec + 4 * j, cd->draws[j]);
-    }
+    for (int j = 0; j < k; j++) put_id(rec, C, j, cd->draws[j]);
 }
 
 static void encode_row(codec_t *cd, const kd_cache_key_t *key, const float *x, size_t row,
@@ -939,10 +966,6 @@ static void encode_row(codec_t *cd, const kd_cache_key_t *key, const float *x, s
     }
 }
 
-static uint32_t sampled_id(const kd_cache_key_t *key, const uint8_t *rec, int j) {
-    return id_bytes(key->n_classes) == 2 ? get_u16(rec + 2 * j) : get_u32(rec + 4 * j);
-}
-
 int kd_cache_record_view(const kd_cache_key_t *key, const uint8_t *rec, uint32_t *ids,
                          float *values, kd_teacher_row_t *out) {
     const int C = key->n_classes, k = key->k;
@@ -962,7 +985,7 @@ int kd_cache_record_view(const kd_cache_key_t *key, const uint8_t *rec, uint32_t
     case KD_ENC_SAMPLED: {
         int n = 0;
         for (int j = 0; j < k; j++) {
-            uint32_t id = sampled_id(key, rec, j);
+            uint32_t id = get_id(rec, C, j);
             if (id >= (uint32_t)C || (n > 0 && id < ids[n - 1])) return -1;
             if (n > 0 && id == ids[n - 1]) {
                 values[n - 1] += 1.0f;
@@ -977,10 +1000,13 @@ int kd_cache_record_view(const kd_cache_key_t *key, const uint8_t *rec, uint32_t
     default: {
         out->rest_lse = get_f32(rec);
         if (k < C ? !isfinite(out->rest_lse) : out->rest_lse != -INFINITY) return -1;
+        const float top = get_f32(rec + 4);
+        const uint8_t *id_at = rec + 8 + 2 * (size_t)(k - 1);
         for (int j = 0; j < k; j++) {
-            ids[j] = get_u32(rec + 4 + 4 * (size_t)k + 4 * j);
-            values[j] = get_f32(rec + 4 + 4 * j);
-            if (ids[j] >= (uint32_t)C || !isfinite(values[j])) return -1;
+            ids[j] = get_id(id_at, C, j);
+            float delta = j ? f16_to_f32(get_u16(rec + 8 + 2 * (size_t)(j - 1))) : 0.0f;
+            values[j] = top + delta;
+            if (ids[j] >= (uint32_t)C || !isfinite(values[j]) || delta > 0.0f) return -1;
             if (j > 0 && values[j] > values[j - 1]) return -1; /* the encoder sorts them */
         }
         out->n = k;
@@ -1620,11 +1646,7 @@ static int topk_record_from_pairs(const int64_t *ids, const float *lp, int k, in
                       "(log_softmax of the logits), not raw logits",
                       mass);
     /* what is left for the others; never exactly 0, so the rest stays a bucket */
-    put_f32(rec, k < C ? (float)log(fmax(1.0 - mass, 1e-30)) : -INFINITY);
-    for (int j = 0; j < k; j++) {
-        put_f32(rec + 4 + 4 * j, val[j]);
-        put_u32(rec + 4 + 4 * (size_t)k + 4 * j, idx[j]);
-    }
+    put_topk_record(rec, C, k, k < C ? (float)log(fmax(1.0 - mass, 1e-30)) : -INFINITY, val, idx);
     return 0;
 }
 

@@ -111,10 +111,11 @@ kd_cache_stats_t kd_cache_stats(const kd_cache_t *c);
  * or corrupted (err names the file, the block and the problem; logits untouched: recompute
  * and put it again); -1 on an I/O error or a block out of range.
  * Decoding: fp32 exact; fp16 the half-rounded value; int8 the raw logit within scale/2, where
- * scale = (row max - row min) / 254; topk the k kept logits exactly and every other class
+ * scale = (row max - row min) / 254; topk the k kept logits (the largest exactly, the others as
+ * the largest plus their fp16-rounded difference to it) and every other class
  * lse_rest - log(C - k), so the softmax of the row gives the kept classes their original
- * probabilities and the others share the rest mass equally (up to the float rounding of that
- * computed logit: a few ulps of the row's magnitude). */
+ * probabilities (within that fp16 rounding) and the others share the rest mass equally (up to
+ * the float rounding of that computed logit: a few ulps of the row's magnitude). */
 int kd_cache_get_block(kd_cache_t *c, size_t block, float *logits, char *err, size_t errlen);
 /* Encodes and writes logits (rows, n_classes) as block `block` with one pwrite. The logits must
  * be finite. Writers of one block must write the same logits (the teacher is deterministic),

@@ -348,7 +348,7 @@ int main(void) {
     json_t *first = distil("d1", "");
     const long long windows = teacher_count(first, "forward_samples");
     CHECK(windows > 1000 && teacher_count(first, "cache_misses") == windows);
-    CHECK(teacher_count(first, "record_bytes_per_token") == 4 + 8 * 4);
+    CHECK(teacher_count(first, "record_bytes_per_token") == 8 + 2 * 3 + 2 * 4);
     CHECK(json_is_number(json_object_get(json_object_get(first, "teacher"), "val_kl")));
     /* logits computed elsewhere: the teacher's on the training windows, dumped by kdist eval
      * in the node's batches of teacher.batch_size (8), imported with no teacher model */
@@ -427,7 +427,7 @@ int main(void) {
           strstr(entries, "/sampled6-t2 "));
     CHECK(run("%s cache ls --dir %s/cache", kdist, tmp) == 0);
     CHECK(strstr(out, "sampled6-t2 (12 bytes a token)") &&
-          strstr(out, "topk4 (36 bytes a token)") && strstr(out, "windows (100.0%)") &&
+          strstr(out, "topk4 (22 bytes a token)") && strstr(out, "windows (100.0%)") &&
           strstr(out, "context 32"));
     /* dense fp16 for a small vocabulary */
     json_t *dense = distil("f1", "cache.encoding=fp16");

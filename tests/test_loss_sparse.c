@@ -101,6 +101,8 @@ static void test_topk_full_is_dense(void) {
             encoded_t e;
             encode(&key, t, 0, &e);
             CHECK(e.view.n == C && e.view.ids && e.view.rest_lse == -INFINITY);
+            /* the record's logits (fp16 differences to the largest) as a dense row */
+            for (int b = 0; b < e.view.n; b++) t[e.view.ids[b]] = e.view.values[b];
             kd_loss_stats_t sd = {0}, ss = {0};
             kd_loss(&c, z, t, &y, 1, C, g_dense, &sd);
             memcpy(g_sparse, z, sizeof z);
@@ -226,10 +228,17 @@ static void test_bad_records(void) {
     float nan = NAN;
     memcpy(rec + 4, &nan, 4);
     CHECK(kd_cache_record_view(&tk, rec, e.ids, e.vals, &e.view) != 0);
+    /* f32 rest, f32 largest, f16 differences to it [2], u16 ids [3] */
     memcpy(rec, e.rec, sizeof rec);
-    uint32_t big = 300;
-    memcpy(rec + 4 + 12, &big, 4);
+    uint16_t big = 300;
+    memcpy(rec + 12, &big, 2); /* an id >= C */
     CHECK(kd_cache_record_view(&tk, rec, e.ids, e.vals, &e.view) != 0);
+    memcpy(rec, e.rec, sizeof rec);
+    uint16_t above = 0x3c00; /* +1.0: a kept logit above the largest */
+    memcpy(rec + 8, &above, 2);
+    CHECK(kd_cache_record_view(&tk, rec, e.ids, e.vals, &e.view) != 0);
+    memcpy(rec, e.rec, sizeof rec);
+    CHECK(kd_cache_record_view(&tk, rec, e.ids, e.vals, &e.view) == 0);
     float t_nan[300];
     memcpy(t_nan, t, sizeof t);
     t_nan[9] = INFINITY;
