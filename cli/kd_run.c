@@ -684,7 +684,8 @@ static int private_control_endpoint(run_t *r, const char *abs, char *endpoint, s
         }
         snprintf(dir, sizeof dir, "%s", r->control_tmpdir);
     }
-    snprintf(endpoint, n, "ipc://%s/launcher.ipc", dir);
+    if (snprintf(endpoint, n, "ipc://%s/launcher.ipc", dir) >= (int)n)
+        return kd_err(err, errlen, "%s: too long a path for the control socket", dir);
     return 0;
 }
 

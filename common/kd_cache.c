@@ -1358,8 +1358,13 @@ static void entry_sizes(const char *dir, uint64_t *bytes, uint64_t *disk) {
 static void entry_info(const char *dir, const char *pair, const char *sub,
                        kd_cache_entry_info_t *info) {
     memset(info, 0, sizeof *info);
-    snprintf(info->name, sizeof info->name, "%s/%s", pair, sub);
-    snprintf(info->path, sizeof info->path, "%s/%s/%s", dir, pair, sub);
+    int name_len = snprintf(info->name, sizeof info->name, "%s/%s", pair, sub),
+        path_len = snprintf(info->path, sizeof info->path, "%s/%s/%s", dir, pair, sub);
+    if (name_len >= (int)sizeof info->name || path_len >= (int)sizeof info->path) {
+        snprintf(info->error, sizeof info->error, "%s/%.64s...: not an entry (name too long)", pair,
+                 sub);
+        return;
+    }
     entry_sizes(info->path, &info->bytes, &info->disk_bytes);
     struct stat st;
     if (stat(info->path, &st) == 0) info->created = (double)st.st_mtime;
