@@ -235,6 +235,9 @@ int coord_write_summary(coord_t *c, const eval_result_t *final) {
         return -1;
     }
     if (c->fail_reason[0]) json_object_set_new(j, "error", json_string(c->fail_reason));
+    /* what samples_per_sec counts: samples applied by this coordinator process, over the time
+     * from its first push to its last applied step */
+    json_object_set_new(j, "samples_trained", json_integer(c->samples_applied));
     json_t *ledger = json_object_get(j, "ledger");
     json_object_set_new(ledger, "connections_refused", json_integer(c->connections_refused));
     json_object_set_new(ledger, "gradients_rejected", json_integer(c->gradients_rejected));
