@@ -51,6 +51,7 @@
 #include <unistd.h>
 
 #include "kd_checkpoint.h"
+#include "kd_half.h"
 #include "kd_npy.h"
 #include "kd_rng.h"
 #include "kd_util.h"
@@ -139,29 +140,11 @@ static float get_f32(const uint8_t *p) {
 
 /* Round to nearest even; finite input (put_block checks); beyond ±65504 saturates. */
 static uint16_t f32_to_f16(float f) {
-    uint32_t x;
-    memcpy(&x, &f, sizeof x);
-    uint16_t sign = (uint16_t)((x >> 16) & 0x8000);
-    uint32_t ax = x & 0x7fffffffu;
-    if (ax < 0x38800000u) /* below 2^-14: a half subnormal; scaling by 2^24 is exact */
-        return (uint16_t)(sign | (uint16_t)nearbyintf(fabsf(f) * 16777216.0f));
-    uint32_t h = (ax - ((uint32_t)(127 - 15) << 23)) >> 13;
-    uint32_t rest = ax & 0x1fffu;
-    if (rest > 0x1000u || (rest == 0x1000u && (h & 1))) h++; /* a carry bumps the exponent */
-    if (h >= 0x7c00u) h = 0x7bffu;
-    return (uint16_t)(sign | h);
+    return kd_f32_to_f16(fminf(fmaxf(f, -65504.0f), 65504.0f));
 }
 
 static float f16_to_f32(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff;
-    if (e == 0) {
-        float v = ldexpf((float)m, -24);
-        return sign ? -v : v;
-    }
-    uint32_t bits = e == 31 ? sign | 0x7f800000u | (m << 13) : sign | (e + 112) << 23 | (m << 13);
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
+    return kd_f16_to_f32(h);
 }
 
 /* ---- names, keys and fingerprints ----------------------------------------------------------- */

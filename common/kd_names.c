@@ -16,6 +16,7 @@ static const char *const sched_kind_names[KD_SCHED_COUNT] = {"constant", "step",
                                                              "onecycle"};
 static const char *const consistency_names[] = {"sync", "async", "ssp"};
 static const char *const data_format_names[] = {"images", "text", "tokens"};
+static const char *const wire_format_names[] = {"fp32", "bf16", "fp16"};
 static const char *const encoding_names[KD_ENC_COUNT] = {"fp32", "fp16", "int8", "topk", "sampled"};
 
 static const char *name_of(const char *const *names, int count, int value) {
@@ -52,5 +53,6 @@ NAME_TABLE(kd_sched_kind_t, kd_sched_kind_name, kd_sched_kind_parse, sched_kind_
 
 NAME_TABLE(kd_consistency_t, kd_consistency_name, kd_consistency_parse, consistency_names, 3)
 NAME_TABLE(kd_data_format_t, kd_data_format_name, kd_data_format_parse, data_format_names, 3)
+NAME_TABLE(kd_wire_format_t, kd_wire_format_name, kd_wire_format_parse, wire_format_names, 3)
 NAME_TABLE(kd_cache_encoding_t, kd_cache_encoding_name, kd_cache_encoding_from_name, encoding_names,
            KD_ENC_COUNT)

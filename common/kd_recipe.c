@@ -56,6 +56,7 @@ ENUM_OPS(div, kd_divergence_t, kd_divergence_name, kd_divergence_parse, KD_DIV_C
 ENUM_OPS(opt, kd_opt_kind_t, kd_opt_kind_name, kd_opt_kind_parse, KD_OPT_COUNT)
 ENUM_OPS(sched, kd_sched_kind_t, kd_sched_kind_name, kd_sched_kind_parse, KD_SCHED_COUNT)
 ENUM_OPS(cons, kd_consistency_t, kd_consistency_name, kd_consistency_parse, 3)
+ENUM_OPS(wire, kd_wire_format_t, kd_wire_format_name, kd_wire_format_parse, 3)
 ENUM_OPS(cenc, kd_cache_encoding_t, kd_cache_encoding_name, kd_cache_encoding_from_name,
          KD_ENC_COUNT)
 ENUM_OPS(layer, kd_layer_kind_t, kd_layer_kind_name, kd_layer_kind_parse, KD_LAYER_KIND_COUNT)
@@ -333,6 +334,10 @@ static const row_t schema[] = {
     BOOL("cluster.shared_memory", cluster.shared_memory, "true",
          "workers on the coordinator's machine exchange weights and gradients through shared "
          "memory instead of TCP"),
+    ENUM("cluster.wire", cluster.wire, wire_ops, "fp32",
+         "weights and gradients over TCP: fp32, or bf16 / fp16 for half the bytes (rounded to "
+         "nearest; the coordinator keeps fp32 weights and optimizer state and sums gradients in "
+         "fp32; fp16 overflows past 65504, bf16 keeps fp32's range)"),
     FLOAT("cluster.max_gradient_norm", cluster.max_gradient_norm, GE, 0, 0, "10000",
           "a pushed gradient whose L2 norm is larger is rejected like a non-finite one (0 = no "
           "bound)"),

@@ -28,6 +28,8 @@
 typedef enum { KD_DATA_IMAGES = 0, KD_DATA_TEXT, KD_DATA_TOKENS } kd_data_format_t;
 
 typedef enum { KD_CONSISTENCY_SYNC = 0, KD_CONSISTENCY_ASYNC, KD_CONSISTENCY_SSP } kd_consistency_t;
+/* how weights and gradients cross TCP (kd_wire.h); the server's master copy stays fp32 */
+typedef enum { KD_WIRE_FP32 = 0, KD_WIRE_BF16, KD_WIRE_FP16 } kd_wire_format_t;
 
 typedef struct {
     char name[KD_NAME_MAX]; /* run name: runs/<name>/ */
@@ -120,6 +122,7 @@ typedef struct {
         long stream_hwm;          /* batches queued per teacher->worker pipe (back-pressure) */
         char bind[KD_PATH_MAX];   /* coordinator endpoint; a '*' port picks a free one */
         bool shared_memory;       /* same-host workers skip TCP for tensors (kd_shm.h) */
+        kd_wire_format_t wire;    /* weights and gradients over TCP: fp32, bf16 or fp16 */
         bool restart_failed;      /* kdist run restarts a crashed process (same role, id) */
         float max_gradient_norm;  /* pushes with a larger L2 norm are rejected (0 = no bound) */
         long evict_after;         /* rejected pushes in a row before a member is evicted */
@@ -189,6 +192,8 @@ static inline bool kd_recipe_is_lm(const kd_recipe_t *r) {
     return r->data.format != KD_DATA_IMAGES;
 }
 int kd_consistency_parse(const char *name, kd_consistency_t *out);
+const char *kd_wire_format_name(kd_wire_format_t f);
+int kd_wire_format_parse(const char *name, kd_wire_format_t *out);
 
 /* ---- for other YAML readers (cli/kd_inventory.c): the recipe's messages, shared ---------- */
 

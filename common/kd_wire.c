@@ -11,6 +11,7 @@
 #include <sys/time.h>
 #include <unistd.h>
 
+#include "kd_half.h"
 #include "kd_log.h"
 #include "kd_util.h"
 
@@ -21,6 +22,8 @@ static int dtype_to_wire(kd_dtype_t d) {
         return KDIST__DTYPE__F32;
     case KD_DTYPE_F16:
         return KDIST__DTYPE__F16;
+    case KD_DTYPE_BF16:
+        return KDIST__DTYPE__BF16;
     case KD_DTYPE_I32:
         return KDIST__DTYPE__I32;
     case KD_DTYPE_U8:
@@ -39,6 +42,9 @@ static int dtype_from_wire(int w, kd_dtype_t *out) {
         return 0;
     case KDIST__DTYPE__F16:
         *out = KD_DTYPE_F16;
+        return 0;
+    case KDIST__DTYPE__BF16:
+        *out = KD_DTYPE_BF16;
         return 0;
     case KDIST__DTYPE__I32:
         *out = KD_DTYPE_I32;
@@ -254,6 +260,46 @@ const kd_layout_t KD_LAYOUT_TOKENS = {0, "tokens", KD_DTYPE_I32, 2};
 /* a language model's teacher: (windows, positions, record bytes) in the cache's encoding */
 const kd_layout_t KD_LAYOUT_TEACHER_RECORDS = {1, "teacher_records", KD_DTYPE_U8, 3};
 
+kd_layout_t kd_layout_as(const kd_layout_t *l, kd_dtype_t dtype) {
+    kd_layout_t as = *l;
+    as.dtype = dtype;
+    return as;
+}
+
+kd_dtype_t kd_wire_format_dtype(kd_wire_format_t f) {
+    return f == KD_WIRE_BF16 ? KD_DTYPE_BF16 : f == KD_WIRE_FP16 ? KD_DTYPE_F16 : KD_DTYPE_F32;
+}
+
+void kd_wire_pack_floats(kd_dtype_t dtype, const float *src, size_t n, void *dst) {
+    uint16_t *half = dst;
+    switch (dtype) {
+    case KD_DTYPE_BF16:
+        for (size_t i = 0; i < n; i++) half[i] = kd_f32_to_bf16(src[i]);
+        break;
+    case KD_DTYPE_F16:
+        for (size_t i = 0; i < n; i++) half[i] = kd_f32_to_f16(src[i]);
+        break;
+    default:
+        KD_ASSERT(dtype == KD_DTYPE_F32);
+        memcpy(dst, src, n * sizeof(float));
+    }
+}
+
+void kd_wire_unpack_floats(kd_dtype_t dtype, const void *src, size_t n, float *dst) {
+    const uint16_t *half = src;
+    switch (dtype) {
+    case KD_DTYPE_BF16:
+        for (size_t i = 0; i < n; i++) dst[i] = kd_bf16_to_f32(half[i]);
+        break;
+    case KD_DTYPE_F16:
+        for (size_t i = 0; i < n; i++) dst[i] = kd_f16_to_f32(half[i]);
+        break;
+    default:
+        KD_ASSERT(dtype == KD_DTYPE_F32);
+        memcpy(dst, src, n * sizeof(float));
+    }
+}
+
 kd_wire_tensor_t kd_layout_tensor(const kd_layout_t *l, const int64_t *shape) {
     kd_wire_tensor_t t = {.name = l->name, .dtype = l->dtype, .ndim = l->ndim};
     for (int d = 0; d < l->ndim; d++) t.shape[d] = shape[d];
@@ -273,10 +319,11 @@ const void *kd_msg_tensor(const kd_msg_t *m, int i, const char *name, kd_dtype_t
     }
     const Kdist__TensorDesc *t = m->env->tensors[i];
     kd_dtype_t got;
-    if (strcmp(t->name, name) != 0 || dtype_from_wire(t->dtype, &got) != 0 || got != dtype ||
-        (int)t->n_shape != ndim) {
-        kd_err(err, errlen, "tensor %d is '%s' (%zu dims), expected '%s' %s with %d dims", i,
-               t->name, t->n_shape, name, kd_dtype_name(dtype), ndim);
+    const bool known = dtype_from_wire(t->dtype, &got) == 0;
+    if (strcmp(t->name, name) != 0 || !known || got != dtype || (int)t->n_shape != ndim) {
+        kd_err(err, errlen, "tensor %d is '%s' %s with %zu dims, expected '%s' %s with %d dims", i,
+               t->name, known ? kd_dtype_name(got) : "(unknown dtype)", t->n_shape, name,
+               kd_dtype_name(dtype), ndim);
         return NULL;
     }
     for (int d = 0; d < ndim; d++) {

@@ -12,6 +12,7 @@
 #include <zmq.h>
 
 #include "kd_curve.h"
+#include "kd_recipe.h"      /* kd_wire_format_t */
 #include "kd_safetensors.h" /* kd_dtype_t */
 #include "kdist.pb-c.h"
 
@@ -88,8 +89,8 @@ typedef struct {
 } kd_wire_tensor_t;
 
 /* The payloads of each message, defined once for the sender and the receiver (docs/protocol.md):
- *   Weights   0 weights         F32 (n_params)
- *   Push      0 gradient        F32 (n_params)
+ *   Weights   0 weights         F32 (n_params), or BF16/F16 as cluster.wire says
+ *   Push      0 gradient        F32 (n_params), or BF16/F16 as cluster.wire says
  *   Batch     0 inputs          U8  (B, C, H, W)
  *             1 labels          I32 (B)
  *             2 teacher_logits  F32 (B, classes)   when the run distils
@@ -103,6 +104,14 @@ typedef struct {
 } kd_layout_t;
 extern const kd_layout_t KD_LAYOUT_WEIGHTS, KD_LAYOUT_GRADIENT, KD_LAYOUT_INPUTS, KD_LAYOUT_LABELS,
     KD_LAYOUT_TEACHER_LOGITS, KD_LAYOUT_TOKENS, KD_LAYOUT_TEACHER_RECORDS;
+/* Layout l carried as another dtype: the weights and gradient go as the run's cluster.wire. */
+kd_layout_t kd_layout_as(const kd_layout_t *l, kd_dtype_t dtype);
+/* The dtype of weights and gradients for cluster.wire (F32, BF16 or F16), and floats packed
+ * into / unpacked from a payload of that dtype: rounded to nearest even (kd_half.h), NaN and
+ * infinity kept, so a receiver's finiteness checks see what the sender computed. */
+kd_dtype_t kd_wire_format_dtype(kd_wire_format_t f);
+void kd_wire_pack_floats(kd_dtype_t dtype, const float *src, size_t n, void *dst);
+void kd_wire_unpack_floats(kd_dtype_t dtype, const void *src, size_t n, float *dst);
 /* A payload of layout l to send: name, dtype and shape (l->ndim values) set, the rest zero. */
 kd_wire_tensor_t kd_layout_tensor(const kd_layout_t *l, const int64_t *shape);
 /* The received payload of layout l, checked as kd_msg_tensor does. */

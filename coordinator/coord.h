@@ -85,8 +85,9 @@ typedef struct {
     int step_member[COORD_MAX_MEMBERS];
     int step_count;
     float *step_grads[COORD_MAX_MEMBERS];  /* each push's gradient: its frame or shared memory */
-    float *step_copies[COORD_MAX_MEMBERS]; /* owned copies of those whose worker left */
+    float *step_copies[COORD_MAX_MEMBERS]; /* owned: unpacked ones, copies of those who left */
     float *step_grad;                      /* (n_params) weighted average */
+    float *wire_grad; /* (n_params) the last push unpacked from a 16-bit cluster.wire */
 
     /* the weights of the current version, shared by every reply */
     zmq_msg_t weights_msg;

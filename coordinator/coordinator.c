@@ -517,7 +517,10 @@ out:
     evaluator_destroy(&c->eval);
     kd_metrics_close(&c->metrics);
     coord_invalidate_weights(c);
-    for (int k = 0; k < c->step_count; k++) kd_msg_close(&c->step_msgs[k]);
+    for (int k = 0; k < c->step_count; k++) {
+        kd_msg_close(&c->step_msgs[k]);
+        free(c->step_copies[k]);
+    }
     kd_wire_monitor_close(c->router, c->router_monitor);
     kd_socket_close_draining(c->router);
     close_control_channel(c);

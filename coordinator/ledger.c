@@ -19,6 +19,7 @@ void coord_free_ledger(coord_t *c) {
     free(c->nacked);
     free(c->owner);
     free(c->step_grad);
+    free(c->wire_grad);
     free(c->win_layer_fwd);
     free(c->win_layer_bwd);
 }

@@ -386,6 +386,8 @@ void coord_stop_nodes(coord_t *c) {
     for (int k = 0; k < c->step_count; k++) {
         c->in_step[c->step_msgs[k].env->push->ref->batch_id] = 0;
         kd_msg_close(&c->step_msgs[k]);
+        free(c->step_copies[k]);
+        c->step_copies[k] = NULL;
     }
     c->step_count = 0;
     for (int i = 0; i < COORD_MAX_MEMBERS; i++) {

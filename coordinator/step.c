@@ -107,8 +107,15 @@ static float *push_gradient(coord_t *c, member_t *m, kd_msg_t *msg, char *why, s
                    (unsigned long long)p->clock);
         return g;
     }
-    int64_t shape[1] = {(int64_t)c->model->n_params};
-    return (float *)kd_layout_get(msg, &KD_LAYOUT_GRADIENT, shape, why, whylen);
+    const size_t n = c->model->n_params;
+    const kd_dtype_t dtype = kd_wire_format_dtype(c->r.cluster.wire);
+    const kd_layout_t layout = kd_layout_as(&KD_LAYOUT_GRADIENT, dtype);
+    float *frame = (float *)kd_layout_get(msg, &layout, (int64_t[]){(int64_t)n}, why, whylen);
+    if (!frame || dtype == KD_DTYPE_F32) return frame;
+    /* 16 bits on the wire: summed and applied in fp32 (a sync step takes the buffer over) */
+    if (!c->wire_grad) c->wire_grad = kd_alloc_floats(n);
+    kd_wire_unpack_floats(dtype, frame, n, c->wire_grad);
+    return c->wire_grad;
 }
 
 /* A worker leaves while the open sync step holds its shared-memory gradient: keep a copy. */
@@ -332,6 +339,10 @@ void coord_on_push(coord_t *c, member_t *m, kd_msg_t *msg) {
         c->in_step[ref->batch_id] = 1;
         c->step_member[c->step_count] = (int)(m - c->members);
         c->step_grads[c->step_count] = grad;
+        if (grad == c->wire_grad) { /* unpacked from 16 bits: the step owns the buffer */
+            c->step_copies[c->step_count] = grad;
+            c->wire_grad = NULL;
+        }
         kd_msg_move(&c->step_msgs[c->step_count++], msg); /* the step owns it now */
         m->state = WORKER_PUSHED;
         m->clock++;

@@ -7,11 +7,13 @@ static void free_snapshot(void *data, void *hint) {
     free(data);
 }
 
+/* One snapshot of the current version in the wire's dtype, shared by every TCP reply. */
 static void refresh_weights(coord_t *c) {
     if (c->weights_valid) return;
-    size_t bytes = c->model->n_params * sizeof(float);
-    float *snapshot = kd_xmalloc(bytes);
-    memcpy(snapshot, c->model->params, bytes);
+    const kd_dtype_t dtype = kd_wire_format_dtype(c->r.cluster.wire);
+    size_t bytes = c->model->n_params * kd_dtype_size(dtype);
+    void *snapshot = kd_xmalloc(bytes);
+    kd_wire_pack_floats(dtype, c->model->params, c->model->n_params, snapshot);
     zmq_msg_init_data(&c->weights_msg, snapshot, bytes, free_snapshot, NULL);
     c->weights_valid = true;
 }
@@ -23,8 +25,9 @@ void coord_invalidate_weights(coord_t *c) {
 
 kd_wire_tensor_t coord_weights_tensor(coord_t *c) {
     refresh_weights(c);
-    kd_wire_tensor_t t =
-        kd_layout_tensor(&KD_LAYOUT_WEIGHTS, (int64_t[]){(int64_t)c->model->n_params});
+    const kd_layout_t layout =
+        kd_layout_as(&KD_LAYOUT_WEIGHTS, kd_wire_format_dtype(c->r.cluster.wire));
+    kd_wire_tensor_t t = kd_layout_tensor(&layout, (int64_t[]){(int64_t)c->model->n_params});
     t.share = &c->weights_msg;
     return t;
 }

@@ -9,11 +9,14 @@
  *   - the ledger: every batch applied once per epoch (a repeat is a counted duplicate), the
  *     next epoch starts when the last batch is applied, the run finishes after the last epoch;
  *     a rejected (non-finite) gradient is not applied and its batch goes back to its teacher;
+ *   - cluster.wire bf16: 16-bit gradients summed in fp32, an fp32 payload dropped, NaN rejected,
+ *     bf16 weights sent from the fp32 master;
  *   - SSP: a worker more than `staleness` clocks ahead of the slowest waits, and is released
  *     when the slowest catches up; a worker without a batch does not hold others back. */
 #include <math.h>
 
 #include "coord.h"
+#include "kd_half.h"
 #include "kd_test.h"
 
 #define N_BATCHES 4
@@ -90,7 +93,10 @@ static void rig_start(rig_t *t, kd_consistency_t consistency, long staleness, lo
 
 static void rig_stop(rig_t *t) {
     coord_t *c = t->c;
-    for (int k = 0; k < c->step_count; k++) kd_msg_close(&c->step_msgs[k]);
+    for (int k = 0; k < c->step_count; k++) {
+        kd_msg_close(&c->step_msgs[k]);
+        free(c->step_copies[k]);
+    }
     coord_invalidate_weights(c);
     for (int p = 0; p < N_PEERS; p++) zmq_close(t->peer[p]);
     zmq_close(c->router);
@@ -103,11 +109,14 @@ static void rig_stop(rig_t *t) {
 
 /* Worker p pushes a gradient of `value` everywhere for batch b of the current epoch, computed
  * on weights `version`; the coordinator takes it off its ROUTER and handles it. */
-static void push(rig_t *t, int p, uint32_t b, float value, uint64_t version) {
+static void push_as(rig_t *t, int p, uint32_t b, float value, uint64_t version, kd_dtype_t dtype) {
     coord_t *c = t->c;
     size_t n = c->model->n_params;
-    float *g = kd_xmalloc(n * sizeof *g);
-    for (size_t i = 0; i < n; i++) g[i] = value;
+    float *values = kd_xmalloc(n * sizeof *values);
+    for (size_t i = 0; i < n; i++) values[i] = value;
+    void *g = kd_xmalloc(n * sizeof(float));
+    kd_wire_pack_floats(dtype, values, n, g);
+    free(values);
     Kdist__BatchRef ref = KDIST__BATCH_REF__INIT;
     ref.epoch = c->s.epoch;
     ref.batch_id = b;
@@ -118,9 +127,10 @@ static void push(rig_t *t, int p, uint32_t b, float value, uint64_t version) {
     kd_env_t env = KDIST__ENVELOPE__INIT;
     env.body_case = KDIST__ENVELOPE__BODY_PUSH;
     env.push = &pg;
-    kd_wire_tensor_t tensor = kd_layout_tensor(&KD_LAYOUT_GRADIENT, (int64_t[]){(int64_t)n});
+    const kd_layout_t layout = kd_layout_as(&KD_LAYOUT_GRADIENT, dtype);
+    kd_wire_tensor_t tensor = kd_layout_tensor(&layout, (int64_t[]){(int64_t)n});
     tensor.data = g;
-    tensor.nbytes = n * sizeof *g;
+    tensor.nbytes = n * kd_dtype_size(dtype);
     CHECK(kd_wire_send(t->peer[p], NULL, 0, &env, &tensor, 1, 0) == 0);
     free(g);
     kd_msg_t msg;
@@ -130,6 +140,10 @@ static void push(rig_t *t, int p, uint32_t b, float value, uint64_t version) {
     CHECK(m == t->member[p]);
     if (m) coord_on_push(c, m, &msg);
     kd_msg_close(&msg); /* (empty when the open step kept it) */
+}
+
+static void push(rig_t *t, int p, uint32_t b, float value, uint64_t version) {
+    push_as(t, p, b, value, version, KD_DTYPE_F32);
 }
 
 typedef enum { NONE, WEIGHTS, WAIT, STOP, REDO, DUPLICATE, ASSIGN } reply_kind_t;
@@ -228,6 +242,42 @@ static void test_sync_step(void) {
     rig_stop(&t);
 }
 
+/* cluster.wire bf16: gradients come as bf16 and are summed in fp32 (each push its own buffer
+ * while the step is open), an fp32 payload is dropped, a NaN stays NaN and is rejected, and the
+ * weights go back as bf16 of the fp32 master. */
+static void test_wire_bf16(void) {
+    rig_t t;
+    rig_start(&t, KD_CONSISTENCY_SYNC, 0, 2);
+    coord_t *c = t.c;
+    c->r.cluster.wire = KD_WIRE_BF16;
+    push_as(&t, W0, 0, 1.0f, 0, KD_DTYPE_BF16);
+    CHECK(c->step_count == 1 && c->step_copies[0] && c->step_grads[0] == c->step_copies[0]);
+    push_as(&t, W1, 1, 2.0f, 0, KD_DTYPE_F32); /* not the run's wire: dropped, answered */
+    CHECK(c->step_count == 1 && c->messages_dropped == 1);
+    CHECK(reply_of(&t, W1) == DUPLICATE); /* answered: a worker is never left waiting */
+    push_as(&t, W1, 1, 2.0f, 0, KD_DTYPE_BF16);
+    /* 1/3 in bf16 is 0.333984375: the step's mean (1 + 2 + 0.333984375) / 3 applied in fp32 */
+    push_as(&t, W2, 2, 1.0f / 3, 0, KD_DTYPE_BF16);
+    CHECK(c->s.version == 1 && c->step_count == 0);
+    const float mean = (1.0f + 2.0f + 0.333984375f) / 3;
+    CHECK(fabsf(c->model->params[0] - (1.0f - LR * mean)) < 1e-6f);
+    /* the weights reply: bf16 of the fp32 master */
+    kd_msg_t msg;
+    char err[KD_ERR_LEN];
+    CHECK(kd_wire_recv(t.peer[W0], false, 0, &msg, err, sizeof err) == KD_WIRE_OK);
+    const kd_layout_t bf16 = kd_layout_as(&KD_LAYOUT_WEIGHTS, KD_DTYPE_BF16);
+    const uint16_t *w =
+        kd_layout_get(&msg, &bf16, (int64_t[]){(int64_t)c->model->n_params}, err, sizeof err);
+    CHECK(w && w[0] == kd_f32_to_bf16(c->model->params[0]));
+    CHECK(kd_bf16_to_f32(kd_f32_to_bf16(c->model->params[0])) != c->model->params[0]);
+    kd_msg_close(&msg);
+    /* a NaN survives the 16 bits and is rejected, not applied */
+    const long rejected = c->gradients_rejected;
+    push_as(&t, W0, 3, NAN, 1, KD_DTYPE_BF16);
+    CHECK(c->gradients_rejected == rejected + 1 && c->step_count == 0 && !c->applied[3]);
+    rig_stop(&t);
+}
+
 /* ---- the ledger ----------------------------------------------------------------------------- */
 
 static void test_ledger(void) {
@@ -297,6 +347,7 @@ static void test_ssp_gate(void) {
 int main(void) {
     kd_log_init("test", "0", KD_LOG_WARN, NULL);
     test_sync_step();
+    test_wire_bf16();
     test_ledger();
     test_ssp_gate();
     return kd_test_done("test_coord_step");

@@ -1,10 +1,12 @@
 /* test_run: `kdist run` as a user runs it — a local cluster (coordinator, teacher, two workers)
  * on a short recipe exits 0 and leaves the run directory of DESIGN §7 with an exactly-once
  * ledger; `kdist status` against a running cluster shows its members; Ctrl-C stops it cleanly
- * with no process left; recipe errors exit 2 with file:line:col. Spawns processes. */
+ * with no process left; recipe errors exit 2 with file:line:col; cluster.wire bf16 and fp16
+ * train as fp32 does, within the rounding. Spawns processes. */
 #include <errno.h>
 #include <fcntl.h>
 #include <glob.h>
+#include <math.h>
 #include <jansson.h>
 #include <signal.h>
 #include <spawn.h>
@@ -116,6 +118,103 @@ static void test_run_completes(const char *tmp, const char *recipe) {
     CHECK(rc == 0);
     CHECK(glob(pattern, 0, NULL, &g) == 0 && g.gl_pathc == 1);
     globfree(&g);
+}
+
+/* The weights of a run's student.safetensors as one vector (tensor order), in *n. */
+static float *student_weights(const char *dir, size_t *n) {
+    char path[KD_PATH_MAX + 128], err[KD_ERR_LEN];
+    snprintf(path, sizeof path, "%s/student.safetensors", dir);
+    kd_safetensors_t *f = NULL;
+    *n = 0;
+    if (kd_st_open(path, &f, err, sizeof err) != 0) {
+        fprintf(stderr, "%s\n", err);
+        return NULL;
+    }
+    size_t total = 0;
+    for (int i = 0; i < kd_st_count(f); i++) total += kd_st_tensor(f, i)->nbytes / sizeof(float);
+    float *v = kd_xmalloc((total + 1) * sizeof(float));
+    for (int i = 0; i < kd_st_count(f); i++) {
+        const kd_st_tensor_t *t = kd_st_tensor(f, i);
+        memcpy(v + *n, kd_st_data(f, t), t->nbytes); /* the data need not be aligned */
+        *n += t->nbytes / sizeof(float);
+    }
+    kd_st_close(&f);
+    return v;
+}
+
+/* cluster.wire: one sync worker over TCP with the weights and gradients as bf16, then fp16,
+ * completes with a whole ledger; the student ends near the fp32 run's (each step's rounding is
+ * a relative 2^-9 or 2^-12: the weights move by a few percent of their norm over the run, not
+ * more) yet not on it (the 16 bits were used), and the coordinator's weights are still fp32
+ * (most are not bf16 values: the master copy is not rounded). */
+static void test_wire_formats(const char *tmp, const char *recipe) {
+    static const char *const wires[] = {"fp32", "bf16", "fp16"};
+    float *weights[3] = {NULL};
+    size_t n[3] = {0};
+    double accuracy[3] = {0};
+    for (int k = 0; k < 3; k++) {
+        char runs[KD_PATH_MAX + 32], runs_arg[KD_PATH_MAX + 64], name[32], wire[32];
+        char dir[KD_PATH_MAX + 96], log[KD_PATH_MAX + 128];
+        snprintf(runs, sizeof runs, "%s/runs", tmp);
+        snprintf(runs_arg, sizeof runs_arg, "logging.runs_dir=%s", runs);
+        snprintf(name, sizeof name, "name=wire_%s", wires[k]);
+        snprintf(wire, sizeof wire, "cluster.wire=%s", wires[k]);
+        snprintf(dir, sizeof dir, "%s/wire_%s", runs, wires[k]);
+        char *argv[] = {kdist,
+                        "run",
+                        (char *)recipe,
+                        name,
+                        runs_arg,
+                        wire,
+                        "cluster.workers=1",
+                        "cluster.shared_memory=false",
+                        "data.train_subset=3000",
+                        "data.val_size=500",
+                        "data.test_subset=500",
+                        NULL};
+        int rc = run_argv(tmp, 300, argv);
+        CHECK(rc == 0);
+        if (rc != 0) fprintf(stderr, "kdist run %s said:\n%s\n", wire, out_buf);
+        snprintf(log, sizeof log, "%s/logs/worker-0.log", dir);
+        uint8_t *text = NULL;
+        size_t len = 0;
+        char said[64], err[KD_ERR_LEN];
+        snprintf(said, sizeof said, "as %s (cluster.wire)", wires[k]);
+        CHECK(kd_read_file(log, &text, &len, err, sizeof err) == 0 && strstr((char *)text, said));
+        free(text);
+        snprintf(log, sizeof log, "%s/summary.json", dir);
+        json_t *s = json_load_file(log, 0, NULL);
+        json_t *ledger = json_object_get(s, "ledger");
+        CHECK(json_integer_value(json_object_get(ledger, "batches_applied")) == (2500 + 127) / 128);
+        CHECK(json_integer_value(json_object_get(ledger, "batches_expected")) ==
+              (2500 + 127) / 128);
+        CHECK(json_integer_value(json_object_get(ledger, "gradients_rejected")) == 0);
+        accuracy[k] = json_number_value(json_object_get(s, "test_accuracy"));
+        json_decref(s);
+        weights[k] = student_weights(dir, &n[k]);
+        CHECK(weights[k] && n[k] == n[0] && n[k] > 0);
+    }
+    for (int k = 1; k < 3 && weights[0] && weights[k] && n[k] == n[0]; k++) {
+        double diff = 0, norm = 0;
+        size_t bf16_values = 0;
+        for (size_t i = 0; i < n[0]; i++) {
+            diff +=
+                ((double)weights[k][i] - weights[0][i]) * ((double)weights[k][i] - weights[0][i]);
+            norm += (double)weights[0][i] * weights[0][i];
+            uint32_t bits;
+            memcpy(&bits, &weights[k][i], sizeof bits);
+            bf16_values += (bits & 0xffffu) == 0;
+        }
+        double rel = sqrt(diff / norm);
+        fprintf(stderr,
+                "test_run: cluster.wire=%s: weights %.2e of the fp32 run's norm apart, test "
+                "accuracy %.3f (fp32 %.3f), %zu of %zu weights bf16 values\n",
+                wires[k], rel, accuracy[k], accuracy[0], bf16_values, n[0]);
+        CHECK(rel > 0 && rel < 0.05);
+        CHECK(fabs(accuracy[k] - accuracy[0]) < 0.05);
+        CHECK(bf16_values < n[0] / 10);
+    }
+    for (int k = 0; k < 3; k++) free(weights[k]);
 }
 
 /* A longer run in the background: `kdist status` shows its members; SIGINT (Ctrl-C) stops it,
@@ -493,6 +592,7 @@ int main(void) {
 
     test_errors(tmp);
     test_run_completes(tmp, recipe);
+    test_wire_formats(tmp, recipe);
     test_status_and_stop(tmp, recipe);
     test_worker_killed(tmp, recipe);
     test_coordinator_killed(tmp, recipe);

@@ -1,11 +1,16 @@
-/* Tests of the small shared utilities: kd_util (files, parsing, allocation, errors) and kd_rng
- * (reference values, permutations, range and uniformity of the samplers). */
+/* Tests of the small shared utilities: kd_util (files, parsing, allocation, errors), kd_rng
+ * (reference values, permutations, range and uniformity of the samplers) and kd_half (fp16 and
+ * bf16 rounding against a nearest-value search, NaN and infinity, the wire's float packing). */
+#include "kd_half.h"
 #include "kd_rng.h"
 #include "kd_util.h"
+#include "kd_wire.h"
 
 #include "kd_test.h"
 
 #include <dirent.h>
+#include <float.h>
+#include <math.h>
 #include <stdint.h>
 #include <sys/stat.h>
 
@@ -298,6 +303,111 @@ static void test_samplers(void) {
     CHECK(same);
 }
 
+/* Naive references: the nearest representable value by search, ties to the even pattern. */
+static double half_value(uint16_t h) { /* finite, non-negative patterns only */
+    int e = (h >> 10) & 0x1f, m = h & 0x3ff;
+    return e == 0 ? ldexp(m, -24) : ldexp(1024 + m, e - 25);
+}
+
+static uint16_t naive_f16(float f) {
+    const double x = fabs((double)f);
+    const uint16_t sign = signbit(f) ? 0x8000 : 0;
+    if (x >= 65520.0) return sign | 0x7c00; /* past the midpoint of 65504 and 2^16 */
+    uint16_t lo = 0, hi = 0x7bff;           /* largest pattern with value <= x, by bisection */
+    while (lo < hi) {
+        uint16_t mid = (uint16_t)((lo + hi + 1) / 2);
+        if (half_value(mid) <= x)
+            lo = mid;
+        else
+            hi = (uint16_t)(mid - 1);
+    }
+    if (lo == 0x7bff) return sign | lo;
+    const double below = x - half_value(lo), above = half_value((uint16_t)(lo + 1)) - x;
+    if (above < below || (above == below && (lo & 1))) lo++;
+    return sign | lo;
+}
+
+static uint16_t naive_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    const uint32_t down = bits & 0xffff0000u;
+    float lo_f, hi_f;
+    memcpy(&lo_f, &down, sizeof lo_f);
+    const uint32_t up = down + 0x10000u;
+    memcpy(&hi_f, &up, sizeof hi_f);
+    const double x = fabs((double)f), lo = fabs((double)lo_f);
+    const double hi = isinf(hi_f) ? ldexp(1.0, 128) : fabs((double)hi_f); /* what infinity rounds */
+    if (hi - x < x - lo || (hi - x == x - lo && ((down >> 16) & 1))) return (uint16_t)(up >> 16);
+    return (uint16_t)(down >> 16);
+}
+
+static void test_half(void) {
+    /* every half pattern decodes to what it means and encodes back to itself */
+    int roundtrip_bad = 0, bf16_roundtrip_bad = 0;
+    for (uint32_t h = 0; h < 0x10000; h++) {
+        const float f = kd_f16_to_f32((uint16_t)h);
+        const bool nan = ((h >> 10) & 0x1f) == 31 && (h & 0x3ff);
+        if (nan) {
+            roundtrip_bad += !isnan(f) || !isnan(kd_f16_to_f32(kd_f32_to_f16(f)));
+        } else {
+            double want = ((h >> 10) & 0x1f) == 31 ? INFINITY : half_value(h & 0x7fff);
+            if (h & 0x8000) want = -want;
+            roundtrip_bad += (double)f != want || kd_f32_to_f16(f) != h;
+        }
+        const float b = kd_bf16_to_f32((uint16_t)h);
+        bf16_roundtrip_bad +=
+            isnan(b) ? !isnan(kd_bf16_to_f32(kd_f32_to_bf16(b))) : kd_f32_to_bf16(b) != h;
+    }
+    CHECK(roundtrip_bad == 0);
+    CHECK(bf16_roundtrip_bad == 0);
+
+    /* random floats of every magnitude, and the midpoints between neighbours (the ties) */
+    kd_rng_t rng;
+    kd_rng_init(&rng, 11);
+    int f16_bad = 0, bf16_bad = 0;
+    for (int i = 0; i < 200000; i++) {
+        uint32_t bits = (uint32_t)kd_rng_next(&rng);
+        if (i % 4 == 1)
+            bits = (bits & 0x807fe000u) | 0x00001000u | ((uint32_t)(103 + i % 40) << 23);
+        if (i % 4 == 2) bits = (bits & 0xffff0000u) | 0x8000u; /* a bf16 tie */
+        float f;
+        memcpy(&f, &bits, sizeof f);
+        if (!isfinite(f)) continue;
+        f16_bad += kd_f32_to_f16(f) != naive_f16(f);
+        bf16_bad += kd_f32_to_bf16(f) != naive_bf16(f);
+    }
+    CHECK(f16_bad == 0);
+    CHECK(bf16_bad == 0);
+    if (f16_bad || bf16_bad) fprintf(stderr, "fp16: %d wrong, bf16: %d wrong\n", f16_bad, bf16_bad);
+
+    /* the edges: the largest halves, overflow, the subnormals' ties, NaN and infinity kept */
+    CHECK(kd_f32_to_f16(65504.0f) == 0x7bff);
+    CHECK(kd_f32_to_f16(65519.996f) == 0x7bff);
+    CHECK(kd_f32_to_f16(65520.0f) == 0x7c00);
+    CHECK(kd_f32_to_f16(-1e30f) == 0xfc00);
+    CHECK(kd_f32_to_f16(ldexpf(1, -25)) == 0); /* half the smallest: to even, 0 */
+    CHECK(kd_f32_to_f16(ldexpf(3, -25)) == 2); /* 1.5 smallest: to even, 2 */
+    CHECK(isnan(kd_f16_to_f32(kd_f32_to_f16(NAN))));
+    CHECK(isinf(kd_bf16_to_f32(kd_f32_to_bf16(-INFINITY))) && kd_f32_to_bf16(-INFINITY) == 0xff80);
+    CHECK(isnan(kd_bf16_to_f32(kd_f32_to_bf16(NAN))));
+    CHECK(kd_f32_to_bf16(FLT_MAX) == 0x7f80); /* past the largest bf16's midpoint: infinity */
+    CHECK(kd_f32_to_bf16(1.0f + ldexpf(1, -8)) == 0x3f80); /* a tie: to even */
+
+    /* the wire's packing: fp32 exact, 16 bits as the scalar conversions, NaN kept */
+    float src[5] = {1.0f / 3, -2.5e-6f, 70000.0f, NAN, -0.0f}, back[5];
+    uint16_t packed[5];
+    kd_wire_pack_floats(KD_DTYPE_BF16, src, 5, packed);
+    kd_wire_unpack_floats(KD_DTYPE_BF16, packed, 5, back);
+    for (int i = 0; i < 5; i++)
+        CHECK(isnan(src[i]) ? isnan(back[i]) : back[i] == kd_bf16_to_f32(kd_f32_to_bf16(src[i])));
+    kd_wire_pack_floats(KD_DTYPE_F16, src, 5, packed);
+    kd_wire_unpack_floats(KD_DTYPE_F16, packed, 5, back);
+    CHECK(isinf(back[2]) && isnan(back[3]) && signbit(back[4]) && back[0] == kd_f16_to_f32(0x3555));
+    float exact[5];
+    kd_wire_pack_floats(KD_DTYPE_F32, src, 5, exact);
+    CHECK(memcmp(exact, src, sizeof src) == 0);
+}
+
 int main(void) {
     snprintf(tmp, sizeof tmp, "%s", kd_test_tmpdir("test_util"));
     test_files();
@@ -307,5 +417,6 @@ int main(void) {
     test_rng_reference();
     test_permutation();
     test_samplers();
+    test_half();
     return kd_test_done("test_util");
 }

@@ -80,8 +80,10 @@ typedef struct {
     int B;
     kd_loss_stats_t stats;
 
-    /* Zero-copy gradient: ZeroMQ reads model->grads until it calls release_grads. */
+    /* Zero-copy gradient: ZeroMQ reads model->grads (or wire_grads, the gradient packed for a
+     * 16-bit cluster.wire) until it calls release_grads. */
     atomic_int grads_in_flight;
+    void *wire_grads;
 
     /* On the coordinator's machine: the weights and gradient travel through these (kd_shm.h),
      * used in place: model->params then points into the weights slot of the last answer
@@ -259,10 +261,12 @@ static int take_weights(worker_t *w, const kd_msg_t *m, char *err, size_t errlen
     }
     kd_model_set_params(w->model, w->own_params);
     w->params_slot = 0;
-    const int64_t shape[1] = {(int64_t)w->model->n_params};
-    const float *src = kd_layout_get(m, &KD_LAYOUT_WEIGHTS, shape, err, errlen);
+    const size_t n = w->model->n_params;
+    const kd_dtype_t dtype = kd_wire_format_dtype(w->recipe.cluster.wire);
+    const kd_layout_t layout = kd_layout_as(&KD_LAYOUT_WEIGHTS, dtype);
+    const void *src = kd_layout_get(m, &layout, (int64_t[]){(int64_t)n}, err, errlen);
     if (!src) return -1;
-    memcpy(w->model->params, src, w->model->n_params * sizeof(float));
+    kd_wire_unpack_floats(dtype, src, n, w->model->params);
     return 0;
 }
 
@@ -275,7 +279,8 @@ static void map_shared_memory(worker_t *w, const Kdist__SharedMemory *offer) {
     if (!offer) {
         kd_log(KD_LOG_INFO, "WORKER-SHM",
                "tensors go over TCP (the coordinator is on another machine, or "
-               "cluster.shared_memory is off)");
+               "cluster.shared_memory is off), weights and gradients as %s (cluster.wire)",
+               kd_wire_format_name(w->recipe.cluster.wire));
         return;
     }
     char err[KD_ERR_LEN];
@@ -285,7 +290,8 @@ static void map_shared_memory(worker_t *w, const Kdist__SharedMemory *offer) {
         kd_shm_open_peer(&w->grad_shm, offer->pid, offer->gradient_fd, 1, n, offer->token, true,
                          err, sizeof err) != 0) {
         kd_shm_close(&w->weights_shm);
-        kd_log(KD_LOG_INFO, "WORKER-SHM", "tensors go over TCP: %s", err);
+        kd_log(KD_LOG_INFO, "WORKER-SHM", "tensors go over TCP, as %s (cluster.wire): %s",
+               kd_wire_format_name(w->recipe.cluster.wire), err);
         return;
     }
     kd_log(KD_LOG_INFO, "WORKER-SHM", "weights and gradients go through shared memory");
@@ -400,6 +406,8 @@ static int on_welcome(worker_t *w, const kd_msg_t *m) {
     wait_grads_released(w);
     use_own_buffers(w);
     kd_model_destroy(&w->model);
+    free(w->wire_grads); /* sized for that model */
+    w->wire_grads = NULL;
     /* the sample shape and the class count (a GPT's vocabulary) are the Welcome's */
     const kd_dataset_t shape_from = {.channels = shape.c,
                                      .height = shape.h,
@@ -426,12 +434,12 @@ static int on_welcome(worker_t *w, const kd_msg_t *m) {
                wel->num_classes);
         return FATAL;
     }
+    w->recipe = r; /* its cluster.wire says how the weights come */
     if (take_weights(w, m, err, sizeof err) != 0) {
         kd_log(KD_LOG_ERROR, "WORKER-BAD-WELCOME", "weights: %s", err);
         return FATAL;
     }
     map_shared_memory(w, wel->shared_memory);
-    w->recipe = r;
     w->num_classes = (int)wel->num_classes;
     w->sample_dim = kd_shape_size(shape);
     w->version = wel->weights_version;
@@ -645,10 +653,16 @@ static int compute_and_push(worker_t *w, double wait_batch, double t_start) {
     push.layer_forward_seconds = w->fwd;
     push.layer_backward_seconds = w->bwd;
     push.rss_bytes = kd_node_rss_bytes();
-    kd_wire_tensor_t grad =
-        kd_layout_tensor(&KD_LAYOUT_GRADIENT, (int64_t[]){(int64_t)m->n_params});
+    const kd_dtype_t dtype = kd_wire_format_dtype(w->recipe.cluster.wire);
+    const kd_layout_t layout = kd_layout_as(&KD_LAYOUT_GRADIENT, dtype);
+    kd_wire_tensor_t grad = kd_layout_tensor(&layout, (int64_t[]){(int64_t)m->n_params});
     grad.data = m->grads;
-    grad.nbytes = m->n_params * sizeof(float);
+    grad.nbytes = m->n_params * kd_dtype_size(dtype);
+    if (dtype != KD_DTYPE_F32 && !shared) { /* 16 bits: packed here, sent from here */
+        if (!w->wire_grads) w->wire_grads = kd_xmalloc(grad.nbytes);
+        kd_wire_pack_floats(dtype, m->grads, m->n_params, w->wire_grads);
+        grad.data = w->wire_grads;
+    }
     grad.free_fn = release_grads;
     grad.hint = &w->grads_in_flight;
     kd_env_t env = KDIST__ENVELOPE__INIT;
@@ -1034,6 +1048,7 @@ cleanup:
     if (w.ctx) zmq_ctx_term(w.ctx); /* releases any gradient still queued */
     use_own_buffers(&w);
     kd_model_destroy(&w.model);
+    free(w.wire_grads);
     free_step_buffers(&w);
     for (int i = 0; i < w.n_endpoints; i++) free(w.endpoints[i]);
     free(w.endpoints);
