@@ -20,6 +20,7 @@ static uint64_t wire_dtype_size(int dtype) {
     case KDIST__DTYPE__I32:
         return 4;
     case KDIST__DTYPE__F16:
+    case KDIST__DTYPE__BF16:
         return 2;
     case KDIST__DTYPE__U8:
     case KDIST__DTYPE__I8:
