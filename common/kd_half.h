@@ -14,7 +14,7 @@ static inline uint16_t kd_f32_to_f16(float f) {
     memcpy(&x, &f, sizeof x);
     const uint16_t sign = (uint16_t)((x >> 16) & 0x8000);
     const uint32_t ax = x & 0x7fffffffu;
-    if (ax > 0x7f800000u) return (uint16_t)(sign | 0x7e00u); /* NaN, quiet */
+    if (ax > 0x7f800000u) return (uint16_t)(sign | 0x7e00u);  /* NaN, quiet */
     if (ax >= 0x47800000u) return (uint16_t)(sign | 0x7c00u); /* >= 65536 (or infinite) */
     if (ax < 0x38800000u) /* below 2^-14: a half subnormal; scaling by 2^24 is exact */
         return (uint16_t)(sign | (uint16_t)nearbyintf(fabsf(f) * 16777216.0f));
