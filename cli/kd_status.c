@@ -194,6 +194,13 @@ int cli_client_status(cli_client_t *c, int timeout_ms, char **json, char *err, s
         int left = (int)((deadline - kd_now()) * 1000.0);
         int got = cli_client_wait_status(c, left > 0 ? left : 0, json, err, errlen);
         if (got <= 0) return got;
+        long unfinished = kd_session_unfinished_handshakes(c->session);
+        if (left <= 0 && unfinished > 0)
+            return kd_err(err, errlen,
+                          "the coordinator at %s did not answer within %.1f s and closed %ld "
+                          "connection(s) before the handshake ended, as one that uses CurveZMQ "
+                          "does to a client without a key: give --key FILE and --coordinator-key",
+                          c->endpoint, timeout_ms / 1000.0, unfinished);
         if (left <= 0)
             return kd_err(err, errlen, "the coordinator at %s did not answer within %.1f s",
                           c->endpoint, timeout_ms / 1000.0);

@@ -359,6 +359,10 @@ void *kd_session_monitor(const kd_session_t *s) {
     return s->watch.monitor;
 }
 
+long kd_session_unfinished_handshakes(const kd_session_t *s) {
+    return s->watch.connected > 0 && !s->curve_on ? s->watch.broken : 0;
+}
+
 bool kd_session_joined(const kd_session_t *s) {
     return s->joined;
 }

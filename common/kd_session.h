@@ -108,7 +108,10 @@ double kd_session_deadline(const kd_session_t *s);
 
 void *kd_session_socket(const kd_session_t *s);  /* the DEALER, NULL while disconnected */
 void *kd_session_monitor(const kd_session_t *s); /* its handshake monitor, for zmq_poll; or NULL */
-bool kd_session_joined(const kd_session_t *s);   /* a Welcome came on this connection */
+/* Connections of a keyless session that the peer closed before the handshake ended: what a
+ * CurveZMQ server does to a plaintext client when its mechanism error does not arrive first. */
+long kd_session_unfinished_handshakes(const kd_session_t *s);
+bool kd_session_joined(const kd_session_t *s); /* a Welcome came on this connection */
 uint64_t kd_session_incarnation(const kd_session_t *s);
 
 #endif
