@@ -27,6 +27,7 @@ models=mlp workers=1,2 links=unshaped,1gbit,200mbit consistency=sync
 samples=19200 epochs=2 gpt_windows=3200 keep='' extra=()
 usage() { sed -n '10,12p' "$0" | sed 's/^# \{0,3\}//' >&2; exit 2; }
 while [ $# -gt 0 ]; do
+    [ $# -ge 2 ] || usage
     case $1 in
     --models) models=$2 ;;
     --workers) workers=$2 ;;
@@ -40,7 +41,6 @@ while [ $# -gt 0 ]; do
     --set) extra+=("$2") ;;
     *) usage ;;
     esac
-    [ $# -ge 2 ] || usage
     shift 2
 done
 [ "$(id -u)" = 0 ] || { echo "net_bench: needs root (network namespaces, tc)" >&2; exit 1; }
@@ -51,6 +51,11 @@ for l in ${links//,/ }; do
     [[ $l == unshaped || $l =~ ^[0-9]+[kmg]bit$ ]] ||
         { echo "net_bench: link '$l' is neither 'unshaped' nor a rate such as 1gbit" >&2; exit 2; }
 done
+for v in "samples=$samples" "epochs=$epochs" "gpt-windows=$gpt_windows"; do
+    [[ ${v#*=} =~ ^[1-9][0-9]{0,6}$ ]] || { echo "net_bench: --${v%%=*} takes a count, not '${v#*=}'" >&2; exit 2; }
+done
+[[ $consistency =~ ^(sync|async|ssp)$ ]] ||
+    { echo "net_bench: --consistency is sync, async or ssp, not '$consistency'" >&2; exit 2; }
 max_workers=0
 for n in ${workers//,/ }; do
     [[ $n =~ ^[1-9][0-9]?$ ]] || { echo "net_bench: --workers takes counts, not '$n'" >&2; exit 2; }
@@ -98,25 +103,23 @@ done
 # shape RATE: the coordinator's link, both ways (its eth0 sends, the bridge's port to it sends to
 # it); `unshaped` removes the shaping. The bucket holds 4 ms at the rate (at least 64 KB), enough
 # for the kernel's timer to keep a gigabit line full.
+link_bits() { # RATE -> bits per second (unshaped: 0)
+    local bits=${1%bit}
+    case $bits in
+    *k) echo $((${bits%k} * 1000)) ;; *m) echo $((${bits%m} * 1000000)) ;;
+    *g) echo $((${bits%g} * 1000000000)) ;; unshaped) echo 0 ;; *) echo "$bits" ;;
+    esac
+}
 shape() {
     local ns dev
     ns=$(ns_of c) dev=kdnb${tag}c
     tc -n "$ns" qdisc del dev eth0 root 2>/dev/null || true
     tc qdisc del dev "$dev" root 2>/dev/null || true
     [ "$1" = unshaped ] && return 0
-    local bits=${1%bit} mult=1
-    case $bits in *k) mult=1000 ;; *m) mult=1000000 ;; *g) mult=1000000000 ;; esac
-    local burst=$((${bits%[kmg]} * mult / 8 / 250))
+    local burst=$(($(link_bits "$1") / 8 / 250))
     [ "$burst" -ge 65536 ] || burst=65536
     tc -n "$ns" qdisc add dev eth0 root tbf rate "$1" burst "$burst" latency 50ms
     tc qdisc add dev "$dev" root tbf rate "$1" burst "$burst" latency 50ms
-}
-link_bits() { # RATE -> bits per second
-    local bits=${1%bit}
-    case $bits in
-    *k) echo $((${bits%k} * 1000)) ;; *m) echo $((${bits%m} * 1000000)) ;;
-    *g) echo $((${bits%g} * 1000000000)) ;; *) echo "$bits" ;;
-    esac
 }
 counters() { # the coordinator's eth0: "rx_bytes tx_bytes"
     ip netns exec "$(ns_of c)" sh -c 'cat /sys/class/net/eth0/statistics/rx_bytes \
@@ -150,7 +153,7 @@ run() {
         ;;
     gpt)
         recipe=$src/recipes/kjv_gpt_student.yaml
-        ovr=("data.dir=$src/.deps/kjv" "data.train_subset=$((gpt_windows))" eval.every_steps=0)
+        ovr=("data.dir=$src/.deps/kjv" "data.train_subset=$gpt_windows" eval.every_steps=0)
         ;;
     *) echo "net_bench: no model '$model' (mlp, cnn, gpt)" >&2 && exit 2 ;;
     esac
@@ -184,7 +187,7 @@ run() {
     after=$(counters)
     for i in "${pids[@]}"; do wait_exit "$i" 60 "a node ($model, $link, $n workers)" || exit 1; done
     "$py" - "$dir/run/summary.json" "$model" "$link" "$n" "$before" "$after" \
-        "$(link_bits "${link/unshaped/0}")" "$dir/run" >>"$tmp/rows" <<'PY'
+        "$(link_bits "$link")" "$dir/run" >>"$tmp/rows" <<'PY'
 import glob, hashlib, json, sys
 path, model, link, n, before, after, bits, run = sys.argv[1:]
 s = json.load(open(path))
