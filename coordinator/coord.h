@@ -87,7 +87,7 @@ typedef struct {
     float *step_grads[COORD_MAX_MEMBERS];  /* each push's gradient: its frame or shared memory */
     float *step_copies[COORD_MAX_MEMBERS]; /* owned: unpacked ones, copies of those who left */
     float *step_grad;                      /* (n_params) weighted average */
-    float *wire_grad; /* (n_params) the last push unpacked from a 16-bit cluster.wire */
+    float *wire_grad; /* (n_params) a 16-bit push unpacked, or a closed step's buffer to reuse */
 
     /* the weights of the current version, shared by every reply */
     zmq_msg_t weights_msg;

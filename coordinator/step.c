@@ -113,7 +113,7 @@ static float *push_gradient(coord_t *c, member_t *m, kd_msg_t *msg, char *why, s
     float *frame = (float *)kd_layout_get(msg, &layout, (int64_t[]){(int64_t)n}, why, whylen);
     if (!frame || dtype == KD_DTYPE_F32) return frame;
     /* 16 bits on the wire: summed and applied in fp32 (a sync step takes the buffer over) */
-    if (!c->wire_grad) c->wire_grad = kd_alloc_floats(n);
+    if (!c->wire_grad) c->wire_grad = kd_xmalloc(n * sizeof(float)); /* all of it written now */
     kd_wire_unpack_floats(dtype, frame, n, c->wire_grad);
     return c->wire_grad;
 }
@@ -165,7 +165,10 @@ void coord_close_sync_step(coord_t *c) {
     for (int k = 0; k < c->step_count; k++) {
         coord_mark_applied(c, c->step_msgs[k].env->push->ref);
         kd_msg_close(&c->step_msgs[k]);
-        free(c->step_copies[k]);
+        if (c->step_copies[k] && !c->wire_grad)
+            c->wire_grad = c->step_copies[k]; /* the next unpack reuses it (all are n_params) */
+        else
+            free(c->step_copies[k]);
         c->step_copies[k] = NULL;
     }
     int count = c->step_count;
