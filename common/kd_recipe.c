@@ -338,6 +338,15 @@ static const row_t schema[] = {
          "weights and gradients over TCP: fp32, or bf16 / fp16 for half the bytes (rounded to "
          "nearest; the coordinator keeps fp32 weights and optimizer state and sums gradients in "
          "fp32; fp16 overflows past 65504, bf16 keeps fp32's range)"),
+    LONG("cluster.accumulate", cluster.accumulate, BTW, 1, KD_MAX_ACCUMULATE, "1",
+         "a worker sums the gradients of up to this many batches into one push, and the "
+         "coordinator makes one update of their samples-weighted mean: k times fewer bytes "
+         "per sample on the wire, and an update per k batches (the in-process trainer does the "
+         "same)"),
+    LONG("cluster.accumulate_wait_ms", cluster.accumulate_wait_ms, BTW, 0, 600000, "100",
+         "a worker holding fewer than cluster.accumulate batches pushes them after waiting "
+         "this long for the next (the coordinator's count of batches left ends an epoch "
+         "without waiting)"),
     FLOAT("cluster.max_gradient_norm", cluster.max_gradient_norm, GE, 0, 0, "10000",
           "a pushed gradient whose L2 norm is larger is rejected like a non-finite one (0 = no "
           "bound)"),

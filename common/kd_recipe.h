@@ -27,6 +27,9 @@
 
 typedef enum { KD_DATA_IMAGES = 0, KD_DATA_TEXT, KD_DATA_TOKENS } kd_data_format_t;
 
+/* cluster.accumulate's bound: the batches one push may carry */
+#define KD_MAX_ACCUMULATE 16
+
 typedef enum { KD_CONSISTENCY_SYNC = 0, KD_CONSISTENCY_ASYNC, KD_CONSISTENCY_SSP } kd_consistency_t;
 /* how weights and gradients cross TCP (kd_wire.h); the server's master copy stays fp32 */
 typedef enum { KD_WIRE_FP32 = 0, KD_WIRE_BF16, KD_WIRE_FP16 } kd_wire_format_t;
@@ -123,6 +126,8 @@ typedef struct {
         char bind[KD_PATH_MAX];   /* coordinator endpoint; a '*' port picks a free one */
         bool shared_memory;       /* same-host workers skip TCP for tensors (kd_shm.h) */
         kd_wire_format_t wire;    /* weights and gradients over TCP: fp32, bf16 or fp16 */
+        long accumulate;          /* batches summed into one push and one update */
+        long accumulate_wait_ms;  /* a worker short of `accumulate` batches waits this long */
         bool restart_failed;      /* kdist run restarts a crashed process (same role, id) */
         float max_gradient_norm;  /* pushes with a larger L2 norm are rejected (0 = no bound) */
         long evict_after;         /* rejected pushes in a row before a member is evicted */

@@ -384,8 +384,22 @@ kd_optim_t *kd_optim_for_model(const kd_optim_config_t *cfg, const kd_model_t *m
 
 long kd_train_total_steps(const kd_recipe_t *r, size_t n_train) {
     long steps = r->train.epochs * (long)kd_epoch_count(n_train, (size_t)r->train.batch_size);
-    if (r->train.max_steps > 0 && r->train.max_steps < steps) steps = r->train.max_steps;
+    const long cap = r->train.max_steps * r->cluster.accumulate; /* max_steps counts updates */
+    if (r->train.max_steps > 0 && cap < steps) steps = cap;
     return steps;
+}
+
+void kd_grad_accumulate(float *sum, const float *grad, size_t n, int samples, bool first) {
+    const float w = (float)samples;
+    if (first)
+        for (size_t i = 0; i < n; i++) sum[i] = w * grad[i];
+    else
+        for (size_t i = 0; i < n; i++) sum[i] += w * grad[i];
+}
+
+void kd_grad_mean(float *sum, size_t n, long samples) {
+    const float inv = 1.0f / (float)samples;
+    for (size_t i = 0; i < n; i++) sum[i] *= inv;
 }
 
 uint64_t kd_batch_key(uint64_t seed, uint32_t epoch, uint32_t batch_id) {
@@ -435,15 +449,21 @@ int kd_train_local(const kd_recipe_t *r, kd_model_t *m, kd_model_t *teacher, con
     kd_lm_batch_t lm = {0};
     const long tokens_per_sample = m->gpt ? (long)d->train->window - 1 : 0;
 
+    /* cluster.accumulate: one update per k batches, of their samples-weighted mean gradient,
+     * as a worker pushes them; the last group of an epoch may be smaller. */
+    const long k = r->cluster.accumulate;
+    float *grad_sum = k > 1 ? kd_alloc_floats(m->n_params) : NULL;
+    long held = 0, held_samples = 0;
+
     const double t0 = kd_now();
     double last_report = t0;
-    long step = 0, samples = 0, window_samples = 0;
+    long step = 0, position = 0, samples = 0, window_samples = 0;
     kd_loss_stats_t window = {0};
     int epoch = 0;
-    for (; epoch < r->train.epochs && step < total_steps; epoch++) {
+    for (; epoch < r->train.epochs && position < total_steps; epoch++) {
         kd_epoch_t *ep = kd_epoch_new((uint64_t)r->seed, (uint32_t)epoch, d->train->n, B_max);
         kd_loss_stats_t epoch_stats = {0};
-        for (size_t b = 0; b < ep->n_batches && step < total_steps; b++) {
+        for (size_t b = 0; b < ep->n_batches && position < total_steps; b++) {
             const uint32_t *ids;
             int B = (int)kd_epoch_batch(ep, b, &ids);
             uint64_t key = kd_batch_key((uint64_t)r->seed, (uint32_t)epoch, (uint32_t)b);
@@ -458,8 +478,6 @@ int kd_train_local(const kd_recipe_t *r, kd_model_t *m, kd_model_t *teacher, con
                            (size_t)B * C * sizeof(float));
                 kd_train_gradient(m, loss, x, y, teacher_logits, B, key, dlogits, &batch_stats);
             }
-            kd_optim_step(opt, m->params, m->grads, kd_schedule_lr(&sched, step));
-            step++;
             samples += B;
             window_samples += B;
             window.loss_sum += batch_stats.loss_sum;
@@ -468,15 +486,31 @@ int kd_train_local(const kd_recipe_t *r, kd_model_t *m, kd_model_t *teacher, con
             epoch_stats.loss_sum += batch_stats.loss_sum;
             epoch_stats.count += batch_stats.count;
 
+            float *grad = m->grads;
+            long batches = 1;
+            if (grad_sum) {
+                kd_grad_accumulate(grad_sum, m->grads, m->n_params, B, held == 0);
+                held++;
+                held_samples += B;
+                if (held < k && b + 1 < ep->n_batches && position + held < total_steps) continue;
+                kd_grad_mean(grad_sum, m->n_params, held_samples);
+                grad = grad_sum;
+                batches = held;
+                held = held_samples = 0;
+            }
+            kd_optim_step(opt, m->params, grad, kd_schedule_lr(&sched, position));
+            step++;
+            position += batches;
+
             double now = kd_now();
             if (progress && now - last_report >= 1.0) {
                 kd_train_progress_t p = {
                     .epoch = epoch,
-                    .step = step,
+                    .step = position,
                     .total_steps = total_steps,
                     .loss = window.loss_sum / window.count,
                     .train_accuracy = (double)window.correct / window.count,
-                    .lr = kd_schedule_lr(&sched, step),
+                    .lr = kd_schedule_lr(&sched, position),
                     .samples_per_sec = window_samples / (now - last_report),
                     .tokens_per_sec =
                         (double)(window_samples * tokens_per_sample) / (now - last_report),
@@ -492,10 +526,10 @@ int kd_train_local(const kd_recipe_t *r, kd_model_t *m, kd_model_t *teacher, con
         res->train_loss = epoch_stats.count ? epoch_stats.loss_sum / epoch_stats.count : 0.0;
         if (progress) {
             kd_train_progress_t p = {.epoch = epoch,
-                                     .step = step,
+                                     .step = position,
                                      .total_steps = total_steps,
                                      .loss = res->train_loss,
-                                     .lr = kd_schedule_lr(&sched, step),
+                                     .lr = kd_schedule_lr(&sched, position),
                                      .samples_per_sec = samples / (kd_now() - t0),
                                      .tokens_per_sec =
                                          (double)(samples * tokens_per_sample) / (kd_now() - t0),
@@ -521,6 +555,7 @@ int kd_train_local(const kd_recipe_t *r, kd_model_t *m, kd_model_t *teacher, con
     free(teacher_logits);
     free(dlogits);
     free(windows);
+    free(grad_sum);
     kd_lm_batch_free(&lm);
     return 0;
 }

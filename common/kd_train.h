@@ -59,8 +59,15 @@ void kd_evaluate(kd_model_t *m, const kd_dataset_t *ds, int batch_size, const fl
 kd_optim_t *kd_optim_for_model(const kd_optim_config_t *cfg, const kd_model_t *m);
 kd_optim_t *kd_optim_for_gpt(const kd_optim_config_t *cfg, const kd_gpt_t *g);
 
-/* Optimizer steps of a whole run: epochs x batches per epoch, capped by train.max_steps. */
+/* Batches of a whole run, the schedule's horizon: epochs x batches per epoch, capped by
+ * train.max_steps updates of cluster.accumulate batches each (an update per batch when 1). */
 long kd_train_total_steps(const kd_recipe_t *r, size_t n_train);
+
+/* cluster.accumulate, as a worker and the in-process trainer do it: the gradient of a batch of
+ * `samples` added to sum with that weight (sum set on the first), then the sum of all
+ * `samples` turned into their mean: the gradient of the k batches as one. */
+void kd_grad_accumulate(float *sum, const float *grad, size_t n, int samples, bool first);
+void kd_grad_mean(float *sum, size_t n, long samples);
 
 /* Randomness of one batch (dropout masks) depends only on (seed, epoch, batch_id). */
 uint64_t kd_batch_key(uint64_t seed, uint32_t epoch, uint32_t batch_id);

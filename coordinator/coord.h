@@ -84,6 +84,7 @@ typedef struct {
     kd_msg_t step_msgs[COORD_MAX_MEMBERS];
     int step_member[COORD_MAX_MEMBERS];
     int step_count;
+    size_t step_batches; /* the batches its pushes name (more than step_count: accumulate) */
     float *step_grads[COORD_MAX_MEMBERS];  /* each push's gradient: its frame or shared memory */
     float *step_copies[COORD_MAX_MEMBERS]; /* owned: unpacked ones, copies of those who left */
     float *step_grad;                      /* (n_params) weighted average */
@@ -172,6 +173,12 @@ void coord_restream_unapplied(coord_t *c, const char *why);
 void coord_restream_stalled(coord_t *c);
 void coord_mark_applied(coord_t *c, const Kdist__BatchRef *ref);
 void coord_requeue_batch(coord_t *c, const Kdist__BatchRef *ref);
+/* A push's batches: its ref, then the ones accumulated into it (cluster.accumulate). */
+size_t coord_push_batches(const Kdist__PushGradient *p);
+const Kdist__BatchRef *coord_push_ref(const Kdist__PushGradient *p, size_t i);
+void coord_requeue_push(coord_t *c, const Kdist__PushGradient *p);
+/* Batches of the epoch neither applied nor in the open step (what the workers still get). */
+uint64_t coord_batches_left(const coord_t *c);
 void coord_on_nack(coord_t *c, member_t *m, kd_msg_t *msg);
 
 /* ---- step.c: gradients: validation, the sync step, the SSP gate, async updates */

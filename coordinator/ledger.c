@@ -172,6 +172,23 @@ void coord_requeue_batch(coord_t *c, const Kdist__BatchRef *ref) {
     c->s.restreamed++;
 }
 
+size_t coord_push_batches(const Kdist__PushGradient *p) {
+    return 1 + p->n_accumulated;
+}
+
+const Kdist__BatchRef *coord_push_ref(const Kdist__PushGradient *p, size_t i) {
+    return i == 0 ? p->ref : p->accumulated[i - 1];
+}
+
+void coord_requeue_push(coord_t *c, const Kdist__PushGradient *p) {
+    for (size_t i = 0; i < coord_push_batches(p); i++) coord_requeue_batch(c, coord_push_ref(p, i));
+}
+
+uint64_t coord_batches_left(const coord_t *c) {
+    if (c->phase != RUN_RUNNING) return 0;
+    return (uint64_t)(c->n_batches - c->applied_count - c->step_batches);
+}
+
 static const char *nack_reason_name(Kdist__NackReason r) {
     switch (r) {
     case KDIST__NACK_REASON__NACK_TEACHER_LOGITS:

@@ -384,12 +384,15 @@ void coord_heartbeat_and_reap(coord_t *c) {
 void coord_stop_nodes(coord_t *c) {
     /* A step still open when the run stops is not applied: its batches stay unapplied. */
     for (int k = 0; k < c->step_count; k++) {
-        c->in_step[c->step_msgs[k].env->push->ref->batch_id] = 0;
+        const Kdist__PushGradient *p = c->step_msgs[k].env->push;
+        for (size_t i = 0; i < coord_push_batches(p); i++)
+            c->in_step[coord_push_ref(p, i)->batch_id] = 0;
         kd_msg_close(&c->step_msgs[k]);
         free(c->step_copies[k]);
         c->step_copies[k] = NULL;
     }
     c->step_count = 0;
+    c->step_batches = 0;
     for (int i = 0; i < COORD_MAX_MEMBERS; i++) {
         member_t *m = &c->members[i];
         if (!m->used) continue;

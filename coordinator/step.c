@@ -141,6 +141,10 @@ bool coord_sync_step_ready(coord_t *c) {
     return true;
 }
 
+static void mark_push_applied(coord_t *c, const Kdist__PushGradient *p) {
+    for (size_t i = 0; i < coord_push_batches(p); i++) coord_mark_applied(c, coord_push_ref(p, i));
+}
+
 /* Closes the open sync step: one update from the samples-weighted mean of its gradients. */
 void coord_close_sync_step(coord_t *c) {
     const size_t n = c->model->n_params;
@@ -161,9 +165,9 @@ void coord_close_sync_step(coord_t *c) {
     }
     long samples = 0;
     for (int k = 0; k < c->step_count; k++) samples += c->step_msgs[k].env->push->samples;
-    apply_gradient(c, grad, c->step_count, samples);
+    apply_gradient(c, grad, (long)c->step_batches, samples);
     for (int k = 0; k < c->step_count; k++) {
-        coord_mark_applied(c, c->step_msgs[k].env->push->ref);
+        mark_push_applied(c, c->step_msgs[k].env->push);
         kd_msg_close(&c->step_msgs[k]);
         if (c->step_copies[k] && !c->wire_grad)
             c->wire_grad = c->step_copies[k]; /* the next unpack reuses it (all are n_params) */
@@ -173,6 +177,7 @@ void coord_close_sync_step(coord_t *c) {
     }
     int count = c->step_count;
     c->step_count = 0;
+    c->step_batches = 0;
     for (int k = 0; k < count; k++) {
         member_t *m = &c->members[c->step_member[k]];
         if (m->used && m->state == WORKER_PUSHED) coord_send_weights(c, m, coord_go_on(c));
@@ -243,15 +248,17 @@ static void accept_push(coord_t *c, member_t *m) {
 /* A gradient that failed gradient_problem: counted, never applied; its batch goes back to the
  * queue. A member whose streak goes on while others' gradients are applied is evicted; a
  * streak across the whole cluster (training diverged) fails the run. */
-static void reject_push(coord_t *c, member_t *m, const Kdist__BatchRef *ref, const char *why) {
+static void reject_push(coord_t *c, member_t *m, const Kdist__PushGradient *p, const char *why) {
     c->gradients_rejected++;
     c->rejected_in_a_row++;
     if (m->rejected_in_a_row++ == 0) m->accepted_at_first_rejection = c->pushes_accepted;
     if (kd_log_allow(&c->drop_limit, 1.0))
         kd_log(KD_LOG_WARN, "COORD-GRADIENT-REJECTED",
-               "gradient of batch %u/%u from %s %s rejected: %s (%ld rejected so far)", ref->epoch,
-               ref->batch_id, coord_role_name(m->role), m->node_id, why, c->gradients_rejected);
-    coord_requeue_batch(c, ref);
+               "gradient of batch %u/%u (and %zu accumulated) from %s %s rejected: %s (%ld "
+               "rejected so far)",
+               p->ref->epoch, p->ref->batch_id, p->n_accumulated, coord_role_name(m->role),
+               m->node_id, why, c->gradients_rejected);
+    coord_requeue_push(c, p);
     if (c->rejected_in_a_row >= c->r.cluster.fail_after) {
         coord_send_weights(c, m, REPLY_DROPPED);
         coord_fail_run(c,
@@ -274,8 +281,49 @@ static void reject_push(coord_t *c, member_t *m, const Kdist__BatchRef *ref, con
 static bool push_counters_possible(const coord_t *c, const Kdist__PushGradient *p) {
     const uint64_t per_sample = c->model->gpt ? (uint64_t)c->model->gpt->cfg.context : 0;
     const uint64_t predictions = per_sample ? p->tokens : p->samples;
-    return p->samples > 0 && p->samples <= (uint32_t)c->r.train.batch_size &&
+    const uint64_t batches = coord_push_batches(p);
+    return p->samples >= batches && p->samples <= batches * (uint64_t)c->r.train.batch_size &&
            p->tokens == p->samples * per_sample && p->correct <= predictions;
+}
+
+/* Why a push's batches cannot be one accumulated gradient (true, with why set): more than
+ * cluster.accumulate of them, one that does not exist, two epochs, or one named twice. */
+static bool push_refs_impossible(const coord_t *c, const Kdist__PushGradient *p, char *why,
+                                 size_t whylen) {
+    const size_t n = coord_push_batches(p);
+    if (n > (size_t)c->r.cluster.accumulate) {
+        kd_err(why, whylen, "push of %zu batches (cluster.accumulate is %ld)", n,
+               c->r.cluster.accumulate);
+        return true;
+    }
+    for (size_t i = 0; i < n; i++) {
+        const Kdist__BatchRef *ref = coord_push_ref(p, i);
+        if (ref->batch_id >= c->n_batches || ref->epoch >= (uint32_t)c->r.train.epochs) {
+            kd_err(why, whylen, "push for a batch that does not exist");
+            return true;
+        }
+        if (ref->epoch != p->ref->epoch) {
+            kd_err(why, whylen, "push summing batches of epochs %u and %u", p->ref->epoch,
+                   ref->epoch);
+            return true;
+        }
+        for (size_t j = 0; j < i; j++)
+            if (coord_push_ref(p, j)->batch_id == ref->batch_id) {
+                kd_err(why, whylen, "push naming batch %u twice", ref->batch_id);
+                return true;
+            }
+    }
+    return false;
+}
+
+/* How many of a push's batches are already applied or in the open step (or of a past epoch). */
+static size_t push_duplicates(const coord_t *c, const Kdist__PushGradient *p) {
+    size_t dup = 0;
+    for (size_t i = 0; i < coord_push_batches(p); i++) {
+        const Kdist__BatchRef *ref = coord_push_ref(p, i);
+        dup += ref->epoch < c->s.epoch || c->applied[ref->batch_id] || c->in_step[ref->batch_id];
+    }
+    return dup;
 }
 
 void coord_on_push(coord_t *c, member_t *m, kd_msg_t *msg) {
@@ -293,23 +341,23 @@ void coord_on_push(coord_t *c, member_t *m, kd_msg_t *msg) {
         coord_send_weights(c, m, REPLY_DROPPED); /* a member is never left without an answer */
         return;
     }
+    if (push_refs_impossible(c, p, err, sizeof err)) {
+        coord_drop(c, msg, err);
+        coord_send_weights(c, m, REPLY_DROPPED);
+        return;
+    }
     m->waiting_for_batch = false;
     if (c->phase == RUN_FINISHING) {
         coord_send_weights(c, m, REPLY_STOP);
         return;
     }
     if (gradient_problem(c, grad, p, err, sizeof err)) {
-        reject_push(c, m, p->ref, err);
+        reject_push(c, m, p, err);
         return;
     }
     if (c->first_push == 0) c->first_push = kd_now();
     const Kdist__BatchRef *ref = p->ref;
-    bool past = ref->epoch < c->s.epoch;
-    if (ref->batch_id >= c->n_batches || ref->epoch >= (uint32_t)c->r.train.epochs) {
-        coord_drop(c, msg, "push for a batch that does not exist");
-        coord_send_weights(c, m, REPLY_DROPPED);
-        return;
-    }
+    const size_t batches = coord_push_batches(p);
     /* Computed on weights or batches this coordinator never handed out — the worker was
      * ahead of the checkpoint a restarted coordinator resumed from: dropped, not counted;
      * the batch comes again when its epoch does. */
@@ -318,10 +366,13 @@ void coord_on_push(coord_t *c, member_t *m, kd_msg_t *msg) {
         coord_send_weights(c, m, REPLY_DROPPED);
         return;
     }
-    if (past || c->applied[ref->batch_id] || c->in_step[ref->batch_id]) {
-        c->s.duplicates++;
-        kd_log(KD_LOG_INFO, "COORD-DUPLICATE", "batch %u/%u from %s-%s already counted: dropped",
-               ref->epoch, ref->batch_id, coord_role_name(m->role), m->node_id);
+    const size_t duplicates = push_duplicates(c, p);
+    if (duplicates) {
+        c->s.duplicates += (long)duplicates;
+        kd_log(KD_LOG_INFO, "COORD-DUPLICATE", "batch %u/%u from %s-%s already counted%s: dropped",
+               ref->epoch, ref->batch_id, coord_role_name(m->role), m->node_id,
+               batches > 1 ? " (or one accumulated with it; the others are streamed again)" : "");
+        coord_requeue_push(c, p); /* those summed with a counted one come again */
         coord_send_weights(c, m, REPLY_DROPPED);
         return;
     }
@@ -339,7 +390,8 @@ void coord_on_push(coord_t *c, member_t *m, kd_msg_t *msg) {
             coord_close_sync_step(c); /* churn cannot overflow it */
         accept_push(c, m);
         account_push(c, m, p);
-        c->in_step[ref->batch_id] = 1;
+        for (size_t i = 0; i < batches; i++) c->in_step[coord_push_ref(p, i)->batch_id] = 1;
+        c->step_batches += batches;
         c->step_member[c->step_count] = (int)(m - c->members);
         c->step_grads[c->step_count] = grad;
         if (grad == c->wire_grad) { /* unpacked from 16 bits: the step owns the buffer */
@@ -355,8 +407,8 @@ void coord_on_push(coord_t *c, member_t *m, kd_msg_t *msg) {
     case KD_CONSISTENCY_SSP:
         accept_push(c, m);
         account_push(c, m, p);
-        apply_gradient(c, grad, 1, p->samples);
-        coord_mark_applied(c, ref);
+        apply_gradient(c, grad, (long)batches, p->samples);
+        mark_push_applied(c, p);
         m->clock++;
         bool hold = c->r.cluster.consistency == KD_CONSISTENCY_SSP &&
                     coord_min_clock(c) != UINT64_MAX &&

@@ -105,6 +105,7 @@ void coord_send_weights(coord_t *c, member_t *m, reply_t reply) {
     w.stop = reply == REPLY_STOP || m->drain;
     w.redo = reply == REPLY_REDO;
     w.duplicate = reply == REPLY_DROPPED;
+    w.batches_left = coord_batches_left(c);
     kd_env_t env = KDIST__ENVELOPE__INIT;
     env.body_case = KDIST__ENVELOPE__BODY_WEIGHTS;
     env.weights = &w;

@@ -130,13 +130,20 @@ static bool log_says(const char *path, const char *text) {
 }
 
 /* sync with one worker computes exactly what kd_train_local computes, whether the tensors go
- * through shared memory (a worker on the coordinator's machine) or over TCP. */
-static void test_sync_one_worker_reproduces_in_process(bool shared_memory) {
+ * through shared memory (a worker on the coordinator's machine) or over TCP, and with
+ * cluster.accumulate: the same groups of batches summed into one update (the last of the
+ * epoch smaller: the coordinator's count of batches left ends it; the long wait keeps a slow
+ * teacher from splitting a group). */
+static void test_sync_one_worker_reproduces_in_process(bool shared_memory, int accumulate) {
+    char name[32], accumulate_arg[64];
+    snprintf(name, sizeof name, "sync1_%s_acc%d", shared_memory ? "shm" : "tcp", accumulate);
+    snprintf(accumulate_arg, sizeof accumulate_arg, "cluster.accumulate=%d", accumulate);
     cluster_case_t c = {
-        shared_memory ? "sync1_shm" : "sync1_tcp",
+        name,
         {"train.epochs=1", "cluster.consistency=sync",
-         shared_memory ? "cluster.shared_memory=true" : "cluster.shared_memory=false"},
-        3,
+         shared_memory ? "cluster.shared_memory=true" : "cluster.shared_memory=false",
+         accumulate_arg, "cluster.accumulate_wait_ms=60000"},
+        5,
         1,
         1};
     char run_dir[1024];
@@ -147,10 +154,11 @@ static void test_sync_one_worker_reproduces_in_process(bool shared_memory) {
     snprintf(worker_log, sizeof worker_log, "%s/logs/worker-0.log", run_dir);
     CHECK(log_says(worker_log, shared_memory ? "go through shared memory" : "go over TCP"));
 
-    const char *overrides[N_BASE + 2];
+    const char *overrides[N_BASE + 3];
     int n = 0;
     for (int i = 0; i < N_BASE; i++) overrides[n++] = base_overrides[i];
     overrides[n++] = "train.epochs=1";
+    overrides[n++] = accumulate_arg;
     kd_recipe_t r;
     char err[KD_ERR_LEN];
     CHECK(kd_recipe_load(RECIPE, overrides, n, &r, err, sizeof err) == 0);
@@ -172,7 +180,7 @@ static void test_sync_one_worker_reproduces_in_process(bool shared_memory) {
     fprintf(stderr,
             "sync, 1 worker (%s) vs in-process after %ld steps: max |diff| %.3g (max |w| %.3g)\n",
             c.name, res.steps, max_diff, max_abs);
-    CHECK(res.steps == 79);
+    CHECK(res.steps == (79 + accumulate - 1) / accumulate);
     CHECK(max_diff <= 1e-6 * fmax(1.0, max_abs));
     double test_acc = json_real_value(json_object_get(summary, "test_accuracy"));
     CHECK_CLOSE(test_acc, res.test.accuracy, 1e-9);
@@ -191,6 +199,18 @@ static void test_consistency_modes(void) {
          2,
          1},
         {"ssp3", {"train.epochs=2", "cluster.consistency=ssp", "cluster.staleness=1"}, 3, 3, 2},
+        /* pushes of up to 2 and 3 batches, bf16 on the wire */
+        {"sync2_acc2",
+         {"train.epochs=2", "cluster.consistency=sync", "cluster.accumulate=2",
+          "cluster.shared_memory=false", "cluster.wire=bf16"},
+         5,
+         2,
+         2},
+        {"async2_acc3",
+         {"train.epochs=2", "cluster.consistency=async", "cluster.accumulate=3"},
+         3,
+         2,
+         1},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         char run_dir[1024];
@@ -214,8 +234,10 @@ static void test_consistency_modes(void) {
 
 int main(void) {
     tmp = kd_test_tmpdir("test_engine");
-    test_sync_one_worker_reproduces_in_process(true);
-    test_sync_one_worker_reproduces_in_process(false);
+    test_sync_one_worker_reproduces_in_process(true, 1);
+    test_sync_one_worker_reproduces_in_process(false, 1);
+    test_sync_one_worker_reproduces_in_process(true, 2);
+    test_sync_one_worker_reproduces_in_process(false, 3);
     test_consistency_modes();
     return kd_test_done("test_engine");
 }

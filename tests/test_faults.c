@@ -600,11 +600,14 @@ static bool check_completed(const cluster_t *c, json_t *summary) {
 
 /* ---- a) a worker killed mid-epoch -------------------------------------------------------- */
 
-static void test_worker_killed(const char *consistency) {
-    char name[64], mode[64];
-    snprintf(name, sizeof name, "worker_killed_%s", consistency);
+/* accumulate > 1: the worker dies holding gradients it summed but never pushed; their batches
+ * are streamed again, the ones a push named are counted once. */
+static void test_worker_killed(const char *consistency, int accumulate) {
+    char name[64], mode[64], acc[64];
+    snprintf(name, sizeof name, "worker_killed_%s_acc%d", consistency, accumulate);
     snprintf(mode, sizeof mode, "cluster.consistency=%s", consistency);
-    const char *overrides[] = {mode, "cluster.staleness=1", "cluster.restream_timeout_ms=1500",
+    snprintf(acc, sizeof acc, "cluster.accumulate=%d", accumulate);
+    const char *overrides[] = {mode, acc, "cluster.staleness=1", "cluster.restream_timeout_ms=1500",
                                NULL};
     cluster_t c;
     double t0 = kd_test_now();
@@ -767,12 +770,14 @@ static void check_nodes_back(cluster_t *c) {
 /* damaged: how many of the newest checkpoints to spoil before the restart (0, or up to 3: the
  * newest torn, the one before it scribbled over, the one before that with one byte flipped);
  * the coordinator must resume from the next one. */
-static void test_coordinator_restarted(const char *consistency, int damaged) {
-    char name[64], mode[64];
-    snprintf(name, sizeof name, "coordinator_%s_%s", damaged ? "torn" : "restarted", consistency);
+static void test_coordinator_restarted(const char *consistency, int damaged, int accumulate) {
+    char name[64], mode[64], acc[64];
+    snprintf(name, sizeof name, "coordinator_%s_%s_acc%d", damaged ? "torn" : "restarted",
+             consistency, accumulate);
     snprintf(mode, sizeof mode, "cluster.consistency=%s", consistency);
-    const char *overrides[] = {mode, CKPT_EVERY, "cluster.restream_timeout_ms=1500",
-                               "checkpoint.keep=5", NULL};
+    snprintf(acc, sizeof acc, "cluster.accumulate=%d", accumulate);
+    const char *overrides[] = {
+        mode, acc, CKPT_EVERY, "cluster.restream_timeout_ms=1500", "checkpoint.keep=5", NULL};
     cluster_t c;
     double t0 = kd_test_now();
     if (cluster_start(&c, name, 2, 1, overrides)) {
@@ -1098,14 +1103,16 @@ int main(void) {
         return 1;
     }
     double t0 = kd_test_now();
-    test_worker_killed("sync");
-    test_worker_killed("async");
-    test_worker_killed("ssp");
+    test_worker_killed("sync", 1);
+    test_worker_killed("async", 1);
+    test_worker_killed("ssp", 1);
+    test_worker_killed("sync", 2);
     test_worker_added("sync");
     test_worker_added("ssp");
-    test_coordinator_restarted("sync", 0);
-    test_coordinator_restarted("async", 0);
-    test_coordinator_restarted("sync", 3);
+    test_coordinator_restarted("sync", 0, 1);
+    test_coordinator_restarted("async", 0, 1);
+    test_coordinator_restarted("sync", 3, 1);
+    test_coordinator_restarted("async", 0, 2);
     test_resume_keeps_best();
     test_teacher_killed("sync", false);
     test_teacher_killed("async", false);

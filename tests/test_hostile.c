@@ -936,19 +936,46 @@ static void hijack_hello(void *ctx, const char *endpoint) {
     CHECK(trains);
 }
 
-/* A member that pushes NaN, Inf and huge gradients: each rejected (the batch goes back), and
- * the member evicted once honest pushes were accepted meanwhile. */
-static void poison_pusher(void *ctx, const char *endpoint) {
-    void *s = peer_sock(ctx, "worker-evil-1", endpoint, "evil");
-    send_hello(s, KDIST__ROLE__WORKER, "evil", 1);
+/* A push of an fp32 gradient of n values, as a member sends it. */
+static void send_push(void *s, Kdist__PushGradient *p, float *grad, size_t n) {
+    kd_env_t env = KDIST__ENVELOPE__INIT;
+    env.body_case = KDIST__ENVELOPE__BODY_PUSH;
+    env.push = p;
+    kd_wire_tensor_t t = {.name = "gradient",
+                          .dtype = KD_DTYPE_F32,
+                          .ndim = 1,
+                          .shape = {(int64_t)n},
+                          .data = grad,
+                          .nbytes = n * sizeof *grad};
+    CHECK(kd_wire_send(s, NULL, 0, &env, &t, 1, 0) == 0);
+}
+
+/* A worker of this id (the "evil" key under CurveZMQ) that said hello and was welcomed: its
+ * socket, the weights' size and version. */
+static void *join_as_worker(void *ctx, const char *endpoint, const char *id, size_t *n_params,
+                            uint64_t *version) {
+    char identity[64];
+    snprintf(identity, sizeof identity, "worker-%s-1", id);
+    void *s = peer_sock(ctx, identity, endpoint, "evil");
+    send_hello(s, KDIST__ROLE__WORKER, id, 1);
     kd_msg_t msg;
     bool welcomed =
         next_message(s, &msg, 20) && msg.env->body_case == KDIST__ENVELOPE__BODY_WELCOME;
     CHECK(welcomed);
-    size_t n = welcomed && msg.n_tensors == 1 ? msg.env->tensors[0]->nbytes / sizeof(float) : 0;
-    uint64_t version = welcomed ? msg.env->welcome->weights_version : 0;
+    *n_params = welcomed && msg.n_tensors == 1 ? msg.env->tensors[0]->nbytes / sizeof(float) : 0;
+    *version = welcomed ? msg.env->welcome->weights_version : 0;
     if (welcomed) kd_msg_close(&msg);
-    CHECK(n > 0);
+    CHECK(*n_params > 0);
+    return s;
+}
+
+/* A member that pushes NaN, Inf and huge gradients: each rejected (the batch goes back), and
+ * the member evicted once honest pushes were accepted meanwhile. */
+static void poison_pusher(void *ctx, const char *endpoint) {
+    uint64_t version = 0;
+    size_t n = 0;
+    void *s = join_as_worker(ctx, endpoint, "evil", &n, &version);
+    kd_msg_t msg;
     if (n == 0) {
         zmq_close(s);
         return;
@@ -968,16 +995,7 @@ static void poison_pusher(void *ctx, const char *endpoint) {
         p.ref = &ref;
         p.samples = 128;
         p.base_version = version;
-        kd_env_t env = KDIST__ENVELOPE__INIT;
-        env.body_case = KDIST__ENVELOPE__BODY_PUSH;
-        env.push = &p;
-        kd_wire_tensor_t t = {.name = "gradient",
-                              .dtype = KD_DTYPE_F32,
-                              .ndim = 1,
-                              .shape = {(int64_t)n},
-                              .data = grad,
-                              .nbytes = n * sizeof *grad};
-        CHECK(kd_wire_send(s, NULL, 0, &env, &t, 1, 0) == 0);
+        send_push(s, &p, grad, n);
         /* the answer: new weights (rejected, go on) or Refused EVICTED */
         if (!next_message(s, &msg, 20)) break;
         if (msg.env->body_case == KDIST__ENVELOPE__BODY_REFUSED &&
@@ -994,6 +1012,73 @@ static void poison_pusher(void *ctx, const char *endpoint) {
             evicted_after);
     CHECK(evicted_after >= 3);
     CHECK(wait_counter(ctx, endpoint, "members_evicted", 1, 10) == 1);
+    zmq_close(s);
+}
+
+/* A member whose pushes name batches no accumulated gradient can have (the run has
+ * cluster.accumulate 2): more than 2, one twice, two epochs, one that does not exist, fewer
+ * samples than batches. Each is dropped and answered "not applied"; nothing is counted (the
+ * run's ledger ends whole). */
+static void overfull_pusher(void *ctx, const char *endpoint) {
+    uint64_t version = 0;
+    size_t n = 0;
+    void *s = join_as_worker(ctx, endpoint, "evil2", &n, &version);
+    kd_msg_t msg;
+    json_t *st = status_json(ctx, endpoint, 5);
+    const uint32_t epoch = (uint32_t)jlong(st, "epoch");
+    const long dropped0 = jlong(st, "messages_dropped");
+    version = (uint64_t)jlong(st, "version");
+    json_decref(st);
+    float *grad = kd_xcalloc(n ? n : 1, sizeof *grad);
+    const struct {
+        uint32_t epoch[3], batch[3];
+        size_t refs;
+        uint32_t samples;
+    } pushes[] = {
+        {{epoch, epoch, epoch}, {1, 2, 3}, 3, 384}, /* three batches */
+        {{epoch, epoch}, {5, 5}, 2, 256},           /* one twice */
+        {{epoch, epoch + 1}, {5, 6}, 2, 256},       /* two epochs */
+        {{epoch, epoch}, {5, 100000}, 2, 256},      /* no such batch */
+        {{epoch, epoch}, {5, 6}, 2, 1},             /* one sample for two batches */
+    };
+    const int n_pushes = (int)(sizeof pushes / sizeof pushes[0]);
+    int answered_dropped = 0;
+    for (int k = 0; k < n_pushes && n > 0; k++) {
+        Kdist__BatchRef refs[3], *more[2];
+        for (size_t i = 0; i < pushes[k].refs; i++) {
+            kdist__batch_ref__init(&refs[i]);
+            refs[i].epoch = pushes[k].epoch[i];
+            refs[i].batch_id = pushes[k].batch[i];
+            if (i) more[i - 1] = &refs[i];
+        }
+        Kdist__PushGradient p = KDIST__PUSH_GRADIENT__INIT;
+        p.ref = &refs[0];
+        p.accumulated = more;
+        p.n_accumulated = pushes[k].refs - 1;
+        p.samples = pushes[k].samples;
+        p.base_version = version;
+        p.clock = (uint64_t)k + 1;
+        send_push(s, &p, grad, n);
+        if (!next_message(s, &msg, 20)) break;
+        if (msg.env->body_case == KDIST__ENVELOPE__BODY_WEIGHTS && msg.env->weights->duplicate) {
+            answered_dropped++;
+            version = msg.env->weights->version;
+        }
+        kd_msg_close(&msg);
+    }
+    free(grad);
+    long dropped = wait_counter(ctx, endpoint, "messages_dropped", dropped0 + n_pushes, 10);
+    fprintf(stderr,
+            "intruder: %d of %d impossible accumulated pushes answered 'not applied', "
+            "%ld dropped\n",
+            answered_dropped, n_pushes, dropped - dropped0);
+    CHECK(answered_dropped == n_pushes);
+    CHECK(dropped - dropped0 >= n_pushes);
+    Kdist__Goodbye bye = KDIST__GOODBYE__INIT;
+    kd_env_t env = KDIST__ENVELOPE__INIT;
+    env.body_case = KDIST__ENVELOPE__BODY_GOODBYE;
+    env.goodbye = &bye;
+    kd_wire_send(s, NULL, 0, &env, NULL, 0, ZMQ_DONTWAIT);
     zmq_close(s);
 }
 
@@ -1059,7 +1144,7 @@ static void wrong_roles(void *ctx, const char *endpoint, const char *ckpt_dir) {
 static void test_intruders_during_a_run(bool curve) {
     static char lists[4][2 * sizeof keys_dir + 64];
     const char *extra[12] = {"cluster.consistency=async", "train.epochs=8",
-                             "cluster.heartbeat_timeout_ms=120000", NULL};
+                             "cluster.heartbeat_timeout_ms=120000", "cluster.accumulate=2", NULL};
     keys_dir[0] = 0;
     if (curve) {
         snprintf(keys_dir, sizeof keys_dir, "%s/keys", tmp);
@@ -1077,9 +1162,9 @@ static void test_intruders_during_a_run(bool curve) {
         snprintf(lists[2], sizeof lists[2], "cluster.security.operator_keys=%s/operator.pub",
                  keys_dir);
         snprintf(lists[3], sizeof lists[3], "cluster.security.status_keys=%s/status.pub", keys_dir);
-        extra[3] = "cluster.security.curve=true";
-        for (int i = 0; i < 4; i++) extra[4 + i] = lists[i];
-        extra[8] = NULL;
+        extra[4] = "cluster.security.curve=true";
+        for (int i = 0; i < 4; i++) extra[5 + i] = lists[i];
+        extra[9] = NULL;
     }
     cluster_t c;
     memset(&c, 0, sizeof c);
@@ -1109,6 +1194,7 @@ static void test_intruders_during_a_run(bool curve) {
     if (curve) wrong_roles(ctx, c.endpoint, ckpt_dir);
     kill(c.pids[TEACHER], SIGCONT);
     hijack_hello(ctx, c.endpoint);
+    overfull_pusher(ctx, c.endpoint);
     poison_pusher(ctx, c.endpoint);
     json_t *last = status_json(ctx, c.endpoint, 5);
     CHECK(last && strcmp(json_string_value(json_object_get(last, "status")), "running") == 0);

@@ -62,11 +62,12 @@ typedef struct {
     char **endpoints; /* (n_endpoints) connected PULL endpoints: the last list, as connected */
     int n_endpoints;
 
-    /* Step buffers, sized for recipe.train.batch_size. */
+    /* Step buffers: cluster.accumulate slots of recipe.train.batch_size rows each; held
+     * batch j is at row j * batch_cap. */
     size_t batch_cap;
     float *x;          /* (B, C*H*W) */
     int32_t *y;        /* (B) */
-    float *dlogits;    /* (B, num_classes) */
+    float *dlogits;    /* (B, num_classes), one batch's */
     float *teacher;    /* (B, num_classes) the teacher's logits when distilling, else NULL */
     uint32_t *windows; /* (B, context + 1) a language model's token windows, else NULL */
     kd_lm_batch_t lm;  /* their inputs and targets */
@@ -75,9 +76,17 @@ typedef struct {
     kd_lm_teacher_t lm_teacher;
     uint8_t *lm_records;
 
-    /* The batch in hand. */
-    uint32_t epoch, batch_id;
-    int B;
+    /* The batches in hand: one, or up to cluster.accumulate whose gradients one push sums
+     * (into grad_sum: the gradient segment's slot, or accumulate_sum). */
+    struct {
+        uint32_t epoch, batch_id;
+        int B;
+    } held[KD_MAX_ACCUMULATE];
+    int n_held;
+    long held_samples;
+    double held_since, held_wait, held_compute; /* phases of the push being gathered */
+    float *grad_sum, *accumulate_sum;
+    uint64_t batches_left; /* of the epoch, at the last answer (0 = none or unknown) */
     kd_loss_stats_t stats;
 
     /* Zero-copy gradient: ZeroMQ reads model->grads (or wire_grads, the gradient packed for a
@@ -97,7 +106,7 @@ typedef struct {
     /* Timing: phase_seconds of the push being prepared; wait-weights is the previous step's. */
     double idle_since, push_done, push_seconds, wait_weights;
     bool waiting_announced;
-    bool held; /* SSP: answered "wait"; the weights come when the slowest catch up */
+    bool told_to_wait; /* SSP: answered "wait"; the weights come when the slowest catch up */
     double fwd_before[KD_MAX_LAYERS], bwd_before[KD_MAX_LAYERS];
     double fwd[KD_MAX_LAYERS], bwd[KD_MAX_LAYERS];
 
@@ -167,6 +176,7 @@ static bool connected(const worker_t *w) {
 static void lose_coordinator(worker_t *w, const char *why) {
     kd_session_lose(w->session, why);
     w->state = ST_HELLO;
+    w->n_held = 0;
 }
 
 static int find_endpoint(char *const *list, int n, const char *ep) {
@@ -305,12 +315,14 @@ static void free_step_buffers(worker_t *w) {
     free(w->windows);
     kd_lm_batch_free(&w->lm);
     free(w->lm_records);
+    free(w->accumulate_sum);
     w->lm_records = NULL;
     w->lm_teacher.records = NULL;
-    w->x = w->dlogits = w->teacher = NULL;
+    w->x = w->dlogits = w->teacher = w->accumulate_sum = NULL;
     w->y = NULL;
     w->windows = NULL;
     w->batch_cap = 0;
+    w->n_held = 0;
 }
 
 /* The same for a GPT student: its config (the vocabulary from the Welcome unless the recipe
@@ -447,19 +459,21 @@ static int on_welcome(worker_t *w, const kd_msg_t *m) {
 
     free_step_buffers(w);
     w->batch_cap = (size_t)r.train.batch_size;
+    const size_t rows = w->batch_cap * (size_t)r.cluster.accumulate;
     if (w->model->gpt) {
-        w->windows = kd_xmalloc(w->batch_cap * w->sample_dim * sizeof *w->windows);
+        w->windows = kd_xmalloc(rows * w->sample_dim * sizeof *w->windows);
     } else {
-        w->x = kd_alloc_floats(w->batch_cap * w->sample_dim);
-        w->y = kd_xmalloc(w->batch_cap * sizeof *w->y);
+        w->x = kd_alloc_floats(rows * w->sample_dim);
+        w->y = kd_xmalloc(rows * sizeof *w->y);
         w->dlogits = kd_alloc_floats(w->batch_cap * (size_t)w->num_classes);
     }
     if (r.distill.loss.alpha > 0 && !w->model->gpt)
-        w->teacher = kd_alloc_floats(w->batch_cap * (size_t)w->num_classes);
+        w->teacher = kd_alloc_floats(rows * (size_t)w->num_classes);
     if (r.distill.loss.alpha > 0 && w->model->gpt) {
         kd_lm_teacher_format(&r, w->num_classes, &w->lm_teacher);
-        w->lm_records = kd_xmalloc(w->batch_cap * (w->sample_dim - 1) * w->lm_teacher.record_bytes);
+        w->lm_records = kd_xmalloc(rows * (w->sample_dim - 1) * w->lm_teacher.record_bytes);
     }
+    if (r.cluster.accumulate > 1) w->accumulate_sum = kd_alloc_floats(w->model->n_params);
     kd_set_threads(w->threads > 0 ? w->threads : (int)r.train.threads);
 
     if (!w->pull) {
@@ -501,6 +515,23 @@ static int on_welcome(worker_t *w, const kd_msg_t *m) {
 
 /* ---- a training step --------------------------------------------------------------------- */
 
+/* First row of held batch j in the step buffers. */
+static size_t held_row(const worker_t *w, int j) {
+    return (size_t)j * w->batch_cap;
+}
+
+/* A language model's teacher records of held batch j. */
+static uint8_t *held_records(const worker_t *w, int j) {
+    return w->lm_records + held_row(w, j) * (w->sample_dim - 1) * w->lm_teacher.record_bytes;
+}
+
+/* The batch just taken, as the next held one. */
+static void hold(worker_t *w, const Kdist__BatchRef *ref, int64_t B) {
+    w->held[w->n_held].epoch = ref->epoch;
+    w->held[w->n_held].batch_id = ref->batch_id;
+    w->held[w->n_held].B = (int)B;
+}
+
 /* A language model's batch: a "tokens" tensor of windows, every id inside the vocabulary, and
  * when distilling the teacher's records of their positions, every one of them valid. */
 static int take_windows(worker_t *w, const kd_msg_t *m, Kdist__NackReason *nack, char *err,
@@ -520,13 +551,14 @@ static int take_windows(worker_t *w, const kd_msg_t *m, Kdist__NackReason *nack,
         return kd_err(err, errlen, "batch of %lld windows (1..%zu allowed)", (long long)B,
                       w->batch_cap);
     const size_t n = (size_t)B * w->sample_dim;
+    uint32_t *windows = w->windows + held_row(w, w->n_held) * w->sample_dim;
     for (size_t i = 0; i < n; i++) {
         if (ids[i] < 0 || ids[i] >= w->num_classes)
             return kd_err(err, errlen,
                           "token id %d at %zu of window %zu is outside the "
                           "vocabulary [0, %d)",
                           ids[i], i % w->sample_dim, i / w->sample_dim, w->num_classes);
-        w->windows[i] = (uint32_t)ids[i];
+        windows[i] = (uint32_t)ids[i];
     }
     if (distil) {
         *nack = KDIST__NACK_REASON__NACK_TEACHER_LOGITS;
@@ -534,15 +566,14 @@ static int take_windows(worker_t *w, const kd_msg_t *m, Kdist__NackReason *nack,
         const int64_t rshape[3] = {B, T, (int64_t)w->lm_teacher.record_bytes};
         const uint8_t *rec = kd_layout_get(m, &KD_LAYOUT_TEACHER_RECORDS, rshape, err, errlen);
         if (!rec) return -1;
-        memcpy(w->lm_records, rec, (size_t)B * (size_t)T * w->lm_teacher.record_bytes);
-        w->lm_teacher.records = w->lm_records;
+        uint8_t *records = held_records(w, w->n_held);
+        memcpy(records, rec, (size_t)B * (size_t)T * w->lm_teacher.record_bytes);
+        w->lm_teacher.records = records;
         if (kd_lm_teacher_check(&w->lm_teacher, (int)B, (int)T, &w->lm, err, errlen) != 0)
             return -1;
     }
     *nack = KDIST__NACK_REASON__NACK_UNSPECIFIED;
-    w->epoch = m->env->batch->ref->epoch;
-    w->batch_id = m->env->batch->ref->batch_id;
-    w->B = (int)B;
+    hold(w, m->env->batch->ref, B);
     return 0;
 }
 
@@ -592,58 +623,96 @@ static int take_batch(worker_t *w, const kd_msg_t *m, Kdist__NackReason *nack, c
         for (size_t i = 0; i < n_logits; i++)
             if (!isfinite(logits[i]))
                 return kd_err(err, errlen, "teacher logit %zu of the batch is not finite", i);
-        memcpy(w->teacher, logits, n_logits * sizeof *logits);
+        memcpy(w->teacher + held_row(w, w->n_held) * (size_t)w->num_classes, logits,
+               n_logits * sizeof *logits);
     }
     *nack = KDIST__NACK_REASON__NACK_UNSPECIFIED;
-    const size_t n = (size_t)B * w->sample_dim;
-    kd_pixels_to_float(pixels, n, w->x);
-    memcpy(w->y, labels, (size_t)B * sizeof *labels);
-    w->epoch = b->ref->epoch;
-    w->batch_id = b->ref->batch_id;
-    w->B = (int)B;
+    const size_t row = held_row(w, w->n_held);
+    kd_pixels_to_float(pixels, (size_t)B * w->sample_dim, w->x + row * w->sample_dim);
+    memcpy(w->y + row, labels, (size_t)B * sizeof *labels);
+    hold(w, b->ref, B);
     return 0;
 }
 
-/* Gradient of the batch in hand on the current weights, pushed to the coordinator.
- * wait_batch and t_start: the first phase, and when computing started. */
-static int compute_and_push(worker_t *w, double wait_batch, double t_start) {
+/* Gradient of held batch j on the current weights: in model->grads, and with
+ * cluster.accumulate > 1 added into grad_sum. False if the weights under it changed (the
+ * connection is then lost). */
+static bool compute_gradient(worker_t *w, int j) {
     kd_model_t *m = w->model;
-    wait_grads_released(w);
-    memcpy(w->fwd_before, m->forward_seconds, sizeof w->fwd_before);
-    memcpy(w->bwd_before, m->backward_seconds, sizeof w->bwd_before);
-    memset(&w->stats, 0, sizeof w->stats);
-    const uint64_t key = kd_batch_key((uint64_t)w->recipe.seed, w->epoch, w->batch_id);
     const bool shared = w->grad_shm.base != NULL;
-    kd_model_set_grads(m, shared ? kd_shm_slot(&w->grad_shm, 0) : w->own_grads);
-    if (shared) kd_shm_begin_write(&w->grad_shm, 0);
-    if (m->gpt)
-        kd_train_gradient_lm(m, w->windows, w->B, key, &w->recipe.distill.loss,
+    const bool summing = w->recipe.cluster.accumulate > 1;
+    if (j == 0) {
+        wait_grads_released(w);
+        memcpy(w->fwd_before, m->forward_seconds, sizeof w->fwd_before);
+        memcpy(w->bwd_before, m->backward_seconds, sizeof w->bwd_before);
+        memset(&w->stats, 0, sizeof w->stats);
+        w->held_samples = 0;
+        /* the push's gradient: written in place in the segment's slot, or the own buffers */
+        float *out = shared ? kd_shm_slot(&w->grad_shm, 0) : NULL;
+        if (shared) kd_shm_begin_write(&w->grad_shm, 0);
+        w->grad_sum = summing ? (out ? out : w->accumulate_sum) : NULL;
+        kd_model_set_grads(m, out && !summing ? out : w->own_grads);
+    }
+    const int B = w->held[j].B;
+    const size_t row = held_row(w, j);
+    const uint64_t key =
+        kd_batch_key((uint64_t)w->recipe.seed, w->held[j].epoch, w->held[j].batch_id);
+    if (m->gpt) {
+        if (w->lm_records) w->lm_teacher.records = held_records(w, j);
+        kd_train_gradient_lm(m, w->windows + row * w->sample_dim, B, key, &w->recipe.distill.loss,
                              w->lm_records ? &w->lm_teacher : NULL, &w->lm, &w->stats);
-    else
-        kd_train_gradient(m, &w->recipe.distill.loss, w->x, w->y, w->teacher, w->B, key, w->dlogits,
-                          &w->stats);
+    } else {
+        kd_train_gradient(m, &w->recipe.distill.loss, w->x + row * w->sample_dim, w->y + row,
+                          w->teacher ? w->teacher + row * (size_t)w->num_classes : NULL, B, key,
+                          w->dlogits, &w->stats);
+    }
     if (w->params_slot && !kd_shm_unchanged(&w->weights_shm, w->params_slot - 1, w->params_seq)) {
         /* the coordinator reused the slot under us: this gradient is worthless */
         lose_coordinator(w, "the shared-memory weights changed during the step");
-        return KEEP_GOING;
+        return false;
     }
+    if (summing) kd_grad_accumulate(w->grad_sum, m->grads, m->n_params, B, j == 0);
+    w->held_samples += B;
+    return true;
+}
+
+/* The gradient of the held batches, computed on the current weights, pushed to the
+ * coordinator as one. first: the first held batch still needs its gradient (a redo: all do).
+ * wait_batch and t_start: the first phase, and when computing started. */
+static int compute_and_push(worker_t *w, int first, double wait_batch, double t_start) {
+    kd_model_t *m = w->model;
+    for (int j = first; j < w->n_held; j++)
+        if (!compute_gradient(w, j)) return KEEP_GOING;
     for (int l = 0; l < m->n_layers; l++) {
         w->fwd[l] = m->forward_seconds[l] - w->fwd_before[l];
         w->bwd[l] = m->backward_seconds[l] - w->bwd_before[l];
     }
     const double t_computed = kd_now();
+    const bool shared = w->grad_shm.base != NULL;
+    const float *grads = m->grads;
+    if (w->grad_sum) {
+        kd_grad_mean(w->grad_sum, m->n_params, w->held_samples);
+        grads = w->grad_sum;
+    }
 
     /* A push cannot carry its own send time: like wait-weights, the push phase is the
      * previous step's. */
-    double phases[4] = {wait_batch, t_computed - t_start, w->push_seconds, w->wait_weights};
-    Kdist__BatchRef ref = KDIST__BATCH_REF__INIT;
-    ref.epoch = w->epoch;
-    ref.batch_id = w->batch_id;
+    double phases[4] = {w->held_wait + wait_batch, w->held_compute + t_computed - t_start,
+                        w->push_seconds, w->wait_weights};
+    Kdist__BatchRef refs[KD_MAX_ACCUMULATE], *more[KD_MAX_ACCUMULATE];
+    for (int j = 0; j < w->n_held; j++) {
+        kdist__batch_ref__init(&refs[j]);
+        refs[j].epoch = w->held[j].epoch;
+        refs[j].batch_id = w->held[j].batch_id;
+        more[j] = &refs[j];
+    }
     Kdist__PushGradient push = KDIST__PUSH_GRADIENT__INIT;
-    push.ref = &ref;
+    push.ref = &refs[0];
+    push.n_accumulated = (size_t)w->n_held - 1;
+    push.accumulated = more + 1;
     push.base_version = w->version;
     push.clock = ++w->clock;
-    push.samples = (uint32_t)w->B;
+    push.samples = (uint32_t)w->held_samples;
     push.loss_sum = w->stats.loss_sum;
     push.correct = (uint32_t)w->stats.correct;
     push.tokens = m->gpt ? (uint64_t)w->stats.count : 0;
@@ -656,11 +725,11 @@ static int compute_and_push(worker_t *w, double wait_batch, double t_start) {
     const kd_dtype_t dtype = kd_wire_format_dtype(w->recipe.cluster.wire);
     const kd_layout_t layout = kd_layout_as(&KD_LAYOUT_GRADIENT, dtype);
     kd_wire_tensor_t grad = kd_layout_tensor(&layout, (int64_t[]){(int64_t)m->n_params});
-    grad.data = m->grads;
+    grad.data = (void *)grads;
     grad.nbytes = m->n_params * kd_dtype_size(dtype);
     if (dtype != KD_DTYPE_F32 && !shared) { /* 16 bits: packed here, sent from here */
         if (!w->wire_grads) w->wire_grads = kd_xmalloc(grad.nbytes);
-        kd_wire_pack_floats(dtype, m->grads, m->n_params, w->wire_grads);
+        kd_wire_pack_floats(dtype, grads, m->n_params, w->wire_grads);
         grad.data = w->wire_grads;
     }
     grad.free_fn = release_grads;
@@ -673,18 +742,19 @@ static int compute_and_push(worker_t *w, double wait_batch, double t_start) {
         kd_shm_end_write(&w->grad_shm, 0, push.clock);
     else
         atomic_store(&w->grads_in_flight, 1);
+    w->held_wait = w->held_compute = 0;
     if (kd_session_send(w->session, &env, &grad, push.shared_memory ? 0 : 1, NULL, 0) != 0) {
-        /* Nowhere to send (the pipe is gone): the reconnect path streams the batch again. */
+        /* Nowhere to send (the pipe is gone): the reconnect path streams the batches again. */
         lose_coordinator(w, "cannot push the gradient");
         return KEEP_GOING;
     }
     w->push_done = kd_now();
     w->push_seconds = w->push_done - t_computed;
     w->state = ST_WAIT_WEIGHTS;
-    w->held = false;
+    w->told_to_wait = false;
     w->steps++;
-    w->samples += (uint64_t)w->B;
-    w->report_samples += w->B;
+    w->samples += (uint64_t)w->held_samples;
+    w->report_samples += (double)w->held_samples;
     return KEEP_GOING;
 }
 
@@ -720,7 +790,7 @@ static int on_weights(worker_t *w, const kd_msg_t *m) {
     }
     if (wt->wait) {
         /* SSP: too far ahead; the weights follow when the slowest catch up. */
-        w->held = true;
+        w->told_to_wait = true;
         return kd_node_stop_requested ? STOP_NOW : KEEP_GOING;
     }
     bool has = m->n_tensors > 0 || wt->shared_slot > 0;
@@ -732,7 +802,7 @@ static int on_weights(worker_t *w, const kd_msg_t *m) {
         drop(w, "the coordinator", err);
         return KEEP_GOING;
     }
-    if (!has && (wt->redo || !wt->duplicate)) {
+    if ((!has && (wt->redo || !wt->duplicate)) || (wt->redo && w->n_held == 0)) {
         drop(w, "the coordinator", "an answer without the weights it needs");
         return KEEP_GOING;
     }
@@ -740,10 +810,12 @@ static int on_weights(worker_t *w, const kd_msg_t *m) {
     w->wait_weights = now - w->push_done;
     if (has) w->version = wt->version;
     if (kd_node_stop_requested) return STOP_NOW;
-    if (wt->redo) {
-        /* Sync: too late for its step; the same batch again on the new weights. */
-        return compute_and_push(w, 0.0, now);
+    if (has) w->batches_left = wt->batches_left;
+    if (wt->redo && w->n_held > 0) {
+        /* Sync: too late for its step; the same batches again on the new weights. */
+        return compute_and_push(w, 0, 0.0, now);
     }
+    w->n_held = 0;
     w->state = ST_IDLE;
     w->idle_since = now;
     w->waiting_announced = false;
@@ -791,6 +863,7 @@ static int on_session_event(void *node, kd_session_event_t ev, const char *err) 
     if (ev == KD_SESSION_HELLO || ev == KD_SESSION_LOST) { /* a new incarnation: clock anew */
         w->state = ST_HELLO;
         w->clock = 0;
+        w->n_held = 0; /* the coordinator streams them again */
     }
     return KEEP_GOING;
 }
@@ -823,8 +896,34 @@ static void send_nack(worker_t *w, const kd_msg_t *m, Kdist__NackReason reason,
     w->nacks++;
 }
 
+/* Whether the held batches are all one push takes: cluster.accumulate of them, or all the
+ * coordinator said were left of the epoch. */
+static bool held_enough(const worker_t *w) {
+    return w->n_held >= w->recipe.cluster.accumulate ||
+           (w->batches_left > 0 && (uint64_t)w->n_held >= w->batches_left);
+}
+
+/* A batch of another epoch than the held ones: the coordinator moved on, so those were all
+ * applied (an epoch ends only then) and are dropped. A copy of a held batch (streamed again)
+ * is dropped itself: true. */
+static bool held_already(worker_t *w, const kd_msg_t *m) {
+    if (w->n_held == 0 || m->env->body_case != KDIST__ENVELOPE__BODY_BATCH || !m->env->batch->ref)
+        return false;
+    const Kdist__BatchRef *ref = m->env->batch->ref;
+    if (ref->epoch != w->held[0].epoch) {
+        kd_log(KD_LOG_INFO, "WORKER-HELD-DROPPED",
+               "batch of epoch %u while holding %d of epoch %u: those are already applied",
+               ref->epoch, w->n_held, w->held[0].epoch);
+        w->n_held = 0;
+        return false;
+    }
+    for (int j = 0; j < w->n_held; j++)
+        if (w->held[j].batch_id == ref->batch_id) return true;
+    return false;
+}
+
 /* One batch off the PULL socket, if one is there: checked, then trained on; one that cannot be
- * used is nacked. */
+ * used is nacked. Pushed once enough are held (held_enough). */
 static int pull_batch(worker_t *w) {
     kd_msg_t m;
     char err[KD_ERR_LEN];
@@ -836,6 +935,10 @@ static int pull_batch(worker_t *w) {
     }
     const double t_start = kd_now();
     Kdist__NackReason nack = KDIST__NACK_REASON__NACK_UNSPECIFIED;
+    if (rc == KD_WIRE_OK && held_already(w, &m)) {
+        kd_msg_close(&m);
+        return KEEP_GOING;
+    }
     if (rc == KD_WIRE_BAD || take_batch(w, &m, &nack, err, sizeof err) != 0) {
         drop(w, "a teacher", err);
         if (nack != KDIST__NACK_REASON__NACK_UNSPECIFIED) send_nack(w, &m, nack, err);
@@ -843,7 +946,16 @@ static int pull_batch(worker_t *w) {
         return KEEP_GOING;
     }
     kd_msg_close(&m);
-    return compute_and_push(w, t_start - w->idle_since, t_start);
+    const double wait_batch = t_start - w->idle_since;
+    if (!compute_gradient(w, w->n_held)) return KEEP_GOING;
+    w->n_held++;
+    if (held_enough(w)) return compute_and_push(w, w->n_held, wait_batch, t_start);
+    /* more to gather: idle again, this batch's phases kept for the push */
+    const double now = kd_now();
+    w->held_wait += wait_batch;
+    w->held_compute += now - t_start;
+    w->held_since = w->idle_since = now;
+    return KEEP_GOING;
 }
 
 /* ---- main loop --------------------------------------------------------------------------- */
@@ -855,6 +967,11 @@ static double answer_timeout(const worker_t *w) {
     return 2.0 * w->recipe.cluster.heartbeat_timeout_ms / 1000.0;
 }
 
+/* How long a worker holding fewer than cluster.accumulate batches waits for the next. */
+static double accumulate_wait(const worker_t *w) {
+    return w->recipe.cluster.accumulate_wait_ms / 1000.0;
+}
+
 static int poll_timeout_ms(const worker_t *w, double now) {
     double next = now + 1.0;
     double session = kd_session_deadline(w->session);
@@ -862,7 +979,10 @@ static int poll_timeout_ms(const worker_t *w, double now) {
     if (connected(w)) {
         if (w->state == ST_IDLE && !w->waiting_announced && w->idle_since + WAITING_AFTER < next)
             next = w->idle_since + WAITING_AFTER;
-        if (w->state == ST_WAIT_WEIGHTS && !w->held && w->push_done + answer_timeout(w) < next)
+        if (w->state == ST_IDLE && w->n_held > 0 && w->held_since + accumulate_wait(w) < next)
+            next = w->held_since + accumulate_wait(w);
+        if (w->state == ST_WAIT_WEIGHTS && !w->told_to_wait &&
+            w->push_done + answer_timeout(w) < next)
             next = w->push_done + answer_timeout(w);
     }
     double ms = (next - now) * 1000.0 + 1.0;
@@ -883,8 +1003,10 @@ static void check_stream_handshakes(worker_t *w) {
 static int run(worker_t *w) {
     char err[KD_ERR_LEN];
     for (;;) {
-        /* A step in progress finishes first: its answer is awaited in ST_WAIT_WEIGHTS. */
-        if (kd_node_stop_requested && (w->state != ST_WAIT_WEIGHTS || !connected(w)))
+        /* A step in progress finishes first: its answer is awaited in ST_WAIT_WEIGHTS; held
+         * batches are pushed first. */
+        const bool push_held = w->state == ST_IDLE && w->n_held > 0 && connected(w);
+        if (kd_node_stop_requested && !push_held && (w->state != ST_WAIT_WEIGHTS || !connected(w)))
             return STOP_NOW;
         /* What arrived during a long step counts before the silence check. */
         int action = drain_dealer(w);
@@ -898,11 +1020,18 @@ static int run(worker_t *w) {
             zmq_poll(NULL, 0, poll_timeout_ms(w, now));
             continue;
         }
-        if (w->state == ST_WAIT_WEIGHTS && !w->held && now - w->push_done > answer_timeout(w)) {
+        if (w->state == ST_WAIT_WEIGHTS && !w->told_to_wait &&
+            now - w->push_done > answer_timeout(w)) {
             char why[128];
-            snprintf(why, sizeof why, "no answer to the push of batch %u/%u in %.0f s", w->epoch,
-                     w->batch_id, answer_timeout(w));
+            snprintf(why, sizeof why, "no answer to the push of batch %u/%u in %.0f s",
+                     w->held[0].epoch, w->held[0].batch_id, answer_timeout(w));
             lose_coordinator(w, why);
+            continue;
+        }
+        if (push_held && (kd_node_stop_requested || now - w->held_since >= accumulate_wait(w))) {
+            /* fewer than cluster.accumulate, and the next is not coming soon: push these */
+            action = compute_and_push(w, w->n_held, 0.0, now);
+            if (action != KEEP_GOING) return action;
             continue;
         }
         if (w->state == ST_IDLE && !w->waiting_announced && now - w->idle_since > WAITING_AFTER) {
