@@ -252,12 +252,13 @@ static void reject_push(coord_t *c, member_t *m, const Kdist__PushGradient *p, c
     c->gradients_rejected++;
     c->rejected_in_a_row++;
     if (m->rejected_in_a_row++ == 0) m->accepted_at_first_rejection = c->pushes_accepted;
+    char more[48] = "";
+    if (p->n_accumulated) snprintf(more, sizeof more, " (and %zu accumulated)", p->n_accumulated);
     if (kd_log_allow(&c->drop_limit, 1.0))
         kd_log(KD_LOG_WARN, "COORD-GRADIENT-REJECTED",
-               "gradient of batch %u/%u (and %zu accumulated) from %s %s rejected: %s (%ld "
-               "rejected so far)",
-               p->ref->epoch, p->ref->batch_id, p->n_accumulated, coord_role_name(m->role),
-               m->node_id, why, c->gradients_rejected);
+               "gradient of batch %u/%u%s from %s %s rejected: %s (%ld rejected so far)",
+               p->ref->epoch, p->ref->batch_id, more, coord_role_name(m->role), m->node_id, why,
+               c->gradients_rejected);
     coord_requeue_push(c, p);
     if (c->rejected_in_a_row >= c->r.cluster.fail_after) {
         coord_send_weights(c, m, REPLY_DROPPED);

@@ -107,9 +107,11 @@ static void rig_stop(rig_t *t) {
     free(c);
 }
 
-/* Worker p pushes a gradient of `value` everywhere for batch b of the current epoch, computed
- * on weights `version`; the coordinator takes it off its ROUTER and handles it. */
-static void push_as(rig_t *t, int p, uint32_t b, float value, uint64_t version, kd_dtype_t dtype) {
+/* Worker p pushes a gradient of `value` everywhere for batches b[0..n_b) of the current epoch
+ * (more than one: accumulated, BATCH samples each), computed on weights `version`; the
+ * coordinator takes it off its ROUTER and handles it. */
+static void push_batches(rig_t *t, int p, const uint32_t *b, size_t n_b, float value,
+                         uint64_t version, kd_dtype_t dtype) {
     coord_t *c = t->c;
     size_t n = c->model->n_params;
     float *values = kd_xmalloc(n * sizeof *values);
@@ -117,12 +119,19 @@ static void push_as(rig_t *t, int p, uint32_t b, float value, uint64_t version, 
     void *g = kd_xmalloc(n * sizeof(float));
     kd_wire_pack_floats(dtype, values, n, g);
     free(values);
-    Kdist__BatchRef ref = KDIST__BATCH_REF__INIT;
-    ref.epoch = c->s.epoch;
-    ref.batch_id = b;
+    Kdist__BatchRef refs[8], *more[8];
+    KD_ASSERT(n_b >= 1 && n_b <= 8);
+    for (size_t i = 0; i < n_b; i++) {
+        kdist__batch_ref__init(&refs[i]);
+        refs[i].epoch = c->s.epoch;
+        refs[i].batch_id = b[i];
+        more[i] = &refs[i];
+    }
     Kdist__PushGradient pg = KDIST__PUSH_GRADIENT__INIT;
-    pg.ref = &ref;
-    pg.samples = BATCH;
+    pg.ref = &refs[0];
+    pg.accumulated = more + 1;
+    pg.n_accumulated = n_b - 1;
+    pg.samples = (uint32_t)(BATCH * n_b);
     pg.base_version = version;
     kd_env_t env = KDIST__ENVELOPE__INIT;
     env.body_case = KDIST__ENVELOPE__BODY_PUSH;
@@ -142,11 +151,17 @@ static void push_as(rig_t *t, int p, uint32_t b, float value, uint64_t version, 
     kd_msg_close(&msg); /* (empty when the open step kept it) */
 }
 
+static void push_as(rig_t *t, int p, uint32_t b, float value, uint64_t version, kd_dtype_t dtype) {
+    push_batches(t, p, &b, 1, value, version, dtype);
+}
+
 static void push(rig_t *t, int p, uint32_t b, float value, uint64_t version) {
     push_as(t, p, b, value, version, KD_DTYPE_F32);
 }
 
 typedef enum { NONE, WEIGHTS, WAIT, STOP, REDO, DUPLICATE, ASSIGN } reply_kind_t;
+
+static uint64_t last_batches_left; /* of the last Weights reply() read */
 
 /* What peer p was sent last since the previous call (NONE: nothing); the weights version of a
  * Weights reply in *version, the batch ids of an Assign in ids. */
@@ -163,6 +178,7 @@ static reply_kind_t reply(rig_t *t, int p, uint64_t *version, uint32_t *ids, siz
                    : w->duplicate ? DUPLICATE
                                   : WEIGHTS;
             if (version) *version = w->version;
+            last_batches_left = w->batches_left;
         } else if (msg.env->body_case == KDIST__ENVELOPE__BODY_ASSIGN) {
             kind = ASSIGN;
             for (size_t i = 0; ids && i < msg.env->assign->n_batch_ids && i < N_BATCHES; i++)
@@ -278,6 +294,44 @@ static void test_wire_bf16(void) {
     rig_stop(&t);
 }
 
+/* cluster.accumulate 2: a push of two batches counts both in one update of their samples-
+ * weighted mean; the answer says how many batches are left. More batches than accumulate, one
+ * named twice or of another epoch are dropped; a push naming a counted batch is a duplicate
+ * and its other batch goes back to its teacher. */
+static void test_accumulate(void) {
+    rig_t t;
+    rig_start(&t, KD_CONSISTENCY_SYNC, 0, 2);
+    coord_t *c = t.c;
+    c->r.cluster.accumulate = 2;
+    t.member[W2]->waiting_for_batch = true;
+    push_batches(&t, W0, (uint32_t[]){0, 1}, 2, 1.0f, 0, KD_DTYPE_F32);
+    CHECK(c->step_count == 1 && c->step_batches == 2 && c->in_step[0] && c->in_step[1]);
+    push(&t, W1, 2, 4.0f, 0);
+    /* (2 x BATCH x 1 + BATCH x 4) / (3 x BATCH) = 2 */
+    CHECK(c->s.version == 1 && c->s.step == 1 && c->s.position == 3 && c->step_batches == 0);
+    CHECK(fabsf(c->model->params[0] - (1.0f - LR * 2.0f)) < 1e-6f);
+    CHECK(c->applied[0] && c->applied[1] && c->applied[2] && c->applied_count == 3);
+    CHECK(reply_of(&t, W0) == WEIGHTS && last_batches_left == 1);
+    CHECK(reply_of(&t, W1) == WEIGHTS);
+    const long dropped = c->messages_dropped;
+    push_batches(&t, W0, (uint32_t[]){3, 0, 1}, 3, 1.0f, 1, KD_DTYPE_F32); /* three */
+    CHECK(reply_of(&t, W0) == DUPLICATE);
+    push_batches(&t, W0, (uint32_t[]){3, 3}, 2, 1.0f, 1, KD_DTYPE_F32); /* one twice */
+    CHECK(reply_of(&t, W0) == DUPLICATE);
+    CHECK(c->messages_dropped == dropped + 2 && c->s.duplicates == 0 && c->step_count == 0);
+    /* batch 3 with the counted batch 0: not applied, 3 streamed again, 0 a duplicate */
+    push_batches(&t, W0, (uint32_t[]){3, 0}, 2, 1.0f, 1, KD_DTYPE_F32);
+    CHECK(reply_of(&t, W0) == DUPLICATE && c->s.duplicates == 1 && !c->applied[3]);
+    uint32_t ids[N_BATCHES];
+    size_t n_ids = 0;
+    CHECK(reply(&t, TEACHER, NULL, ids, &n_ids) == ASSIGN && n_ids == 1 && ids[0] == 3);
+    /* its copy alone closes the epoch: every batch applied once */
+    t.member[W1]->waiting_for_batch = true;
+    push(&t, W0, 3, 1.0f, 1);
+    CHECK(c->s.epoch == 1 && c->s.batches_applied == N_BATCHES && c->s.position == 4);
+    rig_stop(&t);
+}
+
 /* ---- the ledger ----------------------------------------------------------------------------- */
 
 static void test_ledger(void) {
@@ -348,6 +402,7 @@ int main(void) {
     kd_log_init("test", "0", KD_LOG_WARN, NULL);
     test_sync_step();
     test_wire_bf16();
+    test_accumulate();
     test_ledger();
     test_ssp_gate();
     return kd_test_done("test_coord_step");

@@ -399,11 +399,12 @@ int main(void) {
               kdist, tmp, tmp_path("distill.yaml"), tmp_path("ids.npy"), tmp_path("raw.npy")) == 1);
     CHECK(strstr(out, "log-probabilit") != NULL);
 
-    /* the same recipe again, and an alpha / temperature sweep: all from the cache */
+    /* the same recipe again, and an alpha / temperature sweep: all from the cache (the sweep
+     * with pushes of two batches: each held batch keeps its own teacher records) */
     json_t *again = distil("d2", "");
     CHECK(teacher_count(again, "forward_samples") == 0);
     CHECK(teacher_count(again, "cache_hits") == windows);
-    json_t *sweep = distil("d3", "distill.alpha=0.3 distill.temperature=2");
+    json_t *sweep = distil("d3", "distill.alpha=0.3 distill.temperature=2 cluster.accumulate=2");
     CHECK(teacher_count(sweep, "forward_samples") == 0);
     char entries[4096];
     cache_entries(entries, sizeof entries);
