@@ -1056,11 +1056,22 @@ int cli_run_cluster(const cli_run_spec_t *spec) {
         rc = 2;
         goto cleanup;
     }
-    if (r->recipe.cluster.start_workers > r->recipe.cluster.workers) {
+    const struct {
+        const char *hold, *count, *what;
+        long wanted, started;
+    } holds[] = {
+        {"start_workers", "workers", "workers", r->recipe.cluster.start_workers,
+         r->recipe.cluster.workers},
+        {"start_teachers", "teachers", "teacher nodes", r->recipe.cluster.start_teachers,
+         r->recipe.cluster.teachers},
+    };
+    for (size_t i = 0; i < sizeof holds / sizeof holds[0]; i++) {
+        if (holds[i].wanted <= holds[i].started) continue;
         fprintf(stderr,
-                "kdist run: %s: cluster.start_workers %ld is more than the %ld workers kdist run "
-                "starts (cluster.workers): the run would never begin\n",
-                r->recipe_path, r->recipe.cluster.start_workers, r->recipe.cluster.workers);
+                "kdist run: %s: cluster.%s %ld is more than the %ld %s kdist run starts "
+                "(cluster.%s): the run would never begin\n",
+                r->recipe_path, holds[i].hold, holds[i].wanted, holds[i].started, holds[i].what,
+                holds[i].count);
         rc = 2;
         goto cleanup;
     }

@@ -315,6 +315,9 @@ static const row_t schema[] = {
     LONG("cluster.start_workers", cluster.start_workers, BTW, 0, 1024, "0",
          "hold the first batches until this many workers are members, each time the coordinator "
          "starts, so an async run begins with its whole pool (0 = begin with the first worker)"),
+    LONG("cluster.start_teachers", cluster.start_teachers, BTW, 0, 64, "0",
+         "hold the first batches until this many teacher nodes are members, however long they "
+         "take (0 = wait up to 2 s for cluster.teachers, then begin with those that came)"),
     ENUM("cluster.consistency", cluster.consistency, cons_ops, "sync",
          "gradient consistency model"),
     LONG("cluster.staleness", cluster.staleness, BTW, 0, 1000000, "2",
@@ -347,6 +350,10 @@ static const row_t schema[] = {
          "a worker holding fewer than cluster.accumulate batches pushes them after waiting "
          "this long for the next (the coordinator's count of batches left ends an epoch "
          "without waiting)"),
+    FLOAT("cluster.topk_fraction", cluster.topk_fraction, BTW, 0, 1, "0",
+          "over TCP, a worker pushes only this share of its gradient's values, the largest in "
+          "magnitude (as index and cluster.wire value pairs), and adds the rest to its next "
+          "gradient (error feedback); 0 = the whole gradient"),
     FLOAT("cluster.max_gradient_norm", cluster.max_gradient_norm, GE, 0, 0, "10000",
           "a pushed gradient whose L2 norm is larger is rejected like a non-finite one (0 = no "
           "bound)"),

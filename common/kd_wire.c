@@ -3,6 +3,7 @@
 
 #include <ctype.h>
 #include <errno.h>
+#include <math.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -253,6 +254,8 @@ void kd_msg_move(kd_msg_t *dst, kd_msg_t *src) {
 
 const kd_layout_t KD_LAYOUT_WEIGHTS = {0, "weights", KD_DTYPE_F32, 1};
 const kd_layout_t KD_LAYOUT_GRADIENT = {0, "gradient", KD_DTYPE_F32, 1};
+const kd_layout_t KD_LAYOUT_GRADIENT_INDEX = {0, "gradient_index", KD_DTYPE_I32, 1};
+const kd_layout_t KD_LAYOUT_GRADIENT_VALUES = {1, "gradient", KD_DTYPE_F32, 1};
 const kd_layout_t KD_LAYOUT_INPUTS = {0, "inputs", KD_DTYPE_U8, 4};
 const kd_layout_t KD_LAYOUT_LABELS = {1, "labels", KD_DTYPE_I32, 1};
 const kd_layout_t KD_LAYOUT_TEACHER_LOGITS = {2, "teacher_logits", KD_DTYPE_F32, 2};
@@ -298,6 +301,82 @@ void kd_wire_unpack_floats(kd_dtype_t dtype, const void *src, size_t n, float *d
         KD_ASSERT(dtype == KD_DTYPE_F32);
         memcpy(dst, src, n * sizeof(float));
     }
+}
+
+static void swap_floats(float *a, float *b) {
+    float t = *a;
+    *a = *b;
+    *b = t;
+}
+
+/* The k-th largest of v[0..n) (1 <= k <= n, no NaN), reordering v: quickselect with a
+ * median-of-three pivot and a three-way partition, so runs of equal values end it. */
+static float kth_largest(float *v, size_t n, size_t k) {
+    size_t lo = 0, hi = n; /* the k-th is in v[lo, hi) */
+    const size_t want = k - 1;
+    for (;;) {
+        if (hi - lo <= 1) return v[lo];
+        const float a = v[lo], b = v[lo + (hi - lo) / 2], c = v[hi - 1];
+        const float pivot = fmaxf(fminf(a, b), fminf(fmaxf(a, b), c));
+        /* [lo, lt) above the pivot, [lt, gt) equal, [gt, hi) below */
+        size_t lt = lo, i = lo, gt = hi;
+        while (i < gt) {
+            if (v[i] > pivot)
+                swap_floats(&v[lt++], &v[i++]);
+            else if (v[i] < pivot)
+                swap_floats(&v[i], &v[--gt]);
+            else
+                i++;
+        }
+        if (want < lt)
+            hi = lt;
+        else if (want >= gt)
+            lo = gt;
+        else
+            return pivot;
+    }
+}
+
+/* Magnitude for the top-k choice: NaN above everything, so that it is sent and rejected. */
+static float topk_magnitude(float x) {
+    return isnan(x) ? INFINITY : fabsf(x);
+}
+
+void kd_wire_pack_topk(kd_dtype_t dtype, float *e, size_t n, size_t k, int32_t *index, void *values,
+                       float *scratch) {
+    KD_ASSERT(k >= 1 && k <= n && n <= INT32_MAX);
+    for (size_t i = 0; i < n; i++) scratch[i] = topk_magnitude(e[i]);
+    const float threshold = kth_largest(scratch, n, k);
+    size_t above = 0;
+    for (size_t i = 0; i < n; i++) above += topk_magnitude(e[i]) > threshold;
+    size_t ties = k - above, m = 0;
+    for (size_t i = 0; i < n && m < k; i++) {
+        const float mag = topk_magnitude(e[i]);
+        if (mag > threshold || (mag == threshold && ties > 0)) {
+            if (mag == threshold) ties--;
+            index[m] = (int32_t)i;
+            scratch[m++] = e[i]; /* the values, gathered to pack at once */
+        }
+    }
+    KD_ASSERT(m == k);
+    kd_wire_pack_floats(dtype, scratch, k, values);
+    kd_wire_unpack_floats(dtype, values, k, scratch); /* what the receiver will see */
+    for (size_t j = 0; j < k; j++) e[index[j]] -= scratch[j];
+}
+
+int kd_wire_unpack_topk(kd_dtype_t dtype, const int32_t *index, const void *values, size_t m,
+                        size_t n, float *dense, char *err, size_t errlen) {
+    for (size_t j = 0; j < m; j++)
+        if (index[j] < 0 || (size_t)index[j] >= n || (j > 0 && index[j] <= index[j - 1]))
+            return kd_err(err, errlen,
+                          "top-k gradient index %d at %zu is outside [0, %zu) or not above the "
+                          "one before it",
+                          index[j], j, n);
+    memset(dense, 0, n * sizeof *dense);
+    const size_t size = kd_dtype_size(dtype);
+    for (size_t j = 0; j < m; j++)
+        kd_wire_unpack_floats(dtype, (const uint8_t *)values + j * size, 1, &dense[index[j]]);
+    return 0;
 }
 
 kd_wire_tensor_t kd_layout_tensor(const kd_layout_t *l, const int64_t *shape) {

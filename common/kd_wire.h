@@ -102,6 +102,9 @@ typedef struct {
     kd_dtype_t dtype;
     int ndim;
 } kd_layout_t;
+/* A top-k gradient (cluster.topk_fraction) is KD_LAYOUT_GRADIENT_INDEX, then its values as
+ * KD_LAYOUT_GRADIENT_VALUES (both of k entries). */
+extern const kd_layout_t KD_LAYOUT_GRADIENT_INDEX, KD_LAYOUT_GRADIENT_VALUES;
 extern const kd_layout_t KD_LAYOUT_WEIGHTS, KD_LAYOUT_GRADIENT, KD_LAYOUT_INPUTS, KD_LAYOUT_LABELS,
     KD_LAYOUT_TEACHER_LOGITS, KD_LAYOUT_TOKENS, KD_LAYOUT_TEACHER_RECORDS;
 /* Layout l carried as another dtype: the weights and gradient go as the run's cluster.wire. */
@@ -112,6 +115,16 @@ kd_layout_t kd_layout_as(const kd_layout_t *l, kd_dtype_t dtype);
 kd_dtype_t kd_wire_format_dtype(kd_wire_format_t f);
 void kd_wire_pack_floats(kd_dtype_t dtype, const float *src, size_t n, void *dst);
 void kd_wire_unpack_floats(kd_dtype_t dtype, const void *src, size_t n, float *dst);
+/* Error-feedback top-k: the k entries of e largest in magnitude (NaN first, ties to the lower
+ * index), as ascending indices and their values packed in dtype; each sent value, as the
+ * receiver unpacks it, is subtracted from e, which keeps what was not sent for the next push.
+ * scratch holds n floats. */
+void kd_wire_pack_topk(kd_dtype_t dtype, float *e, size_t n, size_t k, int32_t *index, void *values,
+                       float *scratch);
+/* A top-k payload of m entries scattered into dense (n values, zeroed first). -1 with err set if
+ * an index is outside [0, n) or not above the one before it. */
+int kd_wire_unpack_topk(kd_dtype_t dtype, const int32_t *index, const void *values, size_t m,
+                        size_t n, float *dense, char *err, size_t errlen);
 /* A payload of layout l to send: name, dtype and shape (l->ndim values) set, the rest zero. */
 kd_wire_tensor_t kd_layout_tensor(const kd_layout_t *l, const int64_t *shape);
 /* The received payload of layout l, checked as kd_msg_tensor does. */

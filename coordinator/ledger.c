@@ -73,12 +73,16 @@ void coord_assign_epoch(coord_t *c) {
     if (coord_live_count(c, KDIST__ROLE__TEACHER) == 0)
         return; /* the first teacher's Hello assigns */
     const int workers = coord_live_count(c, KDIST__ROLE__WORKER);
-    if (!c->started && workers < c->r.cluster.start_workers) { /* a worker's Hello assigns */
+    const int teachers = coord_live_count(c, KDIST__ROLE__TEACHER);
+    if (!c->started && (workers < c->r.cluster.start_workers ||
+                        teachers < c->r.cluster.start_teachers)) { /* a Hello assigns */
         if (!c->held)
             kd_log(KD_LOG_INFO, "COORD-HOLD",
-                   "the first batches wait for %ld workers (cluster.start_workers), %d so far",
-                   c->r.cluster.start_workers, workers);
+                   "the first batches wait for %ld workers and %ld teacher nodes "
+                   "(cluster.start_workers, cluster.start_teachers), %d and %d so far",
+                   c->r.cluster.start_workers, c->r.cluster.start_teachers, workers, teachers);
         c->held = true;
+        c->assign_at = 0; /* no gather timer: the Hello that completes the count assigns */
         return;
     }
     c->started = true;

@@ -326,7 +326,8 @@ void coord_on_hello(coord_t *c, kd_msg_t *msg) {
         send_peers(c);
         /* The first Assign waits (briefly) for the recipe's teacher nodes, so nodes started
          * together share the epoch instead of the first one taking it all. */
-        if (!c->assigned && coord_live_count(c, KDIST__ROLE__TEACHER) >= c->r.cluster.teachers)
+        if (!c->assigned && ((c->held && !c->started) ||
+                             coord_live_count(c, KDIST__ROLE__TEACHER) >= c->r.cluster.teachers))
             coord_assign_epoch(c);
         else if (!c->assigned && c->assign_at == 0)
             c->assign_at = kd_now() + TEACHER_GATHER_SECONDS;

@@ -92,6 +92,28 @@ static void account_push(coord_t *c, member_t *m, const Kdist__PushGradient *p) 
     if (p->rss_bytes) m->rss_bytes = p->rss_bytes;
 }
 
+/* A top-k push (cluster.topk_fraction): its (index, value) pairs scattered into a dense fp32
+ * gradient, zero elsewhere; NULL with why set if the pairs do not check out. */
+static float *push_topk_gradient(coord_t *c, kd_msg_t *msg, kd_dtype_t dtype, char *why,
+                                 size_t whylen) {
+    const size_t n = c->model->n_params;
+    const int32_t *index =
+        kd_layout_get(msg, &KD_LAYOUT_GRADIENT_INDEX, (int64_t[]){-1}, why, whylen);
+    if (!index) return NULL;
+    const int64_t m = msg->env->tensors[0]->shape[0];
+    if (m < 1 || (uint64_t)m > n) {
+        kd_err(why, whylen, "top-k gradient of %lld values (1..%zu allowed)", (long long)m, n);
+        return NULL;
+    }
+    const kd_layout_t layout = kd_layout_as(&KD_LAYOUT_GRADIENT_VALUES, dtype);
+    const void *values = kd_layout_get(msg, &layout, (int64_t[]){m}, why, whylen);
+    if (!values) return NULL;
+    if (!c->wire_grad) c->wire_grad = kd_xmalloc(n * sizeof(float));
+    if (kd_wire_unpack_topk(dtype, index, values, (size_t)m, n, c->wire_grad, why, whylen) != 0)
+        return NULL;
+    return c->wire_grad; /* a sync step takes it over, as a 16-bit one */
+}
+
 /* A push's gradient, from its frame or the worker's segment; NULL with why set if unusable. */
 static float *push_gradient(coord_t *c, member_t *m, kd_msg_t *msg, char *why, size_t whylen) {
     const Kdist__PushGradient *p = msg->env->push;
@@ -109,6 +131,7 @@ static float *push_gradient(coord_t *c, member_t *m, kd_msg_t *msg, char *why, s
     }
     const size_t n = c->model->n_params;
     const kd_dtype_t dtype = kd_wire_format_dtype(c->r.cluster.wire);
+    if (msg->n_tensors == 2) return push_topk_gradient(c, msg, dtype, why, whylen);
     const kd_layout_t layout = kd_layout_as(&KD_LAYOUT_GRADIENT, dtype);
     float *frame = (float *)kd_layout_get(msg, &layout, (int64_t[]){(int64_t)n}, why, whylen);
     if (!frame || dtype == KD_DTYPE_F32) return frame;

@@ -332,6 +332,67 @@ static void test_accumulate(void) {
     rig_stop(&t);
 }
 
+/* Worker p pushes a top-k gradient (cluster.topk_fraction) for batch b: m (index, fp32 value)
+ * pairs. */
+static void push_topk(rig_t *t, int p, uint32_t b, const int32_t *index, const float *values,
+                      size_t m, uint64_t version) {
+    coord_t *c = t->c;
+    Kdist__BatchRef ref = KDIST__BATCH_REF__INIT;
+    ref.epoch = c->s.epoch;
+    ref.batch_id = b;
+    Kdist__PushGradient pg = KDIST__PUSH_GRADIENT__INIT;
+    pg.ref = &ref;
+    pg.samples = BATCH;
+    pg.base_version = version;
+    kd_env_t env = KDIST__ENVELOPE__INIT;
+    env.body_case = KDIST__ENVELOPE__BODY_PUSH;
+    env.push = &pg;
+    kd_wire_tensor_t tensors[2] = {
+        kd_layout_tensor(&KD_LAYOUT_GRADIENT_INDEX, (int64_t[]){(int64_t)m}),
+        kd_layout_tensor(&KD_LAYOUT_GRADIENT_VALUES, (int64_t[]){(int64_t)m})};
+    tensors[0].data = index;
+    tensors[0].nbytes = m * sizeof *index;
+    tensors[1].data = values;
+    tensors[1].nbytes = m * sizeof *values;
+    CHECK(kd_wire_send(t->peer[p], NULL, 0, &env, tensors, 2, 0) == 0);
+    kd_msg_t msg;
+    char err[KD_ERR_LEN];
+    CHECK(kd_wire_recv(c->router, true, 0, &msg, err, sizeof err) == KD_WIRE_OK);
+    member_t *mb = coord_find_member(c, msg.peer, msg.peer_len);
+    if (mb) coord_on_push(c, mb, &msg);
+    kd_msg_close(&msg);
+}
+
+/* cluster.topk_fraction: the pairs applied as a gradient that is zero elsewhere; indices out of
+ * range or out of order are dropped, the weights untouched. */
+static void test_topk_push(void) {
+    rig_t t;
+    rig_start(&t, KD_CONSISTENCY_SYNC, 0, 1);
+    coord_t *c = t.c;
+    c->r.cluster.topk_fraction = 0.25f;
+    t.member[W1]->waiting_for_batch = t.member[W2]->waiting_for_batch = true;
+    const size_t n = c->model->n_params;
+    push_topk(&t, W0, 0, (int32_t[]){1, 4}, (float[]){2.0f, -1.0f}, 2, 0);
+    CHECK(c->s.version == 1 && reply_of(&t, W0) == WEIGHTS && c->applied[0]);
+    bool as_sent = true;
+    for (size_t i = 0; i < n; i++) {
+        const float g = i == 1 ? 2.0f : i == 4 ? -1.0f : 0.0f;
+        as_sent = as_sent && fabsf(c->model->params[i] - (1.0f - LR * g)) < 1e-6f;
+    }
+    CHECK(as_sent);
+    const float before = c->model->params[1];
+    const long dropped = c->messages_dropped;
+    push_topk(&t, W0, 1, (int32_t[]){2, (int32_t)n}, (float[]){1.0f, 1.0f}, 2, 1); /* outside */
+    CHECK(reply_of(&t, W0) == DUPLICATE);
+    push_topk(&t, W0, 1, (int32_t[]){3, 3}, (float[]){1.0f, 1.0f}, 2, 1); /* not ascending */
+    CHECK(reply_of(&t, W0) == DUPLICATE);
+    push_topk(&t, W0, 1, (int32_t[]){3}, (float[]){NAN}, 1, 1); /* a NaN: rejected */
+    CHECK(reply_of(&t, W0) == DUPLICATE && c->gradients_rejected == 1);
+    CHECK(c->messages_dropped == dropped + 2 && c->s.version == 1 && !c->applied[1]);
+    CHECK(c->model->params[1] == before);
+    rig_stop(&t);
+}
+
 /* ---- the ledger ----------------------------------------------------------------------------- */
 
 static void test_ledger(void) {
@@ -403,6 +464,7 @@ int main(void) {
     test_sync_step();
     test_wire_bf16();
     test_accumulate();
+    test_topk_push();
     test_ledger();
     test_ssp_gate();
     return kd_test_done("test_coord_step");

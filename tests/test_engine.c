@@ -206,6 +206,13 @@ static void test_consistency_modes(void) {
          5,
          2,
          2},
+        /* a twentieth of the gradient per push, the rest fed back into the next */
+        {"sync2_topk",
+         {"train.epochs=2", "cluster.consistency=sync", "cluster.topk_fraction=0.05",
+          "cluster.shared_memory=false", "cluster.wire=bf16"},
+         5,
+         2,
+         1},
         {"async2_acc2",
          {"train.epochs=2", "cluster.consistency=async", "cluster.accumulate=2"},
          3,

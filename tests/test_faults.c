@@ -685,8 +685,12 @@ static void test_teacher_killed(const char *consistency, bool restart) {
     char name[64], mode[64];
     snprintf(name, sizeof name, "teacher_%s_%s", restart ? "restarted" : "killed", consistency);
     snprintf(mode, sizeof mode, "cluster.consistency=%s", consistency);
-    const char *overrides[] = {mode, "cluster.restream_timeout_ms=60000", NULL};
     const int teachers = restart ? 1 : 2, victim = teachers - 1;
+    /* Paced by events: the run begins with the whole cluster, however slowly it starts. */
+    char hold_teachers[48];
+    snprintf(hold_teachers, sizeof hold_teachers, "cluster.start_teachers=%d", teachers);
+    const char *overrides[] = {mode, "cluster.restream_timeout_ms=60000", hold_teachers,
+                               "cluster.start_workers=2", NULL};
     cluster_t c;
     double t0 = kd_test_now();
     if (cluster_start(&c, name, 2, teachers, overrides)) {

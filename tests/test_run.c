@@ -573,6 +573,15 @@ static void test_errors(const char *tmp) {
                             "cluster.workerz=2", NULL};
     CHECK(run_argv(tmp, 30, bad_override) == 2);
     CHECK_ERR_HAS(out_buf, "cluster.workerz");
+    /* A hold no cluster kdist run starts can satisfy: refused before anything starts. */
+    char *never_begins[] = {kdist,
+                            "run",
+                            "../recipes/fashion_mlp_student.yaml",
+                            "cluster.teachers=1",
+                            "cluster.start_teachers=2",
+                            NULL};
+    CHECK(run_argv(tmp, 30, never_begins) == 2);
+    CHECK_ERR_HAS(out_buf, "cluster.start_teachers 2 is more than the 1 teacher nodes");
 
     /* Nobody listens there: status says so, naming the endpoint, within its deadline. */
     char *status[] = {kdist, "status", "tcp://127.0.0.1:9", NULL};

@@ -1,6 +1,7 @@
 /* Tests of the small shared utilities: kd_util (files, parsing, allocation, errors), kd_rng
  * (reference values, permutations, range and uniformity of the samplers) and kd_half (fp16 and
- * bf16 rounding against a nearest-value search, NaN and infinity, the wire's float packing). */
+ * bf16 rounding against a nearest-value search, NaN and infinity, the wire's float packing and
+ * its error-feedback top-k). */
 #include "kd_half.h"
 #include "kd_rng.h"
 #include "kd_util.h"
@@ -408,6 +409,90 @@ static void test_half(void) {
     CHECK(memcmp(exact, src, sizeof src) == 0);
 }
 
+/* The naive top-k order: larger magnitude first (NaN above all), the lower index on ties. */
+static const float *topk_values;
+static float naive_magnitude(float x) {
+    return isnan(x) ? INFINITY : fabsf(x);
+}
+static int by_magnitude(const void *a, const void *b) {
+    const int32_t i = *(const int32_t *)a, j = *(const int32_t *)b;
+    const float x = naive_magnitude(topk_values[i]), y = naive_magnitude(topk_values[j]);
+    return x > y ? -1 : x < y ? 1 : (i > j) - (i < j);
+}
+static int ascending(const void *a, const void *b) {
+    const int32_t i = *(const int32_t *)a, j = *(const int32_t *)b;
+    return (i > j) - (i < j);
+}
+
+/* Error-feedback top-k against a full sort, with ties (values from a small set) and a NaN; what
+ * is sent plus what stays is the input exactly; over pushes, everything sent plus the residual
+ * is the sum of the inputs; the receiver refuses indices out of range or out of order. */
+static void test_topk(void) {
+    enum { N = 10007 };
+    static float e[N], before[N], scratch[N], dense[N], sent_sum[N], input_sum[N];
+    static int32_t index[N], naive[N];
+    static uint16_t values16[N];
+    static float values32[N];
+    kd_rng_t rng;
+    kd_rng_init(&rng, 42);
+    const size_t ks[] = {1, 10, 500, N};
+    for (size_t t = 0; t < sizeof ks / sizeof ks[0]; t++) {
+        const size_t k = ks[t];
+        for (int d = 0; d < 2; d++) {
+            const kd_dtype_t dtype = d ? KD_DTYPE_BF16 : KD_DTYPE_F32;
+            void *values = d ? (void *)values16 : (void *)values32;
+            for (size_t i = 0; i < N; i++)
+                e[i] = (float)((int)kd_rng_below(&rng, 41) - 20) * 0.37f +
+                       kd_rng_normal(&rng) * (kd_rng_below(&rng, 2) ? 1e-3f : 0.0f);
+            e[N / 2] = NAN;
+            memcpy(before, e, sizeof e);
+            kd_wire_pack_topk(dtype, e, N, k, index, values, scratch);
+            for (size_t i = 0; i < N; i++) naive[i] = (int32_t)i;
+            topk_values = before;
+            qsort(naive, N, sizeof *naive, by_magnitude);
+            qsort(naive, k, sizeof *naive, ascending);
+            CHECK(memcmp(index, naive, k * sizeof *index) == 0);
+            char err[KD_ERR_LEN];
+            CHECK(kd_wire_unpack_topk(dtype, index, values, k, N, dense, err, sizeof err) == 0);
+            bool whole = true;
+            for (size_t i = 0; i < N; i++)
+                whole = whole && (isnan(before[i]) ? isnan(dense[i]) && isnan(e[i])
+                                                   : dense[i] + e[i] == before[i]);
+            CHECK(whole);
+        }
+    }
+    /* over pushes, in fp32: sent + residual = inputs (to rounding of the sums) */
+    memset(e, 0, sizeof e);
+    memset(sent_sum, 0, sizeof sent_sum);
+    memset(input_sum, 0, sizeof input_sum);
+    for (int push = 0; push < 20; push++) {
+        for (size_t i = 0; i < N; i++) {
+            const float g = kd_rng_normal(&rng);
+            input_sum[i] += g;
+            e[i] += g;
+        }
+        kd_wire_pack_topk(KD_DTYPE_F32, e, N, N / 100, index, values32, scratch);
+        char err[KD_ERR_LEN];
+        CHECK(kd_wire_unpack_topk(KD_DTYPE_F32, index, values32, N / 100, N, dense, err,
+                                  sizeof err) == 0);
+        for (size_t i = 0; i < N; i++) sent_sum[i] += dense[i];
+    }
+    double worst = 0;
+    for (size_t i = 0; i < N; i++)
+        worst = fmax(worst, fabs((double)sent_sum[i] + e[i] - input_sum[i]));
+    CHECK(worst < 1e-4);
+    /* the receiver's checks */
+    char err[KD_ERR_LEN];
+    const int32_t outside[2] = {3, N}, backwards[2] = {5, 5};
+    CHECK(kd_wire_unpack_topk(KD_DTYPE_F32, outside, values32, 2, N, dense, err, sizeof err) == -1);
+    CHECK(strstr(err, "outside") != NULL);
+    CHECK(kd_wire_unpack_topk(KD_DTYPE_F32, backwards, values32, 2, N, dense, err, sizeof err) ==
+          -1);
+    const int32_t negative[1] = {-1};
+    CHECK(kd_wire_unpack_topk(KD_DTYPE_F32, negative, values32, 1, N, dense, err, sizeof err) ==
+          -1);
+}
+
 int main(void) {
     snprintf(tmp, sizeof tmp, "%s", kd_test_tmpdir("test_util"));
     test_files();
@@ -418,5 +503,6 @@ int main(void) {
     test_permutation();
     test_samplers();
     test_half();
+    test_topk();
     return kd_test_done("test_util");
 }

@@ -87,6 +87,15 @@ typedef struct {
     double held_since, held_wait, held_compute; /* phases of the push being gathered */
     float *grad_sum, *accumulate_sum;
     uint64_t batches_left; /* of the epoch, at the last answer (0 = none or unknown) */
+
+    /* cluster.topk_fraction over TCP: the topk_k largest values of residual + gradient go out;
+     * what was not sent is residual_next, which becomes residual once that push is applied (a
+     * push not applied leaves residual as it was: its batches come again). */
+    size_t topk_k;
+    float *residual, *residual_next, *topk_scratch;
+    int32_t *topk_index;
+    void *topk_values;
+    bool topk_pending;
     kd_loss_stats_t stats;
 
     /* Zero-copy gradient: ZeroMQ reads model->grads (or wire_grads, the gradient packed for a
@@ -177,6 +186,7 @@ static void lose_coordinator(worker_t *w, const char *why) {
     kd_session_lose(w->session, why);
     w->state = ST_HELLO;
     w->n_held = 0;
+    w->topk_pending = false;
 }
 
 static int find_endpoint(char *const *list, int n, const char *ep) {
@@ -316,6 +326,15 @@ static void free_step_buffers(worker_t *w) {
     kd_lm_batch_free(&w->lm);
     free(w->lm_records);
     free(w->accumulate_sum);
+    free(w->residual);
+    free(w->residual_next);
+    free(w->topk_scratch);
+    free(w->topk_index);
+    free(w->topk_values);
+    w->residual = w->residual_next = w->topk_scratch = NULL;
+    w->topk_index = NULL;
+    w->topk_values = NULL;
+    w->topk_k = 0;
     w->lm_records = NULL;
     w->lm_teacher.records = NULL;
     w->x = w->dlogits = w->teacher = w->accumulate_sum = NULL;
@@ -474,6 +493,17 @@ static int on_welcome(worker_t *w, const kd_msg_t *m) {
         w->lm_records = kd_xmalloc(rows * (w->sample_dim - 1) * w->lm_teacher.record_bytes);
     }
     if (r.cluster.accumulate > 1) w->accumulate_sum = kd_alloc_floats(w->model->n_params);
+    if (r.cluster.topk_fraction > 0) {
+        const size_t n = w->model->n_params;
+        w->topk_k = (size_t)ceil((double)r.cluster.topk_fraction * (double)n);
+        if (w->topk_k < 1) w->topk_k = 1;
+        if (w->topk_k > n) w->topk_k = n;
+        w->residual = kd_alloc_floats(n); /* zeroed: nothing held back yet */
+        w->residual_next = kd_alloc_floats(n);
+        w->topk_scratch = kd_alloc_floats(n);
+        w->topk_index = kd_xmalloc(w->topk_k * sizeof *w->topk_index);
+        w->topk_values = kd_xmalloc(w->topk_k * sizeof(float));
+    }
     kd_set_threads(w->threads > 0 ? w->threads : (int)r.train.threads);
 
     if (!w->pull) {
@@ -676,6 +706,52 @@ static bool compute_gradient(worker_t *w, int j) {
     return true;
 }
 
+/* The push's gradient in full, in the cluster.wire dtype: sent from where it is (fp32) or from
+ * wire_grads, zero-copy until ZeroMQ lets go (release_grads). */
+static void pack_dense(worker_t *w, const float *grads, kd_wire_tensor_t *t) {
+    const size_t n = w->model->n_params;
+    const kd_dtype_t dtype = kd_wire_format_dtype(w->recipe.cluster.wire);
+    const kd_layout_t layout = kd_layout_as(&KD_LAYOUT_GRADIENT, dtype);
+    *t = kd_layout_tensor(&layout, (int64_t[]){(int64_t)n});
+    t->data = grads;
+    t->nbytes = n * kd_dtype_size(dtype);
+    if (dtype != KD_DTYPE_F32) { /* 16 bits: packed here, sent from here */
+        if (!w->wire_grads) w->wire_grads = kd_xmalloc(t->nbytes);
+        kd_wire_pack_floats(dtype, grads, n, w->wire_grads);
+        t->data = w->wire_grads;
+    }
+    t->free_fn = release_grads;
+    t->hint = &w->grads_in_flight;
+    atomic_store(&w->grads_in_flight, 1);
+}
+
+/* cluster.topk_fraction: the largest values of residual + gradient as (index, value) pairs,
+ * copied into the message (they are small); the rest waits in residual_next. */
+static void pack_topk(worker_t *w, const float *grads, kd_wire_tensor_t t[2]) {
+    const size_t n = w->model->n_params, k = w->topk_k;
+    const kd_dtype_t dtype = kd_wire_format_dtype(w->recipe.cluster.wire);
+    for (size_t i = 0; i < n; i++) w->residual_next[i] = w->residual[i] + grads[i];
+    kd_wire_pack_topk(dtype, w->residual_next, n, k, w->topk_index, w->topk_values,
+                      w->topk_scratch);
+    const kd_layout_t values = kd_layout_as(&KD_LAYOUT_GRADIENT_VALUES, dtype);
+    t[0] = kd_layout_tensor(&KD_LAYOUT_GRADIENT_INDEX, (int64_t[]){(int64_t)k});
+    t[0].data = w->topk_index;
+    t[0].nbytes = k * sizeof *w->topk_index;
+    t[1] = kd_layout_tensor(&values, (int64_t[]){(int64_t)k});
+    t[1].data = w->topk_values;
+    t[1].nbytes = k * kd_dtype_size(dtype);
+    w->topk_pending = true;
+}
+
+/* The answer applied the last push: what it did not carry is the residual from now on. */
+static void topk_applied(worker_t *w) {
+    if (!w->topk_pending) return;
+    float *t = w->residual;
+    w->residual = w->residual_next;
+    w->residual_next = t;
+    w->topk_pending = false;
+}
+
 /* The gradient of the held batches, computed on the current weights, pushed to the
  * coordinator as one. first: the first held batch still needs its gradient (a redo: all do).
  * wait_batch and t_start: the first phase, and when computing started. */
@@ -722,28 +798,19 @@ static int compute_and_push(worker_t *w, int first, double wait_batch, double t_
     push.layer_forward_seconds = w->fwd;
     push.layer_backward_seconds = w->bwd;
     push.rss_bytes = kd_node_rss_bytes();
-    const kd_dtype_t dtype = kd_wire_format_dtype(w->recipe.cluster.wire);
-    const kd_layout_t layout = kd_layout_as(&KD_LAYOUT_GRADIENT, dtype);
-    kd_wire_tensor_t grad = kd_layout_tensor(&layout, (int64_t[]){(int64_t)m->n_params});
-    grad.data = (void *)grads;
-    grad.nbytes = m->n_params * kd_dtype_size(dtype);
-    if (dtype != KD_DTYPE_F32 && !shared) { /* 16 bits: packed here, sent from here */
-        if (!w->wire_grads) w->wire_grads = kd_xmalloc(grad.nbytes);
-        kd_wire_pack_floats(dtype, grads, m->n_params, w->wire_grads);
-        grad.data = w->wire_grads;
-    }
-    grad.free_fn = release_grads;
-    grad.hint = &w->grads_in_flight;
+    kd_wire_tensor_t tensors[2];
+    const int n_tensors = shared ? 0 : w->topk_k ? 2 : 1;
+    if (n_tensors == 2)
+        pack_topk(w, grads, tensors);
+    else if (n_tensors == 1)
+        pack_dense(w, grads, &tensors[0]);
     kd_env_t env = KDIST__ENVELOPE__INIT;
     env.body_case = KDIST__ENVELOPE__BODY_PUSH;
     env.push = &push;
     push.shared_memory = shared;
-    if (shared)
-        kd_shm_end_write(&w->grad_shm, 0, push.clock);
-    else
-        atomic_store(&w->grads_in_flight, 1);
+    if (shared) kd_shm_end_write(&w->grad_shm, 0, push.clock);
     w->held_wait = w->held_compute = 0;
-    if (kd_session_send(w->session, &env, &grad, push.shared_memory ? 0 : 1, NULL, 0) != 0) {
+    if (kd_session_send(w->session, &env, tensors, n_tensors, NULL, 0) != 0) {
         /* Nowhere to send (the pipe is gone): the reconnect path streams the batches again. */
         lose_coordinator(w, "cannot push the gradient");
         return KEEP_GOING;
@@ -811,6 +878,10 @@ static int on_weights(worker_t *w, const kd_msg_t *m) {
     if (has) w->version = wt->version;
     if (kd_node_stop_requested) return STOP_NOW;
     if (has) w->batches_left = wt->batches_left;
+    if (wt->redo || wt->duplicate)
+        w->topk_pending = false; /* not applied: the residual stays as it was */
+    else
+        topk_applied(w);
     if (wt->redo && w->n_held > 0) {
         /* Sync: too late for its step; the same batches again on the new weights. */
         return compute_and_push(w, 0, 0.0, now);
@@ -864,6 +935,7 @@ static int on_session_event(void *node, kd_session_event_t ev, const char *err) 
         w->state = ST_HELLO;
         w->clock = 0;
         w->n_held = 0; /* the coordinator streams them again */
+        w->topk_pending = false;
     }
     return KEEP_GOING;
 }
