@@ -168,30 +168,46 @@ static void update_span(kd_optim_t *opt, float *params, const float *grads, floa
     }
 }
 
+void kd_optim_update_range(kd_optim_t *opt, float *params, const float *grads, float lr, size_t lo,
+                           size_t hi) {
+    KD_ASSERT(opt && lo <= hi && hi <= opt->n);
+    /* The spans between exemptions take the decay, the exempt ones 0; each cut to [lo, hi). */
+    size_t start = 0;
+    for (int i = 0; i <= opt->n_no_decay; i++) {
+        size_t end = i < opt->n_no_decay ? opt->no_decay[i].offset : opt->n;
+        size_t a = start > lo ? start : lo, b = end < hi ? end : hi;
+        if (a < b) update_span(opt, params, grads, lr, a, b, opt->cfg.weight_decay);
+        if (i == opt->n_no_decay) break;
+        start = end + opt->no_decay[i].count;
+        a = end > lo ? end : lo, b = start < hi ? start : hi;
+        if (a < b) update_span(opt, params, grads, lr, a, b, 0.0f);
+    }
+}
+
+/* torch.nn.utils.clip_grad_norm_ */
+double kd_optim_clip_scale(const kd_optim_t *opt, float norm) {
+    if (opt->cfg.clip_norm <= 0.0f) return 1.0;
+    const double scale = (double)opt->cfg.clip_norm / (norm + 1e-6);
+    return scale < 1.0 ? scale : 1.0;
+}
+
+void kd_clip_scale_into(float *dst, const float *grads, size_t n, double scale) {
+    for (size_t i = 0; i < n; i++) dst[i] = (float)(grads[i] * scale);
+}
+
+void kd_optim_end_step(kd_optim_t *opt) {
+    opt->t++;
+}
+
 // params (n), grads (n); moments m, v (n)
 float kd_optim_step(kd_optim_t *opt, float *params, float *grads, float lr) {
     KD_ASSERT(opt && (opt->n == 0 || (params && grads)));
-    const kd_optim_config_t *c = &opt->cfg;
     const size_t n = opt->n;
 
     const float norm = kd_l2_norm(grads, n);
-    /* torch.nn.utils.clip_grad_norm_ */
-    if (c->clip_norm > 0.0f) {
-        double scale = (double)c->clip_norm / (norm + 1e-6);
-        if (scale < 1.0) {
-            for (size_t i = 0; i < n; i++) grads[i] = (float)(grads[i] * scale);
-        }
-    }
-
-    /* The spans between exemptions take the decay, the exempt ones 0. */
-    size_t lo = 0;
-    for (int i = 0; i <= opt->n_no_decay; i++) {
-        size_t hi = i < opt->n_no_decay ? opt->no_decay[i].offset : n;
-        update_span(opt, params, grads, lr, lo, hi, c->weight_decay);
-        if (i == opt->n_no_decay) break;
-        lo = hi + opt->no_decay[i].count;
-        update_span(opt, params, grads, lr, hi, lo, 0.0f);
-    }
-    opt->t++;
+    const double scale = kd_optim_clip_scale(opt, norm);
+    if (scale < 1.0) kd_clip_scale_into(grads, grads, n, scale);
+    kd_optim_update_range(opt, params, grads, lr, 0, n);
+    kd_optim_end_step(opt);
     return (float)norm;
 }

@@ -73,6 +73,17 @@ void kd_optim_exempt_decay(kd_optim_t *opt, size_t offset, size_t count);
  * clip_norm > 0. Returns the gradient's global L2 norm before clipping. */
 float kd_optim_step(kd_optim_t *opt, float *params, float *grads, float lr);
 
+/* The same step in pieces, for gradients that arrive in chunks: the update of params
+ * [lo, hi) only (grads unclipped; moments updated in place), then kd_optim_end_step once every
+ * range of the step is done. Element for element what kd_optim_step does without clipping. */
+void kd_optim_update_range(kd_optim_t *opt, float *params, const float *grads, float lr, size_t lo,
+                           size_t hi);
+void kd_optim_end_step(kd_optim_t *opt);
+/* What clipping multiplies a gradient of L2 norm `norm` by (1 when it is not clipped), and the
+ * product itself, as kd_optim_step does them (dst may be grads). */
+double kd_optim_clip_scale(const kd_optim_t *opt, float norm);
+void kd_clip_scale_into(float *dst, const float *grads, size_t n, double scale);
+
 /* Global L2 norm of x (n). */
 float kd_l2_norm(const float *x, size_t n);
 

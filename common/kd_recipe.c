@@ -350,6 +350,11 @@ static const row_t schema[] = {
          "a worker holding fewer than cluster.accumulate batches pushes them after waiting "
          "this long for the next (the coordinator's count of batches left ends an epoch "
          "without waiting)"),
+    BOOL("cluster.overlap", cluster.overlap, "false",
+         "over TCP, a worker sends its dense gradient in chunks; when that is the only "
+         "gradient of its update (one worker, sync or async) the coordinator applies each "
+         "chunk as it arrives and sends its new weights back at once, so the gradient going up "
+         "and the weights coming down share the link's time (the same weights as without)"),
     FLOAT("cluster.topk_fraction", cluster.topk_fraction, BTW, 0, 1, "0",
           "over TCP, a worker pushes only this share of its gradient's values, the largest in "
           "magnitude (as index and cluster.wire value pairs), and adds the rest to its next "

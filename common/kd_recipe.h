@@ -129,6 +129,7 @@ typedef struct {
         kd_wire_format_t wire;    /* weights and gradients over TCP: fp32, bf16 or fp16 */
         long accumulate;          /* batches summed into one push and one update */
         long accumulate_wait_ms;  /* a worker short of `accumulate` batches waits this long */
+        bool overlap;             /* chunked pushes, applied and answered chunk by chunk */
         float topk_fraction;      /* > 0: pushes carry this share of the gradient, the rest kept */
         bool restart_failed;      /* kdist run restarts a crashed process (same role, id) */
         float max_gradient_norm;  /* pushes with a larger L2 norm are rejected (0 = no bound) */

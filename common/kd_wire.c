@@ -718,6 +718,10 @@ const char *kd_wire_body_name(const kd_env_t *env) {
         return "peers";
     case KDIST__ENVELOPE__BODY_NACK:
         return "nack";
+    case KDIST__ENVELOPE__BODY_GRADIENT_CHUNK:
+        return "gradient chunk";
+    case KDIST__ENVELOPE__BODY_WEIGHTS_CHUNK:
+        return "weights chunk";
     default:
         return "unknown";
     }

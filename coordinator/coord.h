@@ -90,6 +90,17 @@ typedef struct {
     float *step_grad;                      /* (n_params) weighted average */
     float *wire_grad; /* (n_params) a 16-bit push unpacked, or a closed step's buffer to reuse */
 
+    /* cluster.overlap: the worker whose push is being applied chunk by chunk (NULL: none), the
+     * learning rate and clip of that update, what its chunks overwrote (params, optimizer moments
+     * [0, applying->chunk_next)), and a 16-bit WeightsChunk's values */
+    member_t *applying;
+    float applying_lr;
+    double applying_scale; /* optim.clip_norm's, from the norm the push declared; 1 = none */
+    float *clipped;        /* (n_params) chunks times applying_scale */
+    float *undo_params, *undo_m, *undo_v;
+    void *chunk_out;
+    long pushes_streamed, streams_undone; /* applied chunk by chunk; undone half way */
+
     /* the weights of the current version, shared by every reply */
     zmq_msg_t weights_msg;
     bool weights_valid;
@@ -141,6 +152,7 @@ typedef enum {
     REPLY_STOP,        /* the run is over for it: say goodbye */
     REPLY_REDO,        /* sync: too late for its step, the same batch again on these weights */
     REPLY_DROPPED,     /* the gradient was not applied (already counted, stale or rejected) */
+    REPLY_STREAMED,    /* applied: the WeightsChunk messages sent are the new version */
 } reply_t;
 
 /* ---- members.c: who is in the run (Hello, heartbeats, leaving, eviction); sending to them */
@@ -192,6 +204,29 @@ void coord_close_sync_step(coord_t *c);
 uint64_t coord_min_clock(coord_t *c);
 void coord_release_held_workers(coord_t *c);
 void coord_on_push(coord_t *c, member_t *m, kd_msg_t *msg);
+/* A push with its gradient in fp32 (owned by msg, the worker's segment or c->wire_grad): checked,
+ * then applied or collected into the sync step, and answered. */
+void coord_take_push(coord_t *c, member_t *m, kd_msg_t *msg, float *grad);
+bool coord_gradient_problem(coord_t *c, const float *grad, const Kdist__PushGradient *p, char *why,
+                            size_t whylen);
+void coord_reject_push(coord_t *c, member_t *m, const Kdist__PushGradient *p, const char *why);
+bool coord_push_streams(coord_t *c, const member_t *m, const Kdist__PushGradient *p);
+void coord_commit_streamed_push(coord_t *c, member_t *m, const Kdist__PushGradient *p);
+
+/* ---- stream.c: pushes whose gradient comes in chunks (cluster.overlap) */
+
+void coord_on_chunked_push(coord_t *c, member_t *m, kd_msg_t *msg);
+void coord_on_gradient_chunk(coord_t *c, member_t *m, kd_msg_t *msg);
+/* Whether a push other than m's is half applied (m's pushes wait for it: REDO). */
+bool coord_other_push_applying(const coord_t *c, const member_t *m);
+/* The weights are about to be read whole: a push half applied is undone, its worker redoes it. */
+void coord_settle_weights(coord_t *c);
+/* m leaves, or its chunks stopped coming for cluster.heartbeat_timeout_ms: its push ends. */
+void coord_end_chunked_push(coord_t *c, member_t *m);
+void coord_check_chunk_stalls(coord_t *c);
+/* The current version's weights packed in dtype into dst: while a push is half applied, its
+ * applied ranges come from what they overwrote. */
+void coord_pack_current_weights(coord_t *c, kd_dtype_t dtype, void *dst);
 
 /* ---- weights.c: the current weights for replies, and the shared-memory slots */
 

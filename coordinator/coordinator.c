@@ -193,6 +193,10 @@ static void on_message(coord_t *c, kd_msg_t *msg) {
         if (m->role != KDIST__ROLE__WORKER) break;
         coord_on_push(c, m, msg);
         return;
+    case KDIST__ENVELOPE__BODY_GRADIENT_CHUNK:
+        if (m->role != KDIST__ROLE__WORKER) break;
+        coord_on_gradient_chunk(c, m, msg);
+        return;
     case KDIST__ENVELOPE__BODY_NACK:
         if (m->role != KDIST__ROLE__WORKER) break;
         coord_on_nack(c, m, msg);
@@ -491,6 +495,7 @@ int main(int argc, char **argv) {
 
     if (run_loop(c) != 0) goto out;
     if (!c->status) c->status = "completed";
+    coord_settle_weights(c); /* what is saved is a whole version */
     eval_result_t final = {0}, res;
     if (c->last_eval_step != c->s.step) coord_request_eval(c);
     /* every evaluation still to come is logged and counted, not only the last one */

@@ -54,6 +54,14 @@ typedef struct {
     kd_shm_t grad_shm;
     bool shm_active; /* its last push came through shared memory */
     uint32_t held_slot;
+    /* cluster.overlap: the push whose gradient is coming in chunks (stream.c) */
+    kd_msg_t chunk_push;       /* its header, kept until the last chunk */
+    bool chunking;             /* chunks of chunk_clock are due */
+    uint64_t chunk_clock;      /* that push's clock */
+    uint64_t chunk_skip_clock; /* a push answered before its last chunk: the rest are ignored */
+    size_t chunk_next;         /* the offset the next chunk starts at */
+    float *chunk_grad;         /* (n_params) the gradient so far, in fp32 */
+    double chunk_last;         /* when a chunk last came */
     /* teachers */
     uint64_t batches_streamed;
 } member_t;

@@ -20,6 +20,15 @@ void coord_free_ledger(coord_t *c) {
     free(c->owner);
     free(c->step_grad);
     free(c->wire_grad);
+    free(c->undo_params);
+    free(c->undo_m);
+    free(c->undo_v);
+    free(c->chunk_out);
+    free(c->clipped);
+    for (int i = 0; i < COORD_MAX_MEMBERS; i++) {
+        if (c->members[i].chunking) kd_msg_close(&c->members[i].chunk_push);
+        free(c->members[i].chunk_grad);
+    }
     free(c->win_layer_fwd);
     free(c->win_layer_bwd);
 }

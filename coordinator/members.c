@@ -177,6 +177,7 @@ void coord_remove_member(coord_t *c, member_t *m, const char *event) {
         c->lost[c->n_lost - 1] = c->events[c->n_events - 1];
     /* a sync step never waits for a worker that is gone; its collected gradient still counts */
     coord_keep_step_gradients(c, m);
+    coord_end_chunked_push(c, m);
     coord_release_slot(c, m);
     kd_shm_close(&m->grad_shm);
     if (m->role == KDIST__ROLE__TEACHER) coord_add_teacher_counters(&c->teachers_gone, m);
@@ -379,6 +380,7 @@ void coord_heartbeat_and_reap(coord_t *c) {
                 m->last_sent = now; /* disconnected: the timeout decides */
         }
     }
+    coord_check_chunk_stalls(c);
 }
 
 /* The end: stop every node, final evaluation, outputs. */

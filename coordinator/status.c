@@ -13,6 +13,7 @@ static void flush_metrics(coord_t *c, long step) {
 }
 
 void coord_request_eval(coord_t *c) {
+    coord_settle_weights(c);
     evaluator_request(c->eval, c->model->params, c->s.step);
     c->last_eval_step = c->s.step;
 }
@@ -66,6 +67,7 @@ void coord_handle_eval_result(coord_t *c, const eval_result_t *res) {
 
 void coord_save_checkpoint(coord_t *c) {
     char err[KD_ERR_LEN];
+    coord_settle_weights(c);
     c->s.elapsed = coord_elapsed(c);
     c->t0 = kd_now();
     if (c->weights_poisoned) return; /* the last finite checkpoint stays the newest */
@@ -245,6 +247,8 @@ int coord_write_summary(coord_t *c, const eval_result_t *final) {
     json_object_set_new(ledger, "members_evicted", json_integer(c->evicted));
     json_object_set_new(ledger, "hellos_refused", json_integer(c->hellos_refused));
     json_object_set_new(ledger, "control_refused", json_integer(c->control_refused));
+    json_object_set_new(ledger, "pushes_streamed", json_integer(c->pushes_streamed));
+    json_object_set_new(ledger, "streams_undone", json_integer(c->streams_undone));
     json_t *lost = json_array();
     for (long i = 0; i < c->n_lost && i < COORD_MAX_LOST; i++)
         json_array_append_new(lost, json_pack("{s:s, s:s, s:s, s:o}", "role", c->lost[i].role, "id",

@@ -41,8 +41,9 @@ static void after_step(coord_t *c) {
     coord_start_epoch(c, c->s.epoch + 1);
 }
 
-static void apply_gradient(coord_t *c, float *grad, long batches, long samples) {
-    kd_optim_step(c->opt, c->model->params, grad, kd_schedule_lr(&c->sched, c->s.position));
+/* What follows every update of the weights: the check that they stayed finite, the step
+ * counters and a new snapshot for the replies. */
+static void weights_updated(coord_t *c, long batches, long samples) {
     size_t bad = kd_first_nonfinite(c->model->params, c->model->n_params);
     if (bad < c->model->n_params) {
         c->weights_poisoned = true;
@@ -59,6 +60,11 @@ static void apply_gradient(coord_t *c, float *grad, long batches, long samples) 
     coord_invalidate_weights(c);
     c->last_progress = c->last_apply = kd_now();
     c->samples_applied += samples;
+}
+
+static void apply_gradient(coord_t *c, float *grad, long batches, long samples) {
+    kd_optim_step(c->opt, c->model->params, grad, kd_schedule_lr(&c->sched, c->s.position));
+    weights_updated(c, batches, samples);
 }
 
 /* Samples per second of training, from the first push to the last update. */
@@ -238,8 +244,8 @@ void coord_release_held_workers(coord_t *c) {
 /* Why a gradient must not reach the optimizer (true, with why set): a non-finite loss or value,
  * or a norm beyond cluster.max_gradient_norm. One pass in double, so huge values do not
  * overflow the sum. */
-static bool gradient_problem(coord_t *c, const float *grad, const Kdist__PushGradient *p, char *why,
-                             size_t whylen) {
+bool coord_gradient_problem(coord_t *c, const float *grad, const Kdist__PushGradient *p, char *why,
+                            size_t whylen) {
     if (!isfinite(p->loss_sum)) {
         kd_err(why, whylen, "its loss is %g", p->loss_sum);
         return true;
@@ -268,10 +274,10 @@ static void accept_push(coord_t *c, member_t *m) {
     m->rejected_in_a_row = 0;
 }
 
-/* A gradient that failed gradient_problem: counted, never applied; its batch goes back to the
+/* A gradient that failed coord_gradient_problem: counted, never applied; its batch goes back to the
  * queue. A member whose streak goes on while others' gradients are applied is evicted; a
  * streak across the whole cluster (training diverged) fails the run. */
-static void reject_push(coord_t *c, member_t *m, const Kdist__PushGradient *p, const char *why) {
+void coord_reject_push(coord_t *c, member_t *m, const Kdist__PushGradient *p, const char *why) {
     c->gradients_rejected++;
     c->rejected_in_a_row++;
     if (m->rejected_in_a_row++ == 0) m->accepted_at_first_rejection = c->pushes_accepted;
@@ -350,16 +356,65 @@ static size_t push_duplicates(const coord_t *c, const Kdist__PushGradient *p) {
     return dup;
 }
 
+/* A push computed on weights or batches this coordinator never handed out: the worker was
+ * ahead of the checkpoint a restarted coordinator resumed from. */
+static bool push_from_the_future(const coord_t *c, const Kdist__PushGradient *p) {
+    return p->ref->epoch > c->s.epoch || p->base_version > c->s.version;
+}
+
+/* Whether a chunked push (cluster.overlap) may be applied chunk by chunk as it arrives: it is
+ * the only gradient of its update (one worker, sync or async; never an SSP gate), it will be
+ * accepted whatever its values (they are checked at its last chunk, and the chunks applied so
+ * far are undone if they fail), and, with optim.clip_norm, it declares its norm. */
+bool coord_push_streams(coord_t *c, const member_t *m, const Kdist__PushGradient *p) {
+    char why[KD_ERR_LEN];
+    const bool clip_known =
+        c->opt->cfg.clip_norm == 0.0f || (p->gradient_norm > 0 && isfinite(p->gradient_norm));
+    return c->r.cluster.consistency != KD_CONSISTENCY_SSP && clip_known &&
+           coord_live_count(c, KDIST__ROLE__WORKER) == 1 && c->phase == RUN_RUNNING &&
+           c->step_count == 0 && m->state != WORKER_PUSHED && p->base_version == c->s.version &&
+           isfinite(p->loss_sum) && push_counters_possible(c, p) &&
+           !push_refs_impossible(c, p, why, sizeof why) && !push_from_the_future(c, p) &&
+           push_duplicates(c, p) == 0;
+}
+
+/* The end of a push applied chunk by chunk (coord_push_streams): its values checked out and
+ * the optimizer has updated every range, so it becomes the step its chunks already sent. */
+void coord_commit_streamed_push(coord_t *c, member_t *m, const Kdist__PushGradient *p) {
+    if (c->first_push == 0) c->first_push = kd_now();
+    m->waiting_for_batch = false;
+    accept_push(c, m);
+    account_push(c, m, p);
+    kd_optim_end_step(c->opt);
+    weights_updated(c, (long)coord_push_batches(p), p->samples);
+    mark_push_applied(c, p);
+    m->clock++;
+    coord_send_weights(c, m, REPLY_STREAMED);
+    after_step(c);
+    if (c->phase == RUN_FINISHING && m->state == WORKER_COMPUTING)
+        coord_send_weights(c, m, REPLY_STOP);
+}
+
 void coord_on_push(coord_t *c, member_t *m, kd_msg_t *msg) {
     const Kdist__PushGradient *p = msg->env->push;
     char err[KD_ERR_LEN];
     coord_note_weights_held(c, m, p->base_version);
+    if (p->ref && p->chunks) {
+        coord_on_chunked_push(c, m, msg);
+        return;
+    }
     float *grad = p->ref ? push_gradient(c, m, msg, err, sizeof err) : NULL;
     if (!grad) {
         coord_drop(c, msg, p->ref ? err : "push without a batch reference");
         coord_send_weights(c, m, REPLY_DROPPED); /* a member is never left without an answer */
         return;
     }
+    coord_take_push(c, m, msg, grad);
+}
+
+void coord_take_push(coord_t *c, member_t *m, kd_msg_t *msg, float *grad) {
+    const Kdist__PushGradient *p = msg->env->push;
+    char err[KD_ERR_LEN];
     if (!push_counters_possible(c, p)) {
         coord_drop(c, msg, "push with impossible counters");
         coord_send_weights(c, m, REPLY_DROPPED); /* a member is never left without an answer */
@@ -375,17 +430,20 @@ void coord_on_push(coord_t *c, member_t *m, kd_msg_t *msg) {
         coord_send_weights(c, m, REPLY_STOP);
         return;
     }
-    if (gradient_problem(c, grad, p, err, sizeof err)) {
-        reject_push(c, m, p, err);
+    if (coord_other_push_applying(c,
+                                  m)) { /* another push is half applied: again, on what follows */
+        coord_send_weights(c, m, REPLY_REDO);
+        return;
+    }
+    if (coord_gradient_problem(c, grad, p, err, sizeof err)) {
+        coord_reject_push(c, m, p, err);
         return;
     }
     if (c->first_push == 0) c->first_push = kd_now();
     const Kdist__BatchRef *ref = p->ref;
     const size_t batches = coord_push_batches(p);
-    /* Computed on weights or batches this coordinator never handed out — the worker was
-     * ahead of the checkpoint a restarted coordinator resumed from: dropped, not counted;
-     * the batch comes again when its epoch does. */
-    if (ref->epoch > c->s.epoch || p->base_version > c->s.version) {
+    /* Dropped, not counted; the batch comes again when its epoch does. */
+    if (push_from_the_future(c, p)) {
         c->stale_dropped++;
         coord_send_weights(c, m, REPLY_DROPPED);
         return;

@@ -13,7 +13,7 @@ static void refresh_weights(coord_t *c) {
     const kd_dtype_t dtype = kd_wire_format_dtype(c->r.cluster.wire);
     size_t bytes = c->model->n_params * kd_dtype_size(dtype);
     void *snapshot = kd_xmalloc(bytes);
-    kd_wire_pack_floats(dtype, c->model->params, c->model->n_params, snapshot);
+    coord_pack_current_weights(c, dtype, snapshot);
     zmq_msg_init_data(&c->weights_msg, snapshot, bytes, free_snapshot, NULL);
     c->weights_valid = true;
 }
@@ -76,6 +76,7 @@ static int current_slot(coord_t *c) {
         if (c->slot_readers[s] == 0 && free_slot < 0) free_slot = (int)s;
     }
     if (free_slot < 0) return -1;
+    coord_settle_weights(c);
     kd_shm_write(&c->weights_shm, (uint32_t)free_slot, c->s.version, c->model->params);
     c->slot_version[free_slot] = c->s.version;
     return free_slot;
@@ -106,12 +107,13 @@ void coord_send_weights(coord_t *c, member_t *m, reply_t reply) {
     w.redo = reply == REPLY_REDO;
     w.duplicate = reply == REPLY_DROPPED;
     w.batches_left = coord_batches_left(c);
+    w.streamed = reply == REPLY_STREAMED;
     kd_env_t env = KDIST__ENVELOPE__INIT;
     env.body_case = KDIST__ENVELOPE__BODY_WEIGHTS;
     env.weights = &w;
     kd_wire_tensor_t t;
     int n_tensors = 0;
-    if (!w.wait && !w.stop) {
+    if (!w.wait && !w.stop && !w.streamed) {
         coord_release_slot(c, m);
         int slot = m->shm_active ? current_slot(c) : -1;
         if (slot >= 0) {

@@ -159,9 +159,13 @@ static void push(rig_t *t, int p, uint32_t b, float value, uint64_t version) {
     push_as(t, p, b, value, version, KD_DTYPE_F32);
 }
 
-typedef enum { NONE, WEIGHTS, WAIT, STOP, REDO, DUPLICATE, ASSIGN } reply_kind_t;
+typedef enum { NONE, WEIGHTS, WAIT, STOP, REDO, DUPLICATE, ASSIGN, STREAMED } reply_kind_t;
 
 static uint64_t last_batches_left; /* of the last Weights reply() read */
+/* cluster.overlap: the WeightsChunk messages reply() read, their values at their offsets */
+static float chunk_weights[64];
+static int chunks_seen;
+static uint64_t chunk_version;
 
 /* What peer p was sent last since the previous call (NONE: nothing); the weights version of a
  * Weights reply in *version, the batch ids of an Assign in ids. */
@@ -176,9 +180,18 @@ static reply_kind_t reply(rig_t *t, int p, uint64_t *version, uint32_t *ids, siz
                    : w->wait      ? WAIT
                    : w->redo      ? REDO
                    : w->duplicate ? DUPLICATE
+                   : w->streamed  ? STREAMED
                                   : WEIGHTS;
             if (version) *version = w->version;
             last_batches_left = w->batches_left;
+        } else if (msg.env->body_case == KDIST__ENVELOPE__BODY_WEIGHTS_CHUNK) {
+            const size_t offset = msg.env->weights_chunk->offset;
+            const size_t len = (size_t)msg.env->tensors[0]->shape[0];
+            CHECK(offset + len <= 64);
+            if (offset + len <= 64)
+                memcpy(chunk_weights + offset, kd_msg_data(&msg, 0), len * sizeof(float));
+            chunks_seen++;
+            chunk_version = msg.env->weights_chunk->version;
         } else if (msg.env->body_case == KDIST__ENVELOPE__BODY_ASSIGN) {
             kind = ASSIGN;
             for (size_t i = 0; ids && i < msg.env->assign->n_batch_ids && i < N_BATCHES; i++)
@@ -393,6 +406,183 @@ static void test_topk_push(void) {
     rig_stop(&t);
 }
 
+/* ---- cluster.overlap: chunked pushes ------------------------------------------------------- */
+
+/* The coordinator takes the next message off its ROUTER and handles it as a worker's. */
+static void coordinator_takes(rig_t *t) {
+    coord_t *c = t->c;
+    kd_msg_t msg;
+    char err[KD_ERR_LEN];
+    CHECK(kd_wire_recv(c->router, true, 0, &msg, err, sizeof err) == KD_WIRE_OK);
+    member_t *m = coord_find_member(c, msg.peer, msg.peer_len);
+    const Kdist__Envelope__BodyCase body = msg.env->body_case; /* the push may be kept */
+    if (m && body == KDIST__ENVELOPE__BODY_PUSH) coord_on_push(c, m, &msg);
+    if (m && body == KDIST__ENVELOPE__BODY_GRADIENT_CHUNK) coord_on_gradient_chunk(c, m, &msg);
+    kd_msg_close(&msg);
+}
+
+/* Worker p announces push `clock` for batch b on weights `version`, its gradient in chunks (of
+ * L2 norm `norm`, 0 = not declared). */
+static void push_chunked_norm(rig_t *t, int p, uint32_t b, uint64_t clock, uint64_t version,
+                              float norm) {
+    Kdist__BatchRef ref = KDIST__BATCH_REF__INIT;
+    ref.epoch = t->c->s.epoch;
+    ref.batch_id = b;
+    Kdist__PushGradient pg = KDIST__PUSH_GRADIENT__INIT;
+    pg.ref = &ref;
+    pg.samples = BATCH;
+    pg.base_version = version;
+    pg.clock = clock;
+    pg.chunks = 4;
+    pg.gradient_norm = norm;
+    kd_env_t env = KDIST__ENVELOPE__INIT;
+    env.body_case = KDIST__ENVELOPE__BODY_PUSH;
+    env.push = &pg;
+    CHECK(kd_wire_send(t->peer[p], NULL, 0, &env, NULL, 0, 0) == 0);
+    coordinator_takes(t);
+}
+
+static void push_chunked(rig_t *t, int p, uint32_t b, uint64_t clock, uint64_t version) {
+    push_chunked_norm(t, p, b, clock, version, 0.0f);
+}
+
+/* ... and its gradient values [offset, offset + len), all `value` (fp32). */
+static void send_chunk(rig_t *t, int p, uint64_t clock, size_t offset, size_t len, float value) {
+    float values[64];
+    for (size_t i = 0; i < len; i++) values[i] = value;
+    Kdist__GradientChunk gc = KDIST__GRADIENT_CHUNK__INIT;
+    gc.clock = clock;
+    gc.offset = offset;
+    kd_env_t env = KDIST__ENVELOPE__INIT;
+    env.body_case = KDIST__ENVELOPE__BODY_GRADIENT_CHUNK;
+    env.gradient_chunk = &gc;
+    kd_wire_tensor_t tensor = kd_layout_tensor(&KD_LAYOUT_GRADIENT, (int64_t[]){(int64_t)len});
+    tensor.data = values;
+    tensor.nbytes = len * sizeof(float);
+    CHECK(kd_wire_send(t->peer[p], NULL, 0, &env, &tensor, 1, 0) == 0);
+    coordinator_takes(t);
+}
+
+static bool params_all(const coord_t *c, float value) {
+    for (size_t i = 0; i < c->model->n_params; i++)
+        if (c->model->params[i] != value) return false;
+    return true;
+}
+
+/* One worker: each chunk applied as it comes and its new weights sent back at once (tentative,
+ * the master kept whole for readers); committed at the last. Values that fail at the end, a
+ * chunk out of turn or a reader in between undo what was applied, exactly; another worker's
+ * push waits (redo); with two workers the chunks are assembled into an ordinary sync step. */
+static void test_overlap_stream(void) {
+    rig_t t;
+    rig_start(&t, KD_CONSISTENCY_SYNC, 0, 1);
+    coord_t *c = t.c;
+    const size_t n = c->model->n_params; /* 15: chunks of 4, 4, 4, 3 */
+    CHECK(n == 15);
+    t.member[W1]->used = t.member[W2]->used = false;
+
+    chunks_seen = 0;
+    push_chunked(&t, W0, 0, 1, 0);
+    send_chunk(&t, W0, 1, 0, 4, 1.0f);
+    CHECK(reply_of(&t, W0) == NONE);
+    CHECK(chunks_seen == 1 && chunk_version == 1 && chunk_weights[0] == 1.0f - LR);
+    CHECK(c->s.version == 0 && c->weights_valid == false);
+    uint8_t *snapshot = NULL; /* a reader now sees version 0 whole */
+    kd_wire_tensor_t w = coord_weights_tensor(c);
+    snapshot = zmq_msg_data(w.share);
+    CHECK(((float *)snapshot)[0] == 1.0f && ((float *)snapshot)[14] == 1.0f);
+    coord_invalidate_weights(c);
+    send_chunk(&t, W0, 1, 4, 4, 1.0f);
+    send_chunk(&t, W0, 1, 8, 4, 1.0f);
+    CHECK(reply_of(&t, W0) == NONE && chunks_seen == 3);
+    send_chunk(&t, W0, 1, 12, 3, 1.0f);
+    CHECK(reply_of(&t, W0) == STREAMED && chunks_seen == 4);
+    CHECK(c->s.version == 1 && c->applied[0] && c->pushes_streamed == 1);
+    CHECK(params_all(c, 1.0f - LR));
+    bool same = true;
+    for (size_t i = 0; i < n; i++) same = same && chunk_weights[i] == c->model->params[i];
+    CHECK(same);
+
+    /* a NaN in the last chunk: rejected, the three chunks before it undone */
+    const float before = c->model->params[0];
+    push_chunked(&t, W0, 1, 2, 1);
+    send_chunk(&t, W0, 2, 0, 4, 1.0f);
+    send_chunk(&t, W0, 2, 4, 4, 1.0f);
+    send_chunk(&t, W0, 2, 8, 4, 1.0f);
+    CHECK(c->model->params[0] == before - LR); /* applied, tentatively */
+    send_chunk(&t, W0, 2, 12, 3, NAN);
+    CHECK(reply_of(&t, W0) == DUPLICATE && c->gradients_rejected == 1 && c->streams_undone == 1);
+    CHECK(params_all(c, before) && c->s.version == 1 && !c->applied[1]);
+
+    /* a chunk out of turn: dropped, undone; the rest of that push is ignored */
+    const long dropped = c->messages_dropped;
+    push_chunked(&t, W0, 1, 3, 1);
+    send_chunk(&t, W0, 3, 0, 4, 1.0f);
+    send_chunk(&t, W0, 3, 8, 4, 1.0f);
+    CHECK(reply_of(&t, W0) == DUPLICATE && c->messages_dropped == dropped + 1);
+    send_chunk(&t, W0, 3, 12, 3, 1.0f);
+    CHECK(c->messages_dropped == dropped + 1 && params_all(c, before) && c->s.version == 1);
+
+    /* a reader (a checkpoint, an evaluation) halfway: undone, the worker computes it again */
+    push_chunked(&t, W0, 1, 4, 1);
+    send_chunk(&t, W0, 4, 0, 4, 1.0f);
+    coord_settle_weights(c);
+    CHECK(reply_of(&t, W0) == REDO && params_all(c, before) && c->streams_undone == 3);
+    send_chunk(&t, W0, 4, 4, 4, 1.0f);
+    CHECK(c->messages_dropped == dropped + 1 && c->applying == NULL);
+
+    /* a worker that joined meanwhile pushes: it waits for the half-applied update */
+    push_chunked(&t, W0, 1, 5, 1);
+    send_chunk(&t, W0, 5, 0, 4, 1.0f);
+    t.member[W1]->used = true;
+    push(&t, W1, 2, 1.0f, 1);
+    CHECK(reply_of(&t, W1) == REDO && !c->in_step[2]);
+    send_chunk(&t, W0, 5, 4, 4, 1.0f);
+    send_chunk(&t, W0, 5, 8, 4, 1.0f);
+    send_chunk(&t, W0, 5, 12, 3, 1.0f);
+    CHECK(reply_of(&t, W0) == STREAMED && c->s.version == 2 && c->applied[1]);
+    CHECK(params_all(c, before - LR));
+
+    /* two workers: assembled, one step of their mean */
+    push_chunked(&t, W0, 2, 6, 2);
+    push_chunked(&t, W1, 3, 1, 2);
+    CHECK(c->applying == NULL);
+    for (size_t lo = 0; lo < n; lo += 4) {
+        send_chunk(&t, W0, 6, lo, lo + 4 <= n ? 4 : n - lo, 1.0f);
+        send_chunk(&t, W1, 1, lo, lo + 4 <= n ? 4 : n - lo, 3.0f);
+    }
+    /* the last batches of the run: both are told to stop */
+    CHECK(reply_of(&t, W0) == STOP && reply_of(&t, W1) == STOP);
+    CHECK(c->s.version == 3 && c->applied[2] && c->applied[3] && c->pushes_streamed == 2);
+    CHECK(params_all(c, before - LR - 2.0f * LR));
+    rig_stop(&t);
+}
+
+/* optim.clip_norm: the chunks clipped by the norm the push declares, as kd_optim_step clips the
+ * whole gradient; a push whose gradient has another norm is rejected and undone. */
+static void test_overlap_clip(void) {
+    rig_t t;
+    rig_start(&t, KD_CONSISTENCY_ASYNC, 0, 1);
+    coord_t *c = t.c;
+    t.member[W1]->used = t.member[W2]->used = false;
+    c->opt->cfg.clip_norm = 1.0f;
+    const size_t n = c->model->n_params;
+    float ones[15], expected[15];
+    for (size_t i = 0; i < n; i++) ones[i] = expected[i] = 1.0f;
+    kd_optim_t *reference = kd_optim_new(&c->opt->cfg, n);
+    const float norm = kd_optim_step(reference, expected, ones, LR); /* clips ones in place */
+    kd_optim_destroy(&reference);
+    push_chunked_norm(&t, W0, 0, 1, 0, norm);
+    for (size_t lo = 0; lo < n; lo += 4) send_chunk(&t, W0, 1, lo, lo + 4 <= n ? 4 : n - lo, 1.0f);
+    CHECK(reply_of(&t, W0) == STREAMED && c->pushes_streamed == 1);
+    CHECK(memcmp(c->model->params, expected, n * sizeof(float)) == 0);
+    push_chunked_norm(&t, W0, 1, 2, 1, norm * 2.0f); /* a norm the gradient does not have */
+    for (size_t lo = 0; lo < n; lo += 4) send_chunk(&t, W0, 2, lo, lo + 4 <= n ? 4 : n - lo, 1.0f);
+    CHECK(reply_of(&t, W0) == DUPLICATE && c->gradients_rejected == 1 && c->streams_undone == 1);
+    CHECK(memcmp(c->model->params, expected, n * sizeof(float)) == 0 && c->s.version == 1);
+    rig_stop(&t);
+}
+
 /* ---- the ledger ----------------------------------------------------------------------------- */
 
 static void test_ledger(void) {
@@ -465,6 +655,8 @@ int main(void) {
     test_wire_bf16();
     test_accumulate();
     test_topk_push();
+    test_overlap_stream();
+    test_overlap_clip();
     test_ledger();
     test_ssp_gate();
     return kd_test_done("test_coord_step");

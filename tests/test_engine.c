@@ -134,16 +134,19 @@ static bool log_says(const char *path, const char *text) {
  * cluster.accumulate: the same groups of batches summed into one update (the last of the
  * epoch smaller: the coordinator's count of batches left ends it; the long wait keeps a slow
  * teacher from splitting a group). */
-static void test_sync_one_worker_reproduces_in_process(bool shared_memory, int accumulate) {
-    char name[32], accumulate_arg[64];
-    snprintf(name, sizeof name, "sync1_%s_acc%d", shared_memory ? "shm" : "tcp", accumulate);
+static void test_sync_one_worker_reproduces_in_process(bool shared_memory, int accumulate,
+                                                       bool overlap) {
+    char name[48], accumulate_arg[64];
+    snprintf(name, sizeof name, "sync1_%s_acc%d%s", shared_memory ? "shm" : "tcp", accumulate,
+             overlap ? "_overlap" : "");
     snprintf(accumulate_arg, sizeof accumulate_arg, "cluster.accumulate=%d", accumulate);
     cluster_case_t c = {
         name,
         {"train.epochs=1", "cluster.consistency=sync",
          shared_memory ? "cluster.shared_memory=true" : "cluster.shared_memory=false",
-         accumulate_arg, "cluster.accumulate_wait_ms=60000"},
-        5,
+         accumulate_arg, "cluster.accumulate_wait_ms=60000",
+         overlap ? "cluster.overlap=true" : "cluster.overlap=false"},
+        6,
         1,
         1};
     char run_dir[1024];
@@ -153,6 +156,10 @@ static void test_sync_one_worker_reproduces_in_process(bool shared_memory, int a
     char worker_log[1200];
     snprintf(worker_log, sizeof worker_log, "%s/logs/worker-0.log", run_dir);
     CHECK(log_says(worker_log, shared_memory ? "go through shared memory" : "go over TCP"));
+    /* cluster.overlap: every update applied chunk by chunk as its gradient came in */
+    const long streamed = ledger(summary, "pushes_streamed");
+    CHECK(overlap ? streamed == (79 + accumulate - 1) / accumulate : streamed == 0);
+    CHECK(ledger(summary, "streams_undone") == 0);
 
     const char *overrides[N_BASE + 3];
     int n = 0;
@@ -213,6 +220,13 @@ static void test_consistency_modes(void) {
          5,
          2,
          1},
+        /* chunked pushes from two workers: assembled, then one sync step as without */
+        {"sync2_overlap",
+         {"train.epochs=2", "cluster.consistency=sync", "cluster.overlap=true",
+          "cluster.shared_memory=false", "cluster.wire=bf16"},
+         5,
+         2,
+         1},
         {"async2_acc2",
          {"train.epochs=2", "cluster.consistency=async", "cluster.accumulate=2"},
          3,
@@ -241,10 +255,12 @@ static void test_consistency_modes(void) {
 
 int main(void) {
     tmp = kd_test_tmpdir("test_engine");
-    test_sync_one_worker_reproduces_in_process(true, 1);
-    test_sync_one_worker_reproduces_in_process(false, 1);
-    test_sync_one_worker_reproduces_in_process(true, 2);
-    test_sync_one_worker_reproduces_in_process(false, 3);
+    test_sync_one_worker_reproduces_in_process(true, 1, false);
+    test_sync_one_worker_reproduces_in_process(false, 1, false);
+    test_sync_one_worker_reproduces_in_process(true, 2, false);
+    test_sync_one_worker_reproduces_in_process(false, 3, false);
+    test_sync_one_worker_reproduces_in_process(false, 1, true);
+    test_sync_one_worker_reproduces_in_process(false, 2, true);
     test_consistency_modes();
     return kd_test_done("test_engine");
 }

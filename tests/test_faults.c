@@ -601,13 +601,21 @@ static bool check_completed(const cluster_t *c, json_t *summary) {
 /* ---- a) a worker killed mid-epoch -------------------------------------------------------- */
 
 /* accumulate > 1: the worker dies holding gradients it summed but never pushed; their batches
- * are streamed again, the ones a push named are counted once. */
-static void test_worker_killed(const char *consistency, int accumulate) {
+ * are streamed again, the ones a push named are counted once. overlap: chunked pushes over TCP
+ * (cluster.overlap), assembled while both live, applied chunk by chunk once one is left. */
+static void test_worker_killed(const char *consistency, int accumulate, bool overlap) {
     char name[64], mode[64], acc[64];
-    snprintf(name, sizeof name, "worker_killed_%s_acc%d", consistency, accumulate);
+    snprintf(name, sizeof name, "worker_killed_%s_acc%d%s", consistency, accumulate,
+             overlap ? "_overlap" : "");
     snprintf(mode, sizeof mode, "cluster.consistency=%s", consistency);
     snprintf(acc, sizeof acc, "cluster.accumulate=%d", accumulate);
-    const char *overrides[] = {mode, acc, "cluster.staleness=1", "cluster.restream_timeout_ms=1500",
+    const char *overrides[] = {mode,
+                               acc,
+                               "cluster.staleness=1",
+                               "cluster.restream_timeout_ms=1500",
+                               overlap ? "cluster.overlap=true" : "cluster.overlap=false",
+                               overlap ? "cluster.shared_memory=false"
+                                       : "cluster.shared_memory=true",
                                NULL};
     cluster_t c;
     double t0 = kd_test_now();
@@ -626,6 +634,8 @@ static void test_worker_killed(const char *consistency, int accumulate) {
         /* the coordinator saw it die (no goodbye) and went on without it */
         CHECK(log_has(c.coord.log, "worker 1 silent for"));
         CHECK(json_integer_value(json_object_get(summary, "workers_max")) == 2);
+        json_t *streamed = json_object_get(json_object_get(summary, "ledger"), "pushes_streamed");
+        CHECK(overlap ? json_integer_value(streamed) > 0 : json_integer_value(streamed) == 0);
         json_decref(summary);
     }
     cluster_destroy(&c);
@@ -1033,12 +1043,21 @@ static bool random_run(int run, uint64_t *rng, long survived[N_ROLES]) {
     }
     char name[64];
     snprintf(name, sizeof name, "random_%02d", run);
-    const char *overrides[] = {modes[run % 3], "cluster.staleness=1", CKPT_EVERY,
-                               "cluster.restream_timeout_ms=1500", NULL};
+    /* every other run: chunked pushes over TCP, applied as they come whenever one worker is up */
+    const bool overlap = run % 2 == 1;
+    const char *overrides[] = {modes[run % 3],
+                               "cluster.staleness=1",
+                               CKPT_EVERY,
+                               "cluster.restream_timeout_ms=1500",
+                               overlap ? "cluster.overlap=true" : "cluster.overlap=false",
+                               overlap ? "cluster.shared_memory=false"
+                                       : "cluster.shared_memory=true",
+                               NULL};
     cluster_t c;
     long killed[N_ROLES] = {0};
     double t0 = kd_test_now();
-    fprintf(stderr, "%s: %s, %d teacher(s), plan:", name, modes[run % 3] + 20, teachers);
+    fprintf(stderr, "%s: %s%s, %d teacher(s), plan:", name, modes[run % 3] + 20,
+            overlap ? " overlap" : "", teachers);
     for (int k = 0; k < n_kills; k++)
         fprintf(stderr, " %s %d at %ld;", role_names[roles[k]], ids[k], at[k]);
     fprintf(stderr, "\n");
@@ -1107,10 +1126,11 @@ int main(void) {
         return 1;
     }
     double t0 = kd_test_now();
-    test_worker_killed("sync", 1);
-    test_worker_killed("async", 1);
-    test_worker_killed("ssp", 1);
-    test_worker_killed("sync", 2);
+    test_worker_killed("sync", 1, false);
+    test_worker_killed("async", 1, false);
+    test_worker_killed("ssp", 1, false);
+    test_worker_killed("sync", 2, false);
+    test_worker_killed("sync", 1, true);
     test_worker_added("sync");
     test_worker_added("ssp");
     test_coordinator_restarted("sync", 0, 1);

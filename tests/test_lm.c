@@ -126,14 +126,34 @@ static bool last_sample_good(const char *run_dir, int *n_samples) {
     return good;
 }
 
-/* One sync worker computes what `kdist train` does: the same weights, bit for bit. */
-static void test_cluster_equals_trainer(void) {
+/* A count of run_dir/summary.json's ledger (-1 when absent). */
+static long ledger_count(const char *run_dir, const char *key) {
+    char path[KD_PATH_MAX + 64];
+    snprintf(path, sizeof path, "%s/summary.json", run_dir);
+    json_t *j = json_load_file(path, 0, NULL);
+    json_t *v = json_object_get(json_object_get(j, "ledger"), key);
+    long n = json_is_integer(v) ? (long)json_integer_value(v) : -1;
+    json_decref(j);
+    return n;
+}
+
+/* One sync worker computes what `kdist train` does: the same weights, bit for bit; also with
+ * cluster.overlap over TCP, where every update is applied chunk by chunk, clipped (optim.clip_norm)
+ * by the norm each push declares. */
+static void test_cluster_equals_trainer(bool overlap) {
     char dir[KD_PATH_MAX + 64];
-    const char *over[] = {"cluster.workers=1", "cluster.consistency=sync", NULL};
-    pid_t pid = start_cluster_run("cluster_sync1", over, false, dir, sizeof dir);
-    CHECK(pid > 0 && finish_cluster_run(pid, "cluster_sync1", true) == 0);
+    const char *name = overlap ? "cluster_sync1_overlap" : "cluster_sync1";
+    const char *over[] = {"cluster.workers=1", "cluster.consistency=sync",
+                          overlap ? "cluster.overlap=true" : "cluster.overlap=false",
+                          overlap ? "cluster.shared_memory=false" : "cluster.shared_memory=true",
+                          NULL};
+    pid_t pid = start_cluster_run(name, over, false, dir, sizeof dir);
+    CHECK(pid > 0 && finish_cluster_run(pid, name, true) == 0);
     CHECK(strstr(out, "val bits per byte") && strstr(out, "tokens/s"));
     CHECK(ledger_whole(dir));
+    const long streamed = ledger_count(dir, "pushes_streamed");
+    CHECK(overlap ? streamed == (long)summary_number(dir, "steps", NULL, 0) : streamed == 0);
+    CHECK(ledger_count(dir, "streams_undone") == 0);
     uint8_t *a = NULL, *b = NULL;
     size_t na = 0, nb = 0;
     char err[KD_ERR_LEN], path[KD_PATH_MAX + 128];
@@ -374,7 +394,8 @@ int main(void) {
     free(summary);
     CHECK(kd_file_exists(tmp_path("runs/lm_tiny/config.json")));
 
-    test_cluster_equals_trainer();
+    test_cluster_equals_trainer(false);
+    test_cluster_equals_trainer(true);
     test_cluster_worker_killed("sync", 2);
     test_cluster_worker_killed("async", 3);
     test_cluster_worker_killed("ssp", 3);

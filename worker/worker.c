@@ -103,6 +103,12 @@ typedef struct {
     atomic_int grads_in_flight;
     void *wire_grads;
 
+    /* cluster.overlap: the next version's weights as WeightsChunk messages bring them, in
+     * order: [0, wchunk_next) of wchunk_version written into own_params so far */
+    size_t wchunk_next;
+    uint64_t wchunk_version;
+    float *norm_scratch; /* (n_params) a 16-bit gradient unpacked, for its declared norm */
+
     /* On the coordinator's machine: the weights and gradient travel through these (kd_shm.h),
      * used in place: model->params then points into the weights slot of the last answer
      * (params_slot, slot + 1; the coordinator keeps it until our next push) and model->grads into
@@ -154,9 +160,10 @@ static void send_heartbeat(worker_t *w, bool waiting) {
     kd_session_heartbeat(w->session, &hb);
 }
 
+/* ZeroMQ is done with one of the messages that carry the gradient (a chunked push has many). */
 static void release_grads(void *data, void *hint) {
     (void)data;
-    atomic_store((atomic_int *)hint, 0);
+    atomic_fetch_sub((atomic_int *)hint, 1);
 }
 
 /* model->grads may be written again only when ZeroMQ has let go of the last push. By then the
@@ -331,7 +338,8 @@ static void free_step_buffers(worker_t *w) {
     free(w->topk_scratch);
     free(w->topk_index);
     free(w->topk_values);
-    w->residual = w->residual_next = w->topk_scratch = NULL;
+    free(w->norm_scratch);
+    w->residual = w->residual_next = w->topk_scratch = w->norm_scratch = NULL;
     w->topk_index = NULL;
     w->topk_values = NULL;
     w->topk_k = 0;
@@ -722,7 +730,51 @@ static void pack_dense(worker_t *w, const float *grads, kd_wire_tensor_t *t) {
     }
     t->free_fn = release_grads;
     t->hint = &w->grads_in_flight;
-    atomic_store(&w->grads_in_flight, 1);
+}
+
+/* Values per GradientChunk (cluster.overlap): 128 KB of fp32, 1 ms at 1 Gbit/s, so the first
+ * weights come back while most of the gradient is still going up. */
+#define PUSH_CHUNK_VALUES ((size_t)1 << 15)
+
+/* The L2 norm of gradient t as the coordinator computes it: of the fp32 values it unpacks. */
+static float wire_gradient_norm(worker_t *w, const kd_wire_tensor_t *t) {
+    const size_t n = w->model->n_params;
+    if (t->dtype == KD_DTYPE_F32) return kd_l2_norm(t->data, n);
+    if (!w->norm_scratch) w->norm_scratch = kd_xmalloc(n * sizeof(float));
+    kd_wire_unpack_floats(t->dtype, t->data, n, w->norm_scratch);
+    return kd_l2_norm(w->norm_scratch, n);
+}
+
+/* Sends the push header, then (cluster.overlap) its dense gradient t in chunks, each zero-copy
+ * from t's buffer. -1 if the pipe is gone. */
+static int send_push(worker_t *w, kd_env_t *env, kd_wire_tensor_t *tensors, int n_tensors) {
+    Kdist__PushGradient *push = env->push;
+    const bool chunked = w->recipe.cluster.overlap && n_tensors == 1 && !w->topk_k;
+    if (!chunked) {
+        if (n_tensors == 1 && tensors[0].free_fn) atomic_fetch_add(&w->grads_in_flight, 1);
+        return kd_session_send(w->session, env, tensors, n_tensors, NULL, 0);
+    }
+    const size_t n = w->model->n_params, size = tensors[0].nbytes / n;
+    push->chunks = (uint32_t)((n + PUSH_CHUNK_VALUES - 1) / PUSH_CHUNK_VALUES);
+    if (w->recipe.optim.cfg.clip_norm > 0) /* the coordinator clips chunks by it */
+        push->gradient_norm = wire_gradient_norm(w, &tensors[0]);
+    if (kd_session_send(w->session, env, NULL, 0, NULL, 0) != 0) return -1;
+    Kdist__GradientChunk gc = KDIST__GRADIENT_CHUNK__INIT;
+    gc.clock = push->clock;
+    kd_env_t chunk_env = KDIST__ENVELOPE__INIT;
+    chunk_env.body_case = KDIST__ENVELOPE__BODY_GRADIENT_CHUNK;
+    chunk_env.gradient_chunk = &gc;
+    for (size_t lo = 0; lo < n; lo += PUSH_CHUNK_VALUES) {
+        const size_t len = n - lo < PUSH_CHUNK_VALUES ? n - lo : PUSH_CHUNK_VALUES;
+        kd_wire_tensor_t t = tensors[0];
+        t.shape[0] = (int64_t)len;
+        t.data = (const uint8_t *)tensors[0].data + lo * size;
+        t.nbytes = len * size;
+        gc.offset = lo;
+        atomic_fetch_add(&w->grads_in_flight, 1);
+        if (kd_session_send(w->session, &chunk_env, &t, 1, NULL, 0) != 0) return -1;
+    }
+    return 0;
 }
 
 /* cluster.topk_fraction: the largest values of residual + gradient as (index, value) pairs,
@@ -810,7 +862,8 @@ static int compute_and_push(worker_t *w, int first, double wait_batch, double t_
     push.shared_memory = shared;
     if (shared) kd_shm_end_write(&w->grad_shm, 0, push.clock);
     w->held_wait = w->held_compute = 0;
-    if (kd_session_send(w->session, &env, tensors, n_tensors, NULL, 0) != 0) {
+    w->wchunk_next = 0;
+    if (send_push(w, &env, tensors, n_tensors) != 0) {
         /* Nowhere to send (the pipe is gone): the reconnect path streams the batches again. */
         lose_coordinator(w, "cannot push the gradient");
         return KEEP_GOING;
@@ -860,8 +913,14 @@ static int on_weights(worker_t *w, const kd_msg_t *m) {
         w->told_to_wait = true;
         return kd_node_stop_requested ? STOP_NOW : KEEP_GOING;
     }
-    bool has = m->n_tensors > 0 || wt->shared_slot > 0;
-    if (has && take_weights(w, m, err, sizeof err) != 0) {
+    if (wt->streamed &&
+        (w->wchunk_next != w->model->n_params || w->wchunk_version != wt->version)) {
+        /* own_params hold part of a version: only a fresh Welcome's weights are whole again */
+        lose_coordinator(w, "the weights chunks of the answer did not all come");
+        return KEEP_GOING;
+    }
+    bool has = m->n_tensors > 0 || wt->shared_slot > 0 || wt->streamed;
+    if (has && !wt->streamed && take_weights(w, m, err, sizeof err) != 0) {
         if (wt->shared_slot) { /* the coordinator reused a slot it pointed us to: start over */
             lose_coordinator(w, err);
             return KEEP_GOING;
@@ -894,6 +953,32 @@ static int on_weights(worker_t *w, const kd_msg_t *m) {
     return KEEP_GOING;
 }
 
+/* A range of the next version's weights (cluster.overlap), written in place: the push is
+ * answered, the old weights are no longer needed; an answer other than REPLY_STREAMED brings
+ * all of them again. */
+static void on_weights_chunk(worker_t *w, const kd_msg_t *m) {
+    const Kdist__WeightsChunk *wc = m->env->weights_chunk;
+    const size_t n = w->model->n_params;
+    const kd_dtype_t dtype = kd_wire_format_dtype(w->recipe.cluster.wire);
+    const kd_layout_t layout = kd_layout_as(&KD_LAYOUT_WEIGHTS, dtype);
+    char err[KD_ERR_LEN];
+    const void *src = kd_layout_get(m, &layout, (int64_t[]){-1}, err, sizeof err);
+    if (!src) {
+        drop(w, "the coordinator", err);
+        return;
+    }
+    const size_t len = (size_t)m->env->tensors[0]->shape[0];
+    if (w->state != ST_WAIT_WEIGHTS || w->params_slot || wc->offset != w->wchunk_next ||
+        len > n - w->wchunk_next || wc->version <= w->version ||
+        (w->wchunk_next && wc->version != w->wchunk_version)) {
+        drop(w, "the coordinator", "a weights chunk out of turn");
+        return;
+    }
+    kd_wire_unpack_floats(dtype, src, len, w->own_params + w->wchunk_next);
+    w->wchunk_version = wc->version;
+    w->wchunk_next += len;
+}
+
 /* A message of the session's (Welcome or any other the session leaves to the worker). */
 static int on_coordinator_message(worker_t *w, const kd_msg_t *m) {
     kd_env_t *env = m->env;
@@ -904,6 +989,11 @@ static int on_coordinator_message(worker_t *w, const kd_msg_t *m) {
         if (w->state == ST_HELLO)
             return drop(w, "the coordinator", "weights before welcome"), KEEP_GOING;
         return on_weights(w, m);
+    case KDIST__ENVELOPE__BODY_WEIGHTS_CHUNK:
+        if (w->state == ST_HELLO)
+            return drop(w, "the coordinator", "weights before welcome"), KEEP_GOING;
+        on_weights_chunk(w, m);
+        return KEEP_GOING;
     case KDIST__ENVELOPE__BODY_PEERS:
         if (w->state == ST_HELLO)
             return drop(w, "the coordinator", "peers before welcome"), KEEP_GOING;
